@@ -1,0 +1,247 @@
+"""Model kinds `clip_text` and `clip_vision`: transformers CLIP towers <-> `magdiff_jax.models.clip`.
+
+  clip_text    CLIPTextModel, or CLIPTextModelWithProjection when `with_projection` (read from `architectures`)
+  clip_vision  CLIPVisionModel, or CLIPVisionModelWithProjection
+
+Checkpoint keys are written with the tower prefix (`text_model.embeddings.token_embedding.weight`,
+`text_projection.weight`; `vision_model.pre_layrnorm.weight`, `visual_projection.weight`), which transformers 4.x
+and 5.x both load into either class. On import the prefix is optional (transformers 5 saves a plain CLIPTextModel
+without it), and the `position_ids` buffers of older files are dropped.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from magdiff_jax.convert.core import ModelKind, Rule, conv, embedding, linear, norm, param, register
+from magdiff_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+
+TEXT_PREFIX = "text_model."
+VISION_PREFIX = "vision_model."
+_TEXT_HEADS = ("text_projection.",)
+_VISION_HEADS = ("visual_projection.",)
+
+
+# --- shared encoder table -------------------------------------------------------------------------------------
+def encoder_rules(t: str, f: str, num_layers: int) -> list[Rule]:
+    """CLIPEncoder at PyTorch prefix `t` ("text_model.encoder") <-> Flax path `f` ("encoder")."""
+    rules: list[Rule] = []
+    for i in range(num_layers):
+        tl, fl = f"{t}.layers.{i}", f"{f}/layers_{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            rules += linear(f"{tl}.self_attn.{proj}", f"{fl}/self_attn/{proj}")
+        rules += norm(f"{tl}.layer_norm1", f"{fl}/layer_norm1")
+        rules += linear(f"{tl}.mlp.fc1", f"{fl}/mlp/fc1")
+        rules += linear(f"{tl}.mlp.fc2", f"{fl}/mlp/fc2")
+        rules += norm(f"{tl}.layer_norm2", f"{fl}/layer_norm2")
+    return rules
+
+
+def _add_prefix(state: dict, prefix: str, heads: tuple[str, ...], drop: tuple[str, ...]) -> dict:
+    """Prefix every tower key that lacks it (leaving projection heads alone) and drop legacy buffers."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith(prefix) and not key.startswith(heads):
+            key = prefix + key
+        if key in drop:
+            continue
+        out[key] = value
+    return out
+
+
+def _torch_common(d: dict, cls) -> dict:
+    """Fields shared by both towers, with transformers' defaults for absent keys."""
+    defaults = cls()
+    return {
+        f: d.get(f, getattr(defaults, f))
+        for f in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "hidden_act",
+            "layer_norm_eps",
+        )
+    }
+
+
+def _check_model_type(d: dict, expected: str, kind: str) -> None:
+    model_type = d.get("model_type", expected)
+    if model_type != expected:
+        hint = (
+            " (a full CLIPModel config: save its text/vision tower separately)" if model_type == "clip" else ""
+        )
+        raise ValueError(f"[{kind}] config.json has model_type {model_type!r}, expected {expected!r}{hint}")
+
+
+def _square(value, name: str, kind: str) -> int:
+    if isinstance(value, list | tuple):
+        if len(set(value)) != 1:
+            raise ValueError(f"[{kind}] only square {name} is supported, got {value}")
+        value = value[0]
+    return int(value)
+
+
+# --- clip_text ------------------------------------------------------------------------------------------------
+def text_config_from_torch(d: dict) -> CLIPTextConfig:
+    _check_model_type(d, "clip_text_model", "clip_text")
+    defaults = CLIPTextConfig()
+    eos = d.get("eos_token_id", defaults.eos_token_id)
+    if isinstance(eos, list):
+        if len(eos) != 1:
+            raise ValueError(f"[clip_text] config.json eos_token_id must be a single id, got {eos}")
+        eos = eos[0]
+    with_projection = "CLIPTextModelWithProjection" in (d.get("architectures") or ())
+    projection_dim = d.get("projection_dim", defaults.projection_dim)
+    if projection_dim is None:
+        if with_projection:
+            raise ValueError("[clip_text] CLIPTextModelWithProjection config.json has projection_dim null")
+        projection_dim = defaults.projection_dim
+    return CLIPTextConfig(
+        vocab_size=d.get("vocab_size", defaults.vocab_size),
+        projection_dim=projection_dim,
+        max_position_embeddings=d.get("max_position_embeddings", defaults.max_position_embeddings),
+        pad_token_id=d.get("pad_token_id", defaults.pad_token_id),
+        bos_token_id=d.get("bos_token_id", defaults.bos_token_id),
+        eos_token_id=eos,
+        with_projection=with_projection,
+        **_torch_common(d, CLIPTextConfig),
+    )
+
+
+def text_torch_class(config: CLIPTextConfig) -> str:
+    return "CLIPTextModelWithProjection" if config.with_projection else "CLIPTextModel"
+
+
+def text_config_to_torch(config: CLIPTextConfig) -> dict:
+    return {
+        "architectures": [text_torch_class(config)],
+        "model_type": "clip_text_model",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "projection_dim": config.projection_dim,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "max_position_embeddings": config.max_position_embeddings,
+        "hidden_act": config.hidden_act,
+        "layer_norm_eps": config.layer_norm_eps,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "dtype": "float32",
+    }
+
+
+def text_rules(config: CLIPTextConfig) -> list[Rule]:
+    t = TEXT_PREFIX.rstrip(".")
+    rules = embedding(f"{t}.embeddings.token_embedding", "embeddings/token_embedding")
+    rules += embedding(f"{t}.embeddings.position_embedding", "embeddings/position_embedding")
+    rules += encoder_rules(f"{t}.encoder", "encoder", config.num_hidden_layers)
+    rules += norm(f"{t}.final_layer_norm", "final_layer_norm")
+    if config.with_projection:
+        rules += linear("text_projection", "text_projection", bias=False)
+    return rules
+
+
+def text_normalise_keys(state: dict) -> dict:
+    return _add_prefix(state, TEXT_PREFIX, _TEXT_HEADS, drop=(f"{TEXT_PREFIX}embeddings.position_ids",))
+
+
+def text_example_inputs(config: CLIPTextConfig) -> tuple:
+    return (jnp.zeros((1, 2), jnp.int32),)
+
+
+CLIP_TEXT = register(
+    ModelKind(
+        name="clip_text",
+        library="transformers",
+        torch_class=text_torch_class,
+        config_cls=CLIPTextConfig,
+        config_from_torch=text_config_from_torch,
+        config_to_torch=text_config_to_torch,
+        build=CLIPTextModel,
+        example_inputs=text_example_inputs,
+        rules=text_rules,
+        normalise_keys=text_normalise_keys,
+    )
+)
+
+
+# --- clip_vision ----------------------------------------------------------------------------------------------
+def vision_config_from_torch(d: dict) -> CLIPVisionConfig:
+    _check_model_type(d, "clip_vision_model", "clip_vision")
+    defaults = CLIPVisionConfig()
+    return CLIPVisionConfig(
+        projection_dim=d.get("projection_dim", defaults.projection_dim),
+        image_size=_square(d.get("image_size", defaults.image_size), "image_size", "clip_vision"),
+        patch_size=_square(d.get("patch_size", defaults.patch_size), "patch_size", "clip_vision"),
+        num_channels=d.get("num_channels", defaults.num_channels),
+        with_projection="CLIPVisionModelWithProjection" in (d.get("architectures") or ()),
+        **_torch_common(d, CLIPVisionConfig),
+    )
+
+
+def vision_torch_class(config: CLIPVisionConfig) -> str:
+    return "CLIPVisionModelWithProjection" if config.with_projection else "CLIPVisionModel"
+
+
+def vision_config_to_torch(config: CLIPVisionConfig) -> dict:
+    return {
+        "architectures": [vision_torch_class(config)],
+        "model_type": "clip_vision_model",
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "projection_dim": config.projection_dim,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_channels": config.num_channels,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+        "hidden_act": config.hidden_act,
+        "layer_norm_eps": config.layer_norm_eps,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "initializer_factor": 1.0,
+        "dtype": "float32",
+    }
+
+
+def vision_rules(config: CLIPVisionConfig) -> list[Rule]:
+    t = VISION_PREFIX.rstrip(".")
+    rules = param(f"{t}.embeddings.class_embedding", "embeddings/class_embedding")
+    rules += conv(f"{t}.embeddings.patch_embedding", "embeddings/patch_embedding", bias=False)
+    rules += embedding(f"{t}.embeddings.position_embedding", "embeddings/position_embedding")
+    rules += norm(f"{t}.pre_layrnorm", "pre_layrnorm")
+    rules += encoder_rules(f"{t}.encoder", "encoder", config.num_hidden_layers)
+    rules += norm(f"{t}.post_layernorm", "post_layernorm")
+    if config.with_projection:
+        rules += linear("visual_projection", "visual_projection", bias=False)
+    return rules
+
+
+def vision_normalise_keys(state: dict) -> dict:
+    return _add_prefix(state, VISION_PREFIX, _VISION_HEADS, drop=(f"{VISION_PREFIX}embeddings.position_ids",))
+
+
+def vision_example_inputs(config: CLIPVisionConfig) -> tuple:
+    return (jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32),)
+
+
+CLIP_VISION = register(
+    ModelKind(
+        name="clip_vision",
+        library="transformers",
+        torch_class=vision_torch_class,
+        config_cls=CLIPVisionConfig,
+        config_from_torch=vision_config_from_torch,
+        config_to_torch=vision_config_to_torch,
+        build=CLIPVisionModel,
+        example_inputs=vision_example_inputs,
+        rules=vision_rules,
+        normalise_keys=vision_normalise_keys,
+    )
+)

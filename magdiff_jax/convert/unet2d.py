@@ -1,0 +1,184 @@
+"""Kind `unet2d`: diffusers UNet2DConditionModel <-> `magdiff_jax.models.unet2d`.
+
+The table is written block by block from the config; the helpers below (`resnet_rules`, `transformer_rules`)
+serve the video U-Nets too, whose spatial layers carry the same names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from magdiff_jax.convert.core import ModelKind, Rule, conv, embedding, linear, norm, register
+from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig
+
+OURS_ONLY = ("attention_impl", "dtype")
+# diffusers config keys we read past when they hold these (default) values; any other value is refused.
+ACCEPTED_DEFAULTS = {
+    "dual_cross_attention": False,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "addition_embed_type_num_heads": 64,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "mid_block_only_cross_attention": None,
+    "cross_attention_norm": None,
+    "resnet_skip_time_act": False,
+    "reverse_transformer_layers_per_block": None,
+}
+
+
+def config_from_diffusers(d: dict, cls=UNet2DConfig, accepted=ACCEPTED_DEFAULTS):
+    fields = {f.name for f in dataclasses.fields(cls)} - set(OURS_ONLY)
+    kw = {}
+    for k, v in d.items():
+        if k.startswith("_"):
+            continue
+        if k in fields:
+            kw[k] = tuple(v) if isinstance(v, list) else v
+        elif k in accepted:
+            if v != accepted[k]:
+                raise ValueError(f"config.json: {k}={v!r} is not supported (only {accepted[k]!r})")
+        else:
+            raise ValueError(f"config.json: unknown key {k!r} for {cls.__name__}")
+    return cls(**kw)
+
+
+def config_to_diffusers(config, class_name: str, accepted=ACCEPTED_DEFAULTS) -> dict:
+    d = {"_class_name": class_name, "_diffusers_version": "0.42.1"}
+    d.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()
+              if k not in OURS_ONLY})
+    d.update(accepted)
+    return d
+
+
+def resnet_rules(t: str, f: str, cin: int, cout: int, temb: bool = True) -> list[Rule]:
+    """ResnetBlock2D: norm1, conv1, time_emb_proj, norm2, conv2 and, when widths differ, a 1x1 conv_shortcut."""
+    rules = norm(f"{t}.norm1", f"{f}/norm1") + conv(f"{t}.conv1", f"{f}/conv1")
+    if temb:
+        rules += linear(f"{t}.time_emb_proj", f"{f}/time_emb_proj")
+    rules += norm(f"{t}.norm2", f"{f}/norm2") + conv(f"{t}.conv2", f"{f}/conv2")
+    if cin != cout:
+        rules += conv(f"{t}.conv_shortcut", f"{f}/conv_shortcut")
+    return rules
+
+
+def attention_rules(t: str, f: str, qkv_bias: bool = False) -> list[Rule]:
+    """diffusers Attention: to_q, to_k, to_v, to_out.0."""
+    return (linear(f"{t}.to_q", f"{f}/to_q", qkv_bias) + linear(f"{t}.to_k", f"{f}/to_k", qkv_bias)
+            + linear(f"{t}.to_v", f"{f}/to_v", qkv_bias) + linear(f"{t}.to_out.0", f"{f}/to_out_0"))
+
+
+def transformer_block_rules(t: str, f: str, cross: bool) -> list[Rule]:
+    """BasicTransformerBlock: norm1, attn1, [norm2, attn2], norm3, ff (GEGLU)."""
+    rules = norm(f"{t}.norm1", f"{f}/norm1") + attention_rules(f"{t}.attn1", f"{f}/attn1")
+    if cross:
+        rules += norm(f"{t}.norm2", f"{f}/norm2") + attention_rules(f"{t}.attn2", f"{f}/attn2")
+    rules += norm(f"{t}.norm3", f"{f}/norm3")
+    rules += linear(f"{t}.ff.net.0.proj", f"{f}/ff/net_0/proj") + linear(f"{t}.ff.net.2", f"{f}/ff/net_2")
+    return rules
+
+
+def transformer_rules(t: str, f: str, layers: int, linear_projection: bool, cross: bool = True) -> list[Rule]:
+    """Transformer2DModel: norm, proj_in, transformer_blocks.*, proj_out."""
+    proj = linear if linear_projection else conv
+    rules = norm(f"{t}.norm", f"{f}/norm") + proj(f"{t}.proj_in", f"{f}/proj_in")
+    for k in range(layers):
+        rules += transformer_block_rules(f"{t}.transformer_blocks.{k}", f"{f}/transformer_blocks_{k}", cross)
+    return rules + proj(f"{t}.proj_out", f"{f}/proj_out")
+
+
+def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
+    """Every parameter of a UNet2DConditionModel. `block_extra(kind, t, f, **info)` lets the video U-Nets add
+    their temporal layers beside each resnet/transformer without rewriting the spatial table."""
+    extra = block_extra or (lambda *a, **k: [])
+    n = len(cfg.block_out_channels)
+    heads_linear = cfg.use_linear_projection
+    tl = cfg.per_block("transformer_layers_per_block")
+    rules = conv("conv_in", "conv_in") + conv("conv_out", "conv_out")
+    if cfg.norm_num_groups is not None:
+        rules += norm("conv_norm_out", "conv_norm_out")
+    rules += linear("time_embedding.linear_1", "time_embedding/linear_1")
+    rules += linear("time_embedding.linear_2", "time_embedding/linear_2")
+    if cfg.time_cond_proj_dim is not None:
+        rules += linear("time_embedding.cond_proj", "time_embedding/cond_proj", bias=False)
+    if cfg.class_embed_type in ("timestep", "projection"):
+        rules += linear("class_embedding.linear_1", "class_embedding/linear_1")
+        rules += linear("class_embedding.linear_2", "class_embedding/linear_2")
+    elif cfg.class_embed_type is None and cfg.num_class_embeds is not None:
+        rules += embedding("class_embedding", "class_embedding")
+    if cfg.encoder_hid_dim_type == "text_proj":
+        rules += linear("encoder_hid_proj", "encoder_hid_proj")
+
+    for i, kind in enumerate(cfg.down_block_types):
+        t, f = f"down_blocks.{i}", f"down_blocks_{i}"
+        cout = cfg.block_out_channels[i]
+        cin = cfg.block_out_channels[i - 1] if i else cfg.block_out_channels[0]
+        for j in range(cfg.per_block("layers_per_block")[i]):
+            c0 = cin if j == 0 else cout
+            rules += resnet_rules(f"{t}.resnets.{j}", f"{f}/resnets_{j}", c0, cout)
+            rules += extra("resnet", f"{t}", f"{f}", index=j, channels=cout)
+            if kind == "CrossAttnDownBlock2D":
+                rules += transformer_rules(f"{t}.attentions.{j}", f"{f}/attentions_{j}", tl[i], heads_linear)
+                rules += extra("transformer", f"{t}", f"{f}", index=j, channels=cout, block=i)
+        if i < n - 1:
+            rules += conv(f"{t}.downsamplers.0.conv", f"{f}/downsamplers_0/conv")
+
+    if cfg.mid_block_type is not None:
+        c = cfg.block_out_channels[-1]
+        for j in range(2):
+            rules += resnet_rules(f"mid_block.resnets.{j}", f"mid_block/resnets_{j}", c, c)
+            rules += extra("resnet", "mid_block", "mid_block", index=j, channels=c)
+        rules += transformer_rules("mid_block.attentions.0", "mid_block/attentions_0", tl[-1], heads_linear)
+        rules += extra("transformer", "mid_block", "mid_block", index=0, channels=c, block=n - 1)
+
+    rev = cfg.block_out_channels[::-1]
+    for i, kind in enumerate(cfg.up_block_types):
+        t, f = f"up_blocks.{i}", f"up_blocks_{i}"
+        block = n - 1 - i
+        cout, cskip_last, prev = rev[i], rev[min(i + 1, n - 1)], rev[max(i - 1, 0)]
+        layers = cfg.per_block("layers_per_block")[block] + 1
+        for j in range(layers):
+            cin = (prev if j == 0 else cout) + (cskip_last if j == layers - 1 else cout)
+            rules += resnet_rules(f"{t}.resnets.{j}", f"{f}/resnets_{j}", cin, cout)
+            rules += extra("resnet", f"{t}", f"{f}", index=j, channels=cout)
+            if kind == "CrossAttnUpBlock2D":
+                rules += transformer_rules(f"{t}.attentions.{j}", f"{f}/attentions_{j}", tl[block], heads_linear)
+                rules += extra("transformer", f"{t}", f"{f}", index=j, channels=cout, block=block)
+        if i < n - 1:
+            rules += conv(f"{t}.upsamplers.0.conv", f"{f}/upsamplers_0/conv")
+    return rules
+
+
+def example_inputs(cfg: UNet2DConfig) -> tuple:
+    n = len(cfg.block_out_channels) - 1
+    size = 2**n
+    cross = cfg.encoder_hid_dim if cfg.encoder_hid_dim_type == "text_proj" else cfg.per_block("cross_attention_dim")[0]
+    return (jnp.zeros((1, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cross)))
+
+
+class _WithExtras(UNet2DConditionModel):
+    pass
+
+
+def _build(cfg: UNet2DConfig) -> UNet2DConditionModel:
+    return UNet2DConditionModel(cfg)
+
+
+def _init_args(cfg: UNet2DConfig):
+    x, t, ctx = example_inputs(cfg)
+    return (x, t, ctx)
+
+
+KIND = register(ModelKind(
+    name="unet2d",
+    library="diffusers",
+    torch_class=lambda cfg: "UNet2DConditionModel",
+    config_cls=UNet2DConfig,
+    config_from_torch=config_from_diffusers,
+    config_to_torch=lambda cfg: config_to_diffusers(cfg, "UNet2DConditionModel"),
+    build=_build,
+    example_inputs=_init_args,
+    rules=unet2d_rules,
+))

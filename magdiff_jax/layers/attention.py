@@ -1,0 +1,111 @@
+"""The one attention entry point, and the diffusers-named `Attention` layer built on it.
+
+Every attention in the project (CLIP self-attention, VAE mid-block attention, U-Net self/cross/temporal
+attention) calls `dot_product_attention`, whose `implementation` comes from the model config:
+
+  xla     `jax.nn.dot_product_attention(implementation="xla")`: any backend, any dtype (the default).
+  cudnn   cuDNN flash attention on a CUDA GPU (fp16/bf16, head_dim a multiple of 8 and at most 128). Asking for
+          it elsewhere is an error that says why; tests gate it on `cudnn_available()`.
+  auto    cudnn where it is available and applicable (and the sequence is long enough to gain from it), else xla.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from magdiff_jax.layers.common import dense
+
+IMPLEMENTATIONS = ("xla", "cudnn", "auto")
+# Below this many keys the fused kernel does not pay for itself (77-token prompts, 16-frame temporal attention).
+AUTO_CUDNN_MIN_LENGTH = 256
+
+
+@functools.cache
+def cudnn_available() -> bool:
+    """True when JAX sees a CUDA GPU (where cuDNN flash attention can run)."""
+    try:
+        return any(d.platform == "gpu" and "cuda" in d.client.platform_version.lower() for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+def _cudnn_applicable(q, k) -> bool:
+    head_dim = q.shape[-1]
+    return q.dtype in (jnp.float16, jnp.bfloat16) and head_dim % 8 == 0 and head_dim <= 128
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    mask: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: str = "xla",
+) -> jax.Array:
+    """Scaled dot-product attention.
+
+    Args:
+      q: (B, Lq, H, D) queries; k, v: (B, Lk, H, D) keys and values.
+      mask: optional boolean mask broadcastable to (B, H, Lq, Lk); True keeps a key.
+      is_causal: apply a causal (lower-triangular) mask.
+      scale: logit scale, default 1/sqrt(D).
+      implementation: "xla", "cudnn" or "auto" (module docstring).
+    Returns:
+      (B, Lq, H, D), in q's dtype.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
+    impl = "xla"
+    if implementation == "cudnn":
+        if not cudnn_available():
+            raise RuntimeError("attention implementation 'cudnn' needs a CUDA GPU; none is visible to JAX")
+        if not _cudnn_applicable(q, k):
+            raise ValueError(
+                "cuDNN flash attention needs fp16/bf16 inputs and a head_dim that is a multiple of 8 and <= 128; "
+                f"got dtype {q.dtype} and head_dim {q.shape[-1]}"
+            )
+        impl = "cudnn"
+    elif implementation == "auto" and cudnn_available() and _cudnn_applicable(q, k):
+        impl = "cudnn" if k.shape[1] >= AUTO_CUDNN_MIN_LENGTH else "xla"
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation=impl
+    ).astype(q.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention named as diffusers' `Attention`: `to_q`, `to_k`, `to_v`, `to_out_0`.
+
+    Self-attention when `context` is None, cross-attention over `context` (B, Lk, cross_attention_dim) otherwise.
+    Input (B, L, query_dim) -> output (B, L, query_dim).
+    """
+
+    query_dim: int
+    heads: int
+    dim_head: int
+    qkv_bias: bool = False
+    out_bias: bool = True
+    implementation: str = "xla"
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, context=None, mask=None):
+        inner = self.heads * self.dim_head
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        context = x if context is None else context
+        q = dense(inner, axes=("embed", "heads"), use_bias=self.qkv_bias, name="to_q", **kw)(x)
+        k = dense(inner, axes=("embed", "heads"), use_bias=self.qkv_bias, name="to_k", **kw)(context)
+        v = dense(inner, axes=("embed", "heads"), use_bias=self.qkv_bias, name="to_v", **kw)(context)
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.dim_head)  # (B, L, H, D)
+        q, k, v = split(q), split(k), split(v)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = out.reshape(*out.shape[:-2], inner)
+        return dense(self.query_dim, axes=("heads", "embed"), use_bias=self.out_bias, name="to_out_0", **kw)(out)

@@ -1,0 +1,108 @@
+"""Spatial transformers as diffusers names them: `Transformer2DModel` over `BasicTransformerBlock`s.
+
+Channels-last: a (B, H, W, C) feature map is normed, projected (1x1 conv or linear, per config), flattened to
+(B, H*W, C) tokens, run through the blocks (self-attention, cross-attention over the text, GEGLU feed-forward)
+and projected back with a residual connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from magdiff_jax.layers.attention import Attention
+from magdiff_jax.layers.common import conv, dense, group_norm, layer_norm
+
+
+class GEGLU(nn.Module):
+    """`proj` to 2*inner, split into (hidden, gate), hidden * gelu(gate) (exact gelu)."""
+
+    inner_dim: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        h = dense(2 * self.inner_dim, axes=("embed", "mlp"), dtype=self.dtype, name="proj")(x)
+        hidden, gate = jnp.split(h, 2, axis=-1)
+        return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+    """diffusers `FeedForward(activation_fn="geglu")`: net.0 = GEGLU, net.1 = dropout, net.2 = linear out."""
+
+    dim: int
+    mult: int = 4
+    dropout: float = 0.0
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, deterministic=True):
+        inner = self.dim * self.mult
+        x = GEGLU(inner, dtype=self.dtype, name="net_0")(x)
+        x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+        return dense(self.dim, axes=("mlp", "embed"), dtype=self.dtype, name="net_2")(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """norm1 -> attn1 (self, or cross when only_cross_attention) -> norm2 -> attn2 (cross) -> norm3 -> ff."""
+
+    dim: int
+    heads: int
+    dim_head: int
+    cross_attention_dim: int | None = None
+    only_cross_attention: bool = False
+    dropout: float = 0.0
+    attention_impl: str = "xla"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, context=None, deterministic=True):
+        attn = lambda name: Attention(
+            self.dim, self.heads, self.dim_head, implementation=self.attention_impl, dtype=self.dtype, name=name
+        )
+        h = layer_norm(dtype=self.dtype, name="norm1")(x)
+        x = x + attn("attn1")(h, context if self.only_cross_attention else None)
+        if self.cross_attention_dim is not None:
+            h = layer_norm(dtype=self.dtype, name="norm2")(x)
+            x = x + attn("attn2")(h, context)
+        h = layer_norm(dtype=self.dtype, name="norm3")(x)
+        return x + FeedForward(self.dim, dropout=self.dropout, dtype=self.dtype, name="ff")(h, deterministic)
+
+
+class Transformer2DModel(nn.Module):
+    """A stack of `BasicTransformerBlock`s over the H*W tokens of a (B, H, W, C) feature map."""
+
+    heads: int
+    dim_head: int
+    num_layers: int = 1
+    cross_attention_dim: int | None = None
+    norm_num_groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    dropout: float = 0.0
+    attention_impl: str = "xla"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x, context=None, deterministic=True):
+        b, h, w, c = x.shape
+        inner = self.heads * self.dim_head
+        residual = x
+        x = group_norm(self.norm_num_groups, epsilon=1e-6, dtype=self.dtype, name="norm")(x)
+        if self.use_linear_projection:
+            proj_in = dense(inner, axes=("embed", "mlp"), dtype=self.dtype, name="proj_in")
+            proj_out = dense(c, axes=("mlp", "embed"), dtype=self.dtype, name="proj_out")
+        else:
+            proj_in = conv(inner, (1, 1), dtype=self.dtype, name="proj_in")
+            proj_out = conv(c, (1, 1), dtype=self.dtype, name="proj_out")
+        x = proj_in(x).reshape(b, h * w, inner)  # (B, HW, inner): a 1x1 conv and a linear are the same map
+        x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+        for i in range(self.num_layers):
+            x = BasicTransformerBlock(
+                inner, self.heads, self.dim_head, self.cross_attention_dim, self.only_cross_attention,
+                self.dropout, self.attention_impl, self.dtype, name=f"transformer_blocks_{i}",
+            )(x, context, deterministic)
+        return proj_out(x.reshape(b, h, w, inner)) + residual

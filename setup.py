@@ -1,0 +1,58 @@
+"""magdiff_jax: JAX/Flax MagDiff and MagicVideo-V2 (training, sampling, evaluation, PyTorch export).
+
+Install:  pip install -e .            (core: JAX on CPU, no torch)
+          pip install -e ".[test]"    (adds the PyTorch parity peers and the test runners)
+          pip install -e ".[cuda]"    (JAX for CUDA 13 GPUs)
+          pip install -e ".[tpu]"     (JAX for TPU VMs)
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "ml-collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "numpy==2.4.6",
+    "tokenizers==0.23.3",
+    "transformers==5.23.0",  # CLIPTokenizer only; its torch models are imported lazily, never by the core
+    "huggingface-hub==2.4.0",
+    "safetensors==0.8.0",
+    "av==18.1.0",
+    "imageio==2.38.1",
+    "imageio-ffmpeg==0.7.0",
+    "mediapy==1.2.7",
+    "absl-py",
+]
+
+TEST = [
+    "torch==2.13.0",  # pinned: an unpinned torch pulls several GB of CUDA packages
+    "diffusers==0.42.1",
+    "pytest==9.2.0",
+    "ruff",
+    "ipykernel==7.4.0",
+    "nbformat==5.11.1",
+    "nbclient==0.11.0",
+    "nbconvert==7.17.2",
+    "papermill==2.7.0",
+]
+
+setup(
+    name="magdiff_jax",
+    version="0.1.0",
+    description="JAX/Flax MagDiff and MagicVideo-V2 video diffusion, parity-proven against diffusers",
+    python_requires=">=3.11",
+    packages=find_packages(include=["magdiff_jax", "magdiff_jax.*"]),
+    install_requires=CORE,
+    extras_require={
+        "test": TEST,
+        "cuda": ["jax[cuda13]==0.10.2"],
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
+    entry_points={"console_scripts": ["magdiff-jax=magdiff_jax.cli:run"]},
+)
