@@ -180,6 +180,7 @@ class ModelKind:
     example_inputs: Callable[[Any], tuple]  # config -> small inputs for an abstract init
     rules: Callable[[Any], list[Rule]]
     normalise_keys: Callable[[dict], dict] = lambda state: state  # import only: legacy names, prefixes
+    example_kwargs: Callable[[Any], dict] = lambda config: {}  # keyword inputs for the abstract init
 
     @property
     def weights_stem(self) -> str:
@@ -187,8 +188,8 @@ class ModelKind:
 
     def abstract_params(self, module: nn.Module) -> dict:
         """Flat {path: ShapeDtypeStruct} of the module's parameters, computed without allocating them."""
-        args = self.example_inputs(module.config)
-        shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args))
+        args, kwargs = self.example_inputs(module.config), self.example_kwargs(module.config)
+        shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
         return traverse_util.flatten_dict(nn.meta.unbox(shapes["params"]))
 
 

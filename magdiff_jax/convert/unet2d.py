@@ -158,17 +158,17 @@ def example_inputs(cfg: UNet2DConfig) -> tuple:
     return (jnp.zeros((1, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cross)))
 
 
-class _WithExtras(UNet2DConditionModel):
-    pass
-
-
-def _build(cfg: UNet2DConfig) -> UNet2DConditionModel:
-    return UNet2DConditionModel(cfg)
-
-
-def _init_args(cfg: UNet2DConfig):
-    x, t, ctx = example_inputs(cfg)
-    return (x, t, ctx)
+def example_kwargs(cfg: UNet2DConfig) -> dict:
+    kw = {}
+    if cfg.time_cond_proj_dim is not None:
+        kw["timestep_cond"] = jnp.zeros((1, cfg.time_cond_proj_dim))
+    if cfg.class_embed_type in ("timestep", None) and (cfg.class_embed_type or cfg.num_class_embeds):
+        kw["class_labels"] = jnp.zeros((1,), jnp.int32)
+    elif cfg.class_embed_type == "identity":
+        kw["class_labels"] = jnp.zeros((1, cfg.time_embed_dim))
+    elif cfg.class_embed_type == "projection":
+        kw["class_labels"] = jnp.zeros((1, cfg.projection_class_embeddings_input_dim))
+    return kw
 
 
 KIND = register(ModelKind(
@@ -178,7 +178,8 @@ KIND = register(ModelKind(
     config_cls=UNet2DConfig,
     config_from_torch=config_from_diffusers,
     config_to_torch=lambda cfg: config_to_diffusers(cfg, "UNet2DConditionModel"),
-    build=_build,
-    example_inputs=_init_args,
+    build=UNet2DConditionModel,
+    example_inputs=example_inputs,
+    example_kwargs=example_kwargs,
     rules=unet2d_rules,
 ))

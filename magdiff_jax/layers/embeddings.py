@@ -39,9 +39,7 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, sample, condition=None):
-        if self.cond_proj_dim is not None:
-            if condition is None:
-                raise ValueError("this model has time_cond_proj_dim set: pass timestep_cond")
+        if self.cond_proj_dim is not None and condition is not None:
             sample = sample + dense(sample.shape[-1], axes=("embed", "mlp"), use_bias=False,
                                     dtype=self.dtype, name="cond_proj")(condition)
         x = dense(self.time_embed_dim, axes=("embed", "mlp"), dtype=self.dtype, name="linear_1")(sample)
