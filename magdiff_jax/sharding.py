@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor", "context")
@@ -33,7 +34,9 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("conv_in", "fsdp"),
     ("conv_out", "tensor"),
-    ("conv_k", None),
+    ("conv_t", None),
+    ("conv_h", None),
+    ("conv_w", None),
     ("norm", None),
     ("vocab", None),
     # activations
@@ -75,7 +78,7 @@ def make_mesh(sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = N
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(sizes, len(devices))
     try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+        arr = mesh_utils.create_device_mesh(shape, devices)
     except (ValueError, AssertionError, NotImplementedError):
         arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)

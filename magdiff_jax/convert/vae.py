@@ -1,8 +1,8 @@
 """Kind `vae`: diffusers `AutoencoderKL` <-> `magdiff_jax.models.vae.AutoencoderKL`.
 
-The table is written out block by block from the config. On import, the legacy attention names of checkpoints
-converted before diffusers renamed them (`attentions.N.query/key/value/proj_attn`, possibly stored as (C, C, 1, 1)
-1x1-conv weights) are accepted as `to_q/to_k/to_v/to_out.0`.
+The table is written out block by block from the config. On import, the legacy attention names of
+checkpoints converted before diffusers renamed them (`attentions.N.query/key/value/proj_attn`, possibly stored
+as (C, C, 1, 1) 1x1-conv weights) are accepted as `to_q/to_k/to_v/to_out.0`.
 
 `resnet_rules` is reusable by any table that holds diffusers `ResnetBlock2D`s (the U-Nets).
 """
@@ -20,11 +20,17 @@ from magdiff_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 DIFFUSERS_VERSION = "0.42.1"
 _OURS_ONLY = ("attention_impl", "dtype")
-_TUPLE_FIELDS = ("down_block_types", "up_block_types", "block_out_channels", "latents_mean", "latents_std",
-                 "sample_size")
+_TUPLE_FIELDS = (
+    "down_block_types",
+    "up_block_types",
+    "block_out_channels",
+    "latents_mean",
+    "latents_std",
+    "sample_size",
+)
 
 
-# --- config ---------------------------------------------------------------------------------------------------
+# --- config -------------------------------------------------------------------------------------------------
 def config_from_torch(d: dict) -> AutoencoderKLConfig:
     names = {f.name for f in dataclasses.fields(AutoencoderKLConfig)} - set(_OURS_ONLY)
     unknown = sorted(k for k in d if not k.startswith("_") and k not in names)
@@ -53,10 +59,17 @@ def example_inputs(config: AutoencoderKLConfig) -> tuple:
     return (jnp.zeros((1, s, s, config.in_channels), jnp.float32),)
 
 
-# --- the table ------------------------------------------------------------------------------------------------
-def resnet_rules(t: str, f: str, in_channels: int, out_channels: int, temb: bool = False,
-                 use_in_shortcut: bool | None = None, conv_shortcut_bias: bool = True) -> list[Rule]:
-    """A diffusers `ResnetBlock2D` at PyTorch prefix `t` <-> `magdiff_jax.layers.resnet.ResnetBlock2D` at `f`."""
+# --- the table ----------------------------------------------------------------------------------------------
+def resnet_rules(
+    t: str,
+    f: str,
+    in_channels: int,
+    out_channels: int,
+    temb: bool = False,
+    use_in_shortcut: bool | None = None,
+    conv_shortcut_bias: bool = True,
+) -> list[Rule]:
+    """diffusers `ResnetBlock2D` at PyTorch prefix `t` <-> `layers.resnet.ResnetBlock2D` at Flax path `f`."""
     rules = norm(f"{t}.norm1", f"{f}/norm1") + conv(f"{t}.conv1", f"{f}/conv1")
     if temb:
         rules += linear(f"{t}.time_emb_proj", f"{f}/time_emb_proj")
@@ -116,7 +129,7 @@ def rules(c: AutoencoderKLConfig) -> list[Rule]:
     return r
 
 
-# --- legacy names (import only) -------------------------------------------------------------------------------
+# --- legacy names (import only) -----------------------------------------------------------------------------
 _LEGACY = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _LEGACY_RE = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 

@@ -9,7 +9,7 @@ parameter trees read `to_q/kernel`, `conv1/bias`, `norm1/scale`. The logical nam
   heads     the flattened heads*head_dim output of q/k/v projections    (-> tensor)
   conv_in   input channels of a conv kernel                             (-> fsdp)
   conv_out  output channels of a conv kernel                            (-> tensor)
-  conv_k    spatial/temporal kernel taps                                (replicated)
+  conv_t, conv_h, conv_w   temporal / spatial kernel taps               (replicated)
   norm      scales and biases of normalisation layers                   (replicated)
   vocab     rows of an embedding table                                  (replicated)
 """
@@ -65,8 +65,10 @@ def conv(
     kernel_init=default_kernel_init,
     name: str | None = None,
 ) -> nn.Conv:
-    """Channels-last `nn.Conv` with logical names `(conv_k, ..., conv_in, conv_out)` on its kernel."""
-    names = ("conv_k",) * len(kernel_size) + ("conv_in", "conv_out")
+    """Channels-last `nn.Conv` with logical names `([conv_t,] [conv_h,] conv_w, conv_in, conv_out)` on its kernel."""
+    if not 1 <= len(kernel_size) <= 3:
+        raise ValueError(f"conv kernel_size must have 1 to 3 dims, got {kernel_size}")
+    names = ("conv_t", "conv_h", "conv_w")[-len(kernel_size):] + ("conv_in", "conv_out")
     return nn.Conv(
         features,
         kernel_size=tuple(kernel_size),

@@ -25,8 +25,9 @@ def _pad(p: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 class ResnetBlock2D(nn.Module):
-    """Pre-norm residual block: GroupNorm -> act -> conv3x3 (+ time embedding) -> GroupNorm -> act -> dropout ->
-    conv3x3, plus a (1x1-projected when the channel count changes) shortcut, divided by `output_scale_factor`.
+    """Pre-norm residual block: GroupNorm -> act -> conv3x3 (+ time embedding) -> GroupNorm -> act ->
+    dropout -> conv3x3, plus a (1x1-projected when the channel count changes) shortcut, all divided by
+    `output_scale_factor`.
 
     Attributes:
       in_channels: channels of the input (checked against the input's last axis).
@@ -71,10 +72,14 @@ class ResnetBlock2D(nn.Module):
     def __call__(self, x, temb=None, deterministic: bool = True):
         """x (B, H, W, in_channels), temb (B, temb_channels) or None -> (B, H, W, out_channels)."""
         if x.shape[-1] != self.in_channels:
-            raise ValueError(f"{self.name or 'ResnetBlock2D'}: input has {x.shape[-1]} channels, expected "
-                             f"in_channels={self.in_channels}")
+            raise ValueError(
+                f"{self.name or 'ResnetBlock2D'}: input has {x.shape[-1]} channels, expected "
+                f"in_channels={self.in_channels}"
+            )
         if self.time_embedding_norm not in TIME_EMBEDDING_NORMS:
-            raise ValueError(f"time_embedding_norm {self.time_embedding_norm!r} is not one of {TIME_EMBEDDING_NORMS}")
+            raise ValueError(
+                f"time_embedding_norm {self.time_embedding_norm!r} is not one of {TIME_EMBEDDING_NORMS}"
+            )
         out = self.out_channels or self.in_channels
         groups_out = self.groups if self.groups_out is None else self.groups_out
         act = activation(self.non_linearity)
@@ -86,8 +91,10 @@ class ResnetBlock2D(nn.Module):
 
         if self.temb_channels is not None:
             if temb is None:
-                raise ValueError(f"{self.name or 'ResnetBlock2D'} was built with temb_channels="
-                                 f"{self.temb_channels} and needs a time embedding")
+                raise ValueError(
+                    f"{self.name or 'ResnetBlock2D'} was built with temb_channels="
+                    f"{self.temb_channels} and needs a time embedding"
+                )
             t = temb if self.skip_time_act else act(temb)
             width = out if self.time_embedding_norm == "default" else 2 * out
             t = dense(width, axes=("embed", "conv_out"), name="time_emb_proj", **kw)(t)
@@ -112,8 +119,9 @@ class ResnetBlock2D(nn.Module):
 
         shortcut = x
         if self.has_shortcut:
-            shortcut = conv(out, (1, 1), padding=_pad(0), use_bias=self.conv_shortcut_bias, name="conv_shortcut",
-                            **kw)(x)
+            shortcut = conv(
+                out, (1, 1), padding=_pad(0), use_bias=self.conv_shortcut_bias, name="conv_shortcut", **kw
+            )(x)
         y = shortcut + h
         if self.output_scale_factor != 1.0:
             y = y / self.output_scale_factor
@@ -123,9 +131,9 @@ class ResnetBlock2D(nn.Module):
 class Downsample2D(nn.Module):
     """Halves H and W: a 3x3 stride-2 convolution `conv` (or 2x2 average pooling when `use_conv=False`).
 
-    `padding=1` pads one pixel on every side (U-Nets); `padding=0` first pads one zero row/column at the bottom
-    and right only and then convolves without padding (the VAE encoder). padding=1 gives ceil(H/2), padding=0
-    gives floor(H/2) (the same for even sizes), exactly as diffusers.
+    `padding=1` pads one pixel on every side (U-Nets); `padding=0` first pads one zero row/column at the
+    bottom and right only and then convolves without padding (the VAE encoder). padding=1 gives ceil(H/2),
+    padding=0 gives floor(H/2) (the same for even sizes), exactly as diffusers.
 
     Attributes:
       out_channels: output channels of the convolution (must equal the input's when `use_conv=False`).
@@ -150,12 +158,19 @@ class Downsample2D(nn.Module):
             return nn.avg_pool(x, (2, 2), strides=(2, 2))
         if self.padding == 0:
             x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return conv(self.out_channels, (self.kernel_size, self.kernel_size), strides=(2, 2),
-                    padding=_pad(self.padding), dtype=self.dtype, param_dtype=self.param_dtype, name="conv")(x)
+        return conv(
+            self.out_channels,
+            (self.kernel_size, self.kernel_size),
+            strides=(2, 2),
+            padding=_pad(self.padding),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
 
 
 def nearest_indices(in_size: int, out_size: int) -> np.ndarray:
-    """Source indices of PyTorch's `F.interpolate(mode="nearest", size=...)` along one axis (static shapes)."""
+    """Source indices of PyTorch's `F.interpolate(mode="nearest", size=...)` along one (static) axis."""
     if out_size == in_size:
         return np.arange(out_size)
     if out_size == 2 * in_size:
@@ -176,8 +191,8 @@ def upsample_nearest(x, output_size: tuple[int, int] | None = None):
 
 
 class Upsample2D(nn.Module):
-    """Doubles H and W by nearest-neighbour interpolation (or resizes to an explicit `output_size`, as the U-Net
-    does when a skip connection has an odd size), then a 3x3 convolution `conv` when `use_conv`.
+    """Doubles H and W by nearest-neighbour interpolation (or resizes to an explicit `output_size`, as the
+    U-Net does when a skip connection has an odd size), then a 3x3 convolution `conv` when `use_conv`.
 
     Attributes:
       out_channels: output channels of the convolution.
@@ -194,6 +209,12 @@ class Upsample2D(nn.Module):
         """x (B, H, W, C) -> (B, 2H, 2W, out_channels), or (B, *output_size, out_channels)."""
         x = upsample_nearest(x, output_size)
         if self.use_conv:
-            x = conv(self.out_channels, (3, 3), padding=_pad(1), dtype=self.dtype, param_dtype=self.param_dtype,
-                     name="conv")(x)
+            x = conv(
+                self.out_channels,
+                (3, 3),
+                padding=_pad(1),
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                name="conv",
+            )(x)
         return x

@@ -1,13 +1,13 @@
 """The KL autoencoder of latent diffusion (diffusers `AutoencoderKL`), channels-last.
 
     module, params = magdiff_jax.convert.load_torch("vae", "path/to/vae")
-    mean, logvar = module.apply({"params": params}, images, method="encode")     # images (B, H, W, 3) in [-1, 1]
-    z = module.config.scaling_factor * mean                                       # what the diffusion model sees
+    mean, logvar = module.apply({"params": params}, images, method="encode")  # images (B, H, W, 3), [-1, 1]
+    z = module.config.scaling_factor * mean  # what the diffusion model sees
     images = module.apply({"params": params}, z / module.config.scaling_factor, method="decode")
 
-`encode` and `decode` work on unscaled latents, as diffusers' `AutoencoderKL.encode/decode`: callers multiply
-latents by `config.scaling_factor` (after subtracting `config.shift_factor` when it is set) before diffusion and
-undo it before decoding.
+`encode` and `decode` work on unscaled latents, as diffusers' `AutoencoderKL.encode/decode`: callers
+multiply latents by `config.scaling_factor` (after subtracting `config.shift_factor` when it is set) before
+diffusion and undo it before decoding.
 
 Parameter paths mirror diffusers' state-dict keys (`encoder.down_blocks.0.resnets.1.conv1` is
 `encoder/down_blocks_0/resnets_1/conv1`); the mid-block attention `encoder.mid_block.attentions.0.{group_norm,
@@ -70,19 +70,26 @@ class AutoencoderKLConfig:
             )
         for t in self.down_block_types:
             if t not in DOWN_BLOCK_TYPES:
-                raise ValueError(f"AutoencoderKLConfig: down block type {t!r} is not supported ({DOWN_BLOCK_TYPES})")
+                raise ValueError(
+                    f"AutoencoderKLConfig: down block type {t!r} is not supported ({DOWN_BLOCK_TYPES})"
+                )
         for t in self.up_block_types:
             if t not in UP_BLOCK_TYPES:
-                raise ValueError(f"AutoencoderKLConfig: up block type {t!r} is not supported ({UP_BLOCK_TYPES})")
+                raise ValueError(
+                    f"AutoencoderKLConfig: up block type {t!r} is not supported ({UP_BLOCK_TYPES})"
+                )
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"AutoencoderKLConfig: block_out_channels {bad} are not divisible by "
-                             f"norm_num_groups={self.norm_num_groups}")
+            raise ValueError(
+                f"AutoencoderKLConfig: block_out_channels {bad} are not divisible by "
+                f"norm_num_groups={self.norm_num_groups}"
+            )
         if self.layers_per_block < 1:
             raise ValueError("AutoencoderKLConfig: layers_per_block must be >= 1")
         if self.attention_impl not in IMPLEMENTATIONS:
-            raise ValueError(f"AutoencoderKLConfig: attention_impl {self.attention_impl!r} is not one of "
-                             f"{IMPLEMENTATIONS}")
+            raise ValueError(
+                f"AutoencoderKLConfig: attention_impl {self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
+            )
         jnp.dtype(self.dtype)  # raises on an unknown dtype name
 
     @property
@@ -121,8 +128,13 @@ class VAEAttention(Attention):
     def __call__(self, x):
         """x (B, H, W, C) -> (B, H, W, C)."""
         b, h, w, c = x.shape
-        y = group_norm(self.num_groups, epsilon=self.eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                       name="group_norm")(x)
+        y = group_norm(
+            self.num_groups,
+            epsilon=self.eps,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="group_norm",
+        )(x)
         y = super().__call__(y.reshape(b, h * w, c))
         y = y.reshape(b, h, w, c) + x
         if self.rescale_output_factor != 1.0:
@@ -147,14 +159,26 @@ class UNetMidBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x):
         head_dim = self.attention_head_dim or self.channels
-        res = dict(in_channels=self.channels, out_channels=self.channels, groups=self.groups, eps=self.eps,
-                   non_linearity=self.act_fn, dtype=self.dtype)
+        res = dict(
+            in_channels=self.channels,
+            out_channels=self.channels,
+            groups=self.groups,
+            eps=self.eps,
+            non_linearity=self.act_fn,
+            dtype=self.dtype,
+        )
         x = ResnetBlock2D(name="resnets_0", **res)(x)
         for i in range(self.num_layers):
             if self.add_attention:
                 x = VAEAttention(
-                    query_dim=self.channels, heads=self.channels // head_dim, dim_head=head_dim, qkv_bias=True,
-                    implementation=self.attention_impl, num_groups=self.groups, eps=self.eps, dtype=self.dtype,
+                    query_dim=self.channels,
+                    heads=self.channels // head_dim,
+                    dim_head=head_dim,
+                    qkv_bias=True,
+                    implementation=self.attention_impl,
+                    num_groups=self.groups,
+                    eps=self.eps,
+                    dtype=self.dtype,
                     name=f"attentions_{i}",
                 )(x)
             x = ResnetBlock2D(name=f"resnets_{i + 1}", **res)(x)
@@ -177,12 +201,19 @@ class DownEncoderBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.num_layers):
-            x = ResnetBlock2D(in_channels=self.in_channels if i == 0 else self.out_channels,
-                              out_channels=self.out_channels, groups=self.groups, eps=self.eps,
-                              non_linearity=self.act_fn, dtype=self.dtype, name=f"resnets_{i}")(x)
+            x = ResnetBlock2D(
+                in_channels=self.in_channels if i == 0 else self.out_channels,
+                out_channels=self.out_channels,
+                groups=self.groups,
+                eps=self.eps,
+                non_linearity=self.act_fn,
+                dtype=self.dtype,
+                name=f"resnets_{i}",
+            )(x)
         if self.add_downsample:
-            x = Downsample2D(self.out_channels, padding=self.downsample_padding, dtype=self.dtype,
-                             name="downsamplers_0")(x)
+            x = Downsample2D(
+                self.out_channels, padding=self.downsample_padding, dtype=self.dtype, name="downsamplers_0"
+            )(x)
         return x
 
 
@@ -201,18 +232,31 @@ class UpDecoderBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(self.num_layers):
-            x = ResnetBlock2D(in_channels=self.in_channels if i == 0 else self.out_channels,
-                              out_channels=self.out_channels, groups=self.groups, eps=self.eps,
-                              non_linearity=self.act_fn, dtype=self.dtype, name=f"resnets_{i}")(x)
+            x = ResnetBlock2D(
+                in_channels=self.in_channels if i == 0 else self.out_channels,
+                out_channels=self.out_channels,
+                groups=self.groups,
+                eps=self.eps,
+                non_linearity=self.act_fn,
+                dtype=self.dtype,
+                name=f"resnets_{i}",
+            )(x)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
 
 
 def _mid_block(c: AutoencoderKLConfig, dtype) -> UNetMidBlock2D:
-    return UNetMidBlock2D(channels=c.block_out_channels[-1], groups=c.norm_num_groups, act_fn=c.act_fn,
-                          add_attention=c.mid_block_add_attention, attention_head_dim=c.block_out_channels[-1],
-                          attention_impl=c.attention_impl, dtype=dtype, name="mid_block")
+    return UNetMidBlock2D(
+        channels=c.block_out_channels[-1],
+        groups=c.norm_num_groups,
+        act_fn=c.act_fn,
+        add_attention=c.mid_block_add_attention,
+        attention_head_dim=c.block_out_channels[-1],
+        attention_impl=c.attention_impl,
+        dtype=dtype,
+        name="mid_block",
+    )
 
 
 class Encoder(nn.Module):
@@ -229,9 +273,16 @@ class Encoder(nn.Module):
         out_ch = boc[0]
         for i in range(len(c.down_block_types)):
             in_ch, out_ch = out_ch, boc[i]
-            x = DownEncoderBlock2D(in_channels=in_ch, out_channels=out_ch, num_layers=c.layers_per_block,
-                                   groups=c.norm_num_groups, act_fn=c.act_fn, add_downsample=i < len(boc) - 1,
-                                   dtype=dt, name=f"down_blocks_{i}")(x)
+            x = DownEncoderBlock2D(
+                in_channels=in_ch,
+                out_channels=out_ch,
+                num_layers=c.layers_per_block,
+                groups=c.norm_num_groups,
+                act_fn=c.act_fn,
+                add_downsample=i < len(boc) - 1,
+                dtype=dt,
+                name=f"down_blocks_{i}",
+            )(x)
         x = _mid_block(c, dt)(x)
         x = group_norm(c.norm_num_groups, epsilon=VAE_EPS, dtype=dt, name="conv_norm_out")(x)
         x = jax.nn.silu(x)  # diffusers' conv_act is always SiLU, whatever act_fn says
@@ -253,9 +304,16 @@ class Decoder(nn.Module):
         out_ch = rev[0]
         for i in range(len(c.up_block_types)):
             in_ch, out_ch = out_ch, rev[i]
-            x = UpDecoderBlock2D(in_channels=in_ch, out_channels=out_ch, num_layers=c.layers_per_block + 1,
-                                 groups=c.norm_num_groups, act_fn=c.act_fn, add_upsample=i < len(rev) - 1,
-                                 dtype=dt, name=f"up_blocks_{i}")(x)
+            x = UpDecoderBlock2D(
+                in_channels=in_ch,
+                out_channels=out_ch,
+                num_layers=c.layers_per_block + 1,
+                groups=c.norm_num_groups,
+                act_fn=c.act_fn,
+                add_upsample=i < len(rev) - 1,
+                dtype=dt,
+                name=f"up_blocks_{i}",
+            )(x)
         x = group_norm(c.norm_num_groups, epsilon=VAE_EPS, dtype=dt, name="conv_norm_out")(x)
         x = jax.nn.silu(x)
         return conv(c.out_channels, (3, 3), padding=((1, 1), (1, 1)), dtype=dt, name="conv_out")(x)
@@ -276,13 +334,16 @@ def kl_divergence(mean: jax.Array, logvar: jax.Array) -> jax.Array:
 class AutoencoderKL(nn.Module):
     """diffusers `AutoencoderKL`, channels-last. Methods (all usable as `apply(..., method="...")`):
 
-      encode(x)   images (B, H, W, in_channels), in [-1, 1] -> (mean, logvar), each (B, H/f, W/f, latent_channels),
-                  logvar clamped to [-30, 20] as diffusers' DiagonalGaussianDistribution.
+      encode(x)   images (B, H, W, in_channels) in [-1, 1] -> (mean, logvar), each
+                  (B, H/f, W/f, latent_channels); logvar clamped to [-30, 20] as diffusers'
+                  DiagonalGaussianDistribution.
       decode(z)   unscaled latents (B, h, w, latent_channels) -> images (B, h*f, w*f, out_channels).
-      __call__(x, sample_posterior=False, key=None)   encode then decode (the posterior mean, or a sample drawn
-                  with `key`); touches every parameter (used by `init`).
+      __call__(x, sample_posterior=False, key=None)
+                  encode then decode (the posterior mean, or a sample drawn with `key`); touches every
+                  parameter (used by `init`).
 
-    Latents are unscaled: callers multiply by `config.scaling_factor` before diffusion and divide before `decode`.
+    Latents are unscaled: callers multiply by `config.scaling_factor` before diffusion and divide before
+    `decode`.
     f = `config.downsample_factor` (8 for the SD VAE).
     """
 
@@ -311,13 +372,10 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
     def __call__(self, x, sample_posterior: bool = False, key: jax.Array | None = None):
+        if sample_posterior and key is None:
+            raise ValueError("AutoencoderKL: sample_posterior=True needs a PRNG `key`")
         mean, logvar = self.encode(x)
-        if sample_posterior:
-            if key is None:
-                raise ValueError("AutoencoderKL: sample_posterior=True needs a PRNG `key`")
-            z = sample_latent(mean, logvar, key)
-        else:
-            z = mean
+        z = sample_latent(mean, logvar, key) if sample_posterior else mean
         return self.decode(z)
 
     sample_latent = staticmethod(sample_latent)

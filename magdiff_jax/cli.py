@@ -1,0 +1,104 @@
+"""`magdiff-jax`: the one command-line entry point.
+
+    magdiff-jax convert to-flax --kind unet2d path/to/torch/unet  out/unet_flax
+    magdiff-jax convert to-torch --kind unet2d out/unet_flax      out/unet_torch
+    magdiff-jax convert to-flax --kind pipeline path/to/sd-pipeline out/sd_flax
+
+Runs under `absl.app` (Grain and the ml_collections config flags need parsed absl flags): argparse takes the
+subcommand and its arguments, everything it does not know (`--config.lr=...`) goes to absl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from absl import app, flags
+
+KINDS = ("clip_text", "clip_vision", "vae", "unet2d")
+
+
+def _add_convert(sub):
+    p = sub.add_parser("convert", help="convert checkpoints between PyTorch (diffusers/transformers) and Flax",
+                       description="Convert model checkpoints between PyTorch safetensors folders "
+                                   "(diffusers/transformers layout) and magdiff_jax Flax checkpoints.")
+    csub = p.add_subparsers(dest="direction", required=True, metavar="{to-flax,to-torch}")
+    kinds = (*KINDS, "pipeline")
+    tf = csub.add_parser("to-flax", help="PyTorch model folder -> Orbax checkpoint + config.json",
+                         description="Read a diffusers/transformers model folder (config.json + safetensors, single "
+                                     "or sharded) and write DST: an Orbax checkpoint of the params plus our config. "
+                                     "--kind pipeline converts a whole diffusers pipeline folder (model_index.json) "
+                                     "into DST/<component>.")
+    tf.add_argument("--kind", required=True, choices=kinds)
+    tf.add_argument("src", help="PyTorch model folder (or pipeline folder with --kind pipeline)")
+    tf.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
+    tf.add_argument("--overwrite", action="store_true")
+    tt = csub.add_parser("to-torch", help="Flax checkpoint -> PyTorch model folder (from_pretrained-ready)",
+                         description="Read a folder written by `convert to-flax` (or the trainer's export) and "
+                                     "write a diffusers/transformers folder that from_pretrained loads.")
+    tt.add_argument("--kind", required=True, choices=KINDS)
+    tt.add_argument("src", help="Flax checkpoint folder (config.json + params/)")
+    tt.add_argument("dst", help="output PyTorch model folder")
+    tt.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magdiff-jax", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_convert(sub)
+    return parser
+
+
+def parse_flags(argv: list[str]) -> argparse.Namespace:
+    args, rest = build_parser().parse_known_args(argv[1:])
+    flags.FLAGS([argv[0], *rest])
+    return args
+
+
+def _convert(args) -> None:
+    from pathlib import Path
+
+    from magdiff_jax.convert import load_torch, save_torch
+    from magdiff_jax.convert.flax_checkpoint import load_flax, save_flax
+
+    if args.direction == "to-flax":
+        if args.kind == "pipeline":
+            from magdiff_jax.convert.pipeline import load_pipeline_torch
+
+            pipe = load_pipeline_torch(args.src)
+            for name, (kind, module, params) in pipe.models.items():
+                out = save_flax(kind, module, params, Path(args.dst) / name, overwrite=args.overwrite)
+                logging.info("wrote %s (%s)", out, kind)
+            pipe.save_extras(args.dst)
+        else:
+            module, params = load_torch(args.kind, args.src)
+            out = save_flax(args.kind, module, params, args.dst, overwrite=args.overwrite)
+            logging.info("wrote %s", out)
+    else:
+        _, module, params = load_flax(args.src, kind=args.kind)
+        max_bytes = args.max_shard_mb * 2**20 if args.max_shard_mb else None
+        out = save_torch(args.kind, module, params, args.dst, max_shard_bytes=max_bytes)
+        logging.info("wrote %s", out)
+    print(f"wrote {args.dst}")
+
+
+COMMANDS = {"convert": _convert}
+
+
+def main(args: argparse.Namespace) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    COMMANDS[args.command](args)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, exit 1
+        print(f"magdiff-jax: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run()
