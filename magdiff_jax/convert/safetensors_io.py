@@ -54,23 +54,34 @@ def read_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         refuse_pickle(path)
     if path.suffix != ".safetensors":
         raise CheckpointFormatError(f"{path}: not a .safetensors file")
+    size = path.stat().st_size
     try:
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise CheckpointFormatError(f"{path}: not a safetensors file (header length {n} exceeds the file "
+                                            f"size {size}; corrupt or truncated)")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise CheckpointFormatError(f"{path}: not a safetensors file (header is not a JSON object)")
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from e
     header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if path.stat().st_size > 8 + n else b""
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else b""
     out = {}
     for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise CheckpointFormatError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        start, end = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
+        try:
+            dtype_name, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointFormatError(f"{path}: malformed header entry for tensor {name!r}") from e
+        if dtype_name not in _DTYPES:
+            raise CheckpointFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
         if end > len(data):
             raise CheckpointFormatError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
-        out[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(info["shape"])
+        try:
+            out[name] = np.frombuffer(data[start:end], dtype=_DTYPES[dtype_name]).reshape(shape)
+        except ValueError as e:
+            raise CheckpointFormatError(f"{path}: tensor {name!r}: byte range does not match shape {shape}") from e
     return out
 
 
