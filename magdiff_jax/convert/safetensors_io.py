@@ -138,7 +138,8 @@ def _serialise(tensors: Mapping[str, np.ndarray]) -> bytes:
         if arr.dtype not in _NAMES:
             raise CheckpointFormatError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
         raw = arr.tobytes()
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
         offset += len(raw)
         blobs.append(raw)
     header["__metadata__"] = {"format": "pt"}

@@ -68,7 +68,7 @@ def conv(
     """Channels-last `nn.Conv` with logical names `([conv_t,] [conv_h,] conv_w, conv_in, conv_out)` on its kernel."""
     if not 1 <= len(kernel_size) <= 3:
         raise ValueError(f"conv kernel_size must have 1 to 3 dims, got {kernel_size}")
-    names = ("conv_t", "conv_h", "conv_w")[-len(kernel_size):] + ("conv_in", "conv_out")
+    names = (*("conv_t", "conv_h", "conv_w")[-len(kernel_size):], "conv_in", "conv_out")
     return nn.Conv(
         features,
         kernel_size=tuple(kernel_size),
