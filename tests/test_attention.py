@@ -39,7 +39,7 @@ def test_xla_matches_reference_with_mask(qkv):
 
 
 def test_causal(qkv):
-    q, k, v = qkv
+    _, k, v = qkv
     out = attn_lib.dot_product_attention(k, k, v, is_causal=True)
     assert rel_err(out, _reference(k, k, v, causal=True)) < 1e-5
     # a changed future key does not change an earlier output
