@@ -1,7 +1,7 @@
 """Kind `unet2d`: diffusers UNet2DConditionModel <-> `magdiff_jax.models.unet2d`.
 
-The table is written block by block from the config; the helpers below (`resnet_rules`, `transformer_rules`)
-serve the video U-Nets too, whose spatial layers carry the same names.
+The table is written block by block from the config with the shared-layer rules of `convert.blocks`; the video
+U-Nets reuse `unet2d_rules` through its `block_extra` hook, since their spatial layers carry the same names.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from magdiff_jax.convert.blocks import resnet_rules, transformer_rules
 from magdiff_jax.convert.core import ModelKind, Rule, conv, embedding, linear, norm, register
 from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig
 
@@ -53,42 +54,6 @@ def config_to_diffusers(config, class_name: str, accepted=ACCEPTED_DEFAULTS) -> 
     return d
 
 
-def resnet_rules(t: str, f: str, cin: int, cout: int, temb: bool = True) -> list[Rule]:
-    """ResnetBlock2D: norm1, conv1, time_emb_proj, norm2, conv2 and, when widths differ, a 1x1 conv_shortcut."""
-    rules = norm(f"{t}.norm1", f"{f}/norm1") + conv(f"{t}.conv1", f"{f}/conv1")
-    if temb:
-        rules += linear(f"{t}.time_emb_proj", f"{f}/time_emb_proj")
-    rules += norm(f"{t}.norm2", f"{f}/norm2") + conv(f"{t}.conv2", f"{f}/conv2")
-    if cin != cout:
-        rules += conv(f"{t}.conv_shortcut", f"{f}/conv_shortcut")
-    return rules
-
-
-def attention_rules(t: str, f: str, qkv_bias: bool = False) -> list[Rule]:
-    """diffusers Attention: to_q, to_k, to_v, to_out.0."""
-    return (linear(f"{t}.to_q", f"{f}/to_q", qkv_bias) + linear(f"{t}.to_k", f"{f}/to_k", qkv_bias)
-            + linear(f"{t}.to_v", f"{f}/to_v", qkv_bias) + linear(f"{t}.to_out.0", f"{f}/to_out_0"))
-
-
-def transformer_block_rules(t: str, f: str, cross: bool) -> list[Rule]:
-    """BasicTransformerBlock: norm1, attn1, [norm2, attn2], norm3, ff (GEGLU)."""
-    rules = norm(f"{t}.norm1", f"{f}/norm1") + attention_rules(f"{t}.attn1", f"{f}/attn1")
-    if cross:
-        rules += norm(f"{t}.norm2", f"{f}/norm2") + attention_rules(f"{t}.attn2", f"{f}/attn2")
-    rules += norm(f"{t}.norm3", f"{f}/norm3")
-    rules += linear(f"{t}.ff.net.0.proj", f"{f}/ff/net_0/proj") + linear(f"{t}.ff.net.2", f"{f}/ff/net_2")
-    return rules
-
-
-def transformer_rules(t: str, f: str, layers: int, linear_projection: bool, cross: bool = True) -> list[Rule]:
-    """Transformer2DModel: norm, proj_in, transformer_blocks.*, proj_out."""
-    proj = linear if linear_projection else conv
-    rules = norm(f"{t}.norm", f"{f}/norm") + proj(f"{t}.proj_in", f"{f}/proj_in")
-    for k in range(layers):
-        rules += transformer_block_rules(f"{t}.transformer_blocks.{k}", f"{f}/transformer_blocks_{k}", cross)
-    return rules + proj(f"{t}.proj_out", f"{f}/proj_out")
-
-
 def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
     """Every parameter of a UNet2DConditionModel. `block_extra(kind, t, f, **info)` lets the video U-Nets add
     their temporal layers beside each resnet/transformer without rewriting the spatial table."""
@@ -117,7 +82,7 @@ def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
         cin = cfg.block_out_channels[i - 1] if i else cfg.block_out_channels[0]
         for j in range(cfg.per_block("layers_per_block")[i]):
             c0 = cin if j == 0 else cout
-            rules += resnet_rules(f"{t}.resnets.{j}", f"{f}/resnets_{j}", c0, cout)
+            rules += resnet_rules(f"{t}.resnets.{j}", f"{f}/resnets_{j}", c0, cout, temb=True)
             rules += extra("resnet", f"{t}", f"{f}", index=j, channels=cout)
             if kind == "CrossAttnDownBlock2D":
                 rules += transformer_rules(f"{t}.attentions.{j}", f"{f}/attentions_{j}", tl[i], heads_linear)
@@ -128,7 +93,7 @@ def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
     if cfg.mid_block_type is not None:
         c = cfg.block_out_channels[-1]
         for j in range(2):
-            rules += resnet_rules(f"mid_block.resnets.{j}", f"mid_block/resnets_{j}", c, c)
+            rules += resnet_rules(f"mid_block.resnets.{j}", f"mid_block/resnets_{j}", c, c, temb=True)
             rules += extra("resnet", "mid_block", "mid_block", index=j, channels=c)
         rules += transformer_rules("mid_block.attentions.0", "mid_block/attentions_0", tl[-1], heads_linear)
         rules += extra("transformer", "mid_block", "mid_block", index=0, channels=c, block=n - 1)
@@ -141,7 +106,7 @@ def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
         layers = cfg.per_block("layers_per_block")[block] + 1
         for j in range(layers):
             cin = (prev if j == 0 else cout) + (cskip_last if j == layers - 1 else cout)
-            rules += resnet_rules(f"{t}.resnets.{j}", f"{f}/resnets_{j}", cin, cout)
+            rules += resnet_rules(f"{t}.resnets.{j}", f"{f}/resnets_{j}", cin, cout, temb=True)
             rules += extra("resnet", f"{t}", f"{f}", index=j, channels=cout)
             if kind == "CrossAttnUpBlock2D":
                 rules += transformer_rules(f"{t}.attentions.{j}", f"{f}/attentions_{j}", tl[block], heads_linear)

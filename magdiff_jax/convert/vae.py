@@ -3,8 +3,6 @@
 The table is written out block by block from the config. On import, the legacy attention names of
 checkpoints converted before diffusers renamed them (`attentions.N.query/key/value/proj_attn`, possibly stored
 as (C, C, 1, 1) 1x1-conv weights) are accepted as `to_q/to_k/to_v/to_out.0`.
-
-`resnet_rules` is reusable by any table that holds diffusers `ResnetBlock2D`s (the U-Nets).
 """
 
 from __future__ import annotations
@@ -15,7 +13,8 @@ import warnings
 
 import jax.numpy as jnp
 
-from magdiff_jax.convert.core import ModelKind, Rule, conv, linear, norm, register
+from magdiff_jax.convert.blocks import attention_rules, resnet_rules
+from magdiff_jax.convert.core import ModelKind, Rule, conv, norm, register
 from magdiff_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
 DIFFUSERS_VERSION = "0.42.1"
@@ -60,31 +59,8 @@ def example_inputs(config: AutoencoderKLConfig) -> tuple:
 
 
 # --- the table ----------------------------------------------------------------------------------------------
-def resnet_rules(
-    t: str,
-    f: str,
-    in_channels: int,
-    out_channels: int,
-    temb: bool = False,
-    use_in_shortcut: bool | None = None,
-    conv_shortcut_bias: bool = True,
-) -> list[Rule]:
-    """diffusers `ResnetBlock2D` at PyTorch prefix `t` <-> `layers.resnet.ResnetBlock2D` at Flax path `f`."""
-    rules = norm(f"{t}.norm1", f"{f}/norm1") + conv(f"{t}.conv1", f"{f}/conv1")
-    if temb:
-        rules += linear(f"{t}.time_emb_proj", f"{f}/time_emb_proj")
-    rules += norm(f"{t}.norm2", f"{f}/norm2") + conv(f"{t}.conv2", f"{f}/conv2")
-    shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
-    if shortcut:
-        rules += conv(f"{t}.conv_shortcut", f"{f}/conv_shortcut", bias=conv_shortcut_bias)
-    return rules
-
-
 def _attention_rules(t: str, f: str) -> list[Rule]:
-    rules = norm(f"{t}.group_norm", f"{f}/group_norm")
-    for name in ("to_q", "to_k", "to_v"):
-        rules += linear(f"{t}.{name}", f"{f}/{name}")
-    return rules + linear(f"{t}.to_out.0", f"{f}/to_out_0")
+    return norm(f"{t}.group_norm", f"{f}/group_norm") + attention_rules(t, f, qkv_bias=True)
 
 
 def _mid_rules(t: str, f: str, c: AutoencoderKLConfig) -> list[Rule]:
