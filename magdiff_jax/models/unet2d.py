@@ -14,6 +14,7 @@ The blocks take optional ControlNet-style residuals (`down_block_additional_resi
 from __future__ import annotations
 
 import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
