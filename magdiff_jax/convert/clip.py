@@ -1,12 +1,12 @@
 """Model kinds `clip_text` and `clip_vision`: transformers CLIP towers <-> `magdiff_jax.models.clip`.
 
-  clip_text    CLIPTextModel, or CLIPTextModelWithProjection when `with_projection` (read from `architectures`)
+  clip_text    CLIPTextModel, or CLIPTextModelWithProjection when `with_projection` (from `architectures`)
   clip_vision  CLIPVisionModel, or CLIPVisionModelWithProjection
 
 Checkpoint keys are written with the tower prefix (`text_model.embeddings.token_embedding.weight`,
-`text_projection.weight`; `vision_model.pre_layrnorm.weight`, `visual_projection.weight`), which transformers 4.x
-and 5.x both load into either class. On import the prefix is optional (transformers 5 saves a plain CLIPTextModel
-without it), and the `position_ids` buffers of older files are dropped.
+`text_projection.weight`; `vision_model.pre_layrnorm.weight`, `visual_projection.weight`), which
+transformers 4.x and 5.x both load into either class. On import the prefix is optional (transformers 5 saves
+a plain CLIPTextModel without it), and the `position_ids` buffers of older files are dropped.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ _TEXT_HEADS = ("text_projection.",)
 _VISION_HEADS = ("visual_projection.",)
 
 
-# --- shared encoder table -------------------------------------------------------------------------------------
+# --- shared encoder table -----------------------------------------------------------------------------------
 def encoder_rules(t: str, f: str, num_layers: int) -> list[Rule]:
     """CLIPEncoder at PyTorch prefix `t` ("text_model.encoder") <-> Flax path `f` ("encoder")."""
     rules: list[Rule] = []
@@ -68,9 +68,7 @@ def _torch_common(d: dict, cls) -> dict:
 def _check_model_type(d: dict, expected: str, kind: str) -> None:
     model_type = d.get("model_type", expected)
     if model_type != expected:
-        hint = (
-            " (a full CLIPModel config: save its text/vision tower separately)" if model_type == "clip" else ""
-        )
+        hint = " (a full CLIPModel config: save its text/vision tower separately)" if model_type == "clip" else ""
         raise ValueError(f"[{kind}] config.json has model_type {model_type!r}, expected {expected!r}{hint}")
 
 
@@ -82,7 +80,7 @@ def _square(value, name: str, kind: str) -> int:
     return int(value)
 
 
-# --- clip_text ------------------------------------------------------------------------------------------------
+# --- clip_text ----------------------------------------------------------------------------------------------
 def text_config_from_torch(d: dict) -> CLIPTextConfig:
     _check_model_type(d, "clip_text_model", "clip_text")
     defaults = CLIPTextConfig()
@@ -171,7 +169,7 @@ CLIP_TEXT = register(
 )
 
 
-# --- clip_vision ----------------------------------------------------------------------------------------------
+# --- clip_vision --------------------------------------------------------------------------------------------
 def vision_config_from_torch(d: dict) -> CLIPVisionConfig:
     _check_model_type(d, "clip_vision_model", "clip_vision")
     defaults = CLIPVisionConfig()

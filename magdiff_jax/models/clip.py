@@ -1,19 +1,20 @@
-"""CLIP text and vision towers with transformers' parameter tree (`CLIPTextModel`, `CLIPVisionModel`, and their
-`...WithProjection` variants).
+"""CLIP text and vision towers with transformers' parameter tree (`CLIPTextModel`, `CLIPVisionModel`, and
+their `...WithProjection` variants).
 
-Parameter paths mirror the PyTorch module names (`embeddings/token_embedding`, `encoder/layers_3/self_attn/q_proj`,
-`final_layer_norm`, `text_projection`), without the `text_model.` / `vision_model.` prefix that transformers puts on
-the checkpoint keys; the converter (`magdiff_jax.convert.clip`) adds and strips it. The projection layer exists only
-when `config.with_projection` is set, so a projected and an unprojected tower share every other parameter.
+Parameter paths mirror the PyTorch module names (`embeddings/token_embedding`,
+`encoder/layers_3/self_attn/q_proj`, `final_layer_norm`, `text_projection`), without the `text_model.` /
+`vision_model.` prefix that transformers puts on the checkpoint keys; the converter
+(`magdiff_jax.convert.clip`) adds and strips it. The projection layer exists only when
+`config.with_projection` is set, so a projected and an unprojected tower share every other parameter.
 
 Text:   `CLIPTextModel(config).apply({"params": p}, input_ids (B, L) int, attention_mask=None (B, L),
         output_hidden_states=False)` -> `CLIPTextOutput`.
 Vision: `CLIPVisionModel(config).apply({"params": p}, pixel_values (B, H, W, C) channels-last,
         output_hidden_states=False)` -> `CLIPVisionOutput`.
 
-`hidden_states`, when asked for, is a tuple of `num_hidden_layers + 1` arrays as in transformers: the encoder input
-(text: the embeddings; vision: the embeddings after `pre_layrnorm`), then the output of every encoder layer (the
-last one before `final_layer_norm` / without `post_layernorm`).
+`hidden_states`, when asked for, is a tuple of `num_hidden_layers + 1` arrays as in transformers: the encoder
+input (text: the embeddings; vision: the embeddings after `pre_layrnorm`), then the output of every encoder
+layer (the last one before `final_layer_norm` / without `post_layernorm`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from magdiff_jax.layers.common import activation, conv, dense, embedding, layer_
 _ACT_AXES = ("activation_batch", "activation_length", None)
 
 
-# --- configs --------------------------------------------------------------------------------------------------
+# --- configs ------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """transformers' `CLIPTextConfig` fields (same names and defaults), plus `with_projection`, `attention_impl`
-    (see `magdiff_jax.layers.attention`) and the compute `dtype` (parameters stay float32)."""
+    """transformers' `CLIPTextConfig` fields (same names and defaults), plus `with_projection`,
+    `attention_impl` (see `magdiff_jax.layers.attention`) and the compute `dtype` (parameters stay
+    float32)."""
 
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -80,8 +82,9 @@ class CLIPTextConfig:
 
     @classmethod
     def sd21(cls, **overrides) -> CLIPTextConfig:
-        """Stable Diffusion 2.x text encoder: OpenCLIP ViT-H/14 text tower with its last layer removed (23 of 24
-        layers, the penultimate-layer features SD2 conditions on), as in SD2.1's `text_encoder/config.json`."""
+        """Stable Diffusion 2.x text encoder: OpenCLIP ViT-H/14 text tower with its last layer removed (23 of
+        24 layers, the penultimate-layer features SD2 conditions on), as in SD2.1's
+        `text_encoder/config.json`."""
         base = dict(
             vocab_size=49408,
             hidden_size=1024,
@@ -101,8 +104,9 @@ class CLIPTextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPVisionConfig:
-    """transformers' `CLIPVisionConfig` fields (same names and defaults), plus `with_projection`, `attention_impl`
-    and the compute `dtype`. `image_size` and `patch_size` are square sizes (single integers)."""
+    """transformers' `CLIPVisionConfig` fields (same names and defaults), plus `with_projection`,
+    `attention_impl` and the compute `dtype`. `image_size` and `patch_size` are square sizes (single
+    integers)."""
 
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -175,7 +179,7 @@ def _check_heads(config) -> None:
         )
 
 
-# --- outputs --------------------------------------------------------------------------------------------------
+# --- outputs ------------------------------------------------------------------------------------------------
 @struct.dataclass
 class CLIPTextOutput:
     last_hidden_state: jax.Array  # (B, L, D), after final_layer_norm
@@ -192,7 +196,7 @@ class CLIPVisionOutput:
     image_embeds: jax.Array | None = None  # (B, projection_dim) when with_projection
 
 
-# --- shared encoder -------------------------------------------------------------------------------------------
+# --- shared encoder -----------------------------------------------------------------------------------------
 class CLIPAttention(nn.Module):
     """Multi-head self-attention with transformers' `q_proj`/`k_proj`/`v_proj`/`out_proj` (all with bias)."""
 
@@ -261,7 +265,7 @@ class CLIPEncoder(nn.Module):
         return x, tuple(states)
 
 
-# --- text tower -----------------------------------------------------------------------------------------------
+# --- text tower ---------------------------------------------------------------------------------------------
 class CLIPTextEmbeddings(nn.Module):
     config: CLIPTextConfig
 
@@ -284,9 +288,9 @@ class CLIPTextEmbeddings(nn.Module):
 def pooled_token_index(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
     """The position whose state becomes `pooler_output`, chosen as transformers' CLIPTextModel chooses it.
 
-    Configs with the legacy `eos_token_id == 2` take the largest token id (the end-of-text token has the largest id
-    in the original vocabulary); any other config takes the first occurrence of `eos_token_id` (position 0 when the
-    sequence has none).
+    Configs with the legacy `eos_token_id == 2` take the largest token id (the end-of-text token has the
+    largest id in the original vocabulary); any other config takes the first occurrence of `eos_token_id`
+    (position 0 when the sequence has none).
     """
     ids = input_ids.astype(jnp.int32)
     if eos_token_id == 2:
@@ -330,7 +334,7 @@ class CLIPTextModel(nn.Module):
         )
 
 
-# --- vision tower ---------------------------------------------------------------------------------------------
+# --- vision tower -------------------------------------------------------------------------------------------
 class CLIPVisionEmbeddings(nn.Module):
     config: CLIPVisionConfig
 
@@ -341,12 +345,17 @@ class CLIPVisionEmbeddings(nn.Module):
         b, h, w, c = pixel_values.shape
         if (h, w) != (cfg.image_size, cfg.image_size) or c != cfg.num_channels:
             raise ValueError(
-                f"CLIP vision: pixel_values must be (batch, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}) "
-                f"channels-last, got {pixel_values.shape}"
+                f"CLIP vision: pixel_values must be (batch, {cfg.image_size}, {cfg.image_size}, "
+                f"{cfg.num_channels}) channels-last, got {pixel_values.shape}"
             )
         p = cfg.patch_size
         patches = conv(
-            cfg.hidden_size, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=dt,
+            cfg.hidden_size,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            dtype=dt,
             name="patch_embedding",
         )(pixel_values)
         patches = patches.reshape(b, -1, cfg.hidden_size)  # row-major over the patch grid, as torch's flatten(2)
