@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import string
+
 import numpy as np
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MERGES = ["t h", "th e</w>", "c a", "ca t</w>", "d o", "do g</w>", "o f</w>"]
 
 
 def perturb_(module, scale: float = 0.1, seed: int = 0):
@@ -42,3 +48,25 @@ def assert_same_state_dict(a: dict, b: dict):
         x, y = a[k].detach().numpy(), b[k].detach().numpy()
         assert x.shape == y.shape, k
         assert np.array_equal(x, y), k
+
+
+def write_tokenizer(folder, pad_token: str):
+    """A CLIP-style byte-level BPE vocabulary (letters and a little punctuation, with and without `</w>`, some
+    merges) in the file layout of an SD `tokenizer/` folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    chars = string.ascii_lowercase + "!,."
+    for suffix in ("", "</w>"):
+        for ch in chars:
+            vocab[ch + suffix] = len(vocab)
+    for merge in MERGES:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    vocab[BOS] = len(vocab)
+    vocab[EOS] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return vocab
