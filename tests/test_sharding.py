@@ -36,17 +36,42 @@ def test_logical_rules_replicate_indivisible_dims():
         sharding.logical_to_spec(("nonsense",), (4,), mesh, sharding.DEFAULT_RULES)
 
 
-def test_every_unet2d_param_has_logical_names():
-    from magdiff_jax.convert.unet2d import example_inputs
-    from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig
+def _tiny_configs():
+    from magdiff_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
+    from magdiff_jax.models.unet2d import UNet2DConfig
+    from magdiff_jax.models.vae import AutoencoderKLConfig
 
-    cfg = UNet2DConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
-                       cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8)
-    abstract = sharding.abstract_init(UNet2DConditionModel(cfg), *example_inputs(cfg))["params"]
-    leaves = jax.tree.leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return {
+        "clip_text": CLIPTextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, max_position_embeddings=8, with_projection=True,
+                                    projection_dim=8),
+        "clip_vision": CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=16, patch_size=8, with_projection=True,
+                                        projection_dim=8),
+        "vae": AutoencoderKLConfig(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4),
+        "unet2d": UNet2DConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                               cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8),
+    }
+
+
+@pytest.mark.parametrize("kind", ["clip_text", "clip_vision", "vae", "unet2d"])
+def test_every_parameter_has_logical_axis_names(kind):
+    """Every parameter of every model kind carries logical names that the rule table knows."""
+    from magdiff_jax.convert import get_kind
+
+    spec, cfg = get_kind(kind), _tiny_configs()[kind]
+    abstract = sharding.abstract_init(spec.build(cfg), *spec.example_inputs(cfg), **spec.example_kwargs(cfg))
+    leaves = jax.tree.leaves(abstract["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     unnamed = [x for x in leaves if not isinstance(x, nn.LogicallyPartitioned)]
     assert leaves and not unnamed
+    known = {name for name, _ in sharding.DEFAULT_RULES}
+    mesh = sharding.make_mesh({}, jax.devices()[:1])
+    for x in leaves:
+        assert set(x.names) <= known, x.names
+        assert len(x.names) == x.value.ndim
+        sharding.logical_to_spec(x.names, x.value.shape, mesh, sharding.DEFAULT_RULES)
 
 
 def test_unet2d_sharded_over_fsdp_and_tensor_equals_unsharded():
