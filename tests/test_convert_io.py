@@ -145,3 +145,18 @@ def test_cli_help_and_bad_input():
     assert r.returncode == 0 and "to-flax" in r.stdout and "to-torch" in r.stdout
     r = _cli("convert", "to-flax", "--kind", "vae", "/nonexistent/folder", "/tmp/never")
     assert r.returncode == 1 and "/nonexistent/folder" in r.stderr
+
+
+def test_core_imports_without_torch():
+    """The core install has no torch: the CLI, converters (every kind registered), samplers and sharding import
+    without pulling in torch, diffusers or transformers."""
+    code = (
+        "import sys\n"
+        "import magdiff_jax.cli, magdiff_jax.diffusion, magdiff_jax.sharding\n"
+        "from magdiff_jax.convert import get_kind, load_pipeline_torch\n"
+        "[get_kind(k) for k in ('clip_text', 'clip_vision', 'vae', 'unet2d')]\n"
+        "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
