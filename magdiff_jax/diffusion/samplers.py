@@ -242,22 +242,18 @@ class DDIMInverseSampler(Sampler):
     """
 
     def set_timesteps(self, num_inference_steps: int) -> SamplerState:
-        config = self.config
-        _check_steps(config, num_inference_steps)
+        config, n = self.config, num_inference_steps
+        _check_steps(config, n)
         num_train = config.num_train_timesteps
         if config.timestep_spacing == "leading":
-            ratio = num_train // num_inference_steps
-            timesteps = (np.arange(0, num_inference_steps) * ratio).round().astype(
-                np.int64
-            ) + config.steps_offset
+            timesteps = (np.arange(0, n) * (num_train // n)).round().astype(np.int64) + config.steps_offset
         elif config.timestep_spacing == "trailing":
-            ratio = num_train / num_inference_steps
-            timesteps = np.round(np.arange(num_train, 0, -ratio)[::-1]).astype(np.int64) - 1
+            timesteps = np.round(np.arange(num_train, 0, -num_train / n)[::-1]).astype(np.int64) - 1
         else:
             raise ValueError("DDIM inversion supports timestep_spacing 'leading' or 'trailing'")
         alphas_cumprod = alphas_cumprod_np(config)
         initial = np.float32(1.0) if config.set_alpha_to_one else alphas_cumprod[0]
-        from_t = np.minimum(timesteps - num_train // num_inference_steps, num_train - 1)
+        from_t = np.minimum(timesteps - num_train // n, num_train - 1)
         start = np.where(from_t >= 0, alphas_cumprod[np.maximum(from_t, 0)], initial)
         return SamplerState(
             timesteps=jnp.asarray(timesteps.astype(np.int32)),
@@ -294,16 +290,14 @@ class DPMSolverSampler(Sampler):
         _check_steps(config, n)
         alphas_cumprod, sigma_table = _sigma_table(config)
         log_snr_half = np.log(np.sqrt(alphas_cumprod)) - np.log(np.sqrt(1 - alphas_cumprod))
-        last = config.num_train_timesteps - int(
-            np.searchsorted(log_snr_half[::-1], config.lambda_min_clipped)
-        )
+        clipped = int(np.searchsorted(log_snr_half[::-1], config.lambda_min_clipped))
+        last = config.num_train_timesteps - clipped
         if config.timestep_spacing == "linspace":
             timesteps = np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
         elif config.timestep_spacing == "leading":
             ratio = last // (n + 1)
-            timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(
-                np.int64
-            ) + config.steps_offset
+            timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].astype(np.int64)
+            timesteps += config.steps_offset
         else:  # trailing
             ratio = config.num_train_timesteps / n
             timesteps = np.arange(last, 0, -ratio).round().astype(np.int64) - 1

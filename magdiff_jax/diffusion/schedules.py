@@ -119,9 +119,7 @@ class ScheduleConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_diffusers_config(
-        cls, config: Mapping[str, Any], class_name: str | None = None
-    ) -> ScheduleConfig:
+    def from_diffusers_config(cls, config: Mapping[str, Any], class_name: str | None = None) -> ScheduleConfig:
         """Reads a diffusers scheduler config dict (the contents of `scheduler_config.json`).
 
         Keys this class does not know are ignored; keys missing from `config` take the defaults of
@@ -136,9 +134,7 @@ class ScheduleConfig:
         values: dict[str, Any] = dict(_CLASS_DEFAULTS.get(class_name, {}))
         names = {f.name for f in dataclasses.fields(cls)}
         # None stands for "this class's default" in diffusers configs (e.g. DPM-Solver's variance_type).
-        values.update(
-            {k: v for k, v in config.items() if k in names and (v is not None or k == "trained_betas")}
-        )
+        values.update({k: v for k, v in config.items() if k in names and (v is not None or k == "trained_betas")})
         if values.get("trained_betas") is not None:
             values["trained_betas"] = tuple(values["trained_betas"])
         return cls(**values)
@@ -166,9 +162,7 @@ def _cosine_betas(num_steps: int, max_beta: float = 0.999) -> np.ndarray:
     def alpha_bar(t: float) -> float:
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    betas = [
-        min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)
-    ]
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
     return np.asarray(betas, dtype=np.float64).astype(np.float32)
 
 
@@ -293,6 +287,4 @@ def predict_x0_eps(
 ) -> tuple[jax.Array, jax.Array]:
     """(x0, eps) from a model output of any prediction type (default: the schedule's) at timesteps t."""
     alpha, sigma = _alpha_sigma(schedule, t, sample.ndim, sample.dtype)
-    return convert_prediction(
-        model_output, sample, alpha, sigma, prediction_type or schedule.config.prediction_type
-    )
+    return convert_prediction(model_output, sample, alpha, sigma, prediction_type or schedule.config.prediction_type)
