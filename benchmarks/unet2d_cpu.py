@@ -3,7 +3,7 @@
     python benchmarks/unet2d_cpu.py [--steps 5] [--threads 2]
 
 Config: a mid-size SD-layout U-Net (block widths 64/128/256, 2 resnets per block, cross-attention 256 wide over
-77 tokens, 32x32x4 latents, batch 2): about 14M parameters. Reports compile time, median forward time and
+77 tokens, 32x32x4 latents, batch 2): 18.2M parameters. Reports compile time, median forward time and
 median training-step time (forward + backward + AdamW update) for both, and the ratio JAX / PyTorch (below 1 means
 JAX is faster). Writes benchmarks/results/unet2d_cpu.json.
 """
