@@ -76,13 +76,15 @@ def test_every_parameter_has_logical_axis_names(kind):
 
 def test_unet2d_sharded_over_fsdp_and_tensor_equals_unsharded():
     """8 fake CPU devices: initialised directly sharded (fsdp=2 x tensor=4), the unet2d
-    output equals the unsharded one within 1e-5, and parameters really are split across devices."""
+    output equals the unsharded one within 1e-5, parameters really are split across devices, and `load_torch`
+    places a checkpoint directly onto given shardings."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     script = Path(__file__).with_name("sharded_unet2d_check.py")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     print(results)
+    assert results.pop("load_torch_sharded") == {"same_values": True, "same_shardings": True}
     for name, r in results.items():
         assert r["devices"] == 8, name
         assert r["param_max_abs_diff"] == 0.0, name
