@@ -14,7 +14,7 @@ from magdiff_jax.convert.blocks import resnet_rules, transformer_rules
 from magdiff_jax.convert.core import ModelKind, Rule, conv, embedding, linear, norm, register
 from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig
 
-OURS_ONLY = ("attention_impl", "dtype")
+OURS_ONLY = ("attention_impl", "dtype", "remat_policy", "remat_save_names")
 # diffusers config keys we read past when they hold these (default) values; any other value is refused.
 ACCEPTED_DEFAULTS = {
     "dual_cross_attention": False,

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from magdiff_jax.layers.common import dense
+from magdiff_jax.layers.remat import tag
 
 IMPLEMENTATIONS = ("xla", "cudnn", "auto")
 # Below this many keys the fused kernel does not pay for itself (77-token prompts, 16-frame temporal attention).
@@ -126,5 +127,5 @@ class Attention(nn.Module):
         q, k, v = split(q), split(k), split(v)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
-        out = out.reshape(*out.shape[:-2], inner)
+        out = tag(out.reshape(*out.shape[:-2], inner), "attention")
         return dense(self.query_dim, axes=("heads", "embed"), use_bias=self.out_bias, name="to_out_0", **kw)(out)

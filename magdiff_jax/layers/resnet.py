@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magdiff_jax.layers.common import activation, conv, dense, group_norm
+from magdiff_jax.layers.remat import tag
 
 TIME_EMBEDDING_NORMS = ("default", "scale_shift")
 
@@ -125,7 +126,7 @@ class ResnetBlock2D(nn.Module):
         y = shortcut + h
         if self.output_scale_factor != 1.0:
             y = y / self.output_scale_factor
-        return y
+        return tag(y, "resnet")
 
 
 class Downsample2D(nn.Module):

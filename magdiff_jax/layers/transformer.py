@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from magdiff_jax.layers.attention import Attention
 from magdiff_jax.layers.common import conv, dense, group_norm, layer_norm
+from magdiff_jax.layers.remat import tag
 
 
 class GEGLU(nn.Module):
@@ -43,7 +44,7 @@ class FeedForward(nn.Module):
         inner = self.dim * self.mult
         x = GEGLU(inner, dtype=self.dtype, name="net_0")(x)
         x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-        return dense(self.dim, axes=("mlp", "embed"), dtype=self.dtype, name="net_2")(x)
+        return tag(dense(self.dim, axes=("mlp", "embed"), dtype=self.dtype, name="net_2")(x), "mlp")
 
 
 class BasicTransformerBlock(nn.Module):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from magdiff_jax.layers.common import activation, compute_dtype, conv, dense, embedding, group_norm
 from magdiff_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
+from magdiff_jax.layers.remat import checkpoint_policy, remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
 
@@ -81,6 +82,8 @@ class UNet2DConfig:
     # ours (not in diffusers' config.json)
     attention_impl: str = "xla"
     dtype: str = "float32"
+    remat_policy: str = "none"  # layers/remat.py: none | full | dots_saveable | dots_no_batch | names
+    remat_save_names: tuple[str, ...] = ("attention",)
 
     @classmethod
     def sd15(cls, **kw) -> UNet2DConfig:
@@ -114,6 +117,8 @@ class UNet2DConfig:
             raise ValueError(f"encoder_hid_dim_type {self.encoder_hid_dim_type!r} is not supported")
         if self.class_embed_type not in (None, "timestep", "identity", "projection"):
             raise ValueError(f"class_embed_type {self.class_embed_type!r} is not supported")
+        if self.remat_policy != "none":
+            checkpoint_policy(self.remat_policy, self.remat_save_names)  # raises on an unknown policy or name
         for h, c in zip(self.heads_per_block, self.block_out_channels):
             if c % h:
                 raise ValueError(f"block width {c} is not divisible by its {h} attention heads")
@@ -265,6 +270,7 @@ class UNet2DConditionModel(nn.Module):
     ):
         cfg = self.config
         dt = compute_dtype(cfg.dtype)
+        policy = (cfg.remat_policy, cfg.remat_save_names)
         b, h, w, _ = sample.shape
         n_up = len(cfg.block_out_channels) - 1
         if cfg.center_input_sample:
@@ -282,7 +288,8 @@ class UNet2DConditionModel(nn.Module):
                                            "activation_embed"))
         skips = [x]
         for i in range(len(cfg.down_block_types)):
-            x, outs = DownBlock(cfg, i, name=f"down_blocks_{i}")(x, emb, context, deterministic)
+            x, outs = remat(DownBlock, *policy, static_argnums=(4,))(cfg, i, name=f"down_blocks_{i}")(
+                x, emb, context, deterministic)
             skips.extend(outs)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
@@ -290,7 +297,7 @@ class UNet2DConditionModel(nn.Module):
                                  f"{len(down_block_additional_residuals)}")
             skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
         if cfg.mid_block_type is not None:
-            x = MidBlock(cfg, name="mid_block")(x, emb, context, deterministic)
+            x = remat(MidBlock, *policy, static_argnums=(4,))(cfg, name="mid_block")(x, emb, context, deterministic)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual.astype(x.dtype)
 
@@ -298,7 +305,8 @@ class UNet2DConditionModel(nn.Module):
             layers = cfg.per_block("layers_per_block")[n_up - i] + 1
             block_skips, skips = skips[-layers:], skips[:-layers]
             size = skips[-1].shape[1:3] if (i < n_up and (h % 2**n_up or w % 2**n_up)) else None
-            x = UpBlock(cfg, i, name=f"up_blocks_{i}")(x, block_skips, emb, context, deterministic, size)
+            x = remat(UpBlock, *policy, static_argnums=(5, 6))(cfg, i, name=f"up_blocks_{i}")(
+                x, block_skips, emb, context, deterministic, size)
 
         if cfg.norm_num_groups is not None:
             x = group_norm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out")(x)
