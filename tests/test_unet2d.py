@@ -25,7 +25,8 @@ CONFIGS = {
     "sd15_conv_one_head_count": dict(attention_head_dim=2, use_linear_projection=False),
     "sd21_linear_per_block_heads": dict(attention_head_dim=(2, 4, 4), use_linear_projection=True),
     "conv_per_block_heads": dict(attention_head_dim=(4, 2, 2), use_linear_projection=False,
-                                 transformer_layers_per_block=2),
+                                 transformer_layers_per_block=2, resnet_out_scale_factor=1.5,
+                                 mid_block_scale_factor=0.8),
     "linear_time_options": dict(
         attention_head_dim=2, use_linear_projection=True, layers_per_block=1, time_embedding_dim=48,
         time_embedding_act_fn="silu", timestep_post_act="silu", time_cond_proj_dim=8, num_class_embeds=5,

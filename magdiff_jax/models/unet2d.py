@@ -136,10 +136,12 @@ class UNet2DConfig:
         return _per_block(getattr(self, name), len(self.down_block_types), name)
 
 
-def _resnet(cfg: UNet2DConfig, cin: int, cout: int, name: str) -> ResnetBlock2D:
+def _resnet(cfg: UNet2DConfig, cin: int, cout: int, name: str, scale: float = 1.0) -> ResnetBlock2D:
+    """A U-Net resnet. `scale` is its output_scale_factor: `mid_block_scale_factor` in the mid block, 1 elsewhere
+    (diffusers reads `resnet_out_scale_factor` but does not pass it to the block types SD uses)."""
     return ResnetBlock2D(
         in_channels=cin, out_channels=cout, temb_channels=cfg.time_embed_dim, groups=cfg.norm_num_groups,
-        eps=cfg.norm_eps, non_linearity=cfg.act_fn, output_scale_factor=cfg.resnet_out_scale_factor,
+        eps=cfg.norm_eps, non_linearity=cfg.act_fn, output_scale_factor=scale,
         dropout=cfg.dropout, dtype=compute_dtype(cfg.dtype), name=name,
     )
 
@@ -191,10 +193,10 @@ class MidBlock(nn.Module):
     def __call__(self, x, temb, context, deterministic=True):
         cfg = self.config
         c = cfg.block_out_channels[-1]
-        x = _resnet(cfg, c, c, "resnets_0")(x, temb, deterministic)
+        x = _resnet(cfg, c, c, "resnets_0", cfg.mid_block_scale_factor)(x, temb, deterministic)
         x = _transformer(cfg, len(cfg.block_out_channels) - 1, c, cfg.per_block("transformer_layers_per_block")[-1],
                          "attentions_0", False, cfg.per_block("cross_attention_dim")[-1])(x, context, deterministic)
-        return _resnet(cfg, c, c, "resnets_1")(x, temb, deterministic)
+        return _resnet(cfg, c, c, "resnets_1", cfg.mid_block_scale_factor)(x, temb, deterministic)
 
 
 class UpBlock(nn.Module):
