@@ -1,5 +1,6 @@
-"""Gradient checkpointing by config string: every policy gives the same outputs and gradients as none, and
-`full` needs less temporary memory (XLA's own `memory_analysis()` of the compiled gradient)."""
+"""Gradient checkpointing by config string, for every U-Net kind: `full` gives the same loss and gradients as
+`none`, the parameter tree does not depend on the policy, and remat lowers the temporary memory of
+the compiled gradient (XLA's own `memory_analysis()`)."""
 
 import dataclasses
 import json
@@ -8,82 +9,67 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from remat_configs import tiny_config
 
-from magdiff_jax.convert.unet2d import example_inputs
-from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig
+from magdiff_jax.convert import get_kind
 
-CFG = UNet2DConfig(
-    sample_size=8, block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1, cross_attention_dim=16,
-    attention_head_dim=2, norm_num_groups=4,
-)
+KINDS = ("unet2d", "unet_motion")
 
 
-def _loss_grad(policy: str):
-    module = UNet2DConditionModel(dataclasses.replace(CFG, remat_policy=policy, remat_save_names=("attention", "mlp")))
-
-    def loss(p, x, t, c):
-        return jnp.mean(module.apply({"params": p}, x, t, c) ** 2)
-
-    return module, jax.jit(jax.value_and_grad(loss))
-
-
-@pytest.fixture(scope="module")
-def inputs():
+def _inputs(kind):
     rng = np.random.RandomState(0)
-    x = rng.randn(2, 8, 8, 4).astype(np.float32)
-    ctx = rng.randn(2, 5, 16).astype(np.float32)
-    t = np.array([5, 600])
-    module = UNet2DConditionModel(CFG)
-    params = jax.jit(module.init)(jax.random.key(0), *example_inputs(CFG))["params"]
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), jax.tree.map(
-        lambda a: a.value if hasattr(a, "value") else a, params, is_leaf=lambda a: hasattr(a, "value")))
-    return params, x, t, ctx
+    video = kind != "unet2d"
+    x = rng.randn(*((1, 3, 8, 8, 4) if video else (2, 8, 8, 4))).astype(np.float32)
+    b = x.shape[0]
+    return x, np.arange(b) * 300 + 5, rng.randn(b, 5, 16).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def reference(inputs):
-    _, fn = _loss_grad("none")
-    return fn(*inputs)
+@pytest.fixture(scope="module", params=KINDS)
+def case(request):
+    kind = request.param
+    spec, cfg = get_kind(kind), tiny_config(kind)
+    params = nn.meta.unbox(jax.jit(spec.build(cfg).init)(jax.random.key(0), *spec.example_inputs(cfg))["params"])
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)
+
+    def loss_grad(policy):
+        module = spec.build(dataclasses.replace(cfg, remat_policy=policy))
+        return jax.jit(jax.value_and_grad(lambda p, x, t, c: jnp.mean(module.apply({"params": p}, x, t, c) ** 2)))
+
+    inputs = (params, *_inputs(kind))
+    return kind, loss_grad, inputs, loss_grad("none")(*inputs)
 
 
-@pytest.mark.parametrize("policy", ["full", "names"])
-def test_same_loss_and_gradients(policy, inputs, reference):
-    _, fn = _loss_grad(policy)
-    loss, grads = fn(*inputs)
-    ref_loss, ref_grads = reference
+def test_same_loss_and_gradients(case):
+    _, loss_grad, inputs, (ref_loss, ref_grads) = case
+    loss, grads = loss_grad("full")(*inputs)
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
+    assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6)
 
 
-def test_params_tree_does_not_depend_on_policy(inputs):
-    params = inputs[0]
-    module, _ = _loss_grad("full")
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *example_inputs(CFG))["params"]
-    assert jax.tree.structure(jax.tree.map(lambda a: 0, abstract, is_leaf=lambda a: hasattr(a, "value"))) == \
-        jax.tree.structure(jax.tree.map(lambda a: 0, params))
-
-
 def test_remat_lowers_peak_memory():
-    """XLA `memory_analysis()` of the compiled gradient (32x32 latents, batch 4): full and named-tensor remat
-    need less temporary memory than none (a separate process: see remat_memory_check.py)."""
+    """XLA `memory_analysis()` of the compiled gradient (32x32 latents; 4 images, or 1 video of 4 frames): full
+    remat needs at most 80% of the temporary memory of none (a separate process: remat_memory_check.py)."""
     script = Path(__file__).with_name("remat_memory_check.py")
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parent)])}
+    proc = subprocess.run([sys.executable, str(script), "none,full", *KINDS], capture_output=True, text=True, env=env,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     temp = json.loads(proc.stdout.strip().splitlines()[-1])
     print("temp bytes per policy", temp)
-    assert temp["full"] < 0.8 * temp["none"]
-    assert temp["names"] < temp["none"]
+    for kind in KINDS:
+        assert temp[kind]["full"] < 0.8 * temp[kind]["none"], kind
 
 
 def test_unknown_policy_is_refused():
+    cfg = tiny_config("unet2d")
     with pytest.raises(ValueError, match="unknown remat policy"):
-        dataclasses.replace(CFG, remat_policy="most")
+        dataclasses.replace(cfg, remat_policy="most")
     with pytest.raises(ValueError, match="not tags"):
-        dataclasses.replace(CFG, remat_policy="names", remat_save_names=("qkv",))
+        dataclasses.replace(cfg, remat_policy="names", remat_save_names=("qkv",))

@@ -75,6 +75,7 @@ FROM_UNET2D = (
     "sample_size", "in_channels", "out_channels", "block_out_channels", "downsample_padding",
     "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps", "cross_attention_dim",
     "transformer_layers_per_block", "use_linear_projection", "time_cond_proj_dim", "attention_impl", "dtype",
+    "remat_policy", "remat_save_names",
 )
 
 

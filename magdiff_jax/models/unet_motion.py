@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from magdiff_jax.layers.common import activation, compute_dtype, conv, group_norm
 from magdiff_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
 from magdiff_jax.layers.motion import AnimateDiffTransformer3D
+from magdiff_jax.layers.remat import checkpoint_policy, remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
 
@@ -96,6 +97,8 @@ class UNetMotionConfig:
     # ours (not in diffusers' config.json)
     attention_impl: str = "xla"
     dtype: str = "float32"
+    remat_policy: str = "none"  # layers/remat.py: none | full | dots_saveable | dots_no_batch | names
+    remat_save_names: tuple[str, ...] = ("attention",)
 
     @classmethod
     def animatediff_sd15(cls, **kw) -> UNetMotionConfig:
@@ -109,6 +112,8 @@ class UNetMotionConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _tuplify(getattr(self, f.name)))
+        if self.remat_policy != "none":
+            checkpoint_policy(self.remat_policy, self.remat_save_names)  # raises on an unknown policy or name
         n = len(self.down_block_types)
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
             raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
@@ -314,6 +319,7 @@ class UNetMotionModel(nn.Module):
         timestep_cond (B, time_cond_proj_dim) when configured -> (B, F, H, W, C_out)."""
         cfg = self.config
         dt = compute_dtype(cfg.dtype)
+        policy = (cfg.remat_policy, cfg.remat_save_names)
         if sample.ndim != 5:
             raise ValueError(f"sample must be (B, F, H, W, C), got shape {sample.shape}")
         b, f, h, w, _ = sample.shape
@@ -335,7 +341,8 @@ class UNetMotionModel(nn.Module):
                                            "activation_embed"))
         skips = [x]
         for i in range(len(cfg.down_block_types)):
-            x, outs = DownBlockMotion(cfg, i, f, name=f"down_blocks_{i}")(x, emb, context, deterministic)
+            x, outs = remat(DownBlockMotion, *policy, static_argnums=(4,))(cfg, i, f, name=f"down_blocks_{i}")(
+                x, emb, context, deterministic)
             skips.extend(outs)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
@@ -343,7 +350,8 @@ class UNetMotionModel(nn.Module):
                                  f"{len(down_block_additional_residuals)}")
             skips = [_add_residual(s, r, f"down_block_additional_residuals[{k}]")
                      for k, (s, r) in enumerate(zip(skips, down_block_additional_residuals))]
-        x = MidBlockMotion(cfg, f, name="mid_block")(x, emb, context, deterministic)
+        mid = remat(MidBlockMotion, *policy, static_argnums=(4,))(cfg, f, name="mid_block")
+        x = mid(x, emb, context, deterministic)
         if mid_block_additional_residual is not None:
             x = _add_residual(x, mid_block_additional_residual, "mid_block_additional_residual")
 
@@ -351,7 +359,8 @@ class UNetMotionModel(nn.Module):
             layers = cfg.down_layers(n_up - i) + 1
             block_skips, skips = skips[-layers:], skips[:-layers]
             size = skips[-1].shape[1:3] if (i < n_up and (h % 2**n_up or w % 2**n_up)) else None
-            x = UpBlockMotion(cfg, i, f, name=f"up_blocks_{i}")(x, block_skips, emb, context, deterministic, size)
+            x = remat(UpBlockMotion, *policy, static_argnums=(5, 6))(cfg, i, f, name=f"up_blocks_{i}")(
+                x, block_skips, emb, context, deterministic, size)
 
         x = group_norm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out")(x)
         x = activation("silu")(x)  # diffusers' UNetMotionModel: nn.SiLU whatever act_fn is
