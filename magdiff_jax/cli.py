@@ -16,7 +16,12 @@ import sys
 
 from absl import app, flags
 
-KINDS = ("clip_text", "clip_vision", "vae", "unet2d")
+
+def _kinds() -> tuple[str, ...]:
+    from magdiff_jax.convert.core import KINDS, get_kind
+
+    get_kind("unet2d")  # registers every kind
+    return tuple(sorted(KINDS))
 
 
 def _add_convert(sub):
@@ -24,7 +29,7 @@ def _add_convert(sub):
                        description="Convert model checkpoints between PyTorch safetensors folders "
                                    "(diffusers/transformers layout) and magdiff_jax Flax checkpoints.")
     csub = p.add_subparsers(dest="direction", required=True, metavar="{to-flax,to-torch}")
-    kinds = (*KINDS, "pipeline")
+    kinds = (*_kinds(), "pipeline")
     tf = csub.add_parser("to-flax", help="PyTorch model folder -> Orbax checkpoint + config.json",
                          description="Read a diffusers/transformers model folder (config.json + safetensors, single "
                                      "or sharded) and write DST: an Orbax checkpoint of the params plus our config. "
@@ -37,7 +42,7 @@ def _add_convert(sub):
     tt = csub.add_parser("to-torch", help="Flax checkpoint -> PyTorch model folder (from_pretrained-ready)",
                          description="Read a folder written by `convert to-flax` (or the trainer's export) and "
                                      "write a diffusers/transformers folder that from_pretrained loads.")
-    tt.add_argument("--kind", required=True, choices=KINDS)
+    tt.add_argument("--kind", required=True, choices=_kinds())
     tt.add_argument("src", help="Flax checkpoint folder (config.json + params/)")
     tt.add_argument("dst", help="output PyTorch model folder")
     tt.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
