@@ -59,7 +59,7 @@ class SinusoidalPositionalEmbedding(nn.Module):
     @nn.compact
     def __call__(self, x):
         init = lambda key, shape, dtype=jnp.float32: jnp.asarray(sinusoidal_table(shape[1], shape[2]), dtype)
-        pe = self.param("pe", nn.with_logical_partitioning(init, ("vocab", "vocab", "embed")),
+        pe = self.param("pe", nn.with_logical_partitioning(init, (None, "vocab", "embed")),
                         (1, self.max_seq_length, self.dim), jnp.float32)
         length = x.shape[1]
         if length > self.max_seq_length:
