@@ -7,7 +7,8 @@ Both take and return channels-last videos (B, F, H, W, C) and mix information al
                             input (the last convolution starts at zero, so a fresh layer is the identity).
   TransformerTemporalModel  GroupNorm over the whole clip, a linear `proj_in`, `BasicTransformerBlock`s whose two
                             attentions are both self-attention over the F frames of each pixel (no text context and
-                            no positional embedding, as in diffusers), a linear `proj_out`, and a residual.
+                            no positional embedding, as in diffusers), a linear `proj_out` (zero at init here),
+                            and a residual.
 
 The layers compute exactly what diffusers computes for any F, F == 1 included; skipping them for single frames
 (joint image/video training) is the U-Net's decision (`models.unet3d`).
@@ -37,10 +38,18 @@ class TemporalConv(nn.Module):
 
     The kernel is stored as a Flax 3-D convolution kernel (3, 1, 1, cin, features) with logical names
     (conv_t, conv_h, conv_w, conv_in, conv_out), so the conversion table maps it with the plain `conv` transform.
-    It is computed as a 2-D (3, 1) convolution over (B, F, H*W, C): the same products and sums, no transpose, and
-    the frame axis stays an axis of its own. Jitted on a 2-core CPU, B=2, F=8, 32x32, C=64 (median ms, fwd /
-    fwd+bwd): 3-D (3,1,1) conv 13.3 / 47; this 2-D (3,1) conv 4.5-4.9 / 20-21; 1-D conv over (B*H*W, F, C) with
-    transposes 4.9-5.3 / 19-24; three shifted matmuls 5.6 / 30; one matmul over stacked shifts 7.2 / 25.
+
+    It is computed as three matmuls, one per temporal tap, over the zero-padded frames:
+    y[f] = x[f-1] @ K[0] + x[f] @ K[1] + x[f+1] @ K[2] + bias (the same products; the sums differ from a
+    convolution's only in order, ~1e-6 relative in fp32). Why not `lax.conv`: XLA's SPMD partitioner returns wrong
+    values for a convolution whose spatial (here: frame) axis and output-feature axis are both sharded (frames over
+    `context`, conv_out over `tensor`; on a data=2 x context=2 x tensor=2 mesh the error is ~4 on unit inputs, for
+    the 3-D and the 2-D form alike), while matmuls, pads and slices partition correctly.
+    Speed, jitted on a 2-core CPU, B=2, F=8, 32x32, C=64 (median ms, fwd / fwd+bwd, noisy shared machine): 3-D
+    (3,1,1) conv 13.3 / 47; 2-D (3,1) conv over (B, F, H*W, C) 4.5-5.2 / 20-30; 1-D conv over (B*H*W, F, C) with
+    transposes 4.9-5.3 / 19-24; these three tap matmuls 5.6-9.5 / 30-34; one matmul over the three shifted copies
+    concatenated 7.2-8.2 / 25-28 (with 3x the saved activations). The 2-D convolution is the fastest form on CPU
+    but is the one the partitioner gets wrong; the tap matmuls are the fastest form that is right on every mesh.
     """
 
     features: int
@@ -50,7 +59,7 @@ class TemporalConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        b, f, h, w, c = x.shape
+        f, c = x.shape[1], x.shape[-1]
         kernel_init = nn.initializers.zeros_init() if self.zero_init else default_kernel_init
         kernel = self.param(
             "kernel",
@@ -63,11 +72,9 @@ class TemporalConv(nn.Module):
             self.param_dtype,
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = jax.lax.conv_general_dilated(
-            x.reshape(b, f, h * w, c), kernel.reshape(3, 1, c, self.features), window_strides=(1, 1),
-            padding=((1, 1), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
-        return y.reshape(b, f, h, w, self.features) + bias
+        xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+        y = sum(jnp.einsum("bfhwc,cd->bfhwd", xp[:, t:t + f], kernel[t, 0, 0]) for t in range(3))
+        return y + bias
 
 
 class TemporalConvLayer(nn.Module):
@@ -122,6 +129,9 @@ class TransformerTemporalModel(nn.Module):
       norm_num_groups: GroupNorm groups.
       dropout: attention/feed-forward dropout rate.
       attention_impl: implementation passed to `layers.attention.dot_product_attention`.
+      zero_init_out: start `proj_out` at zero (default), so that a fresh layer is the identity and a U-Net inflated
+        from an image model starts as that model. diffusers initialises it at random (its checkpoints are trained);
+        only initial values differ, never the computation.
     """
 
     heads: int
@@ -130,6 +140,7 @@ class TransformerTemporalModel(nn.Module):
     norm_num_groups: int = 32
     dropout: float = 0.0
     attention_impl: str = "xla"
+    zero_init_out: bool = True
     dtype: Any = None
 
     @nn.compact
@@ -152,6 +163,7 @@ class TransformerTemporalModel(nn.Module):
                 attention_impl=self.attention_impl, dtype=self.dtype, name=f"transformer_blocks_{i}",
             )(x, None, deterministic)
             x = nn.with_logical_constraint(x, FRAME_TOKEN_AXES)
-        x = dense(c, axes=("mlp", "embed"), dtype=self.dtype, name="proj_out")(x)
+        out_init = nn.initializers.zeros_init() if self.zero_init_out else default_kernel_init
+        x = dense(c, axes=("mlp", "embed"), kernel_init=out_init, dtype=self.dtype, name="proj_out")(x)
         x = x.reshape(b, h, w, f, c).transpose(0, 3, 1, 2, 4)
         return x + residual

@@ -1,0 +1,68 @@
+"""Kind `unet3d`: diffusers UNet3DConditionModel <-> `magdiff_jax.models.unet3d`.
+
+The spatial layers carry the SD U-Net's names, so the table is `unet2d_rules` on `UNet3DConfig.to_unet2d()` with its
+`block_extra` hook adding a `temp_convs.{j}` after every resnet and a `temp_attentions.{j}` after every spatial
+transformer, plus `transformer_in`. Config keys are diffusers' own (`attention_head_dim` is the head width here).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from magdiff_jax.convert.blocks import transformer_rules
+from magdiff_jax.convert.core import ModelKind, Rule, conv, norm, register
+from magdiff_jax.convert.unet2d import config_from_diffusers, config_to_diffusers, unet2d_rules
+from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
+
+CLASS_NAME = "UNet3DConditionModel"
+
+
+def temp_conv_rules(t: str, f: str) -> list[Rule]:
+    """diffusers TemporalConvLayer: conv1 = (GroupNorm, SiLU, Conv3d); conv2..4 = (GroupNorm, SiLU, Dropout, Conv3d)."""
+    rules = norm(f"{t}.conv1.0", f"{f}/conv1_0") + conv(f"{t}.conv1.2", f"{f}/conv1_2")
+    for k in (2, 3, 4):
+        rules += norm(f"{t}.conv{k}.0", f"{f}/conv{k}_0") + conv(f"{t}.conv{k}.3", f"{f}/conv{k}_3")
+    return rules
+
+
+def temporal_transformer_rules(t: str, f: str, layers: int = 1) -> list[Rule]:
+    """diffusers TransformerTemporalModel: norm, linear proj_in, blocks with attn1 and attn2 (both self), proj_out."""
+    return transformer_rules(t, f, layers, linear_projection=True, cross=True)
+
+
+def unet3d_rules(cfg: UNet3DConfig) -> list[Rule]:
+    """Every parameter of a UNet3DConditionModel."""
+
+    def extra(kind, t, f, index, **_):
+        if kind == "resnet":
+            return temp_conv_rules(f"{t}.temp_convs.{index}", f"{f}/temp_convs_{index}")
+        return temporal_transformer_rules(f"{t}.temp_attentions.{index}", f"{f}/temp_attentions_{index}")
+
+    return unet2d_rules(cfg.to_unet2d(), block_extra=extra) + temporal_transformer_rules("transformer_in",
+                                                                                          "transformer_in")
+
+
+def example_inputs(cfg: UNet3DConfig) -> tuple:
+    size = 2 ** (len(cfg.block_out_channels) - 1)
+    # two frames, so that the temporal layers exist (a single frame bypasses them)
+    return (jnp.zeros((1, 2, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cfg.cross_attention_dim)))
+
+
+def example_kwargs(cfg: UNet3DConfig) -> dict:
+    if cfg.time_cond_proj_dim is None:
+        return {}
+    return {"timestep_cond": jnp.zeros((1, cfg.time_cond_proj_dim))}
+
+
+KIND = register(ModelKind(
+    name="unet3d",
+    library="diffusers",
+    torch_class=lambda cfg: CLASS_NAME,
+    config_cls=UNet3DConfig,
+    config_from_torch=lambda d: config_from_diffusers(d, cls=UNet3DConfig, accepted={}),
+    config_to_torch=lambda cfg: config_to_diffusers(cfg, CLASS_NAME, accepted={}),
+    build=UNet3DConditionModel,
+    example_inputs=example_inputs,
+    example_kwargs=example_kwargs,
+    rules=unet3d_rules,
+))
