@@ -34,6 +34,7 @@ TEST = [
     "torch==2.13.0",  # pinned: an unpinned torch pulls several GB of CUDA packages
     "diffusers==0.42.1",
     "pytest==9.2.0",
+    "pytest-xdist==3.8.0",  # the suite runs on 2 workers: compile-bound tests parallelise well
     "ruff",
     "ipykernel==7.4.0",
     "nbformat==5.11.1",

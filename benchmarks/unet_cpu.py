@@ -31,7 +31,7 @@ CONFIGS = {
                    attention_head_dim=(2, 4, 8), use_linear_projection=True),
     "unet3d": dict(WIDTHS, down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
                    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
-                   attention_head_dim=(2, 4, 8)),
+                   attention_head_dim=32),  # UNet3D: the head width
     "unet_motion": dict(WIDTHS, down_block_types=("CrossAttnDownBlockMotion", "CrossAttnDownBlockMotion",
                                                   "DownBlockMotion"),
                         up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion", "CrossAttnUpBlockMotion"),

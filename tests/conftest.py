@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests run tiny models, where XLA's compile time dwarfs run time: skip the costly LLVM optimisation passes
+# (numerics are unchanged; subprocess checks inherit the flag and add their own).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax
 import pytest

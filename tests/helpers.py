@@ -70,3 +70,20 @@ def write_tokenizer(folder, pad_token: str):
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return vocab
+
+
+def random_params(module, *example_args, seed: int = 0, scale: float = 0.1, **example_kwargs):
+    """Random parameters shaped like `module.init(...)`'s, drawn with numpy: no init program is compiled (compiling
+    a U-Net's init costs several times its forward on CPU). Every leaf is N(0, scale^2); norm scales 1 + that."""
+    import flax.linen as nn
+    import jax
+    from flax import traverse_util
+
+    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_args, **example_kwargs))["params"]
+    flat = traverse_util.flatten_dict(nn.meta.unbox(abstract))
+    rng = np.random.RandomState(seed)
+    out = {}
+    for path, leaf in flat.items():
+        value = scale * rng.standard_normal(leaf.shape).astype(np.float32)
+        out[path] = value + 1.0 if path[-1] == "scale" else value
+    return traverse_util.unflatten_dict(out)

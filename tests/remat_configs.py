@@ -1,4 +1,10 @@
-"""Tiny U-Net configs of every kind, shared by the remat tests and their memory-check subprocess."""
+"""Tiny U-Net configs of every kind, shared by the remat, inflate and sharding tests and their subprocesses."""
+
+
+def spatial_config(kind: str, sample_size: int = 8):
+    """The unet2d config whose parameters are the spatial part of `tiny_config(kind)`."""
+    cfg = tiny_config(kind, sample_size)
+    return cfg.to_unet2d() if kind == "unet3d" else tiny_config("unet2d", sample_size)
 
 
 def tiny_config(kind: str, sample_size: int = 8):
@@ -18,6 +24,7 @@ def tiny_config(kind: str, sample_size: int = 8):
     if kind == "unet3d":
         from magdiff_jax.models.unet3d import UNet3DConfig
 
+        # UNet3D's attention_head_dim is the head width: 8 gives 2 and 4 heads
         return UNet3DConfig(down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), attention_head_dim=2, **common)
+                            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), attention_head_dim=8, **common)
     raise ValueError(kind)

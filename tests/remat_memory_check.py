@@ -12,7 +12,7 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax

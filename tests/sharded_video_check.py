@@ -5,12 +5,13 @@ import json
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import flax.linen as nn
 import jax
 import numpy as np
+from helpers import random_params
 from jax.sharding import NamedSharding, PartitionSpec
 from remat_configs import tiny_config
 
@@ -28,16 +29,14 @@ for kind in sys.argv[1:]:
     x = rng.randn(2, 4, 8, 8, 4).astype(np.float32)
     t = np.array([10, 800])
     ctx = rng.randn(2, 6, 16).astype(np.float32)
-    key = jax.random.key(7)
     init_args = spec.example_inputs(cfg)
-    params = nn.meta.unbox(module.init(key, *init_args)["params"])
-    # move the zero-initialised temporal outputs so the temporal layers matter
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)
+    # random weights everywhere (the temporal outputs too, so the temporal layers matter); no init compile
+    params = random_params(module, *init_args, scale=0.05)
     apply = jax.jit(lambda p, x, t, c, m=module: m.apply({"params": p}, x, t, c))
     ref = np.asarray(apply(params, x, t, ctx))
 
     mesh = sharding.make_mesh({"fsdp": 2, "tensor": 2, "context": 2})
-    _, shardings = sharding.init_sharded(module, key, *init_args, mesh=mesh)
+    shardings = nn.meta.unbox(sharding.param_shardings(sharding.abstract_init(module, *init_args)["params"], mesh))
     sparams = jax.tree.map(jax.device_put, params, shardings)
     video = NamedSharding(mesh, PartitionSpec(("data", "fsdp"), "context"))
     batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))

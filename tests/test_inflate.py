@@ -3,29 +3,27 @@ model on a video equals the unet2d applied frame by frame (<= 1e-5 abs, fp32).""
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from remat_configs import tiny_config
+from helpers import random_params
+from remat_configs import spatial_config, tiny_config
 
 from magdiff_jax.convert import ConversionError, get_kind
 from magdiff_jax.models.inflate import inflate, temporal_paths
 
-KINDS = ("unet_motion",)
+KINDS = ("unet3d", "unet_motion")
 
 
-@pytest.fixture(scope="module")
-def unet2d():
-    spec, cfg = get_kind("unet2d"), tiny_config("unet2d")
-    params = nn.meta.unbox(jax.jit(spec.build(cfg).init)(jax.random.key(0), *spec.example_inputs(cfg))["params"])
-    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape), params)
-    return spec.build(cfg), params
+def _unet2d(kind):
+    spec, cfg = get_kind("unet2d"), spatial_config(kind)
+    module = spec.build(cfg)
+    return module, random_params(module, *spec.example_inputs(cfg), seed=3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_inflated_video_model_equals_unet2d_per_frame(kind, unet2d):
-    module_2d, params_2d = unet2d
+def test_inflated_video_model_equals_unet2d_per_frame(kind):
+    module_2d, params_2d = _unet2d(kind)
     video = get_kind(kind).build(tiny_config(kind))
     params = inflate(params_2d, video, jax.random.key(1))
     temporal = temporal_paths(params_2d, params)
@@ -50,8 +48,8 @@ def test_inflated_video_model_equals_unet2d_per_frame(kind, unet2d):
     assert float(np.abs(np.asarray(changed) - np.asarray(ours)).max()) > 1e-2
 
 
-def test_mismatched_spatial_layout_is_refused(unet2d):
-    _, params_2d = unet2d
+def test_mismatched_spatial_layout_is_refused():
+    _, params_2d = _unet2d("unet_motion")
     wider = get_kind("unet_motion").build(dataclasses.replace(tiny_config("unet_motion"), block_out_channels=(16, 48)))
     with pytest.raises(ConversionError, match="mis-shaped"):
         inflate(params_2d, wider)

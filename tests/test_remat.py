@@ -9,16 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params
 from remat_configs import tiny_config
 
 from magdiff_jax.convert import get_kind
 
-KINDS = ("unet2d", "unet_motion")
+KINDS = ("unet2d", "unet3d", "unet_motion")
 
 
 def _inputs(kind):
@@ -33,8 +33,7 @@ def _inputs(kind):
 def case(request):
     kind = request.param
     spec, cfg = get_kind(kind), tiny_config(kind)
-    params = nn.meta.unbox(jax.jit(spec.build(cfg).init)(jax.random.key(0), *spec.example_inputs(cfg))["params"])
-    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), params)
+    params = random_params(spec.build(cfg), *spec.example_inputs(cfg), scale=0.05)
 
     def loss_grad(policy):
         module = spec.build(dataclasses.replace(cfg, remat_policy=policy))

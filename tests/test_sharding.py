@@ -95,7 +95,7 @@ def test_unet2d_sharded_over_fsdp_and_tensor_equals_unsharded():
 def test_video_unets_sharded_with_frames_over_context_equal_unsharded():
     """8 fake CPU devices, mesh fsdp=2 x tensor=2 x context=2, the video's frame axis sharded over `context`: each
     video U-Net (temporal layers active) gives the unsharded output within 1e-5."""
-    kinds = ["unet_motion"]
+    kinds = ["unet3d", "unet_motion"]
     tests = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
     proc = subprocess.run([sys.executable, str(tests / "sharded_video_check.py"), *kinds], capture_output=True,

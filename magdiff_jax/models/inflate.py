@@ -30,8 +30,8 @@ def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None):
     spec = _kind_of(video_module)
     cfg = video_module.config
     key = jax.random.key(0) if key is None else key
-    fresh = nn.meta.unbox(jax.jit(video_module.init)(key, *spec.example_inputs(cfg), **spec.example_kwargs(cfg)))
-    flat_new = traverse_util.flatten_dict(fresh["params"])
+    args, kwargs = spec.example_inputs(cfg), spec.example_kwargs(cfg)
+    flat_new = spec.abstract_params(video_module)  # shapes first: fail before compiling init
     flat_2d = traverse_util.flatten_dict(nn.meta.unbox(dict(params_2d)))
     missing = sorted("/".join(p) for p in flat_2d if p not in flat_new)
     misshaped = sorted(f"{'/'.join(p)}: 2D {tuple(v.shape)} vs video {tuple(flat_new[p].shape)}"
@@ -42,6 +42,8 @@ def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None):
             + (f"\n  not in the video model ({len(missing)}): {missing[:20]}" if missing else "")
             + (f"\n  mis-shaped ({len(misshaped)}): {misshaped[:20]}" if misshaped else "")
         )
+    fresh = nn.meta.unbox(jax.jit(video_module.init)(key, *args, **kwargs)["params"])
+    flat_new = traverse_util.flatten_dict(fresh)
     flat_new.update({p: jax.numpy.asarray(v, flat_new[p].dtype) for p, v in flat_2d.items()})
     return traverse_util.unflatten_dict(flat_new)
 
