@@ -4,9 +4,9 @@
     python benchmarks/unet_cpu.py --kind unet2d      # the same widths as an image U-Net (batch 2)
     python benchmarks/unet_cpu.py --kind unet_motion
 
-Config (all kinds): block widths 64/128/256, cross-attention in the first two blocks (heads of width 32),
+Config (all kinds): block widths 64/128/192, cross-attention in the first two blocks (heads of width 32),
 1 resnet per block, 77 text tokens of width 256, 32x32x4 latents; video kinds take 1 video of 8 frames, unet2d a
-batch of 2 images. Reports: JAX compile time; median forward and training-step (forward + backward + AdamW)
+batch of 2 images. unet3d: 15.5M parameters. Reports: JAX compile time; median forward and training-step (forward + backward + AdamW)
 times for both frameworks after warm-up, run alternately; the ratio JAX / PyTorch (below 1: JAX is faster);
 the analytic FLOP count (magdiff_jax.utils.flops) against XLA's cost_analysis; achieved GFLOP/s.
 Writes benchmarks/results/<kind>_cpu.json. PERF.md targets: forward <= 1.0x, training step <= 0.8x.
@@ -24,18 +24,18 @@ import tempfile
 import time
 from pathlib import Path
 
-WIDTHS = dict(block_out_channels=(64, 128, 256), layers_per_block=1, norm_num_groups=32, cross_attention_dim=256)
+WIDTHS = dict(block_out_channels=(64, 128, 192), layers_per_block=1, norm_num_groups=32, cross_attention_dim=256)
 CONFIGS = {
     "unet2d": dict(WIDTHS, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                   attention_head_dim=(2, 4, 8), use_linear_projection=True),
+                   attention_head_dim=(2, 4, 6), use_linear_projection=True),
     "unet3d": dict(WIDTHS, down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"),
                    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
                    attention_head_dim=32),  # UNet3D: the head width
     "unet_motion": dict(WIDTHS, down_block_types=("CrossAttnDownBlockMotion", "CrossAttnDownBlockMotion",
                                                   "DownBlockMotion"),
                         up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion", "CrossAttnUpBlockMotion"),
-                        num_attention_heads=(2, 4, 8), motion_num_attention_heads=(2, 4, 8),
+                        num_attention_heads=(2, 4, 6), motion_num_attention_heads=(2, 4, 6),
                         use_linear_projection=True, use_motion_mid_block=True),
 }
 TORCH_CLASSES = {"unet2d": "UNet2DConditionModel", "unet3d": "UNet3DConditionModel", "unet_motion": "UNetMotionModel"}
