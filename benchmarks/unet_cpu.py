@@ -6,9 +6,10 @@
 
 Config (all kinds): block widths 64/128/192, cross-attention in the first two blocks (heads of width 32),
 1 resnet per block, 77 text tokens of width 256, 32x32x4 latents; video kinds take 1 video of 8 frames, unet2d a
-batch of 2 images. unet3d: 15.5M parameters. Reports: JAX compile time; median forward and training-step (forward + backward + AdamW)
-times for both frameworks after warm-up, run alternately; the ratio JAX / PyTorch (below 1: JAX is faster);
-the analytic FLOP count (magdiff_jax.utils.flops) against XLA's cost_analysis; achieved GFLOP/s.
+batch of 2 images. unet3d: 15.5M parameters. Reports: JAX compile time; median forward and training-step
+(forward + backward + AdamW) times for both frameworks after warm-up, run alternately; the ratio JAX / PyTorch
+(below 1: JAX is faster); the analytic FLOP count (magdiff_jax.utils.flops) against XLA's cost_analysis;
+achieved GFLOP/s.
 Writes benchmarks/results/<kind>_cpu.json. PERF.md targets: forward <= 1.0x, training step <= 0.8x.
 """
 

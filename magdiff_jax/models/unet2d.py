@@ -29,6 +29,21 @@ UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
 
 
+def check_block_layout(cfg, down_blocks: tuple, up_blocks: tuple) -> None:
+    """Validate a U-Net config's block lists (shared by the 2D and video U-Net configs)."""
+    n = len(cfg.down_block_types)
+    if len(cfg.up_block_types) != n or len(cfg.block_out_channels) != n:
+        raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
+    for t in cfg.down_block_types:
+        if t not in down_blocks:
+            raise ValueError(f"down block type {t!r} is not supported; supported: {down_blocks}")
+    for t in cfg.up_block_types:
+        if t not in up_blocks:
+            raise ValueError(f"up block type {t!r} is not supported; supported: {up_blocks}")
+    if cfg.remat_policy != "none":
+        checkpoint_policy(cfg.remat_policy, cfg.remat_save_names)  # raises on an unknown policy or name
+
+
 def _per_block(value, n: int, name: str) -> tuple:
     if isinstance(value, (tuple, list)):
         if len(value) != n:
@@ -98,15 +113,7 @@ class UNet2DConfig:
         return cls(**{**base, **kw})
 
     def __post_init__(self):
-        n = len(self.down_block_types)
-        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
-        for t in self.down_block_types:
-            if t not in DOWN_BLOCKS:
-                raise ValueError(f"down block type {t!r} is not supported; supported: {DOWN_BLOCKS}")
-        for t in self.up_block_types:
-            if t not in UP_BLOCKS:
-                raise ValueError(f"up block type {t!r} is not supported; supported: {UP_BLOCKS}")
+        check_block_layout(self, DOWN_BLOCKS, UP_BLOCKS)
         if self.mid_block_type not in MID_BLOCKS:
             raise ValueError(f"mid block type {self.mid_block_type!r} is not supported; supported: {MID_BLOCKS}")
         if self.time_embedding_type != "positional":
@@ -117,8 +124,6 @@ class UNet2DConfig:
             raise ValueError(f"encoder_hid_dim_type {self.encoder_hid_dim_type!r} is not supported")
         if self.class_embed_type not in (None, "timestep", "identity", "projection"):
             raise ValueError(f"class_embed_type {self.class_embed_type!r} is not supported")
-        if self.remat_policy != "none":
-            checkpoint_policy(self.remat_policy, self.remat_save_names)  # raises on an unknown policy or name
         for h, c in zip(self.heads_per_block, self.block_out_channels):
             if c % h:
                 raise ValueError(f"block width {c} is not divisible by its {h} attention heads")

@@ -32,11 +32,11 @@ import jax.numpy as jnp
 
 from magdiff_jax.layers.common import activation, compute_dtype, conv, group_norm
 from magdiff_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
-from magdiff_jax.layers.remat import checkpoint_policy, remat
+from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.temporal import VIDEO_AXES, TemporalConvLayer, TransformerTemporalModel
 from magdiff_jax.layers.transformer import Transformer2DModel
-from magdiff_jax.models.unet2d import UNet2DConfig
+from magdiff_jax.models.unet2d import UNet2DConfig, check_block_layout
 
 DOWN_BLOCKS = ("CrossAttnDownBlock3D", "DownBlock3D")
 UP_BLOCKS = ("CrossAttnUpBlock3D", "UpBlock3D")
@@ -83,15 +83,7 @@ class UNet3DConfig:
         return cls(**{**base, **kw})
 
     def __post_init__(self):
-        n = len(self.down_block_types)
-        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
-        for t in self.down_block_types:
-            if t not in DOWN_BLOCKS:
-                raise ValueError(f"down block type {t!r} is not supported; supported: {DOWN_BLOCKS}")
-        for t in self.up_block_types:
-            if t not in UP_BLOCKS:
-                raise ValueError(f"up block type {t!r} is not supported; supported: {UP_BLOCKS}")
+        check_block_layout(self, DOWN_BLOCKS, UP_BLOCKS)
         if self.num_attention_heads is not None:
             raise ValueError("UNet3DConditionModel does not accept num_attention_heads; set attention_head_dim, "
                              "which in this model is the width of every attention head")
@@ -109,8 +101,6 @@ class UNet3DConfig:
             if c % self.norm_num_groups:
                 raise ValueError(f"block width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
         activation(self.act_fn)  # unknown names fail here
-        if self.remat_policy != "none":
-            checkpoint_policy(self.remat_policy, self.remat_save_names)  # raises on an unknown policy or name
 
     @property
     def heads_per_block(self) -> tuple[int, ...]:

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 from magdiff_jax.layers.common import activation, compute_dtype, conv, group_norm
 from magdiff_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
 from magdiff_jax.layers.motion import AnimateDiffTransformer3D
-from magdiff_jax.layers.remat import checkpoint_policy, remat
+from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
+from magdiff_jax.models.unet2d import check_block_layout
 
 DOWN_BLOCKS = ("CrossAttnDownBlockMotion", "DownBlockMotion")
 UP_BLOCKS = ("CrossAttnUpBlockMotion", "UpBlockMotion")
@@ -112,17 +113,8 @@ class UNetMotionConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _tuplify(getattr(self, f.name)))
-        if self.remat_policy != "none":
-            checkpoint_policy(self.remat_policy, self.remat_save_names)  # raises on an unknown policy or name
         n = len(self.down_block_types)
-        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
-            raise ValueError("down_block_types, up_block_types and block_out_channels must have the same length")
-        for t in self.down_block_types:
-            if t not in DOWN_BLOCKS:
-                raise ValueError(f"down block type {t!r} is not supported; supported: {DOWN_BLOCKS}")
-        for t in self.up_block_types:
-            if t not in UP_BLOCKS:
-                raise ValueError(f"up block type {t!r} is not supported; supported: {UP_BLOCKS}")
+        check_block_layout(self, DOWN_BLOCKS, UP_BLOCKS)
         if not isinstance(self.norm_num_groups, int):
             raise ValueError(f"norm_num_groups must be an int, got {self.norm_num_groups!r}")
         for name in ("transformer_layers_per_block", "temporal_transformer_layers_per_block"):
