@@ -3,6 +3,7 @@
     magdiff-jax convert to-flax --kind unet2d path/to/torch/unet  out/unet_flax
     magdiff-jax convert to-torch --kind unet2d out/unet_flax      out/unet_torch
     magdiff-jax convert to-flax --kind pipeline path/to/sd-pipeline out/sd_flax
+    magdiff-jax data synth --out data/synth --num 72
 
 Runs under `absl.app` (Grain and the ml_collections config flags need parsed absl flags): argparse takes the
 subcommand and its arguments, everything it does not know (`--config.lr=...`) goes to absl.
@@ -48,10 +49,25 @@ def _add_convert(sub):
     tt.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
 
 
+def _add_data(sub):
+    p = sub.add_parser("data", help="datasets: write the synthetic dataset", description="Dataset tools.")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="{synth}")
+    sy = dsub.add_parser("synth", help="write the synthetic dataset (coloured shapes moving over textures)",
+                         description="Write N synthetic clips (mp4 + per-frame masks + captions.csv) to OUT in the "
+                                     "video-caption folder layout; deterministic from --seed.")
+    sy.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    sy.add_argument("--num", type=int, default=72, help="number of clips (72 covers every shape/colour/motion)")
+    sy.add_argument("--frames", type=int, default=16)
+    sy.add_argument("--size", type=int, default=64, help="frame height and width (even)")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--overwrite", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magdiff-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
+    _add_data(sub)
     return parser
 
 
@@ -88,7 +104,15 @@ def _convert(args) -> None:
     print(f"wrote {args.dst}")
 
 
-COMMANDS = {"convert": _convert}
+def _data(args) -> None:
+    from magdiff_jax.data.synthetic import SyntheticConfig, write_synthetic
+
+    config = SyntheticConfig(num_frames=args.frames, size=args.size, seed=args.seed)
+    out = write_synthetic(args.out, args.num, config, overwrite=args.overwrite)
+    print(f"wrote {args.num} clips to {out}")
+
+
+COMMANDS = {"convert": _convert, "data": _data}
 
 
 def main(args: argparse.Namespace) -> None:

@@ -1,0 +1,156 @@
+"""The synthetic dataset, the embedded default: coloured shapes moving over textured backgrounds.
+
+Each clip shows one subject (a square, circle or triangle in one of six colours) moving left, right, up or down
+over a low-contrast textured background, with the caption naming all three ("a red square moves left") and a
+per-frame subject mask (the MagDiff subject). Everything is a pure function of (seed, index): the same arguments
+always give the same clip, on any machine, so it can be generated on the fly by a data pipeline or written once
+with `magdiff-jax data synth` in the video-caption folder layout:
+
+    DIR/captions.csv              video,caption,mask  (one row per clip)
+    DIR/videos/00000.mp4          H.264 clip
+    DIR/masks/00000/000.png ...   one 0/255 PNG per frame
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import os
+import shutil
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (240, 130, 30),
+}
+SHAPES = ("square", "circle", "triangle")
+MOTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) per unit of travel
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    num_frames: int = 16
+    size: int = 64  # height = width, even
+    shape_size: float = 0.3  # subject side / diameter as a fraction of the frame
+    travel: float = 0.4  # distance the subject travels over the clip, as a fraction of the frame
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.size % 2 or self.size < 16:
+            raise ValueError(f"synthetic clips need an even size >= 16, got {self.size}")
+        if self.num_frames < 1:
+            raise ValueError(f"num_frames must be positive, got {self.num_frames}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    frames: np.ndarray  # (F, H, W, 3) uint8
+    masks: np.ndarray  # (F, H, W) bool: the subject
+    caption: str
+    shape: str
+    color: str
+    motion: str
+
+
+def attributes(index: int, seed: int = 0) -> tuple[str, str, str]:
+    """(shape, colour, motion) of clip `index`: every combination appears once in each run of 72 indices."""
+    rng = np.random.default_rng([seed, 7])
+    order = rng.permutation(len(SHAPES) * len(COLORS) * len(MOTIONS))
+    k = int(order[index % len(order)])
+    motions = tuple(MOTIONS)
+    return SHAPES[k % 3], tuple(COLORS)[(k // 3) % 6], motions[k // 18]
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = rng.uniform(90, 150, size=3)
+    tex = np.zeros((size, size, 3))
+    for _ in range(3):
+        fy, fx = rng.uniform(1, 6, size=2)
+        phase = rng.uniform(0, 2 * np.pi)
+        tex += rng.uniform(6, 14) * np.sin(2 * np.pi * (fy * yy + fx * xx) + phase)[..., None]
+    tex += rng.normal(0, 4, size=(size, size, 1))
+    return np.clip(base + tex, 0, 255)
+
+
+def _shape_mask(shape: str, cy: float, cx: float, r: float, size: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    if shape == "square":
+        return (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+    if shape == "circle":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    # triangle pointing up: inside the band below the apex, narrowing linearly towards it
+    top, bottom = cy - r, cy + r
+    half = (yy - top) / (2 * r) * r
+    return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
+
+
+def make_clip(index: int, config: SyntheticConfig = SyntheticConfig()) -> Clip:
+    """Clip `index` of the dataset defined by `config` (deterministic)."""
+    shape, color, motion = attributes(index, config.seed)
+    rng = np.random.default_rng([config.seed, index])
+    s, f = config.size, config.num_frames
+    r = config.shape_size * s / 2
+    travel = config.travel * s
+    dy, dx = MOTIONS[motion]
+    # start so that the whole path stays inside the frame
+    lo, hi = r + 1, s - r - 1
+    start_y = rng.uniform(lo + max(0, -dy) * travel, hi - max(0, dy) * travel)
+    start_x = rng.uniform(lo + max(0, -dx) * travel, hi - max(0, dx) * travel)
+    background = _texture(rng, s)
+    rgb = np.asarray(COLORS[color], float) + rng.normal(0, 6, size=3)
+    frames, masks = [], []
+    for t in range(f):
+        u = t / max(f - 1, 1)
+        mask = _shape_mask(shape, start_y + dy * travel * u, start_x + dx * travel * u, r, s)
+        frame = np.where(mask[..., None], rgb, background)
+        frames.append(np.clip(frame, 0, 255).astype(np.uint8))
+        masks.append(mask)
+    article = "an" if color[0] in "aeiou" else "a"
+    caption = f"{article} {color} {shape} moves {motion}"
+    return Clip(np.stack(frames), np.stack(masks), caption, shape, color, motion)
+
+
+def write_synthetic(out_dir: str | os.PathLike, num: int, config: SyntheticConfig = SyntheticConfig(),
+                    fps: int = 8, overwrite: bool = False) -> Path:
+    """Write `num` clips in the video-caption folder layout (module docstring). The folder is assembled under a
+    temporary name and renamed into place: an interrupted run leaves no half-written dataset."""
+    from magdiff_jax.data.video_io import write_video
+
+    out = Path(out_dir).absolute()
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass overwrite")
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "videos").mkdir(parents=True)
+    try:
+        rows = []
+        for i in range(num):
+            clip = make_clip(i, config)
+            name = f"{i:05d}"
+            write_video(tmp / "videos" / f"{name}.mp4", clip.frames, fps=fps)
+            (tmp / "masks" / name).mkdir(parents=True)
+            for t, m in enumerate(clip.masks):
+                buf = io.BytesIO()
+                iio.imwrite(buf, (m * 255).astype(np.uint8), extension=".png")
+                (tmp / "masks" / name / f"{t:03d}.png").write_bytes(buf.getvalue())
+            rows.append({"video": f"videos/{name}.mp4", "caption": clip.caption, "mask": f"masks/{name}"})
+        with open(tmp / "captions.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["video", "caption", "mask"])
+            writer.writeheader()
+            writer.writerows(rows)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

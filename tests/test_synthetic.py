@@ -1,0 +1,82 @@
+"""The synthetic dataset: deterministic clips whose captions tell the truth about shape, colour and motion, and
+its on-disk form (mp4 + mask PNGs + captions.csv) written whole or not at all."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from magdiff_jax.data.synthetic import COLORS, MOTIONS, SyntheticConfig, attributes, make_clip, write_synthetic
+from magdiff_jax.data.video_io import VideoError, read_video
+
+
+def test_clips_are_deterministic_and_seeded():
+    a, b = make_clip(5), make_clip(5)
+    assert np.array_equal(a.frames, b.frames) and np.array_equal(a.masks, b.masks) and a.caption == b.caption
+    c = make_clip(5, SyntheticConfig(seed=1))
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_every_attribute_combination_appears_once_per_72_clips():
+    combos = [attributes(i) for i in range(72)]
+    assert len(set(combos)) == 72
+
+
+@pytest.mark.parametrize("index", range(0, 72, 7))
+def test_caption_matches_the_pixels(index):
+    """The subject's colour inside its mask is the named palette colour (nearest of the six), and its centroid
+    travels in the named direction."""
+    clip = make_clip(index)
+    assert clip.caption.endswith(f"{clip.color} {clip.shape} moves {clip.motion}")
+    assert clip.frames.shape == (16, 64, 64, 3) and clip.masks.shape == (16, 64, 64)
+    assert all(m.sum() > 50 for m in clip.masks)
+    mean = clip.frames[clip.masks].reshape(-1, 3).mean(0)
+    nearest = min(COLORS, key=lambda c: np.linalg.norm(mean - np.asarray(COLORS[c])))
+    assert nearest == clip.color
+    ys, xs = zip(*(np.argwhere(m).mean(0) for m in clip.masks[[0, -1]]))
+    dy, dx = MOTIONS[clip.motion]
+    moved = np.array([ys[1] - ys[0], xs[1] - xs[0]])
+    assert moved @ np.array([dy, dx]) > 15  # about 0.4 * 64 pixels along the named direction
+    assert abs(moved @ np.array([dx, dy])) < 2  # and not across it
+
+
+def test_written_dataset_round_trips(tmp_path):
+    out = write_synthetic(tmp_path / "synth", 3)
+    with open(out / "captions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["caption"] for r in rows] == [make_clip(i).caption for i in range(3)]
+    for i, row in enumerate(rows):
+        clip = make_clip(i)
+        video = read_video(out / row["video"])
+        assert video.shape == clip.frames.shape
+        assert np.abs(video.astype(int) - clip.frames).mean() < 6  # H.264 at crf 12
+        masks = np.stack([iio.imread(p) > 127 for p in sorted((out / row["mask"]).glob("*.png"))])
+        assert np.array_equal(masks, clip.masks)
+    with pytest.raises(FileExistsError, match="not empty"):
+        write_synthetic(out, 1)
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_bad_videos_are_named(tmp_path):
+    bad = tmp_path / "random.mp4"
+    bad.write_bytes(np.random.RandomState(0).bytes(2000))
+    with pytest.raises(VideoError, match=r"random\.mp4"):
+        read_video(bad)
+    good = write_synthetic(tmp_path / "one", 1) / "videos" / "00000.mp4"
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(VideoError, match=r"truncated\.mp4"):
+        read_video(truncated)
+
+
+def test_cli_data_synth(tmp_path):
+    repo = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, "-m", "magdiff_jax.cli", "data", "synth", "--out", str(tmp_path / "d"),
+                        "--num", "2", "--frames", "4", "--size", "32"], capture_output=True, text=True, cwd=repo,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert read_video(tmp_path / "d" / "videos" / "00001.mp4").shape == (4, 32, 32, 3)
