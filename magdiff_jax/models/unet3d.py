@@ -31,12 +31,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from magdiff_jax.layers.common import activation, compute_dtype, conv, group_norm
-from magdiff_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
 from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.temporal import VIDEO_AXES, TemporalConvLayer, TransformerTemporalModel
 from magdiff_jax.layers.transformer import Transformer2DModel
 from magdiff_jax.models.unet2d import UNet2DConfig, check_block_layout
+from magdiff_jax.models.video import check_video_inputs, per_frame_conditioning
 
 DOWN_BLOCKS = ("CrossAttnDownBlock3D", "DownBlock3D")
 UP_BLOCKS = ("CrossAttnUpBlock3D", "UpBlock3D")
@@ -297,21 +297,10 @@ class UNet3DConditionModel(nn.Module):
         cfg = self.config
         dt = compute_dtype(cfg.dtype)
         policy = (cfg.remat_policy, cfg.remat_save_names)  # gradient checkpointing of each block
-        if sample.ndim != 5 or sample.shape[-1] != cfg.in_channels:
-            raise ValueError(f"sample must be a (B, F, H, W, {cfg.in_channels}) video, got shape {sample.shape}")
-        b, f, h, w, _ = sample.shape
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
-            raise ValueError(f"encoder_hidden_states must be (B={b}, L, D): one context per video, got shape "
-                             f"{encoder_hidden_states.shape}")
+        b, f, h, w = check_video_inputs(sample, encoder_hidden_states, cfg.in_channels)
         n_up = len(cfg.block_out_channels) - 1
-
-        # time: one embedding per video, repeated per frame (as the text context)
-        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
-        t_emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
-        emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cond_proj_dim=cfg.time_cond_proj_dim, dtype=dt,
-                                name="time_embedding")(t_emb.astype(dt or jnp.float32), timestep_cond)
-        emb = jnp.repeat(emb, f, axis=0)  # (B*F, T)
-        context = jnp.repeat(encoder_hidden_states.astype(dt), f, axis=0)  # (B*F, L, D)
+        # time: one embedding per video, repeated per frame (as the text context): (B*F, T), (B*F, L, D)
+        emb, context = per_frame_conditioning(cfg, timesteps, encoder_hidden_states, f, timestep_cond, dt)
 
         x = conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=dt, name="conv_in")(_frames(sample.astype(dt)))
         x = nn.with_logical_constraint(_video(x, b), VIDEO_AXES)

@@ -24,12 +24,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from magdiff_jax.layers.common import activation, compute_dtype, conv, group_norm
-from magdiff_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
 from magdiff_jax.layers.motion import AnimateDiffTransformer3D
 from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
 from magdiff_jax.models.unet2d import check_block_layout
+from magdiff_jax.models.video import check_video_inputs, per_frame_conditioning
 
 DOWN_BLOCKS = ("CrossAttnDownBlockMotion", "DownBlockMotion")
 UP_BLOCKS = ("CrossAttnUpBlockMotion", "UpBlockMotion")
@@ -312,20 +312,9 @@ class UNetMotionModel(nn.Module):
         cfg = self.config
         dt = compute_dtype(cfg.dtype)
         policy = (cfg.remat_policy, cfg.remat_save_names)
-        if sample.ndim != 5:
-            raise ValueError(f"sample must be (B, F, H, W, C), got shape {sample.shape}")
-        b, f, h, w, _ = sample.shape
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != b:
-            raise ValueError(f"encoder_hidden_states must be one context per video, ({b}, L, D); got "
-                             f"{encoder_hidden_states.shape}")
+        b, f, h, w = check_video_inputs(sample, encoder_hidden_states, cfg.in_channels)
         n_up = len(cfg.block_out_channels) - 1
-
-        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
-        t_emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
-        emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, cond_proj_dim=cfg.time_cond_proj_dim, dtype=dt,
-                                name="time_embedding")(t_emb.astype(dt or jnp.float32), timestep_cond)
-        emb = jnp.repeat(emb, f, axis=0)  # (B*F, D): frame-major within each video, as diffusers
-        context = jnp.repeat(encoder_hidden_states.astype(dt), f, axis=0)
+        emb, context = per_frame_conditioning(cfg, timesteps, encoder_hidden_states, f, timestep_cond, dt)
 
         x = sample.astype(dt).reshape(b * f, h, w, sample.shape[-1])
         x = conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=dt, name="conv_in")(x)
