@@ -1,11 +1,16 @@
 """Reading and writing videos with PyAV (H.264 mp4), channels-last uint8 (F, H, W, 3).
 
+`read_frames` / `probe` take any video-like source: a video file (mp4, webm, mov, avi, ...), its bytes, a folder or
+list of frame images (paths or bytes), or an array of decoded frames.
+
 Writes go through a temporary file in the destination folder and a rename, so an interrupted write never leaves
 a half-written video behind. Read errors name the file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -50,16 +55,181 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, crf: 
 
 def read_video(path: str | os.PathLike) -> np.ndarray:
     """Decode every frame -> (F, H, W, 3) uint8. Raises VideoError naming the file when it cannot."""
-    path = Path(path)
+    return read_frames(Path(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading any video-like source: a video file, its bytes, a folder or list of frame images, or decoded frames.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".avi", ".mkv", ".m4v")
+
+VideoLike = str | os.PathLike | bytes | list | tuple | np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float | None  # None where the source does not say (frame lists, arrays)
+    height: int
+    width: int
+
+
+def _name(src) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, bytes):
+        return f"<{len(src)} bytes of video>"
+    if isinstance(src, np.ndarray):
+        return f"<array {src.shape}>"
+    return f"<{len(src)} frame images>"
+
+
+def frame_files(folder: str | os.PathLike) -> list[Path]:
+    """The image files of a frame folder, in name order."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise VideoError(f"{folder}: no frame images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _as_frame_list(src):
+    """A frame folder or a list of image paths/bytes -> list of paths/bytes; None for a video file or bytes."""
+    if isinstance(src, (list, tuple)):
+        return list(src)
+    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+        return frame_files(src)
+    return None
+
+
+def _open_image(item):
+    from PIL import Image
+
     try:
-        with av.open(str(path)) as container:
+        img = Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
+        img.load()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise VideoError(f"{_name(item) if isinstance(item, bytes) else item}: cannot decode image ({e})") from e
+    return img
+
+
+def read_image(item, resize: tuple[int, int] | None = None, mode: str = "RGB") -> np.ndarray:
+    """An image file or its bytes -> uint8 (H, W, 3) (mode RGB) or (H, W) (mode L), optionally resized to
+    (height, width) (area filter when shrinking, bicubic when growing)."""
+    from PIL import Image
+
+    img = _open_image(item)
+    if img.mode != mode:
+        img = img.convert(mode)
+    if resize is not None and (img.height, img.width) != tuple(resize):
+        shrink = resize[0] * resize[1] < img.height * img.width
+        img = img.resize((resize[1], resize[0]), Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
+    return np.asarray(img)
+
+
+def _open_container(src):
+    try:
+        return av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src))
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(f"{_name(src)}: cannot open ({e})") from e
+
+
+def probe(src: VideoLike) -> VideoInfo:
+    """Frame count, fps and size without decoding more than needed (a container that does not store its frame
+    count is decoded once to count). Raises VideoError naming the source when it cannot."""
+    if isinstance(src, np.ndarray):
+        if src.ndim not in (3, 4):
+            raise VideoError(f"{_name(src)}: expected (F, H, W[, C]) frames")
+        return VideoInfo(src.shape[0], None, src.shape[1], src.shape[2])
+    frames = _as_frame_list(src)
+    if frames is not None:
+        if not frames:
+            raise VideoError("empty frame list")
+        img = _open_image(frames[0])
+        return VideoInfo(len(frames), None, img.height, img.width)
+    try:
+        with _open_container(src) as container:
             if not container.streams.video:
-                raise VideoError(f"{path}: no video stream")
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+                raise VideoError(f"{_name(src)}: no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate) if stream.average_rate else None
+            n, h, w = stream.frames, stream.codec_context.height, stream.codec_context.width
+            if n <= 0 or not h:
+                count, shape = 0, None
+                for frame in container.decode(video=0):
+                    count, shape = count + 1, (frame.height, frame.width)
+                if shape is None:
+                    raise VideoError(f"{_name(src)}: no frames")
+                n, (h, w) = count, shape
     except VideoError:
         raise
     except (av.FFmpegError, OSError, ValueError) as e:
-        raise VideoError(f"{path}: cannot decode ({e})") from e
-    if not frames:
-        raise VideoError(f"{path}: no frames")
-    return np.stack(frames)
+        raise VideoError(f"{_name(src)}: cannot decode ({e})") from e
+    return VideoInfo(n, fps, h, w)
+
+
+def read_frames(src: VideoLike, indices=None, resize: tuple[int, int] | None = None, gray: bool = False) -> np.ndarray:
+    """Decode the frames at `indices` (all when None) -> uint8 (len(indices), H, W, 3), or (.., H, W) with `gray`.
+
+    `resize` = (height, width) scales each frame while decoding (swscale area filter when shrinking, bicubic when
+    growing). Decoding stops after the last index asked for. Raises VideoError naming the source when it cannot
+    decode, and when the video has fewer frames than an index asks for.
+    """
+    want = None if indices is None else [int(i) for i in indices]
+    if isinstance(src, np.ndarray):
+        out = src if want is None else _take(src, want, src.shape[0], _name(src))
+        if resize is not None and out.shape[1:3] != tuple(resize):
+            out = np.stack([_resize_array(f, resize) for f in out])
+        return out
+    frames = _as_frame_list(src)
+    if frames is not None:
+        picked = frames if want is None else _take(frames, want, len(frames), _name(src))
+        return np.stack([read_image(f, resize, "L" if gray else "RGB") for f in picked])
+    fmt = "gray" if gray else "rgb24"
+    needed = None if want is None else set(want)
+    last = None if want is None else max(want)
+    got: dict[int, np.ndarray] = {}
+    try:
+        with _open_container(src) as container:
+            if not container.streams.video:
+                raise VideoError(f"{_name(src)}: no video stream")
+            container.streams.video[0].thread_type = "AUTO"
+            kwargs = {"format": fmt}
+            for i, frame in enumerate(container.decode(video=0)):
+                if last is not None and i > last:
+                    break
+                if needed is not None and i not in needed:
+                    continue
+                if resize is not None and (frame.height, frame.width) != tuple(resize):
+                    shrink = resize[0] * resize[1] < frame.height * frame.width
+                    kwargs.update(height=resize[0], width=resize[1], interpolation="AREA" if shrink else "BICUBIC")
+                got[i] = frame.to_ndarray(**kwargs)
+    except VideoError:
+        raise
+    except (av.FFmpegError, OSError, ValueError) as e:
+        raise VideoError(f"{_name(src)}: cannot decode ({e})") from e
+    if not got:
+        raise VideoError(f"{_name(src)}: no frames")
+    if want is None:
+        return np.stack([got[i] for i in sorted(got)])
+    missing = [i for i in want if i not in got]
+    if missing:
+        raise VideoError(f"{_name(src)}: has {max(got) + 1} frames, frame {missing[0]} was asked for")
+    return np.stack([got[i] for i in want])
+
+
+def _take(seq, want, n, name):
+    bad = [i for i in want if not 0 <= i < n]
+    if bad:
+        raise VideoError(f"{name}: has {n} frames, frame {bad[0]} was asked for")
+    return seq[want] if isinstance(seq, np.ndarray) else [seq[i] for i in want]
+
+
+def _resize_array(frame: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    img = Image.fromarray(frame)
+    shrink = size[0] * size[1] < frame.shape[0] * frame.shape[1]
+    img = img.resize((size[1], size[0]), Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
+    return np.asarray(img)

@@ -1,0 +1,263 @@
+"""Per-example loading: frame sampling, decode-time resizing, cropping, the MagDiff subject, captions, and the
+frame-interpolation and super-resolution pairs. Pure functions of (record, spec, rng), so an example depends only
+on the seed and its index, never on the worker that loads it.
+
+Images leave the loader as uint8 (cheap to move between worker processes) unless `spec.normalize`;
+`normalize_example` scales them (videos to [-1, 1], CLIP inputs to CLIP's mean/std) with array methods only, so the
+same function runs in a worker on numpy or on device on a jax batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import threading
+
+import numpy as np
+
+from magdiff_jax.data.bad_input import BadInput
+from magdiff_jax.data.video_io import VideoError, probe, read_frames
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TASKS = ("video", "interp", "vsr")
+SUBJECT_MODES = ("none", "first", "all")  # index = the `subject_mode` value in an example
+# example keys holding images in [0, 255] -> [-1, 1] (plus every `subject_<size>`); `subject_clip` -> CLIP's
+VIDEO_KEYS = ("video", "frame0", "frame1", "targets", "low_res")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderSpec:
+    """What one example looks like (built from the data config by `pipeline.loader_spec`)."""
+
+    task: str = "video"  # video (also images: one frame) | interp | vsr
+    num_frames: int = 16
+    stride: int = 1  # between sampled frames (in valid-frame positions)
+    fps: float = 0.0  # > 0: stride from the source fps instead (round(src_fps / fps), at least 1)
+    height: int = 256
+    width: int = 256
+    crop: str = "random"  # random | center (evaluation always crops at the centre)
+    train: bool = True  # random start, crop, caption and subject choices; evaluation is fixed
+    caption_dropout: float = 0.0
+    masks: bool = False  # also output the per-frame subject masks (F, H, W)
+    subject: bool = False  # MagDiff subject: entity pyramid + CLIP image inputs
+    subject_sizes: tuple[int, ...] = (384, 320, 256)
+    clip_size: int = 224
+    sda_probs: tuple[float, float, float] = (0.0, 0.8, 0.2)  # none, first, all (training)
+    sda_eval_mode: str = "first"
+    interp_window: int = 7  # septuplets (3: triplets)
+    interp_targets: tuple[int, ...] = ()  # window positions to predict (empty: every inner frame)
+    vsr_scale: int = 4
+    normalize: bool = True
+    tokenizer: str = ""  # CLIP tokenizer folder: adds `tokens` (max_length,) int32
+    max_length: int = 77
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"data task must be one of {TASKS}, got {self.task!r}")
+        if self.crop not in ("random", "center"):
+            raise ValueError(f"crop must be 'random' or 'center', got {self.crop!r}")
+        if self.sda_eval_mode not in SUBJECT_MODES:
+            raise ValueError(f"sda_eval_mode must be one of {SUBJECT_MODES}, got {self.sda_eval_mode!r}")
+        p = np.asarray(self.sda_probs, float)
+        if p.shape != (3,) or (p < 0).any() or abs(p.sum() - 1) > 1e-6:
+            raise ValueError(f"sda_probs (none, first, all) must be 3 non-negative numbers summing to 1, got "
+                             f"{self.sda_probs}")
+        if self.task == "vsr" and (self.height % self.vsr_scale or self.width % self.vsr_scale):
+            raise ValueError(f"vsr: {self.height}x{self.width} does not divide by the scale {self.vsr_scale}")
+        if self.task == "interp" and self.interp_window < 3:
+            raise ValueError(f"interp_window must be at least 3, got {self.interp_window}")
+
+    @property
+    def window(self) -> int:
+        return self.interp_window if self.task == "interp" else self.num_frames
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building blocks
+
+
+def sample_indices(valid, n: int, stride: int, rng: np.random.Generator | None) -> list[int]:
+    """n frame indices `stride` apart (in positions of `valid`), from a random start (rng) or the first."""
+    span = (n - 1) * stride + 1
+    if len(valid) < span:
+        raise ValueError(f"{len(valid)} usable frames, {n} frames at stride {stride} need {span}")
+    start = int(rng.integers(0, len(valid) - span + 1)) if rng is not None else 0
+    return [int(valid[start + k * stride]) for k in range(n)]
+
+
+def scaled_size(h: int, w: int, out_h: int, out_w: int) -> tuple[int, int]:
+    """The size that covers (out_h, out_w) with the aspect ratio kept (the shorter side fits exactly)."""
+    scale = max(out_h / h, out_w / w)
+    return max(out_h, round(h * scale)), max(out_w, round(w * scale))
+
+
+def crop_offset(size: tuple[int, int], out: tuple[int, int], rng: np.random.Generator | None) -> tuple[int, int]:
+    dy, dx = size[0] - out[0], size[1] - out[1]
+    if rng is None:
+        return dy // 2, dx // 2
+    return int(rng.integers(0, dy + 1)), int(rng.integers(0, dx + 1))
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (N, H, W[, C]) -> (N, size[0], size[1][, C]) (box filter when shrinking, bicubic when growing)."""
+    from PIL import Image
+
+    if images.shape[1:3] == tuple(size):
+        return images
+    shrink = size[0] * size[1] < images.shape[1] * images.shape[2]
+    method = Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC
+    return np.stack([np.asarray(Image.fromarray(im).resize((size[1], size[0]), method)) for im in images])
+
+
+def clip_preprocess(images: np.ndarray, size: int = 224) -> np.ndarray:
+    """CLIP image preprocessing without the normalisation: shorter side to `size` (bicubic), centre crop."""
+    h, w = images.shape[1:3]
+    sh, sw = scaled_size(h, w, size, size)
+    y, x = crop_offset((sh, sw), (size, size), None)
+    return resize_images(images, (sh, sw))[:, y:y + size, x:x + size]
+
+
+def entity_images(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The MagDiff subject: each frame kept inside its mask, black elsewhere."""
+    return np.where(masks[..., None], frames, 0).astype(np.uint8)
+
+
+def normalize_example(example: dict) -> dict:
+    """uint8 images -> float32: videos to [-1, 1], `subject_clip` to CLIP's mean/std. Works on numpy and jax
+    arrays (a batch on device too); other entries pass through."""
+    out = dict(example)
+    for k, v in example.items():
+        if k == "subject_clip":
+            mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
+            out[k] = (v.astype(np.float32) / 255.0 - mean) / std
+        elif k in VIDEO_KEYS or (k.startswith("subject_") and k[8:].isdigit()):
+            out[k] = v.astype(np.float32) / 127.5 - 1.0
+    return out
+
+
+_TOKENIZER_LOCK = threading.Lock()
+
+
+@functools.cache
+def _cached_tokenizer(folder: str, max_length: int):
+    from magdiff_jax.models.tokenizer import CLIPTokenizer
+
+    return CLIPTokenizer.from_folder(folder, max_length=max_length)
+
+
+def tokenizer(folder: str, max_length: int):
+    """The CLIP tokenizer of `folder`, built once per process (under a lock: Grain maps run in threads, and
+    importing transformers from two threads at once fails)."""
+    with _TOKENIZER_LOCK:
+        return _cached_tokenizer(folder, max_length)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loader
+
+
+def _pick_caption(caption, spec: LoaderSpec, rng) -> str:
+    if isinstance(caption, (list, tuple, np.ndarray)):
+        caption = str(caption[int(rng.integers(len(caption)))]) if spec.train else str(caption[0])
+    if spec.train and spec.caption_dropout > 0 and rng.random() < spec.caption_dropout:
+        return ""
+    return str(caption)
+
+
+def _read_masks(record: dict, info, indices, size, crop) -> np.ndarray:
+    mask = record.get("mask")
+    if mask is None or (isinstance(mask, (bytes, list, tuple, np.ndarray)) and len(mask) == 0):
+        raise ValueError("no subject mask")
+    minfo = probe(mask)
+    if (minfo.height, minfo.width) != (info.height, info.width):
+        raise ValueError(f"mask is {minfo.height}x{minfo.width}, video is {info.height}x{info.width}")
+    masks = read_frames(mask, indices, resize=size, gray=True)
+    if masks.ndim == 4:
+        masks = masks[..., 0]
+    (y, x), (h, w) = crop
+    return masks[:, y:y + h, x:x + w] > 127
+
+
+def load_example(record: dict, spec: LoaderSpec, rng: np.random.Generator) -> dict:
+    """One record -> one example (raises BadInput / VideoError / ValueError on unusable input)."""
+    info = probe(record["video"])
+    stride = spec.stride
+    src_fps = record.get("fps") or info.fps
+    if spec.fps > 0 and src_fps:
+        stride = max(1, round(src_fps / spec.fps))
+    valid = record.get("frames")
+    if valid is None:
+        valid = range(info.num_frames)
+    elif max(valid) >= info.num_frames:
+        raise ValueError(f"valid frame {max(valid)} is past the video's {info.num_frames} frames")
+    random = rng if spec.train else None
+    indices = sample_indices(valid, spec.window, stride, random)
+    out_hw = (spec.height, spec.width)
+    size = scaled_size(info.height, info.width, *out_hw)
+    y, x = crop_offset(size, out_hw, random if spec.crop == "random" else None)
+    frames = read_frames(record["video"], indices, resize=size)[:, y:y + spec.height, x:x + spec.width]
+    if frames.shape[1:] != (*out_hw, 3):
+        raise ValueError(f"decoded frames have shape {frames.shape[1:]}, expected {(*out_hw, 3)}")
+
+    example = {"key": str(record["key"]), "caption": _pick_caption(record.get("caption", ""), spec, rng)}
+    if spec.task == "interp":
+        if spec.train and rng.random() < 0.5:  # time reversal: the same targets, seen from the other end
+            frames = frames[::-1]
+        targets = list(spec.interp_targets) or list(range(1, spec.window - 1))
+        example.update(frame0=frames[0], frame1=frames[-1], targets=frames[targets],
+                       times=np.asarray([t / (spec.window - 1) for t in targets], np.float32))
+    elif spec.task == "vsr":
+        low = (spec.height // spec.vsr_scale, spec.width // spec.vsr_scale)
+        example.update(video=frames, low_res=resize_images(np.ascontiguousarray(frames), low))
+    else:
+        example["video"] = frames
+
+    if spec.masks or spec.subject:
+        masks = _read_masks(record, info, indices, size, ((y, x), out_hw))
+        if spec.masks:
+            example["mask"] = masks.astype(np.uint8)
+        if spec.subject:
+            example.update(subject_inputs(frames, masks, spec, rng))
+    if spec.tokenizer:
+        example["tokens"] = tokenizer(spec.tokenizer, spec.max_length)([example["caption"]])[0]
+    return normalize_example(example) if spec.normalize else example
+
+
+def subject_inputs(frames: np.ndarray, masks: np.ndarray, spec: LoaderSpec, rng) -> dict:
+    """The MagDiff subject of a clip (PAPERS.md A.3): the entity (frame x mask on black) of the first frame
+    (generation), of every frame (editing) or of none, chosen with `spec.sda_probs` in training; resized for the
+    entity pyramid (`subject_<size>`, (F, size, size, 3)) and CLIP-preprocessed (`subject_clip`, (F, 224, 224, 3));
+    frames without an entity are black. `subject_frames` (F,) says which frames carry one."""
+    f = frames.shape[0]
+    if spec.train:
+        mode = int(rng.choice(3, p=np.asarray(spec.sda_probs, float)))
+    else:
+        mode = SUBJECT_MODES.index(spec.sda_eval_mode)
+    keep = np.zeros(f, bool)
+    keep[: {0: 0, 1: 1, 2: f}[mode]] = True
+    entity = entity_images(frames[keep], masks[keep])
+    out = {"subject_mode": np.int32(mode), "subject_frames": keep}
+
+    def per_frame(images, size):
+        full = np.zeros((f, *size, 3), np.uint8)
+        if len(images):
+            full[keep] = images
+        return full
+
+    for s in spec.subject_sizes:
+        out[f"subject_{s}"] = per_frame(resize_images(entity, (s, s)) if len(entity) else entity, (s, s))
+    out["subject_clip"] = per_frame(clip_preprocess(entity, spec.clip_size) if len(entity) else entity,
+                                    (spec.clip_size, spec.clip_size))
+    return out
+
+
+def safe_load(record: dict, spec: LoaderSpec, rng: np.random.Generator) -> dict:
+    """`load_example`, with unusable input turned into a marker {"_bad": key, "_reason": why} for the pipeline to
+    count and drop (one bad file never stops a run)."""
+    try:
+        return load_example(record, spec, rng)
+    except BadInput as e:
+        return {"_bad": e.key, "_reason": e.reason}
+    except (VideoError, ValueError, OSError, KeyError, IndexError) as e:
+        return {"_bad": str(record.get("key", "?")), "_reason": f"{type(e).__name__}: {e}"}

@@ -1,0 +1,337 @@
+"""The Grain data pipeline: frame sampling, resizing and cropping, the MagDiff subject, interpolation and
+super-resolution pairs, captions; bad input (real broken files) skipped, counted and reported; per-process
+shards, seeded order, and iterator state restored through Orbax."""
+
+import csv
+import dataclasses
+import json
+import os
+
+import grain
+import numpy as np
+import pytest
+
+from magdiff_jax.data import transforms
+from magdiff_jax.data.bad_input import BadInputReport, TooManyBadInputs
+from magdiff_jax.data.pipeline import data_config, loader_spec, make_dataset
+from magdiff_jax.data.sources import ImageCaptionFolder, SyntheticSource, VideoCaptionFolder, parse_frames
+from magdiff_jax.data.synthetic import COLORS, SyntheticConfig, make_clip, write_synthetic
+from magdiff_jax.data.video_io import read_frames, write_video
+
+GOOD = 6
+SYN = SyntheticConfig(num_frames=8, size=32, seed=3)
+
+
+def _rows(root):
+    with open(root / "captions.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _append(root, *lines):
+    with open(root / "captions.csv", "a") as fh:
+        for line in lines:
+            fh.write(line + "\n")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Six good synthetic clips (8 frames, 32x32) followed by real bad files and malformed rows."""
+    root = write_synthetic(tmp_path_factory.mktemp("data") / "clips", GOOD, SYN)
+    good = (root / "videos" / "00000.mp4").read_bytes()
+    (root / "videos" / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (root / "videos" / "noise.mp4").write_bytes(np.random.default_rng(0).bytes(4000))
+    (root / "videos" / "empty.mp4").write_bytes(b"")
+    write_video(root / "videos" / "short.mp4", make_clip(0, SyntheticConfig(num_frames=3, size=32)).frames)
+    small = root / "masks" / "small"
+    small.mkdir()
+    import imageio.v3 as iio
+
+    for t in range(8):
+        iio.imwrite(small / f"{t:03d}.png", np.full((16, 16), 255, np.uint8))
+    _append(root,
+            "videos/truncated.mp4,a truncated clip,masks/00000",
+            "videos/noise.mp4,random bytes,masks/00000",
+            "videos/empty.mp4,an empty file,masks/00000",
+            "videos/short.mp4,three frames only,masks/00000",
+            "videos/00001.mp4,a mask of the wrong size,masks/small",
+            "videos/missing.mp4,a file that is not there,",
+            "videos/00002.mp4,,masks/00002",
+            "videos/00003.mp4,one field,too,many,")
+    return root
+
+
+BAD_FILES = {"videos/truncated.mp4", "videos/noise.mp4", "videos/empty.mp4", "videos/short.mp4"}
+
+
+def _config(**overrides):
+    c = data_config()
+    c.source = "synthetic"
+    c.synthetic.update(num=GOOD, num_frames=SYN.num_frames, size=SYN.size, seed=SYN.seed)
+    c.num_frames, c.resolution, c.prefetch = 4, (32, 32), 0
+    for k, v in overrides.items():
+        target = c
+        *path, last = k.split(".")
+        for p in path:
+            target = target[p]
+        target[last] = v
+    return c
+
+
+def _all(ds):
+    it = iter(ds)
+    return list(it)
+
+
+# --- sources -----------------------------------------------------------------------------------------------------
+
+
+def test_folder_source_keeps_malformed_rows_out_and_names_them(folder):
+    src = VideoCaptionFolder(folder)
+    bad = dict(src.bad)
+    assert src.total == len(_rows(folder)) == GOOD + 8
+    assert bad["captions.csv:13 (videos/missing.mp4)"] == "video videos/missing.mp4 does not exist"
+    assert any("no caption" in r for r in bad.values())
+    assert any("fields, header has 3" in r for r in bad.values())
+    assert len(src) == GOOD + 5  # the broken files themselves are only found when decoded
+    rec = src[0]
+    assert rec["key"] == "videos/00000.mp4" and rec["mask"].endswith("masks/00000") and rec["frames"] is None
+
+
+def test_frame_lists_and_jsonl(tmp_path):
+    assert parse_frames("0-3") == [0, 1, 2, 3] and parse_frames("[2, 4]") == [2, 4] and parse_frames("1 5,7") == [
+        1, 5, 7]
+    assert parse_frames("") is None
+    root = write_synthetic(tmp_path / "j", 2, SYN)
+    (root / "captions.csv").unlink()
+    lines = [json.dumps({"video": "videos/00000.mp4", "caption": ["first", "second"], "frames": [1, 3, 5, 7]}),
+             "{not json", json.dumps({"video": "videos/00001.mp4", "caption": "x", "frames": "seven"})]
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    src = VideoCaptionFolder(root)
+    assert len(src) == 1 and len(src.bad) == 2
+    assert src[0]["caption"] == ["first", "second"] and src[0]["frames"] == [1, 3, 5, 7]
+
+
+def test_image_folder_is_one_frame_videos(tmp_path):
+    import imageio.v3 as iio
+
+    (tmp_path / "im").mkdir()
+    img = make_clip(4, SYN).frames[0]
+    iio.imwrite(tmp_path / "im" / "a.png", img)
+    (tmp_path / "captions.csv").write_text("image,caption\nim/a.png,a picture\n")
+    src = ImageCaptionFolder(tmp_path)
+    c = _config(source="images", path=str(tmp_path), num_frames=1, normalize=False)
+    (batch,) = _all(make_dataset(c, batch_size=1, train=False, source=src))
+    assert batch["video"].shape == (1, 1, 32, 32, 3)
+    np.testing.assert_array_equal(batch["video"][0, 0], img)
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_files_are_skipped_counted_and_reported(folder, tmp_path):
+    c = _config(source="folder", path=str(folder), max_bad_fraction=0.9, masks=True)
+    report = tmp_path / "bad_inputs.json"
+    batches = _all(make_dataset(c, batch_size=2, train=False, report_path=report))
+    keys = sorted(k for b in batches for k in b["key"])
+    assert keys == [f"videos/{i:05d}.mp4" for i in range(GOOD)]
+    data = json.loads(report.read_text())
+    reasons = {b["key"]: b["reason"] for b in data["bad"]}
+    assert set(reasons) >= BAD_FILES
+    assert "videos/00001.mp4" in reasons and "mask is 16x16, video is 32x32" in reasons["videos/00001.mp4"]
+    assert "3 usable frames" in reasons["videos/short.mp4"]
+    assert "captions.csv:13 (videos/missing.mp4)" in reasons and "captions.csv:14 (videos/00002.mp4)" in reasons
+    assert data["num_bad"] == len(reasons) == 8 and data["total"] == GOOD + 5 + 3
+
+
+def test_too_many_bad_inputs_stop_naming_the_first(folder, tmp_path):
+    c = _config(source="folder", path=str(folder), masks=True)  # default threshold: 1%
+    with pytest.raises(TooManyBadInputs, match=r"videos/missing\.mp4.*does not exist"):
+        _all(make_dataset(c, batch_size=2, train=False, report_path=tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())["num_bad"] == 1
+
+
+def test_report_threshold_counts_unique_bad_keys(tmp_path):
+    r = BadInputReport(total=10, max_bad_fraction=0.2, path=tmp_path / "r.json")
+    r.add("a", "x")
+    r.add("a", "x")  # a repeat in a later epoch is the same file
+    r.add("b", "y")
+    with pytest.raises(TooManyBadInputs, match=r"3 of 10 inputs are bad.*a: x; b: y; c: z"):
+        r.add("c", "z")
+    assert json.loads((tmp_path / "r.json").read_text())["num_bad"] == 3
+
+
+# --- sampling, resizing, cropping --------------------------------------------------------------------------------
+
+
+def test_sample_indices_valid_lists_strides_and_shortfalls():
+    rng = np.random.default_rng(0)
+    assert transforms.sample_indices(range(10), 4, 2, None) == [0, 2, 4, 6]
+    starts = {transforms.sample_indices(range(10), 4, 2, rng)[0] for _ in range(50)}
+    assert starts == {0, 1, 2, 3}
+    assert transforms.sample_indices([3, 5, 8, 9, 11], 2, 3, None) == [3, 9]
+    with pytest.raises(ValueError, match="5 usable frames, 3 frames at stride 3 need 7"):
+        transforms.sample_indices([3, 5, 8, 9, 11], 3, 3, None)
+
+
+def test_clip_is_the_decoded_frames_at_the_sampled_indices(folder):
+    """Eval: the first frames, stride 2, centre crop of a frame scaled to cover (24, 16)."""
+    c = _config(source="folder", path=str(folder), stride=2, resolution=(24, 16), normalize=False,
+                max_bad_fraction=1.0)
+    src = VideoCaptionFolder(folder)
+    ex = transforms.load_example(src[0], loader_spec(c, train=False), np.random.default_rng(0))
+    full = read_frames(src[0]["video"], [0, 2, 4, 6], resize=(24, 24))
+    np.testing.assert_array_equal(ex["video"], full[:, :, 4:20])
+    assert ex["video"].shape == (4, 24, 16, 3) and ex["caption"] == make_clip(0, SYN).caption
+
+
+def test_fps_sets_the_stride(tmp_path):
+    root = write_synthetic(tmp_path / "f", 2, SyntheticConfig(num_frames=16, size=32))  # written at 8 fps
+    src = VideoCaptionFolder(root)
+    c = _config(source="folder", path=str(root), fps=2.0, num_frames=4, normalize=False)
+    spec = loader_spec(c, train=False)
+    ex = transforms.load_example(src[1], spec, np.random.default_rng(0))
+    np.testing.assert_array_equal(ex["video"], read_frames(src[1]["video"], [0, 4, 8, 12]))
+
+
+def test_non_square_source_is_covered_then_cropped(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 255, (5, 40, 64, 3), dtype=np.uint8)
+    assert transforms.scaled_size(40, 64, 32, 32) == (32, 51)
+    spec = transforms.LoaderSpec(num_frames=5, height=32, width=32, train=True, normalize=False)
+    xs = {transforms.load_example({"key": "k", "video": frames, "caption": "c"}, spec,
+                                  np.random.default_rng(s))["video"].tobytes() for s in range(6)}
+    assert len(xs) > 1  # random crops differ
+
+
+# --- examples ----------------------------------------------------------------------------------------------------
+
+
+def test_batches_are_normalized_and_seeded(tmp_path):
+    c = _config(caption_dropout=0.0)
+    a = next(iter(make_dataset(c, batch_size=3)))
+    b = next(iter(make_dataset(c, batch_size=3)))
+    c.seed = 1
+    d = next(iter(make_dataset(c, batch_size=3)))
+    assert a["video"].dtype == np.float32 and a["video"].shape == (3, 4, 32, 32, 3)
+    assert a["video"].min() >= -1.0 and a["video"].max() <= 1.0
+    np.testing.assert_array_equal(a["video"], b["video"])
+    assert list(a["key"]) == list(b["key"]) and list(a["key"]) != list(d["key"])
+
+
+def test_processes_read_disjoint_shards_covering_the_data():
+    c = _config(num_epochs=1)
+    keys = [[k for b in _all(make_dataset(c, batch_size=1, process_index=i, process_count=2)) for k in b["key"]]
+            for i in range(2)]
+    assert not set(keys[0]) & set(keys[1])
+    assert sorted(keys[0] + keys[1]) == sorted(SyntheticSource(SYN, GOOD)[i]["key"] for i in range(GOOD))
+
+
+def test_subject_entity_pyramid_and_clip_inputs():
+    spec = transforms.LoaderSpec(num_frames=4, height=32, width=32, train=False, masks=True, subject=True,
+                                 subject_sizes=(48, 40, 32), clip_size=24, normalize=False, sda_eval_mode="all")
+    rec = SyntheticSource(SYN, GOOD)[2]
+    ex = transforms.load_example(rec, spec, np.random.default_rng(0))
+    m = ex["mask"].astype(bool)
+    np.testing.assert_array_equal(ex["subject_32"][~m], 0)  # black outside the subject
+    np.testing.assert_array_equal(ex["subject_32"][m], ex["video"][m])
+    assert ex["subject_48"].shape == (4, 48, 48, 3) and ex["subject_clip"].shape == (4, 24, 24, 3)
+    assert ex["subject_frames"].all() and ex["subject_mode"] == 2
+    color = make_clip(2, SYN).color
+    mean = ex["subject_48"][0][ex["subject_48"][0].sum(-1) > 0].mean(0)
+    assert min(COLORS, key=lambda k: np.linalg.norm(mean - COLORS[k])) == color
+    # generation mode: only the first frame carries the entity
+    first = transforms.subject_inputs(ex["video"], m, dataclasses.replace(spec, sda_eval_mode="first"), None)
+    assert first["subject_frames"].tolist() == [True, False, False, False]
+    assert first["subject_40"][1:].max() == 0 and first["subject_40"][0].max() > 0
+    normed = transforms.normalize_example(ex)
+    np.testing.assert_allclose(normed["subject_clip"][0, 0, 0], (0 - np.array(transforms.CLIP_MEAN)) /
+                               np.array(transforms.CLIP_STD), rtol=1e-6)
+
+
+def test_subject_modes_follow_their_probabilities():
+    spec = transforms.LoaderSpec(num_frames=2, height=32, width=32, subject=True, subject_sizes=(32,), clip_size=32,
+                                 sda_probs=(0.2, 0.5, 0.3))
+    rec = SyntheticSource(SYN, 1)[0]
+    frames, masks = rec["video"][:2], rec["mask"][:2] > 0
+    rng = np.random.default_rng(0)
+    modes = [int(transforms.subject_inputs(frames, masks, spec, rng)["subject_mode"]) for _ in range(600)]
+    np.testing.assert_allclose(np.bincount(modes, minlength=3) / 600, [0.2, 0.5, 0.3], atol=0.06)
+
+
+def test_interpolation_windows_and_super_resolution_pairs():
+    rec = SyntheticSource(SYN, 1)[0]
+    spec = transforms.LoaderSpec(task="interp", interp_window=7, interp_targets=(2, 4), height=32, width=32,
+                                 train=False, normalize=False)
+    ex = transforms.load_example(rec, spec, np.random.default_rng(0))
+    np.testing.assert_array_equal(ex["frame0"], rec["video"][0])
+    np.testing.assert_array_equal(ex["frame1"], rec["video"][6])
+    np.testing.assert_array_equal(ex["targets"], rec["video"][[2, 4]])
+    np.testing.assert_allclose(ex["times"], [1 / 3, 2 / 3])
+    vsr = transforms.LoaderSpec(task="vsr", vsr_scale=4, num_frames=3, height=32, width=32, train=False,
+                                normalize=False)
+    ex = transforms.load_example(rec, vsr, np.random.default_rng(0))
+    assert ex["low_res"].shape == (3, 8, 8, 3)
+    np.testing.assert_allclose(ex["low_res"][0, 0, 0], ex["video"][0, :4, :4].reshape(-1, 3).mean(0), atol=1)
+    with pytest.raises(ValueError, match="does not divide"):
+        transforms.LoaderSpec(task="vsr", vsr_scale=3, height=32, width=32)
+
+
+def test_caption_dropout_and_tokens(tmp_path):
+    from helpers import EOS, write_tokenizer
+
+    from magdiff_jax.models.tokenizer import CLIPTokenizer
+
+    write_tokenizer(tmp_path / "tok", EOS)
+    c = _config(caption_dropout=1.0, tokenizer=str(tmp_path / "tok"))
+    b = next(iter(make_dataset(c, batch_size=2)))
+    assert list(b["caption"]) == ["", ""]
+    np.testing.assert_array_equal(b["tokens"][0], CLIPTokenizer.from_folder(tmp_path / "tok")([""])[0])
+    c.caption_dropout = 0.0
+    b = next(iter(make_dataset(c, batch_size=2, train=False)))
+    np.testing.assert_array_equal(b["tokens"], CLIPTokenizer.from_folder(tmp_path / "tok")(list(b["caption"])))
+
+
+def test_bad_configs_are_named():
+    with pytest.raises(ValueError, match="fewer than a batch of 8"):
+        make_dataset(_config(), batch_size=8, process_index=0, process_count=2)
+    with pytest.raises(ValueError, match="data task must be one of"):
+        make_dataset(_config(task="audio"), batch_size=1)
+    with pytest.raises(ValueError, match=r"needs data\.path"):
+        make_dataset(_config(source="folder"), batch_size=1)
+    with pytest.raises(FileNotFoundError, match="no annotation file"):
+        make_dataset(_config(source="folder", path=os.path.dirname(__file__)), batch_size=1)
+
+
+# --- resumption --------------------------------------------------------------------------------------------------
+
+
+def test_iterator_state_restores_through_orbax(tmp_path):
+    """A pipeline resumed from an Orbax checkpoint (Grain's handler) yields exactly the batches the uninterrupted
+    one does, across an epoch boundary and with the thread prefetch on."""
+    import orbax.checkpoint as ocp
+
+    c = _config(prefetch=2)
+    it = iter(make_dataset(c, batch_size=2))
+    for _ in range(2):
+        next(it)
+    mgr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
+    mgr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mgr.wait_until_finished()
+    expected = [next(it) for _ in range(4)]  # crosses into the second epoch (6 clips, batches of 2)
+
+    fresh = iter(make_dataset(c, batch_size=2))
+    mgr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    for want in expected:
+        got = next(fresh)
+        assert list(got["key"]) == list(want["key"])
+        np.testing.assert_array_equal(got["video"], want["video"])
+
+
+def test_worker_processes_give_the_same_batches():
+    c = _config()
+    it = iter(make_dataset(c, batch_size=2))
+    ref = [next(it) for _ in range(3)]
+    c.worker_count = 1
+    it = iter(make_dataset(c, batch_size=2))
+    for want in ref:
+        got = next(it)
+        np.testing.assert_array_equal(got["video"], want["video"])
