@@ -17,6 +17,8 @@ batches it would have seen.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -27,6 +29,7 @@ import numpy as np
 
 from magdiff_jax.data.bad_input import REPORT_NAME, BadInputReport
 from magdiff_jax.data.transforms import LoaderSpec, safe_load
+from magdiff_jax.data.video_io import VideoError, probe
 
 SOURCES = ("synthetic", "folder", "images", "tfds", "encoded")
 
@@ -45,6 +48,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.fps = 0.0  # > 0: sample at this frame rate instead of a fixed stride
     c.resolution = (64, 64)  # (height, width): shorter side resized to cover it, then cropped
     c.crop = "random"  # random | center (evaluation crops at the centre)
+    c.buckets = ()  # ((frames, height, width), ...): batches of one shape each, by aspect ratio and length
     c.caption_dropout = 0.0
     c.masks = False
     c.subject = ml_collections.ConfigDict({
@@ -155,7 +159,9 @@ def make_dataset(config, *, batch_size: int, train: bool = True, process_index: 
     """Batches (dicts of numpy arrays, plus `key` and `caption` strings) for this process.
 
     `batch_size` is per process. `report_path` is where bad inputs are reported as JSON (default: none written;
-    the trainer passes its workdir). Raises ValueError naming the problem for a config it cannot serve.
+    the trainer passes its workdir). With `config.buckets`, each batch comes from one (frames, height, width)
+    bucket (`assign_buckets`), buckets drawn in proportion to their size. Raises ValueError naming the problem
+    for a config it cannot serve.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -167,13 +173,69 @@ def make_dataset(config, *, batch_size: int, train: bool = True, process_index: 
 
         tokenizer(spec.tokenizer, spec.max_length)
     source = make_source(config) if source is None else source
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
+    shard = list(range(process_index, len(source), process_count))
+    if not shard:
         raise ValueError(f"{source!r} has no records for process {process_index} of {process_count}")
-    if train and len(ds) < batch_size:
-        raise ValueError(f"{len(ds)} records in this process's shard, fewer than a batch of {batch_size}")
+    source_bad = list(getattr(source, "bad", [])) if process_index == 0 else []
+    report = BadInputReport(total=len(shard) + len(source_bad), max_bad_fraction=config.max_bad_fraction,
+                            path=report_path)
+    for key, reason in source_bad:
+        report.add(key, reason)
+
+    if not config.get("buckets"):
+        groups = [(shard, spec)]
+    else:
+        if config.source == "encoded":
+            raise ValueError("data.buckets: pre-encoded latents have one shape already; drop the buckets")
+        buckets = [tuple(int(v) for v in b) for b in config.buckets]
+        assignment = assign_buckets(source, shard, buckets, spec.stride)
+        groups = []
+        for b, (frames, height, width) in enumerate(buckets):
+            members = [i for i, a in zip(shard, assignment, strict=True) if a == b]
+            if train and len(members) < batch_size:  # too few to fill a batch: they are not used
+                if members:
+                    logging.warning("bucket %s has %d records, fewer than a batch; skipped", buckets[b], len(members))
+                continue
+            if members:
+                groups.append((members, dataclasses.replace(spec, num_frames=frames, height=height, width=width)))
+    streams, weights = [], []
+    for members, group_spec in groups:
+        if train and len(members) < batch_size:
+            raise ValueError(f"{len(members)} records in this process's shard, fewer than a batch of {batch_size}")
+        stream = _example_stream(source, members, group_spec, config, train, seed=config.seed + len(streams))
+        streams.append(DropBad(stream, report).batch(batch_size, drop_remainder=train))
+        weights.append(len(members))
+    if not streams:
+        raise ValueError(f"no bucket of {list(config.buckets)} holds a batch of {batch_size} records")
+    if len(streams) == 1:
+        it = streams[0]
+    elif train:
+        it = grain.IterDataset.mix(streams, weights=[w / sum(weights) for w in weights])
+    else:
+        it = grain.experimental.InterleaveIterDataset(streams, cycle_length=1)
+    if config.prefetch > 0:
+        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=config.prefetch)
+    return it
+
+
+class _Subset:
+    """Records `indices` of `source` (a process's shard, or one bucket of it)."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, list(indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[self.indices[i]]
+
+
+def _example_stream(source, indices, spec: LoaderSpec, config, train: bool, seed: int) -> grain.IterDataset:
+    """Shuffled (each epoch anew), repeated, loaded examples of `source[indices]`, bad ones still marked."""
+    ds = grain.MapDataset.source(_Subset(source, indices))
     if train and config.shuffle:
-        ds = ds.shuffle(seed=config.seed)
+        ds = ds.shuffle(seed=seed)
     epochs = config.num_epochs if train else 1
     if epochs != 1:
         ds = ds.repeat(None if epochs < 0 else epochs)
@@ -183,24 +245,37 @@ def make_dataset(config, *, batch_size: int, train: bool = True, process_index: 
         loader = encoded_loader(config, train)
     else:
         loader = _Loader(spec)
-    ds = ds.random_map(loader, seed=config.seed + 1)
-    it = ds.to_iter_dataset()
+    it = ds.random_map(loader, seed=seed + 1).to_iter_dataset()
     if config.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
                                                          per_worker_buffer_size=config.worker_buffer_size))
-    source_bad = list(getattr(source, "bad", [])) if process_index == 0 else []
-    report = BadInputReport(total=_shard_len(source, process_index, process_count) + len(source_bad),
-                            max_bad_fraction=config.max_bad_fraction, path=report_path)
-    for key, reason in source_bad:
-        report.add(key, reason)
-    it = DropBad(it, report).batch(batch_size, drop_remainder=train)
-    if config.prefetch > 0:
-        it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=config.prefetch)
     return it
 
 
-def _shard_len(source, index: int, count: int) -> int:
-    return len(range(index, len(source), count))
+def assign_buckets(source, indices, buckets: list[tuple[int, int, int]], stride: int = 1) -> list[int]:
+    """The (frames, height, width) bucket of each record: among the buckets whose frame count the clip can fill
+    (at `stride`), the closest in aspect ratio, then the longest. Records say their size through `num_frames`,
+    `height`, `width` keys where a builder stored them; otherwise the video is probed (its header only, for
+    most containers). A record that cannot be probed goes to bucket 0, where the loader reports it as bad."""
+    out = []
+    for i in indices:
+        record = source[i]
+        try:
+            if all(k in record for k in ("num_frames", "height", "width")):
+                n, h, w = int(record["num_frames"]), int(record["height"]), int(record["width"])
+            else:
+                info = probe(record["video"])
+                n, h, w = info.num_frames, info.height, info.width
+        except (VideoError, ValueError, OSError):
+            out.append(0)
+            continue
+        if record.get("frames") is not None:
+            n = len(record["frames"])
+        fits = [b for b, (f, _, _) in enumerate(buckets) if (f - 1) * stride + 1 <= n] or list(range(len(buckets)))
+        ratio = np.log(h / w)
+        out.append(min(fits, key=lambda b: (round(abs(np.log(buckets[b][1] / buckets[b][2]) - ratio), 6),
+                                            -buckets[b][0])))
+    return out
 
 
 def default_report_path(out_dir: str | os.PathLike, process_index: int | None = None) -> Path:

@@ -1,0 +1,64 @@
+"""Pictures for people: contact sheets of clips with their captions, written as PNG atomically.
+
+Used by `magdiff-jax data inspect`, the trainer's preview samples and the demo.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+
+def contact_sheet(videos, captions=None, cell: int = 96, max_frames: int = 8, pad: int = 4) -> np.ndarray:
+    """One row per clip: up to `max_frames` evenly spaced frames, each scaled to `cell` pixels high, with the
+    caption written under the row. `videos`: uint8 (T, H, W, 3) arrays (or floats in [-1, 1]). -> uint8 image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    rows = []
+    captions = list(captions) if captions is not None else [""] * len(videos)
+    for video, caption in zip(videos, captions, strict=True):
+        video = np.asarray(video)
+        if video.dtype != np.uint8:
+            video = np.clip((video.astype(np.float32) + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+        if video.ndim == 3:
+            video = video[None]
+        picks = np.unique(np.linspace(0, len(video) - 1, min(max_frames, len(video))).round().astype(int))
+        width = max(1, round(video.shape[2] * cell / video.shape[1]))
+        frames = [Image.fromarray(video[t]).resize((width, cell), Image.Resampling.BICUBIC) for t in picks]
+        lines = textwrap.wrap(str(caption), width=max(20, (width + pad) * len(frames) // 7)) or [""]
+        text_h = 12 * len(lines) + pad
+        row = Image.new("RGB", ((width + pad) * len(frames) + pad, cell + text_h + pad), (255, 255, 255))
+        for k, frame in enumerate(frames):
+            row.paste(frame, (pad + k * (width + pad), pad))
+        draw = ImageDraw.Draw(row)
+        for k, line in enumerate(lines):
+            draw.text((pad, cell + pad + 2 + 12 * k), line, fill=(0, 0, 0), font=font)
+        rows.append(np.asarray(row))
+    if not rows:
+        raise ValueError("contact_sheet: no clips")
+    w = max(r.shape[1] for r in rows)
+    rows = [np.pad(r, ((0, 0), (0, w - r.shape[1]), (0, 0)), constant_values=255) for r in rows]
+    return np.concatenate(rows, axis=0)
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
+    """Write a uint8 image as PNG through a temporary file and a rename (never half-written)."""
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
