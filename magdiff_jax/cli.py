@@ -4,6 +4,9 @@
     magdiff-jax convert to-torch --kind unet2d out/unet_flax      out/unet_torch
     magdiff-jax convert to-flax --kind pipeline path/to/sd-pipeline out/sd_flax
     magdiff-jax data synth --out data/synth --num 72
+    magdiff-jax data build --builder ucf101 --manual-dir ~/UCF101 --out data/tfds
+    magdiff-jax data inspect data/synth
+    magdiff-jax data encode --data data/synth --pipeline out/sd_flax --out data/synth_latents
 
 Runs under `absl.app` (Grain and the ml_collections config flags need parsed absl flags): argparse takes the
 subcommand and its arguments, everything it does not know (`--config.lr=...`) goes to absl.
@@ -49,9 +52,13 @@ def _add_convert(sub):
     tt.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
 
 
+BUILDER_NAMES = ("video_caption", "image_caption", "ucf101", "msrvtt", "davis", "vimeo90k")
+
+
 def _add_data(sub):
-    p = sub.add_parser("data", help="datasets: write the synthetic dataset", description="Dataset tools.")
-    dsub = p.add_subparsers(dest="action", required=True, metavar="{synth}")
+    p = sub.add_parser("data", help="datasets: synthesize, build (TFDS), inspect, pre-encode",
+                       description="Dataset tools.")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="{synth,build,inspect,encode}")
     sy = dsub.add_parser("synth", help="write the synthetic dataset (coloured shapes moving over textures)",
                          description="Write N synthetic clips (mp4 + per-frame masks + captions.csv) to OUT in the "
                                      "video-caption folder layout; deterministic from --seed.")
@@ -61,6 +68,30 @@ def _add_data(sub):
     sy.add_argument("--size", type=int, default=64, help="frame height and width (even)")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--overwrite", action="store_true")
+    bu = dsub.add_parser("build", help="build a TFDS dataset (array_record) from a local folder",
+                         description="Build a TFDS dataset (array_record, no TensorFlow) from MANUAL_DIR laid out as "
+                                     "the official archive unpacks (or a video/image-caption folder). Bad files are "
+                                     "skipped and listed in OUT/bad_inputs.json; too many stop the build.")
+    bu.add_argument("--builder", required=True, choices=BUILDER_NAMES)
+    bu.add_argument("--manual-dir", required=True, help="the unpacked dataset")
+    bu.add_argument("--out", required=True, help="TFDS data dir to write")
+    bu.add_argument("--max-bad-fraction", type=float, default=0.01,
+                    help="stop when more than this fraction of the inputs is bad (default 0.01)")
+    ins = dsub.add_parser("inspect", help="counts, shapes and a contact sheet of a dataset folder",
+                          description="Print what a dataset folder holds (video-caption or image-caption folder, "
+                                      "TFDS build, or encoded latents) and write a contact-sheet PNG of sample "
+                                      "clips with their captions.")
+    ins.add_argument("dir", help="dataset folder")
+    ins.add_argument("--num", type=int, default=8, help="clips to sample")
+    ins.add_argument("--out", default=None, help="contact sheet path (default DIR/contact_sheet.png)")
+    ins.add_argument("--seed", type=int, default=0)
+    en = dsub.add_parser("encode", help="pre-encode VAE latents and text embeddings (array_record)",
+                         description="Run the frozen VAE and text encoder over a dataset once and write latents and "
+                                     "text embeddings as array_record shards (one per process), so training can "
+                                     "skip the frozen encoders (data.source='encoded').")
+    from magdiff_jax.data.encode import add_encode_arguments
+
+    add_encode_arguments(en)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,11 +136,25 @@ def _convert(args) -> None:
 
 
 def _data(args) -> None:
-    from magdiff_jax.data.synthetic import SyntheticConfig, write_synthetic
+    if args.action == "synth":
+        from magdiff_jax.data.synthetic import SyntheticConfig, write_synthetic
 
-    config = SyntheticConfig(num_frames=args.frames, size=args.size, seed=args.seed)
-    out = write_synthetic(args.out, args.num, config, overwrite=args.overwrite)
-    print(f"wrote {args.num} clips to {out}")
+        config = SyntheticConfig(num_frames=args.frames, size=args.size, seed=args.seed)
+        out = write_synthetic(args.out, args.num, config, overwrite=args.overwrite)
+        print(f"wrote {args.num} clips to {out}")
+    elif args.action == "build":
+        from magdiff_jax.data.builders import build
+
+        out = build(args.builder, args.manual_dir, args.out, max_bad_fraction=args.max_bad_fraction)
+        print(f"built {args.builder} in {out}")
+    elif args.action == "inspect":
+        from magdiff_jax.data.summary import format_summary, inspect_dataset
+
+        print(format_summary(inspect_dataset(args.dir, out=args.out, num=args.num, seed=args.seed)))
+    else:
+        from magdiff_jax.data.encode import run_encode_cli
+
+        print(f"wrote encoded dataset to {run_encode_cli(args)}")
 
 
 COMMANDS = {"convert": _convert, "data": _data}

@@ -1,0 +1,649 @@
+"""Pre-encoded training data: VAE latents and CLIP text embeddings computed once, so training skips the frozen
+encoders (`magdiff-jax data encode`).
+
+    out = encode_dataset(data_config(), vae_dir="sd/vae", text_encoder_dir="sd/text_encoder",
+                         tokenizer_dir="sd/tokenizer", out_dir="encoded/")      # every process encodes its shard
+    config.source, config.path = "encoded", "encoded/"                           # then train from it:
+    ds = make_dataset(config, batch_size=8)                                      # (pipeline.py reads it as below)
+
+Encoding runs the evaluation pipeline (`make_dataset(..., train=False)`: every record once, centre crop, the
+first caption, no caption dropout) on this process's shard and encodes each batch on the local devices: all
+frames through `AutoencoderKL.encode`, the caption's token ids through the CLIP text tower (float32 on device,
+data-parallel over this process's local devices). Each clip is thus fixed: one frame window, one crop, one
+caption; training from it gives up random crops and frame windows in exchange for skipping both encoders.
+
+On disk, OUT/ holds:
+
+    encoded-00000-of-00002.array_record   one record per example (process 0's shard), group_size 1
+    encoded-00000-of-00002.json           {"count", "num_bad", "total", "shapes", "dtypes", ...} of that shard
+    encoded-00001-of-00002.array_record   process 1's shard, ...
+    bad_inputs.json, bad_inputs.1.json    the bad-input report of each process (`bad_input.py`)
+    null_text.msgpack                     the embedding of the empty caption "" (a record as below)
+    encoded.json                          metadata (process 0): data config, model paths, scaling_factor,
+                                          latent and text shapes, dtype, text_layer, num_shards
+
+Each record is `flax.serialization.msgpack_serialize` of a dict (no pickle):
+
+    key              str
+    caption          str                 the caption that was encoded
+    latents_mean     (F, h, w, C)        posterior mean, unscaled (multiply by `scaling_factor` for diffusion,
+    latents_std      (F, h, w, C)        after subtracting `shift_factor` when set); std = exp(logvar / 2)
+    text_embeddings  (L, D)              CLIP hidden states (`text_layer`, below)
+    tokens           (L,) int32          the token ids they were computed from
+
+Latents and embeddings are stored as float32 or float16 (`dtype`). `text_layer` picks the text features:
+"last" (default) is `last_hidden_state`, what SD 1.x and SD 2.x condition on (SD 2.x's converted text encoder
+already has its last layer removed); "penultimate" is the second-to-last layer's output passed through the
+final layer norm, as diffusers' `clip_skip=1` for a full-depth encoder.
+
+Every file is written under a temporary name and renamed into place. Processes write only their own files, so
+N processes can encode into one shared folder; process 0 writes `encoded.json` when its shard is done, and
+`EncodedSource` checks that every shard it lists is there. A process refuses a folder holding anything but the
+other processes' files of the same encoding unless `overwrite`, which replaces its own earlier files.
+
+Reading: `EncodedSource(OUT)` is a random-access source over every shard (records as above) and
+`encoded_loader(config, train)` the per-example transform: in training, caption dropout replaces the text
+embedding (and tokens, caption) with the stored null-caption one, and `config.encoded_sample` draws
+`latents = mean + std * N(0, 1)` (unscaled) in place of `latents_mean` / `latents_std`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+import threading
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax.serialization import msgpack_restore, msgpack_serialize
+
+from magdiff_jax.data import pipeline as data_pipeline
+from magdiff_jax.data.bad_input import REPORT_NAME, BadInputReport
+
+FORMAT = "magdiff_jax.encoded"
+VERSION = 1
+META_NAME = "encoded.json"
+NULL_TEXT_NAME = "null_text.msgpack"
+DTYPES = ("float32", "float16")
+TEXT_LAYERS = ("last", "penultimate")
+RECORD_KEYS = ("key", "caption", "latents_mean", "latents_std", "text_embeddings", "tokens")
+_SHARD_RE = re.compile(r"encoded-(\d{5})-of-(\d{5})\.(array_record|json)")
+_REPORT_RE = re.compile(re.escape(REPORT_NAME).replace(r"\.json", r"(\.\d+)?\.json"))
+
+
+def shard_stem(index: int, count: int) -> str:
+    return f"encoded-{index:05d}-of-{count:05d}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _write_json(path: Path, obj) -> Path:
+    return _write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def _config_dict(cfg) -> dict:
+    if hasattr(cfg, "to_json_best_effort"):
+        return json.loads(cfg.to_json_best_effort())
+    return json.loads(json.dumps(dict(cfg), default=str))
+
+
+def _own_names(index: int, count: int) -> set[str]:
+    stem = shard_stem(index, count)
+    report = data_pipeline.default_report_path(".", index).name
+    names = {f"{stem}.array_record", f"{stem}.json", report}
+    if index == 0:
+        names |= {META_NAME, NULL_TEXT_NAME}
+    return names
+
+
+def _is_encoding_output(name: str) -> bool:
+    return bool(_SHARD_RE.fullmatch(name) or _REPORT_RE.fullmatch(name)) or name in (META_NAME, NULL_TEXT_NAME)
+
+
+def _prepare_out_dir(out: Path, index: int, count: int, overwrite: bool) -> None:
+    """Refuse a folder holding anything besides the other processes' shards of this same encoding, unless
+    `overwrite`; then remove this process's previous outputs (process 0 also removes shards of an encoding
+    with another shard count). Files that an encoding never writes are left alone."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    own = _own_names(index, count)
+    existing = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+
+    def other_process(name: str) -> bool:  # written by another process of this same encoding
+        if name in own:
+            return False
+        if name in (META_NAME, NULL_TEXT_NAME):
+            return index != 0
+        if m := _SHARD_RE.fullmatch(name):
+            return int(m.group(2)) == count and int(m.group(1)) < count
+        if m := _REPORT_RE.fullmatch(name):
+            return int(m.group(1)[1:] if m.group(1) else 0) < count
+        return False
+
+    refused = [n for n in existing if not other_process(n)]
+    if refused and not overwrite:
+        shown = ", ".join(refused[:5]) + (", ..." if len(refused) > 5 else "")
+        raise FileExistsError(f"{out} is not empty ({shown}); choose another output folder or pass overwrite "
+                              "(--overwrite)")
+    for name in refused:
+        if name in own or (index == 0 and _is_encoding_output(name)):  # process 0 clears other shard counts
+            (out / name).unlink()
+        else:
+            logging.warning("%s: leaving %s in place (not written by this encoding)", out, name)
+    for name in own:
+        (out / f".{name}.partial").unlink(missing_ok=True)
+
+
+def _find_report(ds) -> BadInputReport | None:
+    """The bad-input report of the pipeline's DropBad stage (searched through the dataset graph)."""
+    todo, seen = [ds], set()
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(getattr(node, "report", None), BadInputReport):
+            return node.report
+        todo.extend(getattr(node, "parents", ()) or ())
+    return None
+
+
+def _read_msgpack(path: Path) -> dict:
+    return msgpack_restore(Path(path).read_bytes())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# jitted encoders (cached per model config, so repeated calls and every batch reuse one compilation)
+
+
+@functools.lru_cache(maxsize=8)
+def _video_fn(vae_config, frames_per_call: int):
+    """jit((params, uint8 video (B, F, H, W, 3)) -> float32 (mean, std) (B, F, h, w, C)), frames in [0, 255]
+    mapped to [-1, 1] as the pipeline's `normalize_example` does."""
+    from magdiff_jax.models.vae import AutoencoderKL
+
+    vae = AutoencoderKL(vae_config)
+
+    def fn(params, video):
+        b, f = video.shape[:2]
+        x = video.reshape(b * f, *video.shape[2:]).astype(jnp.float32) / 127.5 - 1.0
+
+        def encode(images):
+            return vae.apply({"params": params}, images, method="encode")
+
+        if 0 < frames_per_call < b * f:
+            mean, logvar = jax.lax.map(lambda im: jax.tree.map(lambda a: a[0], encode(im[None])), x,
+                                       batch_size=frames_per_call)
+        else:
+            mean, logvar = encode(x)
+        std = jnp.exp(0.5 * logvar.astype(jnp.float32))
+        shape = (b, f, *mean.shape[1:])
+        return mean.reshape(shape).astype(jnp.float32), std.reshape(shape)
+
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=8)
+def _text_fn(text_config, text_layer: str):
+    """jit((params, tokens (B, L) int32) -> float32 embeddings (B, L, D)) for `text_layer` ("last" |
+    "penultimate")."""
+    from magdiff_jax.layers.common import layer_norm
+    from magdiff_jax.models.clip import CLIPTextModel
+
+    if text_layer not in TEXT_LAYERS:
+        raise ValueError(f"text_layer must be one of {TEXT_LAYERS}, got {text_layer!r}")
+    if text_layer == "penultimate" and text_config.num_hidden_layers < 2:
+        raise ValueError("text_layer 'penultimate' needs a text encoder with at least 2 layers")
+    model = CLIPTextModel(text_config)
+    final_norm = layer_norm(epsilon=text_config.layer_norm_eps, dtype=jnp.dtype(text_config.dtype))
+
+    def fn(params, tokens):
+        out = model.apply({"params": params}, tokens, output_hidden_states=text_layer != "last")
+        if text_layer == "last":
+            h = out.last_hidden_state
+        else:
+            h = final_norm.apply({"params": params["final_layer_norm"]}, out.hidden_states[-2])
+        return h.astype(jnp.float32)
+
+    return jax.jit(fn)
+
+
+def encode_text(text_module, params, tokens, *, text_layer: str = "last", dtype: str = "float32") -> np.ndarray:
+    """CLIP text features of token ids (B, L) as `encode_dataset` stores them (numpy)."""
+    out = _text_fn(text_module.config, text_layer)(params, jnp.asarray(tokens, jnp.int32))
+    return np.asarray(jax.device_get(out)).astype(dtype)
+
+
+def encode_video(vae_module, params, video, *, dtype: str = "float32", frames_per_call: int = 0):
+    """(mean, std) (B, F, h, w, C) of uint8 frames (B, F, H, W, 3), as `encode_dataset` stores them (numpy)."""
+    out = _video_fn(vae_module.config, int(frames_per_call))(params, jnp.asarray(video))
+    return tuple(np.asarray(a).astype(dtype) for a in jax.device_get(out))
+
+
+class _Placement:
+    """Data-parallel placement over this process's local devices (params replicated, batches split)."""
+
+    def __init__(self, batch_size: int):
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        devices = jax.local_devices()
+        self.batch = -(-batch_size // len(devices)) * len(devices)  # padded to a multiple of the device count
+        mesh = Mesh(np.asarray(devices), ("batch",))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.split = NamedSharding(mesh, PartitionSpec("batch"))
+
+    def params(self, tree):
+        return jax.device_put(tree, self.replicated)
+
+    def batch_array(self, x: np.ndarray) -> jax.Array:
+        """`x` padded (repeating its last row) to the jitted batch size, split over the devices."""
+        n = x.shape[0]
+        if n < self.batch:
+            x = np.concatenate([x, np.repeat(x[-1:], self.batch - n, axis=0)])
+        return jax.device_put(x, self.split)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_dir, batch_size: int = 4,
+                   process_index: int | None = None, process_count: int | None = None, overwrite: bool = False,
+                   dtype: str = "float32", text_layer: str = "last", frames_per_call: int = 0,
+                   source=None) -> Path:
+    """Encode this process's shard of the dataset `data_cfg` describes into `out_dir` (see the module doc).
+
+    `vae_dir` / `text_encoder_dir`: folders written by `magdiff-jax convert to-flax` (kinds "vae" and
+    "clip_text"); `tokenizer_dir`: a CLIP tokenizer folder (or a pipeline root with `tokenizer/`). `batch_size`
+    is per process (the last, partial batch is padded to it on device and the padding dropped).
+    `frames_per_call` > 0 bounds the frames per VAE call (memory at high resolution). `source` replaces the
+    source the config names. Returns `out_dir`.
+    """
+    from magdiff_jax.convert.flax_checkpoint import load_flax
+    from magdiff_jax.models.tokenizer import CLIPTokenizer, resolve_tokenizer_folder
+
+    index = jax.process_index() if process_index is None else int(process_index)
+    count = jax.process_count() if process_count is None else int(process_count)
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in [0, {count})")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if text_layer not in TEXT_LAYERS:
+        raise ValueError(f"text_layer must be one of {TEXT_LAYERS}, got {text_layer!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+    cfg = ml_collections.ConfigDict(copy.deepcopy(data_cfg.to_dict()) if hasattr(data_cfg, "to_dict") else data_cfg)
+    if cfg.task != "video":
+        raise ValueError(f"encoding supports data.task 'video' (images: one-frame videos), not {cfg.task!r}")
+    if cfg.source == "encoded":
+        raise ValueError("data.source is already 'encoded'")
+    tok_folder = resolve_tokenizer_folder(tokenizer_dir)
+    cfg.tokenizer = str(tok_folder)
+    cfg.normalize = False  # uint8 frames to the device; scaled to [-1, 1] there
+    cfg.crop, cfg.caption_dropout, cfg.masks = "center", 0.0, False
+    cfg.subject.enabled = False
+
+    _, vae, vae_params = load_flax(vae_dir, kind="vae")
+    _, text, text_params = load_flax(text_encoder_dir, kind="clip_text")
+    res = cfg.resolution
+    height, width = (res, res) if isinstance(res, int) else tuple(res)
+    factor = vae.config.downsample_factor
+    if height % factor or width % factor:
+        raise ValueError(f"resolution {height}x{width} does not divide by the VAE's downsampling factor {factor}")
+    if cfg.max_length > text.config.max_position_embeddings:
+        raise ValueError(f"data.max_length {cfg.max_length} exceeds the text encoder's "
+                         f"max_position_embeddings {text.config.max_position_embeddings}")
+    latent_shape = [int(cfg.num_frames), height // factor, width // factor, vae.config.latent_channels]
+    text_shape = [int(cfg.max_length), text.config.hidden_size]
+
+    out = Path(out_dir).absolute()
+    _prepare_out_dir(out, index, count, overwrite)
+    stem = shard_stem(index, count)
+    report_path = data_pipeline.default_report_path(out, index)
+    ds = data_pipeline.make_dataset(cfg, batch_size=batch_size, train=False, process_index=index,
+                                    process_count=count, report_path=report_path, source=source)
+
+    place = _Placement(batch_size)
+    vae_params, text_params = place.params(vae_params), place.params(text_params)
+    video_fn = _video_fn(vae.config, int(frames_per_call))
+    text_fn = _text_fn(text.config, text_layer)
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    final = out / f"{stem}.array_record"
+    tmp = out / f".{final.name}.partial"
+    writer = ArrayRecordWriter(str(tmp), "group_size:1")
+    num_written = 0
+
+    def write(pending):
+        nonlocal num_written
+        batch, (mean, std), emb = pending
+        mean, std, emb = (np.asarray(a).astype(dtype) for a in jax.device_get((mean, std, emb)))
+        for j in range(len(batch["key"])):
+            record = {"key": str(batch["key"][j]), "caption": str(batch["caption"][j]),
+                      "latents_mean": np.asarray(mean[j]), "latents_std": np.asarray(std[j]),
+                      "text_embeddings": np.asarray(emb[j]), "tokens": np.asarray(batch["tokens"][j], np.int32)}
+            writer.write(msgpack_serialize(record))
+            num_written += 1
+
+    try:
+        pending = None
+        for num_batches, batch in enumerate(ds, 1):
+            latents = video_fn(vae_params, place.batch_array(np.asarray(batch["video"])))
+            emb = text_fn(text_params, place.batch_array(np.asarray(batch["tokens"], np.int32)))
+            small = {k: batch[k] for k in ("key", "caption", "tokens")}
+            if pending is not None:
+                write(pending)  # the previous batch, while this one computes
+            pending = (small, latents, emb)
+            if num_batches % 100 == 0:
+                logging.info("encode: process %d wrote %d examples", index, num_written)
+        if pending is not None:
+            write(pending)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    writer.close()
+    os.replace(tmp, final)
+
+    report = _find_report(ds)
+    num_bad = len(report.bad) if report is not None else 0
+    if report is not None:
+        report.write(report_path)
+    np_dtype = np.dtype(dtype).name
+    shard_meta = {
+        "format": FORMAT, "version": VERSION, "shard": index, "num_shards": count, "file": final.name,
+        "count": num_written, "num_bad": num_bad, "total": report.total if report is not None else num_written,
+        "shapes": {"latents_mean": latent_shape, "latents_std": latent_shape, "text_embeddings": text_shape,
+                   "tokens": [text_shape[0]]},
+        "dtypes": {"latents_mean": np_dtype, "latents_std": np_dtype, "text_embeddings": np_dtype,
+                   "tokens": "int32"},
+    }
+    _write_json(out / f"{stem}.json", shard_meta)
+    logging.info("encode: process %d wrote %d examples (%d bad) to %s", index, num_written, num_bad, final)
+
+    if index == 0:
+        tokenizer = CLIPTokenizer.from_folder(tok_folder, max_length=cfg.max_length)
+        null_tokens = tokenizer([""])
+        null_emb = np.asarray(jax.device_get(text_fn(text_params, place.batch_array(null_tokens)))[0]).astype(dtype)
+        null = {"key": "", "caption": "", "text_embeddings": null_emb,
+                "tokens": np.asarray(null_tokens[0], np.int32)}
+        _write_atomic(out / NULL_TEXT_NAME, msgpack_serialize(null))
+        vc = vae.config
+        meta = {
+            "format": FORMAT, "version": VERSION, "num_shards": count,
+            "shards": [f"{shard_stem(i, count)}.array_record" for i in range(count)],
+            "data": _config_dict(cfg), "batch_size": batch_size,
+            "vae": str(Path(vae_dir).absolute()), "text_encoder": str(Path(text_encoder_dir).absolute()),
+            "tokenizer": str(tok_folder.absolute()), "text_layer": text_layer, "dtype": np_dtype,
+            "scaling_factor": vc.scaling_factor, "shift_factor": vc.shift_factor,
+            "latent_shape": latent_shape, "text_shape": text_shape, "null_text": NULL_TEXT_NAME,
+            "vae_config": dataclasses.asdict(vc),
+        }
+        _write_json(out / META_NAME, meta)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reading
+
+
+class EncodedSource:
+    """Random access to every record of an encoded folder (all shards, in shard order); records as in the module
+    doc. Picklable: the array_record readers open on first access in each process."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).absolute()
+        meta_path = self.path / META_NAME
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.path}: no {META_NAME}; expected a folder written by `magdiff-jax data "
+                                    "encode` (process 0 writes it when its shard is done)")
+        self.metadata = json.loads(meta_path.read_text())
+        if self.metadata.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: not an encoded-dataset metadata file (format "
+                             f"{self.metadata.get('format')!r})")
+        n = int(self.metadata["num_shards"])
+        self.files = [self.path / f"{shard_stem(i, n)}.array_record" for i in range(n)]
+        missing = [f.name for f in self.files if not f.is_file()]
+        missing += [f.with_suffix(".json").name for f in self.files if not f.with_suffix(".json").is_file()]
+        if missing:
+            shown = ", ".join(sorted(missing)[:6]) + (", ..." if len(missing) > 6 else "")
+            raise FileNotFoundError(f"{self.path}: {META_NAME} lists {n} shards but {len(missing)} shard file(s) "
+                                    f"are missing: {shown} (has every process's encode finished?)")
+        self.counts = [int(json.loads(f.with_suffix(".json").read_text())["count"]) for f in self.files]
+        null_path = self.path / self.metadata.get("null_text", NULL_TEXT_NAME)
+        if not null_path.is_file():
+            raise FileNotFoundError(f"{self.path}: missing {null_path.name} (the null-caption embedding)")
+        self.null_text = _read_msgpack(null_path)
+        self.bad: list[tuple[str, str]] = []  # bad inputs were reported when encoding
+        self._lock = threading.Lock()
+        self._source = None
+
+    @property
+    def null_text_embeddings(self) -> np.ndarray:
+        """(L, D) embedding of the empty caption, in the stored dtype."""
+        return self.null_text["text_embeddings"]
+
+    @property
+    def null_tokens(self) -> np.ndarray:
+        return self.null_text["tokens"]
+
+    @property
+    def total(self) -> int:
+        return len(self)
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def _reader(self):
+        if self._source is None:
+            with self._lock:
+                if self._source is None:
+                    from grain.sources import ArrayRecordDataSource
+
+                    paths = [f"{f}[0:{c}]" for f, c in zip(self.files, self.counts) if c > 0]
+                    if not paths:
+                        raise ValueError(f"{self.path}: the encoded dataset holds no records")
+                    self._source = ArrayRecordDataSource(paths)
+        return self._source
+
+    def __getitem__(self, index) -> dict:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        return msgpack_restore(self._reader()[index])
+
+    def __getitems__(self, indices) -> list[dict]:
+        indices = [int(i) for i in indices]
+        for i in indices:
+            if not 0 <= i < len(self):
+                raise IndexError(f"record {i} of {len(self)}")
+        return [msgpack_restore(b) for b in self._reader().__getitems__(indices)]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_source"], state["_lock"] = None, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"EncodedSource({self.path}, {len(self)} records in {len(self.files)} shards)"
+
+
+class EncodedLoader(grain.transforms.RandomMap):
+    """Per example: caption dropout onto the stored null-caption embedding (training), and optionally a posterior
+    sample `latents` (float32, unscaled; the mean in evaluation) in place of `latents_mean` / `latents_std`. An
+    unreadable record becomes the pipeline's bad-input marker."""
+
+    def __init__(self, path: str | os.PathLike, train: bool, caption_dropout: float = 0.0, sample: bool = False):
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        self.path, self.train = str(path), bool(train)
+        self.caption_dropout, self.sample = float(caption_dropout), bool(sample)
+        self._null = None
+
+    def null_text(self) -> dict:
+        if self._null is None:
+            self._null = _read_msgpack(Path(self.path) / NULL_TEXT_NAME)
+        return self._null
+
+    def random_map(self, record, rng: np.random.Generator):
+        try:
+            out = {"key": str(record["key"]), "caption": str(record["caption"]),
+                   "text_embeddings": record["text_embeddings"], "tokens": record["tokens"]}
+            if self.train and self.caption_dropout > 0 and rng.random() < self.caption_dropout:
+                null = self.null_text()
+                out.update(caption="", text_embeddings=null["text_embeddings"], tokens=null["tokens"])
+            mean, std = record["latents_mean"], record["latents_std"]
+            if self.sample:
+                latents = np.asarray(mean, np.float32)
+                if self.train:
+                    noise = rng.standard_normal(latents.shape, dtype=np.float32)
+                    latents = latents + np.asarray(std, np.float32) * noise
+                out["latents"] = latents
+            else:
+                out.update(latents_mean=mean, latents_std=std)
+            return out
+        except (KeyError, TypeError, ValueError) as e:
+            key = str(record.get("key", "?")) if isinstance(record, dict) else "?"
+            return {"_bad": key, "_reason": f"{type(e).__name__}: {e}"}
+
+
+def encoded_loader(config, train: bool) -> EncodedLoader:
+    """The loader the pipeline uses for `config.source == "encoded"` (reads `config.path`,
+    `config.caption_dropout` and `config.encoded_sample`)."""
+    return EncodedLoader(config.path, train, caption_dropout=float(config.caption_dropout),
+                         sample=bool(config.get("encoded_sample", False)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _resolution(text: str) -> tuple[int, int]:
+    parts = re.split(r"[x,]", str(text).strip().lower())
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected SIZE or HEIGHTxWIDTH, got {text!r}")
+    return (sizes[0], sizes[0]) if len(sizes) == 1 else (sizes[0], sizes[1])
+
+
+def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments of `magdiff-jax data encode` (read by `run_encode_cli`)."""
+    parser.add_argument("--data", required=True,
+                        help="a video-caption folder (captions.csv/.jsonl; an image-caption folder with an `image` "
+                             "column is read as one-frame videos), or 'synthetic'")
+    parser.add_argument("--pipeline", default=None,
+                        help="a folder written by `magdiff-jax convert to-flax --kind pipeline` (vae/, "
+                             "text_encoder/, tokenizer/)")
+    parser.add_argument("--vae", default=None, help="Flax VAE folder (overrides PIPELINE/vae)")
+    parser.add_argument("--text-encoder", default=None, help="Flax CLIP text folder (overrides PIPELINE/text_encoder)")
+    parser.add_argument("--tokenizer", default=None, help="CLIP tokenizer folder (overrides PIPELINE/tokenizer)")
+    parser.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    parser.add_argument("--frames", type=int, default=16, help="frames per clip")
+    parser.add_argument("--stride", type=int, default=1, help="between sampled frames")
+    parser.add_argument("--resolution", type=_resolution, default=(256, 256), help="SIZE or HEIGHTxWIDTH")
+    parser.add_argument("--batch-size", type=int, default=4, help="clips per encoder call, per process")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="stored latents and embeddings")
+    parser.add_argument("--text-layer", choices=TEXT_LAYERS, default="last",
+                        help="last: last_hidden_state; penultimate: the second-to-last layer + final layer norm")
+    parser.add_argument("--frames-per-call", type=int, default=0,
+                        help="bound the frames in one VAE call (0: a whole batch); lowers memory at high resolution")
+    parser.add_argument("--synthetic-num", type=int, default=72, help="clips of --data synthetic")
+    parser.add_argument("--workers", type=int, default=0, help="decoding worker processes")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
+                        help="stop when more than this fraction of the inputs is unusable")
+    return parser
+
+
+def _folder_kind(path: Path) -> str:
+    """'images' for an image-caption folder (annotations with an `image` and no `video` column), else 'folder'."""
+    from magdiff_jax.data.sources import find_annotations, read_rows
+
+    for _, fields, error in read_rows(find_annotations(path)):
+        if error is None:
+            return "images" if "image" in fields and "video" not in fields else "folder"
+    return "folder"
+
+
+def encode_config_from_args(args):
+    """The data config `run_encode_cli` encodes."""
+    cfg = data_pipeline.data_config()
+    height, width = args.resolution if isinstance(args.resolution, tuple) else _resolution(args.resolution)
+    cfg.resolution = (height, width)
+    cfg.num_frames, cfg.stride = args.frames, args.stride
+    cfg.max_bad_fraction = args.max_bad_fraction
+    cfg.worker_count = args.workers
+    if args.data == "synthetic":
+        cfg.source = "synthetic"
+        cfg.synthetic.num = args.synthetic_num
+        cfg.synthetic.num_frames = max(cfg.synthetic.num_frames, (args.frames - 1) * args.stride + 1)
+        size = max(cfg.synthetic.size, height, width)
+        cfg.synthetic.size = size + size % 2
+    else:
+        cfg.source = _folder_kind(Path(args.data))
+        cfg.path = str(Path(args.data).absolute())
+        if cfg.source == "images":
+            cfg.num_frames = 1
+    return cfg
+
+
+def run_encode_cli(args: argparse.Namespace) -> Path:
+    """`magdiff-jax data encode`: this process (jax.process_index() of jax.process_count()) encodes its shard."""
+    root = Path(args.pipeline) if args.pipeline else None
+    vae = args.vae or (root / "vae" if root else None)
+    text = args.text_encoder or (root / "text_encoder" if root else None)
+    tokenizer = args.tokenizer or (root / "tokenizer" if root else None)
+    if not (vae and text and tokenizer):
+        raise ValueError("data encode: pass --pipeline, or all of --vae, --text-encoder and --tokenizer")
+    out = encode_dataset(encode_config_from_args(args), vae_dir=vae, text_encoder_dir=text, tokenizer_dir=tokenizer,
+                         out_dir=args.out, batch_size=args.batch_size, overwrite=args.overwrite, dtype=args.dtype,
+                         text_layer=args.text_layer, frames_per_call=args.frames_per_call,
+                         process_index=jax.process_index(), process_count=jax.process_count())
+    logging.info("process %d: wrote %s to %s", jax.process_index(),
+                 shard_stem(jax.process_index(), jax.process_count()), out)
+    return out
+
+
+__all__ = [
+    "EncodedLoader",
+    "EncodedSource",
+    "add_encode_arguments",
+    "encode_dataset",
+    "encode_text",
+    "encode_video",
+    "encoded_loader",
+    "run_encode_cli",
+]
