@@ -7,6 +7,7 @@
     magdiff-jax data build --builder ucf101 --manual-dir ~/UCF101 --out data/tfds
     magdiff-jax data inspect data/synth
     magdiff-jax data encode --data data/synth --pipeline out/sd_flax --out data/synth_latents
+    magdiff-jax train --config configs/t2i.py:tiny --workdir /tmp/t2i --config.steps=100
 
 Runs under `absl.app` (Grain and the ml_collections config flags need parsed absl flags): argparse takes the
 subcommand and its arguments, everything it does not know (`--config.lr=...`) goes to absl.
@@ -19,6 +20,10 @@ import logging
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "training config: configs/X.py:VARIANT", lock_config=True)
 
 
 def _kinds() -> tuple[str, ...]:
@@ -94,11 +99,20 @@ def _add_data(sub):
     add_encode_arguments(en)
 
 
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a stage from a config file (resumes in an existing workdir)",
+                       description="Train with an ml_collections config: --config configs/X.py:VARIANT "
+                                   "[--config.key=value ...]. A run in an existing workdir resumes from its last "
+                                   "checkpoint; SIGTERM/SIGINT save and exit 0.")
+    p.add_argument("--workdir", required=True, help="checkpoints/, metrics.jsonl, config.json, bad_inputs.json")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magdiff-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_convert(sub)
     _add_data(sub)
+    _add_train(sub)
     return parser
 
 
@@ -157,7 +171,16 @@ def _data(args) -> None:
         print(f"wrote encoded dataset to {run_encode_cli(args)}")
 
 
-COMMANDS = {"convert": _convert, "data": _data}
+def _train(args) -> None:
+    from magdiff_jax.train.trainer import train
+
+    if FLAGS.config is None:
+        raise ValueError("train needs --config configs/X.py:VARIANT")
+    last = train(FLAGS.config, args.workdir)
+    print(f"trained to step {last.get('step')} in {args.workdir}: loss {last.get('loss')}")
+
+
+COMMANDS = {"convert": _convert, "data": _data, "train": _train}
 
 
 def main(args: argparse.Namespace) -> None:

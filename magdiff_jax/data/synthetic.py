@@ -154,3 +154,40 @@ def write_synthetic(out_dir: str | os.PathLike, num: int, config: SyntheticConfi
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def caption_words() -> list[str]:
+    """Every word a synthetic caption can hold."""
+    return sorted({"a", "an", "moves", *COLORS, *SHAPES, *MOTIONS})
+
+
+def write_tokenizer(folder: str | os.PathLike) -> Path:
+    """A CLIP tokenizer folder (vocab.json, merges.txt; the `tokenizer/` layout of an SD pipeline) whose BPE turns
+    each synthetic caption word into one token: the embedded default's text vocabulary, no download needed."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for ch in "abcdefghijklmnopqrstuvwxyz":
+            vocab[ch + suffix] = len(vocab)
+    merges = []
+    for word in caption_words():
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        left = pieces[0]
+        for right in pieces[1:]:
+            merge = f"{left} {right}"
+            if merge not in merges:
+                merges.append(merge)
+            left += right
+            vocab.setdefault(left, len(vocab))
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab[bos], vocab[eos] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": bos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder

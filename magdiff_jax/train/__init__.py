@@ -1,0 +1,1 @@
+"""The one trainer: sharded, resumable, multi-host training for every stage."""

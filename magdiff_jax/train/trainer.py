@@ -1,0 +1,267 @@
+"""The one trainer: a sharded, resumable training loop for every stage (a stage is a task: tasks.py).
+
+    magdiff-jax train --config configs/t2i.py:tiny --workdir /tmp/t2i [--config.steps=100 ...]
+
+Parameters and optimizer state are created directly sharded over the mesh (abstract shapes, then `jit` with
+`out_shardings`), never whole on one device; frozen models are split off before `jax.grad` and hold no optimizer
+state. The step is one jitted function with in/out shardings and a donated state. The step's randomness is
+`fold_in(seed key, step)`, and the data order is a function of the seed, so a run resumed from a checkpoint
+continues exactly where it stopped. Checkpoints (Orbax, async, keep-N) hold the state (step, trainable params,
+optimizer state, EMA, RNG key), the data-iterator state and the config. SIGTERM / SIGINT finish the current
+step, save, and return normally. A non-finite loss or gradient skips the update; `max_nonfinite` in a row stop
+the run with an error naming the step and the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from magdiff_jax import sharding as shd
+from magdiff_jax.train import optim
+from magdiff_jax.train.tasks import get_task, schedule_from
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Keys every training config has (configs/*.py start from this)."""
+    from magdiff_jax.data.pipeline import data_config
+
+    c = ml_collections.ConfigDict()
+    c.task = "t2i"
+    c.steps = 100
+    c.seed = 0
+    c.global_batch_size = 8
+    c.log_every = 10
+    c.ckpt_every = 100
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.max_nonfinite = 5  # consecutive non-finite steps that stop the run
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
+    c.distributed = ml_collections.ConfigDict({"coordinator": "", "num_processes": 0, "process_id": -1})
+    c.trainable = ""  # regex over parameter paths ("": the task's default)
+    c.ema_decay = 0.0  # > 0: keep an EMA of the trainable parameters
+    c.init_from = ""  # a folder of converted models (`magdiff-jax convert to-flax --kind pipeline`)
+    c.optim = optim.optim_config()
+    c.data = data_config()
+    c.model = ml_collections.ConfigDict()
+    c.schedule = ml_collections.ConfigDict({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                                            "beta_start": 0.00085, "beta_end": 0.012,
+                                            "prediction_type": "epsilon"})
+    return c
+
+
+def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...]:
+    """Errors a config would hit, raised before anything compiles. Returns the mesh shape."""
+    shape = shd.mesh_shape(dict(config.mesh), num_devices)
+    batch_shards = shape[shd.MESH_AXES.index("data")] * shape[shd.MESH_AXES.index("fsdp")]
+    if config.global_batch_size % batch_shards:
+        raise ValueError(f"global_batch_size={config.global_batch_size} does not divide over the "
+                         f"{batch_shards} data-parallel devices (mesh data x fsdp)")
+    if config.global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={config.global_batch_size} does not divide over {process_count} "
+                         "processes")
+    if config.steps < 1 or config.log_every < 1 or config.ckpt_every < 1:
+        raise ValueError("steps, log_every and ckpt_every must be positive")
+    return shape
+
+
+class _Stop:
+    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves, and returns."""
+
+    def __init__(self):
+        self.requested = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _init_models(task, config, mesh, rules, key):
+    """Modules, params (directly sharded) and their shardings, per model name."""
+    from magdiff_jax.convert.core import get_kind
+    from magdiff_jax.convert.flax_checkpoint import load_flax
+
+    modules, params, shardings = {}, {}, {}
+    for i, (name, (kind, model_cfg)) in enumerate(sorted(task.models(config).items())):
+        spec = get_kind(kind)
+        module = spec.build(model_cfg)
+        args, kwargs = spec.example_inputs(model_cfg), spec.example_kwargs(model_cfg)
+        abstract = shd.abstract_init(module, *args, **kwargs)["params"]
+        sh = shd.param_shardings(abstract, mesh, rules)
+        if config.init_from:
+            _, _, p = load_flax(Path(config.init_from) / name, kind=kind, shardings=sh)
+        else:
+            init = jax.jit(lambda k, m=module, a=args, kw=kwargs: nn.meta.unbox(m.init(k, *a, **kw)["params"]),
+                           out_shardings=sh)
+            with shd.activation_rules_context(mesh, rules):
+                p = init(jax.random.fold_in(key, i))
+        modules[name], params[name], shardings[name] = module, p, sh
+    return modules, params, shardings
+
+
+def train(config, workdir: str | Path) -> dict:
+    """Run (or resume) training in `workdir`. Returns the last logged metrics."""
+    from magdiff_jax.data.pipeline import default_report_path, make_dataset
+    from magdiff_jax.train import distributed
+
+    distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
+                           config.distributed.process_id)
+    workdir = Path(workdir).absolute()
+    main = jax.process_index() == 0
+    check_config(config, jax.device_count(), jax.process_count())
+    mesh = shd.make_mesh(dict(config.mesh))
+    rules = shd.DEFAULT_RULES
+    workdir.mkdir(parents=True, exist_ok=True)
+    if main:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+
+    data_cfg = config.data.copy_and_resolve_references()
+    if data_cfg.tokenizer == "synthetic":  # the embedded default's one-token-per-word vocabulary
+        from magdiff_jax.data.synthetic import write_tokenizer
+
+        data_cfg.tokenizer = str(write_tokenizer(workdir / "tokenizer"))
+    local_batch = config.global_batch_size // jax.process_count()
+    data_iter = iter(make_dataset(data_cfg, batch_size=local_batch, train=True,
+                                  report_path=default_report_path(workdir)))
+
+    task = get_task(config.task)
+    key = jax.random.key(config.seed)
+    modules, params, shardings = _init_models(task, config, mesh, rules, jax.random.fold_in(key, 1))
+    trainable, frozen = optim.split_trainable(params, config.trainable or task.trainable)
+    t_shard, f_shard = optim.split_trainable(shardings, config.trainable or task.trainable)
+    tx, lr_schedule = optim.make_optimizer(config.optim, config.steps)
+    opt_state = jax.jit(tx.init)(trainable)
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state,
+             "rng": jax.random.key_data(jax.random.fold_in(key, 2))}
+    if config.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, trainable)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_shardings = {"step": replicated, "params": t_shard,
+                       "opt_state": jax.tree.map(lambda x: x.sharding, opt_state), "rng": replicated}
+    if "ema" in state:
+        state_shardings["ema"] = t_shard
+    state = jax.device_put(state, state_shardings)
+    batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    schedule = schedule_from(config)
+    prediction_type = config.schedule.prediction_type
+
+    def train_step(state, frozen, batch):
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+
+        def loss_fn(p):
+            return task.loss(modules, optim.merge(p, frozen), batch, step_key, schedule=schedule,
+                             prediction_type=prediction_type)
+
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        new_params = optax.apply_updates(state["params"], updates)
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        new = dict(state, step=state["step"] + 1, params=keep(new_params, state["params"]),
+                   opt_state=keep(opt_state, state["opt_state"]))
+        if "ema" in state:
+            d = config.ema_decay
+            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
+            new["ema"] = keep(ema, state["ema"])
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
+                   "nonfinite": (~ok).astype(jnp.int32), **aux}
+        return new, metrics
+
+    step_fn = jax.jit(train_step, in_shardings=(state_shardings, f_shard, batch_sharding),
+                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=config.async_checkpoints)
+    mgr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "config"), options=options)
+    import grain
+
+    start = 0
+    if mgr.latest_step() is not None:
+        start = mgr.latest_step()
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                                state_shardings)
+        restored = mgr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                              data=grain.checkpoint.CheckpointRestore(data_iter)))
+        state = restored["state"]
+        logging.info("resumed from step %d in %s", start, workdir)
+        if main and (workdir / "metrics.jsonl").exists():  # drop lines logged after the checkpoint
+            lines = (workdir / "metrics.jsonl").read_text().splitlines()
+            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
+            (workdir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+
+    def save(step):
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               data=grain.checkpoint.CheckpointSave(data_iter),
+                                               config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+
+    metrics_path = workdir / "metrics.jsonl"
+    last, nonfinite_run, nonfinite_total = {}, 0, 0
+    t0, examples = time.perf_counter(), 0
+    step = start
+    with _Stop() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        while step < config.steps:
+            host = next(data_iter)
+            batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(host[k]))
+                     for k in task.batch_keys}
+            state, m = step_fn(state, frozen, batch)
+            step += 1
+            examples += config.global_batch_size
+            m = jax.device_get(m)
+            if m["nonfinite"]:
+                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+                logging.warning("step %d: non-finite loss or gradient; update skipped", step)
+                if nonfinite_run >= config.max_nonfinite:
+                    mgr.wait_until_finished()
+                    raise FloatingPointError(
+                        f"{nonfinite_run} non-finite steps in a row, the last at step {step}; last good checkpoint: "
+                        f"step {mgr.latest_step()} in {workdir / 'checkpoints'}")
+            else:
+                nonfinite_run = 0
+            if step % config.log_every == 0 or step == config.steps:
+                dt = time.perf_counter() - t0
+                last = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
+                        "grad_norm": float(m["grad_norm"]), "steps_per_s": config.log_every / dt,
+                        "examples_per_s": examples / dt, "nonfinite_skipped": nonfinite_total}
+                if main:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(last) + "\n")
+                    logging.info("step %d  loss %.5f  lr %.2e  %.2f steps/s", step, last["loss"], last["lr"],
+                                 last["steps_per_s"])
+                t0, examples = time.perf_counter(), 0
+            if step % config.ckpt_every == 0 or step == config.steps or stop.requested:
+                save(step)
+            if stop.requested:
+                logging.info("%s: saved step %d, stopping", stop.requested, step)
+                break
+    mgr.wait_until_finished()
+    mgr.close()
+    return last
