@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import string
 
 import numpy as np
@@ -53,7 +52,8 @@ def assert_same_state_dict(a: dict, b: dict):
 def write_tokenizer(folder, pad_token: str):
     """A CLIP-style byte-level BPE vocabulary (letters and a little punctuation, with and without `</w>`, some
     merges) in the file layout of an SD `tokenizer/` folder."""
-    folder.mkdir(parents=True, exist_ok=True)
+    from magdiff_jax.models.tokenizer import write_vocabulary
+
     vocab: dict[str, int] = {}
     chars = string.ascii_lowercase + "!,."
     for suffix in ("", "</w>"):
@@ -63,12 +63,7 @@ def write_tokenizer(folder, pad_token: str):
         vocab.setdefault(merge.replace(" ", ""), len(vocab))
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n")
-    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": pad_token}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    write_vocabulary(folder, vocab, list(MERGES), BOS, EOS, pad_token)
     return vocab
 
 

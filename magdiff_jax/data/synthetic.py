@@ -164,10 +164,8 @@ def caption_words() -> list[str]:
 def write_tokenizer(folder: str | os.PathLike) -> Path:
     """A CLIP tokenizer folder (vocab.json, merges.txt; the `tokenizer/` layout of an SD pipeline) whose BPE turns
     each synthetic caption word into one token: the embedded default's text vocabulary, no download needed."""
-    import json
+    from magdiff_jax.models.tokenizer import write_vocabulary
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vocab: dict[str, int] = {}
     for suffix in ("", "</w>"):
         for ch in "abcdefghijklmnopqrstuvwxyz":
@@ -184,10 +182,4 @@ def write_tokenizer(folder: str | os.PathLike) -> Path:
             vocab.setdefault(left, len(vocab))
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     vocab[bos], vocab[eos] = len(vocab), len(vocab) + 1
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": bos, "eos_token": eos, "unk_token": eos, "pad_token": eos}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    return folder
+    return write_vocabulary(folder, vocab, merges, bos, eos)

@@ -98,3 +98,20 @@ class CLIPTokenizer:
 
 
 __all__ = ["CLIPTokenizer", "resolve_tokenizer_folder"]
+
+
+def write_vocabulary(folder: str | os.PathLike, vocab: dict[str, int], merges: list[str], bos: str, eos: str,
+                     pad: str | None = None) -> Path:
+    """Write a CLIP byte-level BPE vocabulary in the file layout of an SD `tokenizer/` folder (vocab.json,
+    merges.txt, special_tokens_map.json, tokenizer_config.json) that `CLIPTokenizer.from_folder` loads."""
+    import json
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": bos, "eos_token": eos, "unk_token": eos, "pad_token": pad or eos}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
