@@ -1,19 +1,22 @@
 """Training data pipeline on CPU: clips/s of `make_dataset` for 16 frames at 256x256 decoded from 480p H.264.
 
-    python benchmarks/data_cpu.py                      # all settings below, about 3 minutes on 2 cores
+    python benchmarks/data_cpu.py                      # all settings below, about 3.5 minutes on 2 cores
     python benchmarks/data_cpu.py --data DIR           # keep the generated source clips in DIR
     python benchmarks/data_cpu.py --workers 0 2 --skip-subject --skip-tiny
 
 Source: 24 clips of 48-64 frames at 24 fps, 854x480, H.264 crf 23 (panning textured background with sensor
 noise and striped shapes moving over it, about 1.3 Mbit/s), in the video-caption folder layout with per-frame PNG
-masks of one subject. Generated once into a cache folder (default: <tmp>/magdiff_data_bench) and reused.
+masks of one subject. Generated once into a cache folder (default: <tmp>/magdiff_data_bench; about a minute)
+and reused.
 
 Settings: `make_dataset` with source "folder", train=True, batch 4, random start and crop, resolution (256, 256),
 16 frames at stride 1, for each worker count (default 0, 1, 2). Each is started (time to the first batch reported
 as start-up, which includes spawning the workers), drained of what it read ahead, then timed over `--repeats`
 runs of at least `--batches` batches and `--min-run-s` seconds; clips/s is over all timed runs (Grain's 16 read
 threads finish clips in bursts, so short windows scatter). Per setting also: resident memory of the process tree
-and the CPU cores it kept busy, with those other processes kept busy meanwhile (to spot a loaded machine).
+after the timed runs and the CPU cores it kept busy, with those other processes kept busy meanwhile (to spot a
+loaded machine). Memory: Grain reads up to 500 examples ahead per process, so the subject variant with float32
+output (79 MB a clip) can hold 10-16 GB here even with this consumer that never waits.
 Also reported:
   - decode only: `read_frames` of the 16 frames with the decode-time resize, in-process, no Grain;
   - a breakdown of one example's loading into its stages (probe, decode + resize, normalise to float32, and for
@@ -44,7 +47,7 @@ from pathlib import Path
 
 HEIGHT, WIDTH, FPS, CRF = 480, 854, 24, 23
 FRAMES, RES, BATCH = 16, (256, 256), 4
-DATA_VERSION = 1  # bump when the generated clips change
+DATA_VERSION = 2  # bump when the generated clips change
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -57,7 +60,8 @@ def make_source_clip(index: int, num_frames: int):
 
     rng = np.random.default_rng([DATA_VERSION, index])
     pan_y, pan_x = rng.uniform(-0.6, 0.6), rng.uniform(1.5, 3.5)  # camera pan, pixels per frame
-    bh, bw = HEIGHT + 64, WIDTH + int(pan_x * num_frames) + 8
+    margin = math.ceil(0.6 * num_frames) + 1
+    bh, bw = HEIGHT + 2 * margin, WIDTH + math.ceil(pan_x * num_frames) + 1
     yy, xx = np.mgrid[0:bh, 0:bw].astype(np.float32)
     background = np.zeros((bh, bw, 3), np.float32) + rng.uniform(70, 170, 3).astype(np.float32)
     for _ in range(5):  # smooth waves of several scales
@@ -73,7 +77,7 @@ def make_source_clip(index: int, num_frames: int):
     frames = np.empty((num_frames, HEIGHT, WIDTH, 3), np.uint8)
     masks = np.empty((num_frames, HEIGHT, WIDTH), bool)
     for t in range(num_frames):
-        oy, ox = int(32 + pan_y * t), int(pan_x * t)
+        oy, ox = margin + int(pan_y * t), int(pan_x * t)
         frame = background[oy:oy + HEIGHT, ox:ox + WIDTH].copy()
         for k, s in enumerate(shapes):  # the last one drawn is the subject (on top, so its mask is exact)
             cy, cx = s["cy"] + s["vy"] * t, s["cx"] + s["vx"] * t
@@ -152,6 +156,7 @@ def time_pipeline(config, name: str, batches: int, repeats: int, min_run_s: floa
     it = iter(make_dataset(config, batch_size=batch_size, train=True, process_index=0, process_count=1))
     first = next(it)
     startup = time.perf_counter() - t0
+    nbytes = sum(v.nbytes for v in first.values() if hasattr(v, "nbytes")) / batch_size
     read_ahead = max(1, config.worker_count) * grain.ReadOptions().num_threads
     ahead = config.worker_count * config.worker_buffer_size + read_ahead
     drain = config.prefetch + math.ceil(ahead / batch_size) + 1
@@ -170,10 +175,10 @@ def time_pipeline(config, name: str, batches: int, repeats: int, min_run_s: floa
            "other_processes": max(0.0, (ticks1[0] - ticks0[0]) - (ticks1[1] - ticks0[1])) / hz / timed_s}
     rss = sum(pages for pages, _ in tree.values()) * os.sysconf("SC_PAGE_SIZE") / 2**20
     it.close()
-    del it
+    del it, first
+    _release_memory()
     rates = [c / t for c, t in runs]
     clips_per_s = sum(c for c, _ in runs) / timed_s  # Grain's read threads finish clips in bursts: a long window
-    nbytes = sum(v.nbytes for v in first.values() if hasattr(v, "nbytes")) / batch_size
     result = {"setting": name, "worker_count": config.worker_count, "clips_per_s": clips_per_s,
               "ms_per_clip": 1000 / clips_per_s, "startup_s": startup, "batches": sum(c for c, _ in runs) // batch_size,
               "repeats": repeats, "batch_size": batch_size, "drained_batches": drain, "bytes_per_clip": int(nbytes),
@@ -182,6 +187,17 @@ def time_pipeline(config, name: str, batches: int, repeats: int, min_run_s: floa
           f"start-up {startup:5.2f} s  runs {' '.join(f'{r:.1f}' for r in rates)}  CPU cores: this "
           f"{cpu['this_run']:.2f}, others {cpu['other_processes']:.2f}", flush=True)
     return result
+
+
+def _release_memory():
+    """Free what the last setting left behind, so that the next one's resident memory is its own."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _proc_tree() -> dict[int, tuple[int, int]]:
