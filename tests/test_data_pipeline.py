@@ -217,10 +217,18 @@ def test_batches_are_normalized_and_seeded(tmp_path):
     assert list(a["key"]) == list(b["key"]) and list(a["key"]) != list(d["key"])
 
 
-def test_processes_read_disjoint_shards_covering_the_data():
-    c = _config(num_epochs=1)
-    keys = [[k for b in _all(make_dataset(c, batch_size=1, process_index=i, process_count=2)) for k in b["key"]]
-            for i in range(2)]
+def test_processes_read_their_slice_of_the_same_global_batches():
+    """Training: process i of 2 holds half of each global batch, and the halves put together are the batch one
+    process reads alone (same examples, same random crops). Evaluation: disjoint records covering the data."""
+    c = _config()
+    one = iter(make_dataset(c, batch_size=4, process_index=0, process_count=1))
+    halves = [iter(make_dataset(c, batch_size=2, process_index=i, process_count=2)) for i in range(2)]
+    for _ in range(3):  # crosses an epoch (6 clips)
+        whole, parts = next(one), [next(h) for h in halves]
+        assert list(whole["key"]) == [k for p in parts for k in p["key"]]
+        np.testing.assert_array_equal(whole["video"], np.concatenate([p["video"] for p in parts]))
+    keys = [[k for b in _all(make_dataset(c, batch_size=1, train=False, process_index=i, process_count=2))
+             for k in b["key"]] for i in range(2)]
     assert not set(keys[0]) & set(keys[1])
     assert sorted(keys[0] + keys[1]) == sorted(SyntheticSource(SYN, GOOD)[i]["key"] for i in range(GOOD))
 
@@ -291,8 +299,8 @@ def test_caption_dropout_and_tokens(tmp_path):
 
 
 def test_bad_configs_are_named():
-    with pytest.raises(ValueError, match="fewer than a batch of 8"):
-        make_dataset(_config(), batch_size=8, process_index=0, process_count=2)
+    with pytest.raises(ValueError, match=r"6 records, fewer than a global batch of 8 \(4 per process x 2\)"):
+        make_dataset(_config(), batch_size=4, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="data task must be one of"):
         make_dataset(_config(task="audio"), batch_size=1)
     with pytest.raises(ValueError, match=r"needs data\.path"):

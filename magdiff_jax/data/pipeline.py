@@ -4,8 +4,9 @@
     ds = make_dataset(config, batch_size=8)      # grain.IterDataset of batches (dicts of numpy arrays)
     it = iter(ds); batch = next(it)              # it.get_state() / it.set_state(...), or Orbax (below)
 
-Per process (multi-host): the source is cut into `process_count` interleaved shards and each process reads only
-its own; its order is a pure function of the seed (shuffled again every epoch). Records become examples in
+Per process (multi-host): in training every process follows the same seeded order of the whole dataset (shuffled
+again every epoch) and reads only its slice of each global batch, so the global batch does not depend on how many
+processes share it; in evaluation process p reads records p, p + n, ... Records become examples in
 `worker_count` worker processes (`transforms.load_example`); bad records come back as markers that the main
 process drops, counts and reports (`bad_input.py`), stopping with a clear error when too many are bad. Then
 batching and a thread prefetch.
@@ -66,6 +67,8 @@ def data_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.worker_count = 0  # worker processes decoding examples (0: in the main process)
     c.worker_buffer_size = 2
+    c.read_threads = 4  # threads loading examples in each process (Grain's default of 16 oversubscribes workers)
+    c.read_prefetch = 8  # examples read ahead per process (Grain's default of 500 can hold tens of GB of clips)
     c.prefetch = 2  # batches prefetched by a thread (0: none)
     c.max_bad_fraction = 0.01
     return c
@@ -173,26 +176,30 @@ def make_dataset(config, *, batch_size: int, train: bool = True, process_index: 
 
         tokenizer(spec.tokenizer, spec.max_length)
     source = make_source(config) if source is None else source
-    shard = list(range(process_index, len(source), process_count))
-    if not shard:
+    # Training: every process walks the same seeded order of the whole dataset and takes its slice of each global
+    # batch (so a global batch is the same on 1 process x 8 devices and 2 x 4). Evaluation: records p::n.
+    records = list(range(len(source))) if train else list(range(process_index, len(source), process_count))
+    if not records:
         raise ValueError(f"{source!r} has no records for process {process_index} of {process_count}")
     source_bad = list(getattr(source, "bad", [])) if process_index == 0 else []
-    report = BadInputReport(total=len(shard) + len(source_bad), max_bad_fraction=config.max_bad_fraction,
+    share = len(records) // process_count if train else len(records)
+    report = BadInputReport(total=max(share, 1) + len(source_bad), max_bad_fraction=config.max_bad_fraction,
                             path=report_path)
     for key, reason in source_bad:
         report.add(key, reason)
 
+    global_batch = batch_size * process_count if train else batch_size
     if not config.get("buckets"):
-        groups = [(shard, spec)]
+        groups = [(records, spec)]
     else:
         if config.source == "encoded":
             raise ValueError("data.buckets: pre-encoded latents have one shape already; drop the buckets")
         buckets = [tuple(int(v) for v in b) for b in config.buckets]
-        assignment = assign_buckets(source, shard, buckets, spec.stride)
+        assignment = assign_buckets(source, records, buckets, spec.stride)
         groups = []
         for b, (frames, height, width) in enumerate(buckets):
-            members = [i for i, a in zip(shard, assignment, strict=True) if a == b]
-            if train and len(members) < batch_size:  # too few to fill a batch: they are not used
+            members = [i for i, a in zip(records, assignment, strict=True) if a == b]
+            if train and len(members) < global_batch:  # too few to fill a batch: they are not used
                 if members:
                     logging.warning("bucket %s has %d records, fewer than a batch; skipped", buckets[b], len(members))
                 continue
@@ -200,13 +207,15 @@ def make_dataset(config, *, batch_size: int, train: bool = True, process_index: 
                 groups.append((members, dataclasses.replace(spec, num_frames=frames, height=height, width=width)))
     streams, weights = [], []
     for members, group_spec in groups:
-        if train and len(members) < batch_size:
-            raise ValueError(f"{len(members)} records in this process's shard, fewer than a batch of {batch_size}")
-        stream = _example_stream(source, members, group_spec, config, train, seed=config.seed + len(streams))
+        if train and len(members) < global_batch:
+            raise ValueError(f"{len(members)} records, fewer than a global batch of {global_batch} "
+                             f"({batch_size} per process x {process_count})")
+        stream = _example_stream(source, members, group_spec, config, train, seed=config.seed + len(streams),
+                                 slice_of=(process_index, process_count, batch_size) if train else None)
         streams.append(DropBad(stream, report).batch(batch_size, drop_remainder=train))
         weights.append(len(members))
     if not streams:
-        raise ValueError(f"no bucket of {list(config.buckets)} holds a batch of {batch_size} records")
+        raise ValueError(f"no bucket of {list(config.buckets)} holds a batch of {global_batch} records")
     if len(streams) == 1:
         it = streams[0]
     elif train:
@@ -231,8 +240,32 @@ class _Subset:
         return self.source[self.indices[i]]
 
 
-def _example_stream(source, indices, spec: LoaderSpec, config, train: bool, seed: int) -> grain.IterDataset:
-    """Shuffled (each epoch anew), repeated, loaded examples of `source[indices]`, bad ones still marked."""
+class _BatchSlice(grain.MapDataset):
+    """Process `index` of `count`'s part of each global batch: elements [index * local, (index + 1) * local) of
+    every run of `count * local` consecutive elements of the parent."""
+
+    def __init__(self, parent: grain.MapDataset, index: int, count: int, local: int):
+        super().__init__(parent)
+        self._index, self._count, self._local = index, count, local
+
+    def __len__(self):
+        return len(self._parent) // (self._count * self._local) * self._local
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.slice(i)
+        batch, j = divmod(i, self._local)
+        return self._parent[(batch * self._count + self._index) * self._local + j]
+
+    def __str__(self):
+        return f"_BatchSlice(process={self._index}/{self._count}, local={self._local})"
+
+
+def _example_stream(source, indices, spec: LoaderSpec, config, train: bool, seed: int,
+                    slice_of: tuple[int, int, int] | None = None) -> grain.IterDataset:
+    """Shuffled (each epoch anew), repeated, loaded examples of `source[indices]`, bad ones still marked.
+    `slice_of` = (process index, process count, local batch): keep this process's part of each global batch (the
+    random map sits before the slice, so an example's randomness follows its global position)."""
     ds = grain.MapDataset.source(_Subset(source, indices))
     if train and config.shuffle:
         ds = ds.shuffle(seed=seed)
@@ -245,7 +278,11 @@ def _example_stream(source, indices, spec: LoaderSpec, config, train: bool, seed
         loader = encoded_loader(config, train)
     else:
         loader = _Loader(spec)
-    it = ds.random_map(loader, seed=seed + 1).to_iter_dataset()
+    ds = ds.random_map(loader, seed=seed + 1)
+    if slice_of is not None and slice_of[1] > 1:
+        ds = _BatchSlice(ds, *slice_of)
+    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_prefetch)
+    it = ds.to_iter_dataset(read_options=read)
     if config.worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
                                                          per_worker_buffer_size=config.worker_buffer_size))

@@ -125,9 +125,11 @@ def entity_images(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
 
 def normalize_example(example: dict) -> dict:
     """uint8 images -> float32: videos to [-1, 1], `subject_clip` to CLIP's mean/std. Works on numpy and jax
-    arrays (a batch on device too); other entries pass through."""
+    arrays (a batch on device too); entries that are not uint8 images (already scaled) pass through."""
     out = dict(example)
     for k, v in example.items():
+        if getattr(v, "dtype", None) != np.uint8:
+            continue
         if k == "subject_clip":
             mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
             out[k] = (v.astype(np.float32) / 255.0 - mean) / std

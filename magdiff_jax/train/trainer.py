@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from magdiff_jax import sharding as shd
+from magdiff_jax.data.transforms import normalize_example
 from magdiff_jax.train import optim
 from magdiff_jax.train.tasks import get_task, schedule_from
 
@@ -171,6 +172,7 @@ def train(config, workdir: str | Path) -> dict:
     prediction_type = config.schedule.prediction_type
 
     def train_step(state, frozen, batch):
+        batch = normalize_example(batch)  # uint8 images (data.normalize=False) are scaled here, on device
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def loss_fn(p):
