@@ -192,7 +192,7 @@ def run() -> None:
     """Console-script entry point."""
     try:
         app.run(main, flags_parser=parse_flags)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: one clear line, exit 1
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # one clear line, exit 1
         print(f"magdiff-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
 

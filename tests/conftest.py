@@ -7,6 +7,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (numerics are unchanged; subprocess checks inherit the flag and add their own).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# One persistent compilation cache for the whole session (xdist workers and subprocesses inherit the variable):
+# the trainer tests run the same step program in-process, in subprocesses and after resumes.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="magdiff-jax-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax
 import pytest
 from absl import flags

@@ -1,59 +1,112 @@
-"""The trainer: exact resume from a checkpoint (losses and parameters bitwise equal), the t2i tiny config
-learning, and bad configs refused before anything compiles."""
+"""The trainer on one device: a run killed after a checkpoint resumes to the same losses and bitwise-equal
+parameters; SIGTERM saves the current step and exits 0; non-finite batches are skipped, and too many stop the
+run; the t2i tiny config learns; bad configs are refused before anything compiles."""
 
 import json
+import signal
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+import train_helpers as th
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
-
-import t2i  # noqa: E402
-
-from magdiff_jax.train.trainer import check_config, train  # noqa: E402
+from magdiff_jax.train.trainer import check_config, train
 
 
-def _config(steps):
-    c = t2i.get_config("tiny")
-    c.steps, c.log_every, c.ckpt_every, c.global_batch_size = steps, 1, 6, 4
-    c.data.synthetic.num = 24
-    c.async_checkpoints = False
-    return c
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """200 uninterrupted steps (checkpoint every 12): the reference curve."""
+    workdir = tmp_path_factory.mktemp("straight")
+    train(th.config(steps=200, ckpt_every=12, async_checkpoints=True), workdir)
+    return workdir
 
 
-def _losses(workdir):
-    return {m["step"]: m["loss"] for m in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())}
+def test_tiny_t2i_learns(straight):
+    loss = th.losses(straight)
+    assert sorted(loss) == list(range(1, 201))
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(190, 201)])
+    assert last < 0.6 * first, (first, last)
 
 
-def _params(workdir, step):
-    with ocp.StandardCheckpointer() as ck:
-        return ck.restore(workdir / "checkpoints" / str(step) / "state")["params"]
-
-
-def test_stopped_and_resumed_run_equals_the_straight_one(tmp_path):
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train(_config(12), straight)
-    train(_config(6), resumed)  # stops after the step-6 checkpoint
-    assert sorted(_losses(resumed)) == list(range(1, 7))
-    train(_config(12), resumed)  # same workdir: resumes at step 6
-    a, b = _losses(straight), _losses(resumed)
-    assert sorted(a) == sorted(b) == list(range(1, 13))
-    assert a == b  # bitwise-equal per-step losses
-    pa, pb = _params(straight, 12), _params(resumed, 12)
+def test_sigkill_after_a_checkpoint_resumes_exactly(straight, tmp_path):
+    proc = th.start(th.cli_args(tmp_path, steps=200))
+    th.wait_for_step(proc, tmp_path, 8)  # past the step-6 checkpoint, before the step-12 one
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = max(th.checkpoints(tmp_path))
+    assert resumed_from < 12, "the run outpaced the kill"
+    train(th.config(steps=12), tmp_path)
+    ref, got = th.losses(straight), th.losses(tmp_path)
+    assert sorted(got) == list(range(1, 13))
+    assert all(got[s] == ref[s] for s in got)  # bitwise-equal per-step losses
     import jax
 
-    for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
-        np.testing.assert_array_equal(x, y)
-    assert np.mean([a[s] for s in (10, 11, 12)]) < np.mean([a[s] for s in (1, 2, 3)])
+    for a, b in zip(jax.tree.leaves(th.params(straight, 12)), jax.tree.leaves(th.params(tmp_path, 12)), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
-def test_bad_configs_fail_before_compiling():
-    c = _config(1)
+def test_sigterm_saves_the_current_step_and_exits_0(straight, tmp_path):
+    proc = th.start(th.cli_args(tmp_path, steps=200, ckpt_every=100))
+    th.wait_for_step(proc, tmp_path, 3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    stopped = max(th.losses(tmp_path))
+    assert th.checkpoints(tmp_path) == [stopped] and stopped < 100
+    train(th.config(steps=stopped + 2), tmp_path)  # resuming continues the same curve
+    got, ref = th.losses(tmp_path), th.losses(straight)
+    assert sorted(got) == list(range(1, stopped + 3))
+    assert got[stopped + 1] == ref[stopped + 1] and got[stopped + 2] == ref[stopped + 2]
+
+
+class _NaNAt:
+    """A data pipeline whose batches at the given (1-based) positions carry NaN images."""
+
+    def __init__(self, dataset, positions):
+        self.it, self.positions, self.n = iter(dataset), set(positions), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self.it)
+        self.n += 1
+        if self.n in self.positions or "all" in self.positions:
+            batch = dict(batch, video=np.full(batch["video"].shape, np.nan, np.float32))
+        return batch
+
+    def get_state(self):  # Grain's checkpoint handler stores other iterators' state as bytes
+        return json.dumps(self.it.get_state()).encode()
+
+    def set_state(self, state):
+        self.it.set_state(json.loads(state))
+
+    def start_prefetch(self):  # asked for by Grain's checkpoint handler after a restore
+        pass
+
+
+def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    from magdiff_jax.data import pipeline
+
+    real = pipeline.make_dataset
+    positions = {2}
+    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: _NaNAt(real(*a, **k), positions))
+    c = th.config(steps=4, ckpt_every=4)
+    c.data.normalize = True  # float images, so a batch can hold NaN
+    last = train(c, tmp_path)
+    assert last["nonfinite_skipped"] == 1 and np.isfinite(last["loss"])
+    import jax
+
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(th.params(tmp_path, 4)))
+    positions.add("all")
+    c.steps, c.max_nonfinite = 10, 2
+    with pytest.raises(FloatingPointError, match=r"2 non-finite steps in a row .* at step 6; last good checkpoint: "
+                                                 r"step 4 in .*checkpoints"):
+        train(c, tmp_path)
+
+
+def test_bad_configs_fail_before_compiling(tmp_path):
+    c = th.config()
     c.global_batch_size = 3
     with pytest.raises(ValueError, match="does not divide over the 2 data-parallel devices"):
         check_config(c, num_devices=2, process_count=1)
@@ -61,11 +114,10 @@ def test_bad_configs_fail_before_compiling():
     c.mesh.update(data=4, fsdp=2)
     with pytest.raises(ValueError, match="needs 8 devices, but 2 are available"):
         check_config(c, num_devices=2, process_count=1)
-
-
-def test_unknown_config_key_is_named(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "magdiff_jax.cli", "train", "--config", f"{ROOT}/configs/t2i.py:tiny",
-                        "--workdir", str(tmp_path), "--config.optim.learning_rte=1"], capture_output=True, text=True,
-                       timeout=120, cwd=ROOT)
+    r = subprocess.run(th.cli_args(tmp_path, **{"optim.learning_rte": 1}), capture_output=True, text=True,
+                       timeout=120, cwd=th.ROOT)
     assert r.returncode != 0 and "learning_rte" in r.stderr
+    r = subprocess.run(th.cli_args(tmp_path, **{"mesh.data": 2}), capture_output=True, text=True, timeout=120,
+                       cwd=th.ROOT)
+    assert r.returncode == 1 and "magdiff-jax: error: mesh" in r.stderr and "needs 2 devices" in r.stderr
     assert not (tmp_path / "checkpoints").exists()

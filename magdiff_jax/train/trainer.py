@@ -243,9 +243,10 @@ def train(config, workdir: str | Path) -> dict:
                 logging.warning("step %d: non-finite loss or gradient; update skipped", step)
                 if nonfinite_run >= config.max_nonfinite:
                     mgr.wait_until_finished()
-                    raise FloatingPointError(
-                        f"{nonfinite_run} non-finite steps in a row, the last at step {step}; last good checkpoint: "
-                        f"step {mgr.latest_step()} in {workdir / 'checkpoints'}")
+                    good = mgr.latest_step()
+                    where = f"step {good} in {workdir / 'checkpoints'}" if good is not None else "none yet"
+                    raise FloatingPointError(f"{nonfinite_run} non-finite steps in a row (max_nonfinite), the last at "
+                                             f"step {step}; last good checkpoint: {where}")
             else:
                 nonfinite_run = 0
             if step % config.log_every == 0 or step == config.steps:

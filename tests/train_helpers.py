@@ -1,0 +1,74 @@
+"""The trainer tests' one configuration (configs/t2i.py:tiny on 24 synthetic clips, batch 8), in-process and as
+`magdiff-jax train` arguments, so every run compiles the same step (the session's compilation cache serves the
+repeats), and readers of a workdir's metrics and checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = f"{ROOT}/configs/t2i.py:tiny"
+OVERRIDES = {"global_batch_size": 8, "log_every": 1, "ckpt_every": 6, "keep_checkpoints": 100,
+             "async_checkpoints": False, "data.synthetic.num": 24}
+
+
+def config(**changes):
+    sys.path.insert(0, str(ROOT / "configs"))
+    import t2i
+
+    c = t2i.get_config("tiny")
+    for key, value in {**OVERRIDES, **changes}.items():
+        *path, last = key.split(".")
+        target = c
+        for p in path:
+            target = target[p]
+        target[last] = value
+    return c
+
+
+def cli_args(workdir, **changes) -> list[str]:
+    def fmt(v):
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    return [sys.executable, "-m", "magdiff_jax.cli", "train", "--config", CONFIG, "--workdir", str(workdir),
+            *(f"--config.{k}={fmt(v)}" for k, v in {**OVERRIDES, **changes}.items())]
+
+
+def losses(workdir) -> dict[int, float]:
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    return {m["step"]: m["loss"] for m in map(json.loads, path.read_text().splitlines())}
+
+
+def params(workdir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ck:
+        return ck.restore(Path(workdir) / "checkpoints" / str(step) / "state")["params"]
+
+
+def checkpoints(workdir) -> list[int]:
+    folder = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def start(args, **kw) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ), **kw)
+
+
+def wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 300) -> None:
+    """Poll metrics.jsonl until `step` is logged (fails with the process output if it exits first)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if max(losses(workdir), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+        time.sleep(0.02)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
