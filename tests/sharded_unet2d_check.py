@@ -9,6 +9,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -53,6 +54,28 @@ for sizes in ({"fsdp": 2, "tensor": 4},):
         "example_spec": str(shardings["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]["attn1"]["to_q"]
                             ["kernel"].spec),
     }
+# gradients on a mesh that shards the batch over data x fsdp and the parameters over fsdp x tensor (the trainer's
+# layout) equal the unsharded ones: XLA's SPMD partitioner once got conv weight gradients wrong here when a conv
+# kernel had both its input channels (fsdp) and output channels (tensor) sharded
+
+
+def loss(p, x, t, c):
+    return jnp.mean(module.apply({"params": p}, x, t, c) ** 2)
+
+
+ref_grads = jax.jit(jax.grad(loss))(params, x, t, ctx)
+mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+sparams, shardings3 = sharding.init_sharded(module, key, x[:1], t[:1], ctx[:1], mesh=mesh)
+batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+with sharding.activation_rules_context(mesh):
+    grads = jax.jit(jax.grad(loss), in_shardings=(shardings3, batch, batch, batch), out_shardings=shardings3)(
+        sparams, x, t, ctx)
+results["grads_data2xfsdp2xtensor2"] = {
+    "max_rel_err": max(float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(a)).max())
+                       for a, b in zip(jax.tree.leaves(ref_grads), jax.tree.leaves(grads))),
+    "sharded_leaves": sum(1 for s in jax.tree.leaves(shardings3) if any(a is not None for a in s.spec)),
+}
+
 # the converter places each tensor with its sharding as it loads (never whole on one device)
 import tempfile  # noqa: E402
 

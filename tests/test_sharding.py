@@ -85,6 +85,8 @@ def test_unet2d_sharded_over_fsdp_and_tensor_equals_unsharded():
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     print(results)
     assert results.pop("load_torch_sharded") == {"same_values": True, "same_shardings": True}
+    grads = results.pop("grads_data2xfsdp2xtensor2")
+    assert grads["max_rel_err"] <= 1e-5 and grads["sharded_leaves"] > 100, grads
     for name, r in results.items():
         assert r["devices"] == 8, name
         assert r["param_max_abs_diff"] == 0.0, name
@@ -106,4 +108,4 @@ def test_video_unets_sharded_with_frames_over_context_equal_unsharded():
     for kind in kinds:
         r = results[kind]
         assert r["devices"] == 8 and r["max_abs_diff"] <= 1e-5, (kind, r)
-        assert r["sharded_leaves"] > r["total_leaves"] // 2, (kind, r)
+        assert r["sharded_leaves"] > r["total_leaves"] // 3, (kind, r)  # kernels; biases and norms replicate

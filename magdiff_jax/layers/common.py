@@ -8,7 +8,7 @@ parameter trees read `to_q/kernel`, `conv1/bias`, `norm1/scale`. The logical nam
   mlp       the output dimension of a dense kernel                      (-> tensor)
   heads     the flattened heads*head_dim output of q/k/v projections    (-> tensor)
   conv_in   input channels of a conv kernel                             (-> fsdp)
-  conv_out  output channels of a conv kernel                            (-> tensor)
+  conv_out  output channels of a conv kernel                            (replicated: see sharding.py)
   conv_t, conv_h, conv_w   temporal / spatial kernel taps               (replicated)
   norm      scales and biases of normalisation layers                   (replicated)
   vocab     rows of an embedding table                                  (replicated)

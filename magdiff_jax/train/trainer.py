@@ -125,6 +125,19 @@ def _init_models(task, config, mesh, rules, key):
     return modules, params, shardings
 
 
+def _like_params(opt_state, param_shardings, replicated):
+    """Shardings for an optimizer state: every subtree shaped like the parameters (Adam's moments, accumulated
+    gradients) takes the parameters' shardings; everything else (step counts) is replicated."""
+    structure = jax.tree.structure(param_shardings)
+
+    def one(sub):
+        if jax.tree.structure(sub) == structure:
+            return param_shardings
+        return jax.tree.map(lambda _: replicated, sub)
+
+    return jax.tree.map(one, opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure)
+
+
 def train(config, workdir: str | Path) -> dict:
     """Run (or resume) training in `workdir`. Returns the last logged metrics."""
     from magdiff_jax.data.pipeline import default_report_path, make_dataset
@@ -156,14 +169,14 @@ def train(config, workdir: str | Path) -> dict:
     trainable, frozen = optim.split_trainable(params, config.trainable or task.trainable)
     t_shard, f_shard = optim.split_trainable(shardings, config.trainable or task.trainable)
     tx, lr_schedule = optim.make_optimizer(config.optim, config.steps)
-    opt_state = jax.jit(tx.init)(trainable)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = _like_params(jax.eval_shape(tx.init, trainable), t_shard, replicated)
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
     state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state,
              "rng": jax.random.key_data(jax.random.fold_in(key, 2))}
     if config.ema_decay > 0:
         state["ema"] = jax.tree.map(jnp.copy, trainable)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_shardings = {"step": replicated, "params": t_shard,
-                       "opt_state": jax.tree.map(lambda x: x.sharding, opt_state), "rng": replicated}
+    state_shardings = {"step": replicated, "params": t_shard, "opt_state": opt_shardings, "rng": replicated}
     if "ema" in state:
         state_shardings["ema"] = t_shard
     state = jax.device_put(state, state_shardings)
