@@ -15,15 +15,18 @@ from magdiff_jax.train.trainer import check_config, train
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """200 uninterrupted steps (checkpoint every 12): the reference curve."""
+    """12 uninterrupted steps, checkpointed at the end: the reference the interrupted runs must reproduce."""
     workdir = tmp_path_factory.mktemp("straight")
-    train(th.config(steps=200, ckpt_every=12, async_checkpoints=True), workdir)
+    train(th.config(steps=12, ckpt_every=12), workdir)
     return workdir
 
 
-def test_tiny_t2i_learns(straight):
-    loss = th.losses(straight)
+def test_tiny_t2i_learns(straight, tmp_path):
+    """200 steps (the same step program, from the compilation cache) take the loss clearly down."""
+    train(th.config(steps=200, ckpt_every=1000), tmp_path)
+    loss = th.losses(tmp_path)
     assert sorted(loss) == list(range(1, 201))
+    assert all(loss[s] == th.losses(straight)[s] for s in range(1, 13))
     first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(190, 201)])
     assert last < 0.6 * first, (first, last)
 
@@ -52,7 +55,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(straight, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     stopped = max(th.losses(tmp_path))
-    assert th.checkpoints(tmp_path) == [stopped] and stopped < 100
+    assert th.checkpoints(tmp_path) == [stopped] and stopped <= 10
     train(th.config(steps=stopped + 2), tmp_path)  # resuming continues the same curve
     got, ref = th.losses(tmp_path), th.losses(straight)
     assert sorted(got) == list(range(1, stopped + 3))

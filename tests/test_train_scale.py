@@ -1,6 +1,6 @@
 """The trainer at scale, on fake CPU devices: 8 devices (data x fsdp x tensor) log the losses of one device; a
-checkpoint saved on data=8 resumes on fsdp=4 x tensor=2 on the same curve; 2 processes x 4 devices, started by
-launch/local_multiprocess.sh, log the losses of 1 process."""
+checkpoint saved on data=2 x fsdp=2 x tensor=2 resumes on fsdp=4 x tensor=2 on the same curve; 2 processes x 4
+devices, started by launch/local_multiprocess.sh, log the losses of 1 process."""
 
 import json
 import os
@@ -35,7 +35,9 @@ def test_eight_devices_and_a_restore_on_another_mesh(one_device, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     runs = {k: {int(s): v for s, v in d.items()} for k, d in json.loads(r.stdout.strip().splitlines()[-1]).items()}
     _close(runs["data2_fsdp2_tensor2"], one_device, range(1, 6))
-    _close(runs["data8_then_fsdp4_tensor2"], one_device, range(1, 6))
+    moved = runs["moved_to_fsdp4_tensor2"]
+    assert sorted(moved) == [1, 2, 3, 4, 5]  # steps 4-5 ran on the new mesh
+    _close(moved, one_device, range(1, 6))
 
 
 def test_two_processes_log_the_losses_of_one(one_device, tmp_path):
