@@ -1,16 +1,15 @@
-"""The trainer on one device: a run killed after a checkpoint resumes to the same losses and bitwise-equal
-parameters; SIGTERM saves the current step and exits 0; non-finite batches are skipped, and too many stop the
-run; the t2i tiny config learns; bad configs are refused before anything compiles."""
+"""The trainer on one device, interrupted: a run killed after a checkpoint resumes to the same losses and
+bitwise-equal parameters; SIGTERM saves the current step and exits 0; non-finite batches are skipped, and too many
+stop the run."""
 
 import json
 import signal
-import subprocess
 
 import numpy as np
 import pytest
 import train_helpers as th
 
-from magdiff_jax.train.trainer import check_config, train
+from magdiff_jax.train.trainer import train
 
 
 @pytest.fixture(scope="module")
@@ -19,16 +18,6 @@ def straight(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("straight")
     train(th.config(steps=12, ckpt_every=12), workdir)
     return workdir
-
-
-def test_tiny_t2i_learns(straight, tmp_path):
-    """200 steps (the same step program, from the compilation cache) take the loss clearly down."""
-    train(th.config(steps=200, ckpt_every=1000), tmp_path)
-    loss = th.losses(tmp_path)
-    assert sorted(loss) == list(range(1, 201))
-    assert all(loss[s] == th.losses(straight)[s] for s in range(1, 13))
-    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(190, 201)])
-    assert last < 0.6 * first, (first, last)
 
 
 def test_sigkill_after_a_checkpoint_resumes_exactly(straight, tmp_path):
@@ -106,21 +95,3 @@ def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     with pytest.raises(FloatingPointError, match=r"2 non-finite steps in a row .* at step 6; last good checkpoint: "
                                                  r"step 4 in .*checkpoints"):
         train(c, tmp_path)
-
-
-def test_bad_configs_fail_before_compiling(tmp_path):
-    c = th.config()
-    c.global_batch_size = 3
-    with pytest.raises(ValueError, match="does not divide over the 2 data-parallel devices"):
-        check_config(c, num_devices=2, process_count=1)
-    c.global_batch_size = 4
-    c.mesh.update(data=4, fsdp=2)
-    with pytest.raises(ValueError, match="needs 8 devices, but 2 are available"):
-        check_config(c, num_devices=2, process_count=1)
-    r = subprocess.run(th.cli_args(tmp_path, **{"optim.learning_rte": 1}), capture_output=True, text=True,
-                       timeout=120, cwd=th.ROOT)
-    assert r.returncode != 0 and "learning_rte" in r.stderr
-    r = subprocess.run(th.cli_args(tmp_path, **{"mesh.data": 2}), capture_output=True, text=True, timeout=120,
-                       cwd=th.ROOT)
-    assert r.returncode == 1 and "magdiff-jax: error: mesh" in r.stderr and "needs 2 devices" in r.stderr
-    assert not (tmp_path / "checkpoints").exists()

@@ -1,0 +1,36 @@
+"""The trainer's t2i tiny config learns, and bad configs are refused before anything compiles."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import train_helpers as th
+
+from magdiff_jax.train.trainer import check_config, train
+
+
+def test_tiny_t2i_learns(tmp_path):
+    """200 steps of configs/t2i.py:tiny on synthetic data take the loss clearly down."""
+    train(th.config(steps=200, ckpt_every=1000), tmp_path)
+    loss = th.losses(tmp_path)
+    assert sorted(loss) == list(range(1, 201))
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(190, 201)])
+    assert last < 0.6 * first, (first, last)
+
+
+def test_bad_configs_fail_before_compiling(tmp_path):
+    c = th.config()
+    c.global_batch_size = 3
+    with pytest.raises(ValueError, match="does not divide over the 2 data-parallel devices"):
+        check_config(c, num_devices=2, process_count=1)
+    c.global_batch_size = 4
+    c.mesh.update(data=4, fsdp=2)
+    with pytest.raises(ValueError, match="needs 8 devices, but 2 are available"):
+        check_config(c, num_devices=2, process_count=1)
+    r = subprocess.run(th.cli_args(tmp_path, **{"optim.learning_rte": 1}), capture_output=True, text=True,
+                       timeout=120, cwd=th.ROOT)
+    assert r.returncode != 0 and "learning_rte" in r.stderr
+    r = subprocess.run(th.cli_args(tmp_path, **{"mesh.data": 2}), capture_output=True, text=True, timeout=120,
+                       cwd=th.ROOT)
+    assert r.returncode == 1 and "magdiff-jax: error: mesh" in r.stderr and "needs 2 devices" in r.stderr
+    assert not (tmp_path / "checkpoints").exists()
