@@ -1,21 +1,11 @@
-"""The trainer's t2i tiny config learns, and bad configs are refused before anything compiles."""
+"""Bad trainer configs are refused before anything compiles, with one clear line."""
 
 import subprocess
 
-import numpy as np
 import pytest
 import train_helpers as th
 
-from magdiff_jax.train.trainer import check_config, train
-
-
-def test_tiny_t2i_learns(tmp_path):
-    """200 steps of configs/t2i.py:tiny on synthetic data take the loss clearly down."""
-    train(th.config(steps=200, ckpt_every=1000), tmp_path)
-    loss = th.losses(tmp_path)
-    assert sorted(loss) == list(range(1, 201))
-    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(190, 201)])
-    assert last < 0.6 * first, (first, last)
+from magdiff_jax.train.trainer import check_config
 
 
 def test_bad_configs_fail_before_compiling(tmp_path):
