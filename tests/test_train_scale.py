@@ -42,7 +42,7 @@ def test_eight_devices_and_a_restore_on_another_mesh(one_device, tmp_path):
 
 def test_two_processes_log_the_losses_of_one(one_device, tmp_path):
     launch = th.ROOT / "launch" / "local_multiprocess.sh"
-    args = th.cli_args(tmp_path / "run", steps=5, **{"mesh.data": -1})
+    args = th.cli_args(tmp_path / "run", steps=5, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
     r = subprocess.run(["bash", str(launch), "-n", "2", "-d", "4", "--", *args], capture_output=True, text=True,
                        timeout=900, cwd=th.ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""The trainer tests' one configuration (configs/t2i.py:tiny on 24 synthetic clips, batch 8), in-process and as
+"""The trainer tests' one configuration (configs/t2i.py:tiny on 24 synthetic clips, batch 4), in-process and as
 `magdiff-jax train` arguments, so every run compiles the same step (the session's compilation cache serves the
 repeats), and readers of a workdir's metrics and checkpoints."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = f"{ROOT}/configs/t2i.py:tiny"
-OVERRIDES = {"global_batch_size": 8, "log_every": 1, "ckpt_every": 6, "keep_checkpoints": 100,
+OVERRIDES = {"global_batch_size": 4, "log_every": 1, "ckpt_every": 6, "keep_checkpoints": 100,
              "async_checkpoints": False, "data.synthetic.num": 24}
 
 
