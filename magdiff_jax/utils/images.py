@@ -6,11 +6,12 @@ Used by `magdiff-jax data inspect`, the trainer's preview samples and the demo.
 from __future__ import annotations
 
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
+
+from magdiff_jax.utils.files import atomic_path
 
 
 def contact_sheet(videos, captions=None, cell: int = 96, max_frames: int = 8, pad: int = 4) -> np.ndarray:
@@ -50,15 +51,6 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
     """Write a uint8 image as PNG through a temporary file and a rename (never half-written)."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return Path(path)
