@@ -7,6 +7,9 @@
     magdiff-jax train --config configs/t2i.py:sd15 --workdir gs://bucket/t2i_sd15 --config.init_from=out/sd15 \\
         --config.data.source=folder --config.data.path=data/images
         SD 1.5 fine-tuning at 512x512 from a converted pipeline (`magdiff-jax convert to-flax --kind pipeline`).
+    magdiff-jax train --config configs/t2i.py:micro --workdir /tmp/t2i_micro
+        tiny's data with one-block models (about a third of tiny's compile time): for checking the machinery
+        quickly (a new mesh, a multi-host launch), not for learning anything.
     sd21: the same from SD 2.1-base (v-prediction off: epsilon, 512x512), OpenCLIP ViT-H text.
 """
 
@@ -30,12 +33,22 @@ def tiny_models() -> ml_collections.ConfigDict:
     })
 
 
+def micro_models() -> ml_collections.ConfigDict:
+    m = tiny_models()
+    m.unet.update(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                  up_block_types=("CrossAttnUpBlock2D",))
+    m.vae.update(block_out_channels=(16,), down_block_types=("DownEncoderBlock2D",),
+                 up_block_types=("UpDecoderBlock2D",))
+    m.text_encoder.num_hidden_layers = 1
+    return m
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c = base_config()
     c.task = "t2i"
     c.data.num_frames = 1
     c.data.normalize = False  # uint8 from the loader (4x fewer bytes between processes); scaled on device
-    if arg == "tiny":
+    if arg in ("tiny", "micro"):
         c.steps, c.global_batch_size, c.log_every, c.ckpt_every = 50, 8, 10, 50
         c.optim.lr, c.optim.warmup_steps = 1e-3, 10
         c.data.source = "synthetic"
@@ -43,7 +56,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.resolution = (32, 32)
         c.data.tokenizer, c.data.max_length = "synthetic", 16
         c.data.caption_dropout = 0.1
-        c.model = tiny_models()
+        c.model = tiny_models() if arg == "tiny" else micro_models()
     elif arg in ("sd15", "sd21"):
         c.steps, c.global_batch_size, c.log_every, c.ckpt_every = 10000, 64, 50, 1000
         c.optim.lr, c.optim.warmup_steps = 1e-5, 500
@@ -55,5 +68,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         if arg == "sd21":
             c.schedule.prediction_type = "epsilon"
     else:
-        raise ValueError(f"configs/t2i.py: variant must be tiny, sd15 or sd21, got {arg!r}")
+        raise ValueError(f"configs/t2i.py: variant must be tiny, micro, sd15 or sd21, got {arg!r}")
     return c

@@ -1,6 +1,7 @@
 """The trainer at scale, on fake CPU devices: 8 devices (data x fsdp x tensor) log the losses of one device; a
 checkpoint saved on data=2 x fsdp=2 x tensor=2 resumes on fsdp=4 x tensor=2 on the same curve; 2 processes x 4
-devices, started by launch/local_multiprocess.sh, log the losses of 1 process."""
+devices, started by launch/local_multiprocess.sh, log the losses of 1 process. The models are configs/t2i.py:micro
+(one block each): the machinery is under test, and compiling it on 8 devices is the cost."""
 
 import json
 import os
@@ -18,7 +19,7 @@ from magdiff_jax.train.trainer import train
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one")
-    train(th.config(steps=5), workdir)
+    train(th.config("micro", steps=5), workdir)
     return th.losses(workdir)
 
 
@@ -42,7 +43,7 @@ def test_eight_devices_and_a_restore_on_another_mesh(one_device, tmp_path):
 
 def test_two_processes_log_the_losses_of_one(one_device, tmp_path):
     launch = th.ROOT / "launch" / "local_multiprocess.sh"
-    args = th.cli_args(tmp_path / "run", steps=5, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
+    args = th.cli_args(tmp_path / "run", "micro", steps=5, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2})
     r = subprocess.run(["bash", str(launch), "-n", "2", "-d", "4", "--", *args], capture_output=True, text=True,
                        timeout=900, cwd=th.ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -1,6 +1,7 @@
-"""The trainer tests' one configuration (configs/t2i.py:tiny on 24 synthetic clips, batch 4), in-process and as
-`magdiff-jax train` arguments, so every run compiles the same step (the session's compilation cache serves the
-repeats), and readers of a workdir's metrics and checkpoints."""
+"""The trainer tests' configuration (configs/t2i.py:tiny on 24 synthetic clips, batch 4; the scale tests use
+`micro`, the same with one-block models), in-process and as `magdiff-jax train` arguments, so every run of a variant
+compiles the same step (the session's compilation cache serves the repeats), and readers of a workdir's metrics and
+checkpoints."""
 
 import json
 import os
@@ -10,16 +11,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = f"{ROOT}/configs/t2i.py:tiny"
+CONFIG = f"{ROOT}/configs/t2i.py"
 OVERRIDES = {"global_batch_size": 4, "log_every": 1, "ckpt_every": 6, "keep_checkpoints": 100,
              "async_checkpoints": False, "data.synthetic.num": 24}
 
 
-def config(**changes):
+def config(variant="tiny", **changes):
     sys.path.insert(0, str(ROOT / "configs"))
     import t2i
 
-    c = t2i.get_config("tiny")
+    c = t2i.get_config(variant)
     for key, value in {**OVERRIDES, **changes}.items():
         *path, last = key.split(".")
         target = c
@@ -29,12 +30,12 @@ def config(**changes):
     return c
 
 
-def cli_args(workdir, **changes) -> list[str]:
+def cli_args(workdir, variant="tiny", **changes) -> list[str]:
     def fmt(v):
         return str(v).lower() if isinstance(v, bool) else str(v)
 
-    return [sys.executable, "-m", "magdiff_jax.cli", "train", "--config", CONFIG, "--workdir", str(workdir),
-            *(f"--config.{k}={fmt(v)}" for k, v in {**OVERRIDES, **changes}.items())]
+    return [sys.executable, "-m", "magdiff_jax.cli", "train", "--config", f"{CONFIG}:{variant}",
+            "--workdir", str(workdir), *(f"--config.{k}={fmt(v)}" for k, v in {**OVERRIDES, **changes}.items())]
 
 
 def losses(workdir) -> dict[int, float]:
