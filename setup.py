@@ -36,6 +36,7 @@ TEST = [
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",  # the suite runs on 2 workers: compile-bound tests parallelise well
     "ruff",
+    "tensorboardX==2.6.5",  # the official event protos, to check the TensorFlow-free event writer
     "ipykernel==7.4.0",
     "nbformat==5.11.1",
     "nbclient==0.11.0",

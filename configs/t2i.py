@@ -3,7 +3,7 @@
     magdiff-jax train --config configs/t2i.py:tiny --workdir /tmp/t2i_tiny
         CPU, synthetic data (one frame of each clip, 32x32) and the synthetic one-token-per-word vocabulary;
         randomly initialised tiny models. 50 steps take well under a minute after compilation; the loss in
-        metrics.jsonl falls from about 1.0.
+        metrics.jsonl (and tensorboard/) falls from about 1.0; samples/step_0000050.png shows three prompts.
     magdiff-jax train --config configs/t2i.py:sd15 --workdir gs://bucket/t2i_sd15 --config.init_from=out/sd15 \\
         --config.data.source=folder --config.data.path=data/images
         SD 1.5 fine-tuning at 512x512 from a converted pipeline (`magdiff-jax convert to-flax --kind pipeline`).
@@ -56,6 +56,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.resolution = (32, 32)
         c.data.tokenizer, c.data.max_length = "synthetic", 16
         c.data.caption_dropout = 0.1
+        c.preview.update(every=50, num_steps=10, guidance=3.0,
+                         prompts=("a red square moves left", "a blue circle moves up", "a green triangle moves down"))
         c.model = tiny_models() if arg == "tiny" else micro_models()
     elif arg in ("sd15", "sd21"):
         c.steps, c.global_batch_size, c.log_every, c.ckpt_every = 10000, 64, 50, 1000

@@ -16,7 +16,7 @@ from magdiff_jax.train.trainer import train
 def straight(tmp_path_factory):
     """200 uninterrupted steps (checkpoints every 12): the reference the interrupted runs must reproduce."""
     workdir = tmp_path_factory.mktemp("straight")
-    train(th.config(steps=200, ckpt_every=12, async_checkpoints=True), workdir)
+    train(th.config(steps=200, ckpt_every=12, async_checkpoints=True, **{"preview.every": 200}), workdir)
     return workdir
 
 
@@ -26,6 +26,21 @@ def test_tiny_t2i_learns(straight):
     assert sorted(loss) == list(range(1, 201))
     first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(190, 201)])
     assert last < 0.6 * first, (first, last)
+
+
+def test_what_a_person_reads(straight):
+    """metrics.jsonl carries the throughput figures, TensorBoard has the same scalars, and the preview contact
+    sheet of the config's prompts is written at the last step."""
+    lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert {"step", "loss", "lr", "grad_norm", "steps_per_s", "examples_per_s", "tflops_per_device",
+            "nonfinite_skipped"} <= set(lines[-1])
+    assert all(m["tflops_per_device"] > 0 and m["steps_per_s"] > 0 for m in lines)
+    (events,) = (straight / "tensorboard").glob("events.out.tfevents.*")
+    assert events.stat().st_size > 200 * 40  # 200 scalar events and one image
+    from PIL import Image
+
+    sheet = np.asarray(Image.open(straight / "samples" / "step_0000200.png"))
+    assert sheet.ndim == 3 and sheet.shape[0] >= 3 * 32 and sheet.std() > 5
 
 
 def test_sigkill_after_a_checkpoint_resumes_exactly(straight, tmp_path):

@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import flax
+import jax
+import ml_collections
 import numpy as np
 import pytest
 import train_helpers as th
@@ -50,3 +53,39 @@ def test_two_processes_log_the_losses_of_one(one_device, tmp_path):
     _close(th.losses(tmp_path / "run"), one_device, range(1, 6))
     assert th.checkpoints(tmp_path / "run") == [5]
     assert np.isfinite(list(th.losses(tmp_path / "run").values())).all()
+
+
+def test_bfloat16_compute_keeps_float32_state(one_device, tmp_path):
+    """compute_dtype=bfloat16: the models run in bf16 (losses near the fp32 run's), the parameters and optimizer
+    state stay float32."""
+    train(th.config("micro", steps=2, compute_dtype="bfloat16"), tmp_path)
+    got = th.losses(tmp_path)
+    for s in (1, 2):
+        assert abs(got[s] - one_device[s]) <= 0.05 * abs(one_device[s]), (s, got[s], one_device[s])
+    assert got[1] != one_device[1]  # bf16 did run
+    assert {a.dtype for a in jax.tree.leaves(th.params(tmp_path, 2))} == {np.dtype(np.float32)}
+
+
+def test_init_from_a_converted_folder(tmp_path):
+    """init_from: model configs and weights come from `magdiff-jax convert`'s folders (no model config given);
+    with lr 0 the trained parameters stay the saved ones."""
+    from magdiff_jax.convert.core import get_kind
+    from magdiff_jax.convert.flax_checkpoint import save_flax
+    from magdiff_jax.train.tasks import get_task
+
+    c = th.config("micro", steps=1, **{"optim.lr": 0.0, "optim.weight_decay": 0.0})
+    saved = {}
+    for i, (name, (kind, cfg)) in enumerate(get_task("t2i").models(c).items()):
+        spec = get_kind(kind)
+        module = spec.build(cfg)
+        params = module.init(jax.random.key(100 + i), *spec.example_inputs(cfg), **spec.example_kwargs(cfg))
+        unboxed = flax.linen.meta.unbox(params["params"])
+        saved[name] = jax.tree.map(lambda a: np.asarray(a) + 0.01, unboxed)  # not anyone's fresh init
+        save_flax(kind, module, saved[name], tmp_path / "models" / name)
+    c.init_from = str(tmp_path / "models")
+    c.model = ml_collections.ConfigDict({"unet": {}, "vae": {}, "text_encoder": {}})
+    train(c, tmp_path / "run")
+    assert np.isfinite(th.losses(tmp_path / "run")[1])
+    got = th.params(tmp_path / "run", 1)["unet"]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(saved["unet"]), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = f"{ROOT}/configs/t2i.py"
 OVERRIDES = {"global_batch_size": 4, "log_every": 1, "ckpt_every": 6, "keep_checkpoints": 100,
-             "async_checkpoints": False, "data.synthetic.num": 24}
+             "async_checkpoints": False, "data.synthetic.num": 24, "preview.every": 0}
 
 
 def config(variant="tiny", **changes):

@@ -27,6 +27,10 @@ class Task(Protocol):
     def loss(self, modules: dict, params: dict, batch: dict, key: jax.Array) -> tuple[jax.Array, dict]:
         """Scalar loss and auxiliary scalars, for one (micro-)batch."""
 
+    def preview(self, modules: dict, params: dict, tokens, null_tokens, key: jax.Array, *, config) -> jax.Array:
+        """Samples for the prompts `tokens` (N, L) (`null_tokens`: the empty prompt, for guidance), as videos
+        (N, F, H, W, 3) in [-1, 1]; `config.preview` holds num_steps and guidance. Traced inside `jax.jit`."""
+
 
 def model_config(config, name: str, kind: str):
     """The config dataclass of model `name`: `config.model[name]` over the stored config of `init_from/name`
@@ -37,6 +41,9 @@ def model_config(config, name: str, kind: str):
     from magdiff_jax.convert.flax_checkpoint import read_meta
 
     overrides = config.model[name].to_dict() if name in config.model else {}
+    cls = get_kind(kind).config_cls
+    if "dtype" in {f.name for f in dataclasses.fields(cls)} and "dtype" not in overrides:
+        overrides["dtype"] = config.get("compute_dtype", "float32")
     base = {}
     if config.init_from:
         src = Path(config.init_from) / name
@@ -45,7 +52,7 @@ def model_config(config, name: str, kind: str):
         base = read_meta(src)["config"]
     elif not overrides:
         raise ValueError(f"model.{name}: no model config and no init_from to take it from")
-    return config_from_dict(get_kind(kind).config_cls, {**base, **overrides})
+    return config_from_dict(cls, {**base, **overrides})
 
 
 def schedule_from(config) -> NoiseSchedule:
@@ -83,6 +90,30 @@ class T2ITask:
         target = training_target(schedule, latents, noise, t, prediction_type)
         loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
         return loss, {}
+
+    def preview(self, modules, params, tokens, null_tokens, key, *, config):
+        """DDIM with classifier-free guidance at `config.data.resolution` -> (N, 1, H, W, 3) in [-1, 1]."""
+        from magdiff_jax.diffusion import DDIMSampler, classifier_free_guidance, sample_loop
+
+        vae, unet, text = modules["vae"], modules["unet"], modules["text_encoder"]
+        n = tokens.shape[0]
+        context = text.apply({"params": params["text_encoder"]}, jnp.concatenate([null_tokens, tokens]))
+        context = context.last_hidden_state
+        f = vae.config.downsample_factor
+        h, w = (s // f for s in config.data.resolution)
+        schedule_cfg = schedule_from(config).config
+        sampler = DDIMSampler(schedule_cfg)
+        state = sampler.set_timesteps(config.preview.num_steps)
+
+        def model_fn(x, t):
+            out = unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), jnp.full((2 * n,), t), context)
+            uncond, cond = jnp.split(out, 2)
+            return classifier_free_guidance(uncond, cond, config.preview.guidance)
+
+        noise = jax.random.normal(key, (n, h, w, vae.config.latent_channels), jnp.float32)
+        latents = sample_loop(sampler, state, model_fn, noise * state.init_noise_sigma)
+        images = vae.apply({"params": params["vae"]}, latents / vae.config.scaling_factor, method="decode")
+        return jnp.clip(images.astype(jnp.float32), -1, 1)[:, None]
 
 
 TASKS = {"t2i": T2ITask}

@@ -10,6 +10,13 @@ continues exactly where it stopped. Checkpoints (Orbax, async, keep-N) hold the 
 optimizer state, EMA, RNG key), the data-iterator state and the config. SIGTERM / SIGINT finish the current
 step, save, and return normally. A non-finite loss or gradient skips the update; `max_nonfinite` in a row stop
 the run with an error naming the step and the last good checkpoint.
+
+Process 0 writes what a person reads: `metrics.jsonl` (one JSON line per `log_every` steps: step, loss, lr,
+grad_norm, steps_per_s, examples_per_s, tflops_per_device (XLA's FLOP count of the whole step over the devices),
+nonfinite_skipped), the same scalars as TensorBoard events under `tensorboard/`, a progress bar on stderr, and
+every `preview.every` steps a contact sheet of the task's samples for `preview.prompts` under `samples/` (also
+in TensorBoard). `compute_dtype` runs every model in bfloat16 (or float16) with float32 parameters, gradients and
+optimizer state.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import contextlib
 import json
 import logging
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainable = ""  # regex over parameter paths ("": the task's default)
     c.ema_decay = 0.0  # > 0: keep an EMA of the trainable parameters
     c.init_from = ""  # a folder of converted models (`magdiff-jax convert to-flax --kind pipeline`)
+    c.compute_dtype = "float32"  # float32 | bfloat16 | float16: the models' compute dtype (parameters stay fp32)
+    c.progress = True  # a progress bar on process 0 (stderr)
+    c.preview = ml_collections.ConfigDict({"every": 0, "prompts": (), "num_steps": 20, "guidance": 5.0,
+                                           "seed": 0})  # every > 0: samples/ every that many steps
     c.optim = optim.optim_config()
     c.data = data_config()
     c.model = ml_collections.ConfigDict()
@@ -78,6 +90,11 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
                          "processes")
     if config.steps < 1 or config.log_every < 1 or config.ckpt_every < 1:
         raise ValueError("steps, log_every and ckpt_every must be positive")
+    from magdiff_jax.layers.common import compute_dtype
+
+    compute_dtype(config.compute_dtype)  # an unknown name fails here
+    if config.preview.every > 0 and not config.preview.prompts:
+        raise ValueError("preview.every > 0 needs preview.prompts (a tuple of captions)")
     return shape
 
 
@@ -100,6 +117,73 @@ class _Stop:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+class _Log:
+    """Process 0's outputs: metrics.jsonl, TensorBoard events, the progress bar and preview contact sheets.
+    Other processes get a silent one."""
+
+    def __init__(self, workdir: Path, config, start: int, enabled: bool):
+        self.workdir, self.enabled = workdir, enabled
+        self.tb = self.bar = None
+        if not enabled:
+            return
+        from magdiff_jax.utils.tensorboard import EventWriter
+
+        self.tb = EventWriter(workdir / "tensorboard")
+        if config.progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=config.steps, initial=start, file=sys.stderr, desc="train", unit="step",
+                            mininterval=1.0, dynamic_ncols=True)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def metrics(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.workdir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(m) + "\n")
+        self.tb.scalars(m["step"], {k: v for k, v in m.items() if k != "step"})
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
+        else:
+            logging.info("step %d  loss %.5f  lr %.2e  %.2f steps/s", m["step"], m["loss"], m["lr"],
+                         m["steps_per_s"])
+
+    def samples(self, step: int, videos, captions) -> None:
+        if not self.enabled:
+            return
+        from magdiff_jax.utils.images import contact_sheet, save_png
+
+        sheet = contact_sheet(videos, captions)
+        save_png(self.workdir / "samples" / f"step_{step:07d}.png", sheet)
+        self.tb.image(step, "samples", sheet)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _preview_fn(task, modules, config, data_cfg, params_sharding, replicated):
+    """A jitted `params -> videos` of the task's preview samples for `config.preview.prompts`, or None."""
+    if config.preview.every <= 0:
+        return None
+    from magdiff_jax.data.transforms import tokenizer
+
+    tok = tokenizer(data_cfg.tokenizer, data_cfg.max_length)
+    prompts = list(config.preview.prompts)
+    tokens, null = np.asarray(tok(prompts)), np.asarray(tok([""] * len(prompts)))
+    key = jax.random.key(config.preview.seed)
+
+    def run(params):
+        return task.preview(modules, params, tokens, null, key, config=config)
+
+    return jax.jit(run, in_shardings=(params_sharding,), out_shardings=replicated)
 
 
 def _init_models(task, config, mesh, rules, key):
@@ -238,46 +322,62 @@ def train(config, workdir: str | Path) -> dict:
                                                data=grain.checkpoint.CheckpointSave(data_iter),
                                                config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
 
-    metrics_path = workdir / "metrics.jsonl"
+    log = _Log(workdir, config, start, enabled=main)
+    preview = _preview_fn(task, modules, config, data_cfg, shardings, replicated)
     last, nonfinite_run, nonfinite_total = {}, 0, 0
-    t0, examples = time.perf_counter(), 0
-    step = start
-    with _Stop() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        while step < config.steps:
-            host = next(data_iter)
-            batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(host[k]))
-                     for k in task.batch_keys}
-            state, m = step_fn(state, frozen, batch)
-            step += 1
-            examples += config.global_batch_size
-            m = jax.device_get(m)
-            if m["nonfinite"]:
-                nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-                logging.warning("step %d: non-finite loss or gradient; update skipped", step)
-                if nonfinite_run >= config.max_nonfinite:
-                    mgr.wait_until_finished()
-                    good = mgr.latest_step()
-                    where = f"step {good} in {workdir / 'checkpoints'}" if good is not None else "none yet"
-                    raise FloatingPointError(f"{nonfinite_run} non-finite steps in a row (max_nonfinite), the last at "
-                                             f"step {step}; last good checkpoint: {where}")
-            else:
-                nonfinite_run = 0
-            if step % config.log_every == 0 or step == config.steps:
-                dt = time.perf_counter() - t0
-                last = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                        "grad_norm": float(m["grad_norm"]), "steps_per_s": config.log_every / dt,
-                        "examples_per_s": examples / dt, "nonfinite_skipped": nonfinite_total}
-                if main:
-                    with open(metrics_path, "a") as fh:
-                        fh.write(json.dumps(last) + "\n")
-                    logging.info("step %d  loss %.5f  lr %.2e  %.2f steps/s", step, last["loss"], last["lr"],
-                                 last["steps_per_s"])
-                t0, examples = time.perf_counter(), 0
-            if step % config.ckpt_every == 0 or step == config.steps or stop.requested:
-                save(step)
-            if stop.requested:
-                logging.info("%s: saved step %d, stopping", stop.requested, step)
-                break
+    step, compiled, flops = start, None, None
+    try:
+        with _Stop() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            while step < config.steps:
+                host = next(data_iter)
+                batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(host[k]))
+                         for k in task.batch_keys}
+                if compiled is None:  # compile ahead of time: XLA's FLOP count of the step, the compile time
+                    tc = time.perf_counter()
+                    lowered = step_fn.lower(state, frozen, batch)
+                    flops = (lowered.cost_analysis() or {}).get("flops")
+                    compiled = lowered.compile()
+                    logging.info("step compiled in %.1f s (%s FLOP per step)", time.perf_counter() - tc,
+                                 f"{flops:.3g}" if flops else "unknown")
+                    t0, examples = time.perf_counter(), 0
+                state, m = compiled(state, frozen, batch)
+                step += 1
+                examples += config.global_batch_size
+                m = jax.device_get(m)
+                log.step()
+                if m["nonfinite"]:
+                    nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
+                    logging.warning("step %d: non-finite loss or gradient; update skipped", step)
+                    if nonfinite_run >= config.max_nonfinite:
+                        mgr.wait_until_finished()
+                        good = mgr.latest_step()
+                        where = f"step {good} in {workdir / 'checkpoints'}" if good is not None else "none yet"
+                        raise FloatingPointError(f"{nonfinite_run} non-finite steps in a row (max_nonfinite), the "
+                                                 f"last at step {step}; last good checkpoint: {where}")
+                else:
+                    nonfinite_run = 0
+                if step % config.log_every == 0 or step == config.steps:
+                    dt = time.perf_counter() - t0
+                    steps_done = examples // config.global_batch_size
+                    last = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
+                            "grad_norm": float(m["grad_norm"]), "steps_per_s": steps_done / dt,
+                            "examples_per_s": examples / dt, "nonfinite_skipped": nonfinite_total}
+                    if flops:
+                        last["tflops_per_device"] = flops * steps_done / dt / jax.device_count() / 1e12
+                    log.metrics(last)
+                    t0, examples = time.perf_counter(), 0
+                if preview is not None and (step % config.preview.every == 0 or step == config.steps):
+                    tp = time.perf_counter()
+                    p = optim.merge(state["ema"] if "ema" in state else state["params"], frozen)
+                    log.samples(step, np.asarray(preview(p)), config.preview.prompts)
+                    t0 += time.perf_counter() - tp  # throughput figures leave the preview out
+                if step % config.ckpt_every == 0 or step == config.steps or stop.requested:
+                    save(step)
+                if stop.requested:
+                    logging.info("%s: saved step %d, stopping", stop.requested, step)
+                    break
+    finally:
+        log.close()
     mgr.wait_until_finished()
     mgr.close()
     return last
