@@ -28,3 +28,14 @@ def tiny_config(kind: str, sample_size: int = 8):
         return UNet3DConfig(down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                             up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), attention_head_dim=8, **common)
     raise ValueError(kind)
+
+
+def tiny_magdiff_config(**kw):
+    """A MagDiff U-Net around `tiny_config("unet3d")` (conv_in widened to 8 inputs) with a one-layer resampler of 2
+    queries over 12-wide image tokens and an 8-channel entity pyramid."""
+    from magdiff_jax.layers.resampler import ResamplerConfig
+    from magdiff_jax.models.magdiff import MagDiffConfig
+
+    resampler = ResamplerConfig(dim=16, depth=1, dim_head=8, heads=2, num_queries=2, embedding_dim=12, output_dim=16,
+                                ff_mult=2)
+    return MagDiffConfig(**{"unet": tiny_config("unet3d"), "resampler": resampler, "pyramid_channels": 8, **kw})

@@ -2,7 +2,11 @@
 
 The spatial layers carry the SD U-Net's names, so the table is `unet2d_rules` on `UNet3DConfig.to_unet2d()` with its
 `block_extra` hook adding a `temp_convs.{j}` after every resnet and a `temp_attentions.{j}` after every spatial
-transformer, plus `transformer_in`. Config keys are diffusers' own (`attention_head_dim` is the head width here).
+transformer, plus `transformer_in`. Config keys are diffusers' own (`attention_head_dim` is the head width here);
+our entity-attention fields (`entity_attention`, `image_token_mode`) are neither written nor read.
+
+Kind `magdiff`: `models.magdiff.MagDiffUNet` (this U-Net with entity attention, the image-prompt resampler and the
+entity pyramid), registered for building, abstract init and Flax checkpoints; it has no PyTorch table yet.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ import jax.numpy as jnp
 from magdiff_jax.convert.blocks import transformer_rules
 from magdiff_jax.convert.core import ModelKind, Rule, conv, norm, register
 from magdiff_jax.convert.unet2d import config_from_diffusers, config_to_diffusers, unet2d_rules
+from magdiff_jax.models import magdiff
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 
 CLASS_NAME = "UNet3DConditionModel"
+# our UNet3DConfig fields beyond the shared unet2d ones (convert.unet2d.OURS_ONLY): not in diffusers' config.json
+OURS_ONLY_3D = ("entity_attention", "image_token_mode")
 
 
 def temp_conv_rules(t: str, f: str) -> list[Rule]:
@@ -32,6 +39,9 @@ def temporal_transformer_rules(t: str, f: str, layers: int = 1) -> list[Rule]:
 
 def unet3d_rules(cfg: UNet3DConfig) -> list[Rule]:
     """Every parameter of a UNet3DConditionModel."""
+    if cfg.entity_attention:
+        raise NotImplementedError("a unet3d with entity_attention (to_k_ip, to_v_ip, text_scale, image_scale) has no "
+                                  "diffusers UNet3DConditionModel layout; there is no PyTorch table for it yet")
 
     def extra(kind, t, f, index, **_):
         if kind == "resnet":
@@ -49,9 +59,25 @@ def example_inputs(cfg: UNet3DConfig) -> tuple:
 
 
 def example_kwargs(cfg: UNet3DConfig) -> dict:
-    if cfg.time_cond_proj_dim is None:
-        return {}
-    return {"timestep_cond": jnp.zeros((1, cfg.time_cond_proj_dim))}
+    kw = {}
+    if cfg.time_cond_proj_dim is not None:
+        kw["timestep_cond"] = jnp.zeros((1, cfg.time_cond_proj_dim))
+    if cfg.entity_attention:  # one image token per frame of example_inputs' two
+        kw["image_hidden_states"] = jnp.zeros((1, 2, cfg.cross_attention_dim))
+    return kw
+
+
+def config_from_torch(d: dict) -> UNet3DConfig:
+    ours = sorted(k for k in d if k in OURS_ONLY_3D)
+    if ours:
+        raise ValueError(f"config.json: unknown key {ours[0]!r} for UNet3DConfig (not a diffusers key)")
+    return config_from_diffusers(d, cls=UNet3DConfig, accepted={})
+
+
+def config_to_torch(cfg: UNet3DConfig) -> dict:
+    if cfg.entity_attention:
+        raise NotImplementedError("a unet3d with entity_attention has no diffusers UNet3DConditionModel config")
+    return {k: v for k, v in config_to_diffusers(cfg, CLASS_NAME, accepted={}).items() if k not in OURS_ONLY_3D}
 
 
 KIND = register(ModelKind(
@@ -59,10 +85,29 @@ KIND = register(ModelKind(
     library="diffusers",
     torch_class=lambda cfg: CLASS_NAME,
     config_cls=UNet3DConfig,
-    config_from_torch=lambda d: config_from_diffusers(d, cls=UNet3DConfig, accepted={}),
-    config_to_torch=lambda cfg: config_to_diffusers(cfg, CLASS_NAME, accepted={}),
+    config_from_torch=config_from_torch,
+    config_to_torch=config_to_torch,
     build=UNet3DConditionModel,
     example_inputs=example_inputs,
     example_kwargs=example_kwargs,
     rules=unet3d_rules,
+))
+
+
+def _no_torch_layout(*_):
+    raise NotImplementedError("model kind 'magdiff' has no PyTorch (diffusers) layout yet: it can be built, "
+                              "initialised and saved as a Flax checkpoint, not converted to or from PyTorch")
+
+
+MAGDIFF_KIND = register(ModelKind(
+    name="magdiff",
+    library="diffusers",
+    torch_class=_no_torch_layout,
+    config_cls=magdiff.MagDiffConfig,
+    config_from_torch=_no_torch_layout,
+    config_to_torch=_no_torch_layout,
+    build=magdiff.MagDiffUNet,
+    example_inputs=magdiff.example_inputs,
+    example_kwargs=magdiff.example_kwargs,
+    rules=_no_torch_layout,
 ))

@@ -1,4 +1,5 @@
-"""The one attention entry point, and the diffusers-named `Attention` layer built on it.
+"""The one attention entry point, the diffusers-named `Attention` layer built on it, and `EntityAttention` (its
+decoupled text/image cross-attention variant for MagDiff).
 
 Every attention in the project (CLIP self-attention, VAE mid-block attention, U-Net self/cross/temporal
 attention) calls `dot_product_attention`, whose `implementation` comes from the model config:
@@ -127,5 +128,50 @@ class Attention(nn.Module):
         q, k, v = split(q), split(k), split(v)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
         out = dot_product_attention(q, k, v, mask=mask, implementation=self.implementation)
+        out = tag(out.reshape(*out.shape[:-2], inner), "attention")
+        return dense(self.query_dim, axes=("heads", "embed"), use_bias=self.out_bias, name="to_out_0", **kw)(out)
+
+
+def _scalar(module: nn.Module, name: str, value: float, dtype):
+    """A learnable scalar parameter (shape (), no logical axes to name)."""
+    return module.param(name, nn.with_logical_partitioning(nn.initializers.constant(value), ()), (), dtype)
+
+
+class EntityAttention(Attention):
+    """Decoupled text/image cross-attention (MagDiff's APA / VideoAssembler's EPAF; IP-Adapter's decoupled
+    cross-attention with learnable branch weights), at the place of a `BasicTransformerBlock`'s `attn2`:
+
+        out = to_out_0( text_scale * Attn(Q, K_t, V_t) + image_scale * Attn(Q, K_i, V_i) )
+        Q = to_q(x),  K_t, V_t = to_k(context), to_v(context),  K_i, V_i = to_k_ip(image), to_v_ip(image)
+
+    The heads and `to_out_0` are shared by the two branches. Parameters: `to_q`, `to_k`, `to_v`, `to_out_0` (as
+    `Attention`'s), the bias-free `to_k_ip` and `to_v_ip` (shaped as `to_k`/`to_v`; when a pretrained U-Net is
+    extended they start as copies of `to_k`/`to_v`, see `models.magdiff`) and the scalars `text_scale` (init 1.0)
+    and `image_scale` (init 1.5). Being bias-free, all-zero image tokens give V_i = 0 and so an image branch of
+    exactly zero.
+
+    x (B, L, query_dim), context (B, Lt, cross_attention_dim), image_context (B, Li, cross_attention_dim),
+    image_mask: optional boolean, broadcastable to (B, heads, L, Li), True keeps an image token.
+    Returns (B, L, query_dim).
+    """
+
+    text_scale_init: float = 1.0
+    image_scale_init: float = 1.5
+
+    @nn.compact
+    def __call__(self, x, context, image_context, image_mask=None):
+        inner = self.heads * self.dim_head
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        proj = lambda name, bias: dense(inner, axes=("embed", "heads"), use_bias=bias, name=name, **kw)
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.dim_head)  # (B, L, H, D)
+        q = split(proj("to_q", self.qkv_bias)(x))
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+        k, v = split(proj("to_k", self.qkv_bias)(context)), split(proj("to_v", self.qkv_bias)(context))
+        k_ip, v_ip = split(proj("to_k_ip", False)(image_context)), split(proj("to_v_ip", False)(image_context))
+        text = dot_product_attention(q, k, v, implementation=self.implementation)
+        image = dot_product_attention(q, k_ip, v_ip, mask=image_mask, implementation=self.implementation)
+        text_scale = _scalar(self, "text_scale", self.text_scale_init, self.param_dtype)
+        image_scale = _scalar(self, "image_scale", self.image_scale_init, self.param_dtype)
+        out = text_scale.astype(text.dtype) * text + image_scale.astype(image.dtype) * image
         out = tag(out.reshape(*out.shape[:-2], inner), "attention")
         return dense(self.query_dim, axes=("heads", "embed"), use_bias=self.out_bias, name="to_out_0", **kw)(out)

@@ -3,6 +3,9 @@
 Channels-last: a (B, H, W, C) feature map is normed, projected (1x1 conv or linear, per config), flattened to
 (B, H*W, C) tokens, run through the blocks (self-attention, cross-attention over the text, GEGLU feed-forward)
 and projected back with a residual connection.
+
+With `entity_attention` (MagDiff's video U-Net), each block's `attn2` is an `EntityAttention` that also attends to
+per-sample image tokens (`image_context`, optionally masked by `image_mask`), passed down as keyword arguments.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax.layers.attention import Attention
+from magdiff_jax.layers.attention import Attention, EntityAttention
 from magdiff_jax.layers.common import conv, dense, group_norm, layer_norm
 from magdiff_jax.layers.remat import tag
 
@@ -48,7 +51,10 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-    """norm1 -> attn1 (self, or cross when only_cross_attention) -> norm2 -> attn2 (cross) -> norm3 -> ff."""
+    """norm1 -> attn1 (self, or cross when only_cross_attention) -> norm2 -> attn2 (cross) -> norm3 -> ff.
+
+    With `entity_attention`, attn2 is an `EntityAttention` over the text `context` and the image tokens
+    `image_context` (B, Li, cross_attention_dim), which are then required; without it they must be None."""
 
     dim: int
     heads: int
@@ -58,23 +64,33 @@ class BasicTransformerBlock(nn.Module):
     dropout: float = 0.0
     attention_impl: str = "xla"
     dtype: Any = None
+    entity_attention: bool = False
 
     @nn.compact
-    def __call__(self, x, context=None, deterministic=True):
+    def __call__(self, x, context=None, deterministic=True, image_context=None, image_mask=None):
         attn = lambda name: Attention(
             self.dim, self.heads, self.dim_head, implementation=self.attention_impl, dtype=self.dtype, name=name
         )
+        if self.entity_attention and (self.cross_attention_dim is None or image_context is None):
+            raise ValueError("a block with entity_attention needs cross-attention and image_context tokens")
+        if not self.entity_attention and image_context is not None:
+            raise ValueError("image_context was given to a transformer block without entity_attention")
         h = layer_norm(dtype=self.dtype, name="norm1")(x)
         x = x + attn("attn1")(h, context if self.only_cross_attention else None)
         if self.cross_attention_dim is not None:
             h = layer_norm(dtype=self.dtype, name="norm2")(x)
-            x = x + attn("attn2")(h, context)
+            if self.entity_attention:
+                x = x + EntityAttention(self.dim, self.heads, self.dim_head, implementation=self.attention_impl,
+                                        dtype=self.dtype, name="attn2")(h, context, image_context, image_mask)
+            else:
+                x = x + attn("attn2")(h, context)
         h = layer_norm(dtype=self.dtype, name="norm3")(x)
         return x + FeedForward(self.dim, dropout=self.dropout, dtype=self.dtype, name="ff")(h, deterministic)
 
 
 class Transformer2DModel(nn.Module):
-    """A stack of `BasicTransformerBlock`s over the H*W tokens of a (B, H, W, C) feature map."""
+    """A stack of `BasicTransformerBlock`s over the H*W tokens of a (B, H, W, C) feature map; `image_context` and
+    `image_mask` go to every block's `EntityAttention` when `entity_attention` is set."""
 
     heads: int
     dim_head: int
@@ -86,9 +102,10 @@ class Transformer2DModel(nn.Module):
     dropout: float = 0.0
     attention_impl: str = "xla"
     dtype: Any = None
+    entity_attention: bool = False
 
     @nn.compact
-    def __call__(self, x, context=None, deterministic=True):
+    def __call__(self, x, context=None, deterministic=True, image_context=None, image_mask=None):
         b, h, w, c = x.shape
         inner = self.heads * self.dim_head
         residual = x
@@ -104,6 +121,6 @@ class Transformer2DModel(nn.Module):
         for i in range(self.num_layers):
             x = BasicTransformerBlock(
                 inner, self.heads, self.dim_head, self.cross_attention_dim, self.only_cross_attention,
-                self.dropout, self.attention_impl, self.dtype, name=f"transformer_blocks_{i}",
-            )(x, context, deterministic)
+                self.dropout, self.attention_impl, self.dtype, self.entity_attention, name=f"transformer_blocks_{i}",
+            )(x, context, deterministic, image_context=image_context, image_mask=image_mask)
         return proj_out(x.reshape(b, h, w, inner)) + residual

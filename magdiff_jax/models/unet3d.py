@@ -21,6 +21,17 @@ its temporal layers on a single frame too; for F > 1 the two agree.
 A fresh model's temporal layers are identities (the last temporal conv and the temporal transformers' `proj_out`
 start at zero), so a `to_unet2d()`-shaped image U-Net (e.g. SD2.1-base) inflated into it (`models.inflate`) computes
 that image U-Net frame by frame until training moves the temporal weights.
+
+Entity attention (MagDiff's APA, `entity_attention=True`): every SPATIAL transformer's `attn2` becomes an
+`EntityAttention` (layers/attention.py) that adds, with learnable weights, an attention over per-video image tokens
+`image_hidden_states` (B, N, cross_attention_dim) to the one over the text. The tokens are repeated per frame like
+the text; `image_token_mode` says which of them each frame sees:
+
+  all            every frame attends to all N tokens (MagDiff's released code)
+  own_and_first  the tokens are F groups of N // F, frame-major; frame i attends to group i and group 0 (the first
+                 frame's) only, through an attention mask
+
+The temporal transformers and `transformer_in` are unchanged.
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ DOWN_BLOCKS = ("CrossAttnDownBlock3D", "DownBlock3D")
 UP_BLOCKS = ("CrossAttnUpBlock3D", "UpBlock3D")
 TEMPORAL_CONV_DROPOUT = 0.1  # UNet3DConditionModel builds every TemporalConvLayer with dropout 0.1
 TRANSFORMER_IN_HEADS = 8
+IMAGE_TOKEN_MODES = ("all", "own_and_first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +81,8 @@ class UNet3DConfig:
     dtype: str = "float32"
     remat_policy: str = "none"  # layers/remat.py: none | full | dots_saveable | dots_no_batch | names
     remat_save_names: tuple[str, ...] = ("attention",)
+    entity_attention: bool = False  # decoupled text/image cross-attention in the spatial transformers
+    image_token_mode: str = "all"  # which image tokens each frame attends to (module docstring)
 
     @classmethod
     def modelscope(cls, **kw) -> UNet3DConfig:
@@ -101,6 +115,8 @@ class UNet3DConfig:
             if c % self.norm_num_groups:
                 raise ValueError(f"block width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
         activation(self.act_fn)  # unknown names fail here
+        if self.image_token_mode not in IMAGE_TOKEN_MODES:
+            raise ValueError(f"image_token_mode must be one of {IMAGE_TOKEN_MODES}, got {self.image_token_mode!r}")
 
     @property
     def heads_per_block(self) -> tuple[int, ...]:
@@ -115,7 +131,8 @@ class UNet3DConfig:
         """The `UNet2DConditionModel` config of this model's spatial layers (same parameter paths and shapes).
 
         With act_fn "silu" (the default; UNet3D's output activation is SiLU whatever act_fn is), the video model on
-        single frames computes exactly this image model."""
+        single frames computes exactly this image model. Entity attention is not part of it: with
+        `entity_attention` the video model has the extra `attn2` parameters of `EntityAttention`."""
         rename = {"CrossAttnDownBlock3D": "CrossAttnDownBlock2D", "DownBlock3D": "DownBlock2D",
                   "CrossAttnUpBlock3D": "CrossAttnUpBlock2D", "UpBlock3D": "UpBlock2D"}
         return UNet2DConfig(
@@ -154,7 +171,8 @@ def _transformer(cfg: UNet3DConfig, block: int, channels: int, name: str) -> Tra
     return Transformer2DModel(
         heads=cfg.heads_per_block[block], dim_head=cfg.attention_head_dim, num_layers=1,
         cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
-        use_linear_projection=True, attention_impl=cfg.attention_impl, dtype=compute_dtype(cfg.dtype), name=name,
+        use_linear_projection=True, attention_impl=cfg.attention_impl, dtype=compute_dtype(cfg.dtype),
+        entity_attention=cfg.entity_attention, name=name,
     )
 
 
@@ -171,11 +189,38 @@ def _temp_attention(cfg: UNet3DConfig, block: int, name: str) -> TransformerTemp
     )
 
 
+def per_frame_image_context(cfg: UNet3DConfig, image_hidden_states, batch: int, num_frames: int, dt):
+    """The image tokens of each video repeated per frame, (B*F, N, D), and the attention mask of `image_token_mode`
+    ((B*F, 1, 1, N) booleans for "own_and_first", None for "all"); (None, None) without entity attention."""
+    if not cfg.entity_attention:
+        if image_hidden_states is not None:
+            raise ValueError("image_hidden_states were given but the config has entity_attention=False")
+        return None, None
+    if image_hidden_states is None:
+        raise ValueError("entity_attention=True needs image_hidden_states: (B, N, cross_attention_dim) image tokens")
+    shape = image_hidden_states.shape
+    if len(shape) != 3 or shape[0] != batch or shape[2] != cfg.cross_attention_dim:
+        raise ValueError(f"image_hidden_states must be (B={batch}, N, {cfg.cross_attention_dim}): one set of image "
+                         f"tokens per video, got shape {shape}")
+    context = jnp.repeat(image_hidden_states.astype(dt), num_frames, axis=0)  # frame-major, as the text context
+    if cfg.image_token_mode == "all":
+        return context, None
+    n = shape[1]
+    if n % num_frames:
+        raise ValueError(f"image_token_mode 'own_and_first' needs the N={n} image tokens to be F={num_frames} equal "
+                         "frame-major groups")
+    token_frame = jnp.arange(n) // (n // num_frames)  # (N,): the frame each token belongs to
+    frame = jnp.arange(num_frames)[:, None]
+    keep = (token_frame[None] == frame) | (token_frame[None] == 0)  # (F, N)
+    return context, jnp.tile(keep, (batch, 1))[:, None, None, :]
+
+
 class _Layers:
     """Runs one block's layers on a video x (B, F, H, W, C); temporal layers only when F > 1."""
 
-    def __init__(self, cfg: UNet3DConfig, temb, context, deterministic: bool):
+    def __init__(self, cfg: UNet3DConfig, temb, context, deterministic: bool, image_context=None, image_mask=None):
         self.cfg, self.temb, self.context, self.deterministic = cfg, temb, context, deterministic
+        self.image_context, self.image_mask = image_context, image_mask
 
     def resnet(self, x, cin, cout, name, scale=1.0):
         return _video(_resnet(self.cfg, cin, cout, name, scale)(_frames(x), self.temb, self.deterministic),
@@ -187,8 +232,9 @@ class _Layers:
         return _temp_conv(self.cfg, channels, name)(x, self.deterministic)
 
     def transformer(self, x, block, channels, name):
-        return _video(_transformer(self.cfg, block, channels, name)(_frames(x), self.context, self.deterministic),
-                      x.shape[0])
+        y = _transformer(self.cfg, block, channels, name)(
+            _frames(x), self.context, self.deterministic, image_context=self.image_context, image_mask=self.image_mask)
+        return _video(y, x.shape[0])
 
     def temp_attention(self, x, block, name):
         if x.shape[1] == 1:
@@ -204,9 +250,9 @@ class DownBlock3D(nn.Module):
     index: int
 
     @nn.compact
-    def __call__(self, x, temb, context, deterministic=True):
+    def __call__(self, x, temb, context, deterministic=True, *, image_context=None, image_mask=None):
         cfg, i = self.config, self.index
-        run = _Layers(cfg, temb, context, deterministic)
+        run = _Layers(cfg, temb, context, deterministic, image_context, image_mask)
         cout = cfg.block_out_channels[i]
         cin = cfg.block_out_channels[i - 1] if i else cfg.block_out_channels[0]
         cross = cfg.down_block_types[i] == "CrossAttnDownBlock3D"
@@ -233,9 +279,9 @@ class MidBlock3D(nn.Module):
     config: UNet3DConfig
 
     @nn.compact
-    def __call__(self, x, temb, context, deterministic=True):
+    def __call__(self, x, temb, context, deterministic=True, *, image_context=None, image_mask=None):
         cfg = self.config
-        run = _Layers(cfg, temb, context, deterministic)
+        run = _Layers(cfg, temb, context, deterministic, image_context, image_mask)
         c, last = cfg.block_out_channels[-1], len(cfg.block_out_channels) - 1
         x = run.resnet(x, c, c, "resnets_0", cfg.mid_block_scale_factor)
         x = run.temp_conv(x, c, "temp_convs_0")
@@ -253,9 +299,10 @@ class UpBlock3D(nn.Module):
     index: int  # position among the up blocks (0 = lowest resolution)
 
     @nn.compact
-    def __call__(self, x, skips, temb, context, deterministic=True, upsample_size=None):
+    def __call__(self, x, skips, temb, context, deterministic=True, upsample_size=None, *, image_context=None,
+                 image_mask=None):
         cfg, i = self.config, self.index
-        run = _Layers(cfg, temb, context, deterministic)
+        run = _Layers(cfg, temb, context, deterministic, image_context, image_mask)
         n = len(cfg.block_out_channels)
         rev = cfg.block_out_channels[::-1]
         cout, cskip_last, prev = rev[i], rev[min(i + 1, n - 1)], rev[max(i - 1, 0)]
@@ -287,13 +334,14 @@ class UNet3DConditionModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self, sample, timesteps, encoder_hidden_states, *, timestep_cond=None, down_block_additional_residuals=None,
-        mid_block_additional_residual=None, deterministic: bool = True,
+        self, sample, timesteps, encoder_hidden_states, *, image_hidden_states=None, timestep_cond=None,
+        down_block_additional_residuals=None, mid_block_additional_residual=None, deterministic: bool = True,
     ):
         """sample (B, F, H, W, in_channels), timesteps (B,) or scalar, encoder_hidden_states (B, L, D): one text
-        context per video; timestep_cond (B, time_cond_proj_dim) when the config has a cond projection; the
-        optional ControlNet-style residuals are videos (B, F, h, w, c) matching the skip connections / mid output.
-        Returns (B, F, H, W, out_channels)."""
+        context per video; image_hidden_states (B, N, D): one set of image tokens per video, frame-major, required
+        with `entity_attention` and refused without; timestep_cond (B, time_cond_proj_dim) when the config has a
+        cond projection; the optional ControlNet-style residuals are videos (B, F, h, w, c) matching the skip
+        connections / mid output. Returns (B, F, H, W, out_channels)."""
         cfg = self.config
         dt = compute_dtype(cfg.dtype)
         policy = (cfg.remat_policy, cfg.remat_save_names)  # gradient checkpointing of each block
@@ -301,6 +349,9 @@ class UNet3DConditionModel(nn.Module):
         n_up = len(cfg.block_out_channels) - 1
         # time: one embedding per video, repeated per frame (as the text context): (B*F, T), (B*F, L, D)
         emb, context = per_frame_conditioning(cfg, timesteps, encoder_hidden_states, f, timestep_cond, dt)
+        # image tokens for the spatial transformers' attn2 (entity attention): (B*F, N, D) and a mask or None
+        image_context, image_mask = per_frame_image_context(cfg, image_hidden_states, b, f, dt)
+        image = dict(image_context=image_context, image_mask=image_mask)
 
         x = conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=dt, name="conv_in")(_frames(sample.astype(dt)))
         x = nn.with_logical_constraint(_video(x, b), VIDEO_AXES)
@@ -314,14 +365,15 @@ class UNet3DConditionModel(nn.Module):
         skips = [x]
         for i in range(len(cfg.down_block_types)):
             x, outs = remat(DownBlock3D, *policy, static_argnums=(4,))(cfg, i, name=f"down_blocks_{i}")(
-                x, emb, context, deterministic)
+                x, emb, context, deterministic, **image)
             skips.extend(outs)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
                 raise ValueError(f"expected {len(skips)} down-block residuals, got "
                                  f"{len(down_block_additional_residuals)}")
             skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
-        x = remat(MidBlock3D, *policy, static_argnums=(4,))(cfg, name="mid_block")(x, emb, context, deterministic)
+        x = remat(MidBlock3D, *policy, static_argnums=(4,))(cfg, name="mid_block")(
+            x, emb, context, deterministic, **image)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual.astype(x.dtype)
 
@@ -330,7 +382,7 @@ class UNet3DConditionModel(nn.Module):
             block_skips, skips = skips[-layers:], skips[:-layers]
             size = skips[-1].shape[2:4] if (i < n_up and (h % 2**n_up or w % 2**n_up)) else None
             x = remat(UpBlock3D, *policy, static_argnums=(5, 6))(cfg, i, name=f"up_blocks_{i}")(
-                x, block_skips, emb, context, deterministic, size)
+                x, block_skips, emb, context, deterministic, size, **image)
 
         x = group_norm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out")(_frames(x))
         x = activation("silu")(x)  # diffusers' UNet3D uses SiLU here whatever act_fn is

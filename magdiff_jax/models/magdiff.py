@@ -1,0 +1,330 @@
+"""MagDiff's video U-Net: the entity pyramid (HFA), the image-prompt resampler and decoupled entity/text
+cross-attention (APA) around the ModelScope-style `unet3d`.
+
+    sample          (B, F, h, w, 4)       noisy video latents
+    entity_latents  3 x (B, F, h_i, w_i, 4)  VAE latents of each frame's subject at 384, 320 and 256 px (largest first;
+                                           48, 40 and 32 px grids for 256 px video), black frames where there is none
+    image_embeds    (B, F, 257, 1280)     CLIP vision penultimate hidden states of each frame's subject
+    encoder_hidden_states (B, 77, 1024)   text tokens
+
+      entity_pyramid(entity_latents)            -> (B, F, h, w, entity_channels)
+      concat(sample, entity)                    -> (B, F, h, w, 4 + entity_channels)   the U-Net's input
+      image_proj(image_embeds), frame by frame  -> (B, F * num_queries, 1024), frame-major: image_hidden_states
+      unet(input, t, text, image_hidden_states) -> (B, F, h, w, 4)
+
+Parameters: `unet` (a `UNet3DConditionModel` with `entity_attention`: every spatial transformer's `attn2` has
+`to_k_ip`, `to_v_ip`, `text_scale`, `image_scale` beside `to_q`, `to_k`, `to_v`, `to_out_0`), `image_proj` (the
+IP-Adapter-Plus `Resampler`) and `entity_pyramid` (absent with `pyramid="single"`, which has no weights).
+
+Starting from a text-to-video U-Net (`magdiff_params_from_unet3d`): conv_in gains `entity_channels` input channels
+set to zero, every spatial attn2's `to_k_ip`/`to_v_ip` start as copies of its `to_k`/`to_v` (IP-Adapter's init),
+`text_scale` = 1.0 and `image_scale` = 1.5 (MagDiff's), and the resampler and pyramid are freshly initialised.
+What that start preserves, exactly: the U-Net given all-zero image tokens equals the base U-Net on the noisy latents
+(the zero conv_in channels ignore the entity latents, and bias-free `to_v_ip` makes the image branch exactly zero);
+with real image tokens the image branch is live from the first step (as in IP-Adapter), so the full model does not
+equal its base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from magdiff_jax.layers.attention import EntityAttention
+from magdiff_jax.layers.common import compute_dtype, conv
+from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
+from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
+
+PYRAMID_MODES = ("multi", "single")
+# subject image sizes of the pyramid relative to the video's (384, 320, 256 px for a 256 px video)
+PYRAMID_SCALES = (1.5, 1.25, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class MagDiffConfig:
+    """The MagDiff U-Net. `unet.entity_attention` is always on, and `unet.in_channels` is latent_channels +
+    entity_channels (a base config with latent_channels inputs, e.g. SD2.1-base inflated, is widened here; any
+    other count is refused). Nested configs may be given as dicts (the JSON form, see `to_dict`/`from_dict`)."""
+
+    unet: UNet3DConfig = dataclasses.field(default_factory=UNet3DConfig.sd21_base)
+    resampler: ResamplerConfig = dataclasses.field(default_factory=ResamplerConfig)
+    pyramid: str = "multi"  # "multi": the entity pyramid; "single": the smallest latent is the entity input as is
+    pyramid_channels: int = 64
+    entity_channels: int = 4
+    latent_channels: int = 4
+
+    def __post_init__(self):
+        from magdiff_jax.convert.core import config_from_dict
+
+        unet = self.unet if isinstance(self.unet, UNet3DConfig) else config_from_dict(UNet3DConfig, self.unet)
+        resampler = self.resampler
+        if not isinstance(resampler, ResamplerConfig):
+            resampler = config_from_dict(ResamplerConfig, resampler)
+        if self.pyramid not in PYRAMID_MODES:
+            raise ValueError(f"pyramid must be one of {PYRAMID_MODES}, got {self.pyramid!r}")
+        if self.pyramid == "single" and self.entity_channels != self.latent_channels:
+            raise ValueError(f"pyramid 'single' feeds the latent itself: entity_channels must equal latent_channels="
+                             f"{self.latent_channels}, got {self.entity_channels}")
+        total = self.latent_channels + self.entity_channels
+        if unet.in_channels not in (self.latent_channels, total):
+            raise ValueError(f"unet.in_channels={unet.in_channels}: expected {total} (latent_channels + "
+                             f"entity_channels) or a base U-Net's {self.latent_channels}")
+        if unet.out_channels != self.latent_channels:
+            raise ValueError(f"unet.out_channels={unet.out_channels} must equal latent_channels={self.latent_channels}")
+        if resampler.output_dim != unet.cross_attention_dim:
+            raise ValueError(f"resampler.output_dim={resampler.output_dim} must equal unet.cross_attention_dim="
+                             f"{unet.cross_attention_dim} (the image tokens share the text's attention width)")
+        object.__setattr__(self, "unet", dataclasses.replace(unet, in_channels=total, entity_attention=True))
+        object.__setattr__(self, "resampler", resampler)
+
+    def to_dict(self) -> dict:
+        """Nested plain dicts (tuples as tuples; `json.dumps` writes them as lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> MagDiffConfig:
+        """The inverse of `to_dict` (lists accepted for tuples); unknown keys are refused at every level."""
+        from magdiff_jax.convert.core import config_from_dict
+
+        return config_from_dict(cls, d)
+
+
+class EntityPyramid(nn.Module):
+    """MagDiff's High-Fidelity Alignment (the Reference Entity Pyramid): per frame, the subject's VAE latents at
+    three scales fused down to the smallest grid.
+
+        p = scale_0(z_large)                          Conv3x3 latent -> C
+        p = resize(p, mid) + scale_1(z_mid)           bilinear (no antialias), Conv3x3 latent -> C
+        p = fuse(p)                                   Conv3x3 C -> C
+        p = resize(p, small) + scale_2(z_small)       Conv3x3 latent -> C
+        e = proj_out(p)                               Conv1x1 C -> out_channels
+
+    latents: three (B, F, h_i, w_i, c) grids, largest first -> (B, F, h_2, w_2, out_channels). mode "single" (the
+    released code) returns the smallest grid itself (a tuple's last entry, or one array) and has no parameters.
+
+    Every convolution here, `proj_out` included, has the default non-zero init: the U-Net's conv_in channels that
+    read `e` start at zero instead, which already makes the start equal to the base model. Two zero-initialised
+    layers in series would never train (each one's gradient is the other one's value).
+    """
+
+    mode: str = "multi"
+    channels: int = 64
+    out_channels: int = 4
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, latents):
+        if self.mode not in PYRAMID_MODES:
+            raise ValueError(f"pyramid mode must be one of {PYRAMID_MODES}, got {self.mode!r}")
+        grids = (latents,) if not isinstance(latents, Sequence) else tuple(latents)
+        for z in grids:
+            if z.ndim != 5:
+                raise ValueError(f"entity latents must be (B, F, h, w, c) grids, got shape {z.shape}")
+        if self.mode == "single":
+            z = grids[-1]
+            if z.shape[-1] != self.out_channels:
+                raise ValueError(f"pyramid 'single' passes the latent through: it must have out_channels="
+                                 f"{self.out_channels} channels, got {z.shape}")
+            return z
+        if len(grids) != 3:
+            raise ValueError(f"the entity pyramid takes three latent grids (largest first), got {len(grids)}")
+        b, f = grids[0].shape[:2]
+        frames = [z.reshape(b * f, *z.shape[2:]).astype(self.dtype or z.dtype) for z in grids]  # (B*F, h, w, c)
+        conv3 = lambda name: conv(self.channels, (3, 3), padding=1, dtype=self.dtype, name=name)
+
+        def resize(p, like):
+            return jax.image.resize(p, (p.shape[0], *like.shape[1:3], p.shape[-1]), "bilinear", antialias=False)
+
+        p = conv3("scale_0")(frames[0])
+        p = resize(p, frames[1]) + conv3("scale_1")(frames[1])
+        p = conv3("fuse")(p)
+        p = resize(p, frames[2]) + conv3("scale_2")(frames[2])
+        e = conv(self.out_channels, (1, 1), dtype=self.dtype, name="proj_out")(p)
+        return e.reshape(b, f, *e.shape[1:])
+
+
+class MagDiffUNet(nn.Module):
+    """The MagDiff U-Net (module docstring): submodules `unet`, `image_proj`, `entity_pyramid`."""
+
+    config: MagDiffConfig
+
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states, *, entity_latents, image_embeds,
+                 deterministic: bool = True):
+        """sample (B, F, h, w, latent_channels) noisy latents, timesteps (B,) or scalar, encoder_hidden_states
+        (B, L, D) text tokens; entity_latents: three (B, F, h_i, w_i, latent_channels) grids largest first (the
+        smallest at h x w; "single" takes one grid or the last); image_embeds (B, F, T, embedding_dim) CLIP
+        tokens of each frame's subject. Returns (B, F, h, w, latent_channels)."""
+        cfg = self.config
+        dt = compute_dtype(cfg.unet.dtype)
+        if sample.ndim != 5 or sample.shape[-1] != cfg.latent_channels:
+            raise ValueError(f"sample must be (B, F, h, w, {cfg.latent_channels}) noisy latents, got {sample.shape}")
+        b, f, h, w, _ = sample.shape
+        entity = EntityPyramid(cfg.pyramid, cfg.pyramid_channels, cfg.entity_channels, dtype=dt,
+                               name="entity_pyramid")(entity_latents)
+        if entity.shape[:4] != (b, f, h, w):
+            raise ValueError(f"the entity input {entity.shape} does not match the noisy latents {sample.shape}: the "
+                             "smallest entity latent grid must have the video's frames and latent size")
+        x = jnp.concatenate([sample, entity.astype(sample.dtype)], axis=-1)  # (B, F, h, w, latent + entity)
+
+        r = cfg.resampler
+        if image_embeds.ndim != 4 or image_embeds.shape[:2] != (b, f) or image_embeds.shape[-1] != r.embedding_dim:
+            raise ValueError(f"image_embeds must be (B={b}, F={f}, T, {r.embedding_dim}) CLIP tokens per frame, got "
+                             f"{image_embeds.shape}")
+        tokens = Resampler(r, cfg.unet.attention_impl, dt, name="image_proj")(
+            image_embeds.reshape(b * f, *image_embeds.shape[2:]))  # (B*F, Q, D)
+        tokens = tokens.reshape(b, f * r.num_queries, r.output_dim)  # frame-major, frame 0's tokens first
+        return UNet3DConditionModel(cfg.unet, name="unet")(
+            x, timesteps, encoder_hidden_states, image_hidden_states=tokens, deterministic=deterministic)
+
+
+# --- example inputs (abstract init, registry) ------------------------------------------------------------------------
+def example_inputs(cfg: MagDiffConfig) -> tuple:
+    """Small positional inputs: 2 frames (so the temporal layers exist), the smallest latent the U-Net takes."""
+    size = 2 ** (len(cfg.unet.block_out_channels) - 1)
+    return (jnp.zeros((1, 2, size, size, cfg.latent_channels)), jnp.zeros((1,)),
+            jnp.zeros((1, 2, cfg.unet.cross_attention_dim)))
+
+
+def example_kwargs(cfg: MagDiffConfig) -> dict:
+    size = 2 ** (len(cfg.unet.block_out_channels) - 1)
+    grids = tuple(jnp.zeros((1, 2, round(s * size), round(s * size), cfg.latent_channels)) for s in PYRAMID_SCALES)
+    return {"entity_latents": grids, "image_embeds": jnp.zeros((1, 2, 1, cfg.resampler.embedding_dim))}
+
+
+def _abstract(module: nn.Module, *args, **kwargs) -> dict:
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
+    return traverse_util.flatten_dict(nn.meta.unbox(shapes))
+
+
+def _conversion_error(what: str, missing=(), unexpected=(), misshaped=()):
+    from magdiff_jax.convert.core import ConversionError
+
+    fmt = lambda keys: "".join(f"\n    {k}" for k in list(keys)[:50]) + (
+        f"\n    ... and {len(keys) - 50} more" if len(keys) > 50 else "")
+    return ConversionError(
+        what
+        + (f"\n  missing ({len(missing)}):{fmt(missing)}" if missing else "")
+        + (f"\n  unexpected ({len(unexpected)}):{fmt(unexpected)}" if unexpected else "")
+        + (f"\n  mis-shaped ({len(misshaped)}):{fmt(misshaped)}" if misshaped else ""))
+
+
+# --- from a text-to-video U-Net --------------------------------------------------------------------------------------
+def widen_conv_in(unet_params, extra: int) -> dict:
+    """`conv_in/kernel` (3, 3, C, C0) -> (3, 3, C + extra, C0): the new input channels (read after the C old ones)
+    start at zero, so the U-Net ignores them until they train."""
+    flat = traverse_util.flatten_dict(nn.meta.unbox(dict(unet_params)))
+    key = ("conv_in", "kernel")
+    if key not in flat:
+        raise _conversion_error("cannot widen conv_in: the U-Net parameters have none", missing=["conv_in/kernel"])
+    kernel = flat[key]
+    zeros = jnp.zeros((*kernel.shape[:-2], extra, kernel.shape[-1]), kernel.dtype)
+    flat[key] = jnp.concatenate([jnp.asarray(kernel), zeros], axis=-2)
+    return traverse_util.unflatten_dict(flat)
+
+
+def add_entity_attention(unet_params, config: UNet3DConfig) -> dict:
+    """A unet3d's params (no entity attention) -> the params of `UNet3DConditionModel(config)` with
+    `config.entity_attention`: in every spatial attn2, `to_k_ip`/`to_v_ip` = copies of `to_k`/`to_v`,
+    `text_scale` = 1.0 and `image_scale` = 1.5; every other parameter must already be there with its shape."""
+    if not config.entity_attention:
+        raise ValueError("add_entity_attention needs a config with entity_attention=True")
+    from magdiff_jax.convert.core import get_kind
+
+    spec = get_kind("unet3d")
+    abstract = _abstract(UNet3DConditionModel(config), *spec.example_inputs(config), **spec.example_kwargs(config))
+    flat = traverse_util.flatten_dict(nn.meta.unbox(dict(unet_params)))
+    copies = {"to_k_ip": "to_k", "to_v_ip": "to_v"}
+    scales = {"text_scale": EntityAttention.text_scale_init, "image_scale": EntityAttention.image_scale_init}
+    out, missing = {}, []
+    for path, leaf in abstract.items():
+        if path in flat:
+            out[path] = flat[path]
+        elif len(path) >= 2 and path[-2] in copies:
+            source = (*path[:-2], copies[path[-2]], path[-1])
+            if source in flat:
+                out[path] = jnp.array(flat[source], copy=True)
+            else:
+                missing.append(f"{'/'.join(source)} (the source of {'/'.join(path)})")
+        elif path[-1] in scales:
+            out[path] = jnp.asarray(scales[path[-1]], leaf.dtype)
+        else:
+            missing.append("/".join(path))
+    unexpected = sorted("/".join(p) for p in flat if p not in abstract)
+    misshaped = sorted(f"{'/'.join(p)}: {tuple(v.shape)}, expected {tuple(abstract[p].shape)}"
+                       for p, v in out.items() if tuple(np.shape(v)) != tuple(abstract[p].shape))
+    if missing or unexpected or misshaped:
+        raise _conversion_error("the unet3d parameters do not match the entity-attention U-Net", sorted(missing),
+                                unexpected, misshaped)
+    return traverse_util.unflatten_dict(out)
+
+
+def magdiff_params_from_unet3d(unet3d_params, module: MagDiffUNet, key: jax.Array) -> dict:
+    """A text-to-video unet3d's params (e.g. SD2.1-base inflated) -> `module`'s params: conv_in widened with zero
+    channels, entity attention added (`add_entity_attention`), resampler and pyramid freshly initialised from `key`.
+    At that start the U-Net with all-zero image tokens equals the base (module docstring)."""
+    cfg = module.config
+    flat = traverse_util.flatten_dict(nn.meta.unbox(dict(unet3d_params)))
+    kernel = flat.get(("conv_in", "kernel"))
+    if kernel is not None and kernel.shape[-2] != cfg.latent_channels:
+        raise ValueError(f"the base U-Net's conv_in reads {kernel.shape[-2]} channels; a text-to-video U-Net with "
+                         f"latent_channels={cfg.latent_channels} inputs is expected")
+    unet = add_entity_attention(widen_conv_in(unet3d_params, cfg.entity_channels), cfg.unet)
+    k_proj, k_pyramid = jax.random.split(key)
+    kwargs = example_kwargs(cfg)
+    dt = compute_dtype(cfg.unet.dtype)
+    image_proj = Resampler(cfg.resampler, dtype=dt).init(k_proj, kwargs["image_embeds"][0])["params"]
+    params = {"unet": unet, "image_proj": nn.meta.unbox(image_proj)}
+    pyramid = EntityPyramid(cfg.pyramid, cfg.pyramid_channels, cfg.entity_channels, dtype=dt)
+    pyramid_params = pyramid.init(k_pyramid, kwargs["entity_latents"]).get("params")
+    if pyramid_params:
+        params["entity_pyramid"] = nn.meta.unbox(pyramid_params)
+    expected = _abstract(module, *example_inputs(cfg), **kwargs)
+    got = traverse_util.flatten_dict(params)
+    misshaped = sorted("/".join(p) for p, v in got.items() if p in expected and v.shape != expected[p].shape)
+    if set(got) != set(expected) or misshaped:
+        raise _conversion_error("MagDiff parameters do not match the module", sorted(
+            "/".join(p) for p in expected if p not in got), sorted("/".join(p) for p in got if p not in expected),
+            misshaped)
+    return params
+
+
+# --- diffusers IPAdapterPlusImageProjection state dict <-> Resampler params ------------------------------------------
+def resampler_rules(config: ResamplerConfig):
+    """The conversion table (`convert.core.Rule`s) of diffusers `IPAdapterPlusImageProjection` <-> `Resampler`."""
+    from magdiff_jax.convert.core import linear, norm, param
+
+    rules = param("latents", "latents") + linear("proj_in", "proj_in")
+    for i in range(config.depth):
+        t, f = f"layers.{i}", f"layers_{i}"
+        rules += norm(f"{t}.ln0", f"{f}/ln0") + norm(f"{t}.ln1", f"{f}/ln1")
+        for proj in ("to_q", "to_k", "to_v"):
+            rules += linear(f"{t}.attn.{proj}", f"{f}/attn/{proj}", bias=False)
+        rules += linear(f"{t}.attn.to_out.0", f"{f}/attn/to_out_0", bias=False)
+        rules += norm(f"{t}.ff.0", f"{f}/ff_0")
+        rules += linear(f"{t}.ff.1.net.0.proj", f"{f}/ff_1/net_0/proj", bias=False)
+        rules += linear(f"{t}.ff.1.net.2", f"{f}/ff_1/net_2", bias=False)
+    return rules + linear("proj_out", "proj_out") + norm("norm_out", "norm_out")
+
+
+def resampler_from_torch(state_dict: Mapping[str, np.ndarray], config: ResamplerConfig) -> dict:
+    """An `IPAdapterPlusImageProjection` state dict ({key: numpy array}) -> `Resampler` params (numpy, nested);
+    every missing, unexpected or mis-shaped key is reported (`convert.ConversionError`)."""
+    from magdiff_jax.convert.core import torch_to_flax
+
+    abstract = _abstract(Resampler(config), jnp.zeros((1, 1, config.embedding_dim)))
+    return torch_to_flax(state_dict, resampler_rules(config), abstract, "resampler")
+
+
+def resampler_to_torch(params, config: ResamplerConfig) -> dict[str, np.ndarray]:
+    """`Resampler` params -> an `IPAdapterPlusImageProjection` state dict of numpy arrays (PyTorch layouts)."""
+    from magdiff_jax.convert.core import flax_to_torch
+
+    return flax_to_torch(params, resampler_rules(config), "resampler")
