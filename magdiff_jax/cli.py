@@ -3,6 +3,7 @@
     magdiff-jax convert to-flax --kind unet2d path/to/torch/unet  out/unet_flax
     magdiff-jax convert to-torch --kind unet2d out/unet_flax      out/unet_torch
     magdiff-jax convert to-flax --kind pipeline path/to/sd-pipeline out/sd_flax
+    magdiff-jax convert to-torch --kind magdiff out/magdiff_flax out/magdiff_torch   (unet/ + ip_adapter + pyramid)
     magdiff-jax data synth --out data/synth --num 72
     magdiff-jax data build --builder ucf101 --manual-dir ~/UCF101 --out data/tfds
     magdiff-jax data inspect data/synth
@@ -138,13 +139,23 @@ def _convert(args) -> None:
                 logging.info("wrote %s (%s)", out, kind)
             pipe.save_extras(args.dst)
         else:
-            module, params = load_torch(args.kind, args.src)
+            if args.kind == "magdiff":  # a multi-file folder (convert.magdiff)
+                from magdiff_jax.convert.magdiff import magdiff_from_torch
+
+                module, params = magdiff_from_torch(args.src)
+            else:
+                module, params = load_torch(args.kind, args.src)
             out = save_flax(args.kind, module, params, args.dst, overwrite=args.overwrite)
             logging.info("wrote %s", out)
     else:
         _, module, params = load_flax(args.src, kind=args.kind)
         max_bytes = args.max_shard_mb * 2**20 if args.max_shard_mb else None
-        out = save_torch(args.kind, module, params, args.dst, max_shard_bytes=max_bytes)
+        if args.kind == "magdiff":
+            from magdiff_jax.convert.magdiff import magdiff_to_torch
+
+            out = magdiff_to_torch(module, params, args.dst, max_shard_bytes=max_bytes)
+        else:
+            out = save_torch(args.kind, module, params, args.dst, max_shard_bytes=max_bytes)
         logging.info("wrote %s", out)
     print(f"wrote {args.dst}")
 

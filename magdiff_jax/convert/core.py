@@ -162,7 +162,12 @@ def flax_to_torch(params: Mapping, rules: list[Rule], kind: str) -> dict[str, np
     """A nested Flax params dict -> a PyTorch state dict (numpy arrays, PyTorch layouts)."""
     flat = traverse_util.flatten_dict(nn.meta.unbox(dict(params)))
     check_table(rules, flat, kind)
-    return {r.torch: np.ascontiguousarray(_to_torch(np.asarray(flat[r.flax]), r.transform)) for r in rules}
+    return {r.torch: _contiguous(_to_torch(np.asarray(flat[r.flax]), r.transform)) for r in rules}
+
+
+def _contiguous(x: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping the shape (np.ascontiguousarray turns a 0-d array into shape (1,))."""
+    return np.ascontiguousarray(x).reshape(x.shape)
 
 
 # --- model kinds ----------------------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ def read_state_dict(path: str | os.PathLike, stem: str | None = None) -> dict[st
 def _serialise(tensors: Mapping[str, np.ndarray]) -> bytes:
     header, offset, blobs = {}, 0, []
     for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
+        arr = np.ascontiguousarray(tensors[name]).reshape(np.shape(tensors[name]))  # keeps 0-d tensors 0-d
         if arr.dtype not in _NAMES:
             raise CheckpointFormatError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors")
         raw = arr.tobytes()

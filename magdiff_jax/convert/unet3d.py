@@ -3,10 +3,9 @@
 The spatial layers carry the SD U-Net's names, so the table is `unet2d_rules` on `UNet3DConfig.to_unet2d()` with its
 `block_extra` hook adding a `temp_convs.{j}` after every resnet and a `temp_attentions.{j}` after every spatial
 transformer, plus `transformer_in`. Config keys are diffusers' own (`attention_head_dim` is the head width here);
-our entity-attention fields (`entity_attention`, `image_token_mode`) are neither written nor read.
-
-Kind `magdiff`: `models.magdiff.MagDiffUNet` (this U-Net with entity attention, the image-prompt resampler and the
-entity pyramid), registered for building, abstract init and Flax checkpoints; it has no PyTorch table yet.
+our entity-attention fields (`entity_attention`, `image_token_mode`) are neither written nor read. A U-Net with
+entity attention (the `magdiff` kind, `convert.magdiff`) exports this table on its config without them, and its
+entity-attention weights beside it.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import jax.numpy as jnp
 from magdiff_jax.convert.blocks import transformer_rules
 from magdiff_jax.convert.core import ModelKind, Rule, conv, norm, register
 from magdiff_jax.convert.unet2d import config_from_diffusers, config_to_diffusers, unet2d_rules
-from magdiff_jax.models import magdiff
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 
 CLASS_NAME = "UNet3DConditionModel"
@@ -41,7 +39,8 @@ def unet3d_rules(cfg: UNet3DConfig) -> list[Rule]:
     """Every parameter of a UNet3DConditionModel."""
     if cfg.entity_attention:
         raise NotImplementedError("a unet3d with entity_attention (to_k_ip, to_v_ip, text_scale, image_scale) has no "
-                                  "diffusers UNet3DConditionModel layout; there is no PyTorch table for it yet")
+                                  "diffusers UNet3DConditionModel layout; the `magdiff` kind (convert.magdiff) "
+                                  "exports this table on the config without it, and those weights beside it")
 
     def extra(kind, t, f, index, **_):
         if kind == "resnet":
@@ -93,21 +92,3 @@ KIND = register(ModelKind(
     rules=unet3d_rules,
 ))
 
-
-def _no_torch_layout(*_):
-    raise NotImplementedError("model kind 'magdiff' has no PyTorch (diffusers) layout yet: it can be built, "
-                              "initialised and saved as a Flax checkpoint, not converted to or from PyTorch")
-
-
-MAGDIFF_KIND = register(ModelKind(
-    name="magdiff",
-    library="diffusers",
-    torch_class=_no_torch_layout,
-    config_cls=magdiff.MagDiffConfig,
-    config_from_torch=_no_torch_layout,
-    config_to_torch=_no_torch_layout,
-    build=magdiff.MagDiffUNet,
-    example_inputs=magdiff.example_inputs,
-    example_kwargs=magdiff.example_kwargs,
-    rules=_no_torch_layout,
-))
