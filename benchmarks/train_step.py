@@ -12,7 +12,7 @@ FLOP XLA executes, elementwise work included.
 
 Sizes (configs/t2i.py:tiny models and data unless stated):
   tiny  configs/t2i.py:tiny as it is: 32x32 images, U-Net 32/64, batch 8.
-  mid   a mid-size U-Net (128/256/256 channels, 2 layers per block, heads of width 32, cross-attention 64) on
+  mid   a mid-size U-Net (128/256/256 channels, 2 layers per block, 4 heads, cross-attention 64) on
         64x64 images (32x32 latents through the tiny VAE), batch 8: about 20M U-Net parameters.
 Writes benchmarks/results/train_step_<platform>.json.
 """
@@ -55,7 +55,7 @@ def size_config(size: str, steps: int, compute_dtype: str, batch: int | None):
         c.model.unet.update(sample_size=32, block_out_channels=(128, 256, 256), layers_per_block=2,
                             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                            attention_head_dim=32, cross_attention_dim=64, norm_num_groups=32)
+                            attention_head_dim=4, cross_attention_dim=64, norm_num_groups=32)
         c.model.text_encoder.update(hidden_size=64, intermediate_size=128, projection_dim=64)
     elif size != "tiny":
         raise ValueError(f"--sizes: unknown size {size!r} (tiny, mid)")

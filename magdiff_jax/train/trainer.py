@@ -41,7 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from magdiff_jax import sharding as shd
 from magdiff_jax.data.transforms import normalize_example
 from magdiff_jax.train import optim
-from magdiff_jax.train.tasks import get_task, schedule_from
+from magdiff_jax.train.tasks import get_task
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -64,11 +64,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.distributed = ml_collections.ConfigDict({"coordinator": "", "num_processes": 0, "process_id": -1})
     c.trainable = ""  # regex over parameter paths ("": the task's default)
     c.ema_decay = 0.0  # > 0: keep an EMA of the trainable parameters
-    c.init_from = ""  # a folder of converted models (`magdiff-jax convert to-flax --kind pipeline`)
+    c.init_from = ""  # a folder of converted models, one subfolder per model name (absent ones: random init)
     c.compute_dtype = "float32"  # float32 | bfloat16 | float16: the models' compute dtype (parameters stay fp32)
     c.progress = True  # a progress bar on process 0 (stderr)
-    c.preview = ml_collections.ConfigDict({"every": 0, "prompts": (), "num_steps": 20, "guidance": 5.0,
-                                           "seed": 0})  # every > 0: samples/ every that many steps
+    # every > 0: samples/ every that many steps, for `num` examples of the first batch (prompts: their captions)
+    c.preview = ml_collections.ConfigDict({"every": 0, "num": 4, "prompts": (), "num_steps": 20, "guidance": 5.0,
+                                           "seed": 0})
+    c.task_options = ml_collections.ConfigDict()  # task-specific settings (see the task's docstring)
     c.optim = optim.optim_config()
     c.data = data_config()
     c.model = ml_collections.ConfigDict()
@@ -93,8 +95,11 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
     from magdiff_jax.layers.common import compute_dtype
 
     compute_dtype(config.compute_dtype)  # an unknown name fails here
-    if config.preview.every > 0 and not config.preview.prompts:
-        raise ValueError("preview.every > 0 needs preview.prompts (a tuple of captions)")
+    if config.preview.every > 0:
+        n = len(config.preview.prompts) or config.preview.num
+        if n > config.global_batch_size // process_count:
+            raise ValueError(f"preview: {n} samples from the first batch, but each process loads "
+                             f"{config.global_batch_size // process_count} examples")
     return shape
 
 
@@ -158,6 +163,7 @@ class _Log:
             return
         from magdiff_jax.utils.images import contact_sheet, save_png
 
+        captions = list(captions) + [""] * (len(videos) - len(captions))  # tasks may add rows (inputs, ...)
         sheet = contact_sheet(videos, captions)
         save_png(self.workdir / "samples" / f"step_{step:07d}.png", sheet)
         self.tb.image(step, "samples", sheet)
@@ -169,21 +175,46 @@ class _Log:
             self.tb.close()
 
 
-def _preview_fn(task, modules, config, data_cfg, params_sharding, replicated):
-    """A jitted `params -> videos` of the task's preview samples for `config.preview.prompts`, or None."""
-    if config.preview.every <= 0:
-        return None
-    from magdiff_jax.data.transforms import tokenizer
+class _Preview:
+    """The task's preview samples, every `preview.every` steps: a jitted `params -> videos` on the first `num`
+    examples of process 0's first batch (all processes hold the same copy), the prompts replacing their captions
+    when the config gives some."""
 
-    tok = tokenizer(data_cfg.tokenizer, data_cfg.max_length)
-    prompts = list(config.preview.prompts)
-    tokens, null = np.asarray(tok(prompts)), np.asarray(tok([""] * len(prompts)))
-    key = jax.random.key(config.preview.seed)
+    def __init__(self, task, modules, config, data_cfg, params_sharding, replicated):
+        self.config = config
+        self.batch = self.captions = None
+        if config.preview.every <= 0:
+            self.fn = None
+            return
+        from magdiff_jax.data.transforms import tokenizer
 
-    def run(params):
-        return task.preview(modules, params, tokens, null, key, config=config)
+        self.tok = tokenizer(data_cfg.tokenizer, data_cfg.max_length) if data_cfg.tokenizer else None
+        self.keys = task.batch_keys(config)
+        key = jax.random.key(config.preview.seed)
+        self.fn = jax.jit(lambda params, batch: task.preview(modules, params, batch, key, config=config),
+                          in_shardings=(params_sharding, replicated), out_shardings=replicated)
 
-    return jax.jit(run, in_shardings=(params_sharding,), out_shardings=replicated)
+    def due(self, step: int) -> bool:
+        return self.fn is not None and (step % self.config.preview.every == 0 or step == self.config.steps)
+
+    def take(self, host: dict) -> None:
+        """Keep the examples to sample for, from the first batch (process 0's, broadcast to every process)."""
+        if self.fn is None or self.batch is not None:
+            return
+        from jax.experimental import multihost_utils
+
+        prompts = list(self.config.preview.prompts)
+        n = len(prompts) or self.config.preview.num
+        batch = {k: np.asarray(host[k][:n]) for k in self.keys}
+        self.captions = prompts or [str(c) for c in np.asarray(host.get("caption", [""] * n))[:n]]
+        if self.tok is not None:
+            if prompts:
+                batch["tokens"] = np.asarray(self.tok(prompts))
+            batch["null_tokens"] = np.asarray(self.tok([""] * n))
+        self.batch = multihost_utils.broadcast_one_to_all(batch) if jax.process_count() > 1 else batch
+
+    def __call__(self, params) -> np.ndarray:
+        return np.asarray(self.fn(params, normalize_example(self.batch)))
 
 
 def _init_models(task, config, mesh, rules, key):
@@ -198,7 +229,7 @@ def _init_models(task, config, mesh, rules, key):
         args, kwargs = spec.example_inputs(model_cfg), spec.example_kwargs(model_cfg)
         abstract = shd.abstract_init(module, *args, **kwargs)["params"]
         sh = shd.param_shardings(abstract, mesh, rules)
-        if config.init_from:
+        if config.init_from and (Path(config.init_from) / name).exists():
             _, _, p = load_flax(Path(config.init_from) / name, kind=kind, shardings=sh)
         else:
             init = jax.jit(lambda k, m=module, a=args, kw=kwargs: nn.meta.unbox(m.init(k, *a, **kw)["params"]),
@@ -265,16 +296,13 @@ def train(config, workdir: str | Path) -> dict:
         state_shardings["ema"] = t_shard
     state = jax.device_put(state, state_shardings)
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    schedule = schedule_from(config)
-    prediction_type = config.schedule.prediction_type
 
     def train_step(state, frozen, batch):
         batch = normalize_example(batch)  # uint8 images (data.normalize=False) are scaled here, on device
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
 
         def loss_fn(p):
-            return task.loss(modules, optim.merge(p, frozen), batch, step_key, schedule=schedule,
-                             prediction_type=prediction_type)
+            return task.loss(modules, optim.merge(p, frozen), batch, step_key, config=config)
 
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         grad_norm = optax.tree.norm(grads)
@@ -323,7 +351,7 @@ def train(config, workdir: str | Path) -> dict:
                                                config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
 
     log = _Log(workdir, config, start, enabled=main)
-    preview = _preview_fn(task, modules, config, data_cfg, shardings, replicated)
+    preview = _Preview(task, modules, config, data_cfg, shardings, replicated)
     last, nonfinite_run, nonfinite_total = {}, 0, 0
     step, compiled, flops = start, None, None
     try:
@@ -331,7 +359,8 @@ def train(config, workdir: str | Path) -> dict:
             while step < config.steps:
                 host = next(data_iter)
                 batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(host[k]))
-                         for k in task.batch_keys}
+                         for k in task.batch_keys(config)}
+                preview.take(host)
                 if compiled is None:  # compile ahead of time: XLA's FLOP count of the step, the compile time
                     tc = time.perf_counter()
                     lowered = step_fn.lower(state, frozen, batch)
@@ -366,10 +395,10 @@ def train(config, workdir: str | Path) -> dict:
                         last["tflops_per_device"] = flops * steps_done / dt / jax.device_count() / 1e12
                     log.metrics(last)
                     t0, examples = time.perf_counter(), 0
-                if preview is not None and (step % config.preview.every == 0 or step == config.steps):
+                if preview.due(step):
                     tp = time.perf_counter()
-                    p = optim.merge(state["ema"] if "ema" in state else state["params"], frozen)
-                    log.samples(step, np.asarray(preview(p)), config.preview.prompts)
+                    log.samples(step, preview(optim.merge(state.get("ema", state["params"]), frozen)),
+                                preview.captions)
                     t0 += time.perf_counter() - tp  # throughput figures leave the preview out
                 if step % config.ckpt_every == 0 or step == config.steps or stop.requested:
                     save(step)

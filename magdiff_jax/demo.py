@@ -1,0 +1,163 @@
+"""`magdiff-jax demo`: MagDiff end to end on the synthetic dataset, on a CPU, in a few minutes.
+
+    magdiff-jax demo [--workdir magdiff_demo] [--config.steps=300 ...]      (--config: configs/magdiff.py:tiny)
+
+1. trains the tiny VAE (configs/vae.py:tiny; a random VAE decodes to noise) and exports it as a converted model;
+2. trains configs/magdiff.py:tiny from it (init_from), with the given `--config.*` overrides;
+3. generates videos from held-out clips' first-frame subjects and captions (clips the training never saw), over
+   several seeds, and edits a held-out clip (every frame's subject kept, the rest regenerated);
+4. writes `generated_<k>.mp4`, `edited.mp4`, `contact_sheet.png` (subject, generations, edit source and result),
+   `loss.png` (both stages' training losses) and `summary.json`, whose `colour_accuracy` is the fraction of
+   generations whose subject region (the entity's mask on the first frame) is closest in mean colour to the
+   entity's own palette colour among the six (chance: 1/6).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def load_config(name: str, variant: str = "tiny") -> ml_collections.ConfigDict:
+    """configs/<name>.py:<variant> of the source tree (the demo runs from a checkout: `pip install -e .`)."""
+    import importlib.util
+    import sys
+
+    path = CONFIGS / f"{name}.py"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: the demo needs the repository's configs/ (pip install -e .)")
+    sys.path.insert(0, str(CONFIGS))
+    spec = importlib.util.spec_from_file_location(f"magdiff_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def subject_colour_accuracy(videos: np.ndarray, masks: np.ndarray, colours: list[str]) -> tuple[float, list[str]]:
+    """videos (N, F, H, W, 3) uint8, masks (N, H, W) the subject's region on the first frame, colours the entities'
+    palette names -> (fraction whose region's mean colour is nearest to its own palette colour, the nearest names)."""
+    from magdiff_jax.data.synthetic import COLORS
+
+    names = list(COLORS)
+    palette = np.asarray([COLORS[n] for n in names], np.float32)
+    nearest = []
+    for video, mask in zip(videos, masks, strict=True):
+        mean = video[0][mask.astype(bool)].astype(np.float32).mean(axis=0)
+        nearest.append(names[int(np.argmin(np.linalg.norm(palette - mean, axis=1)))])
+    hits = [n == c for n, c in zip(nearest, colours, strict=True)]
+    return float(np.mean(hits)), nearest
+
+
+def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, size=(640, 360)) -> Path:
+    """A line plot of (step, loss) curves, one panel per curve, drawn with PIL (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    from magdiff_jax.utils.images import save_png
+
+    w, h = size
+    img = Image.new("RGB", (w, h * len(curves)), "white")
+    draw = ImageDraw.Draw(img)
+    for row, (name, points) in enumerate(curves.items()):
+        top, left, pad = row * h, 50, 24
+        steps, losses = np.asarray([p[0] for p in points], float), np.asarray([p[1] for p in points], float)
+        x0, x1, y0, y1 = left, w - pad, top + h - pad, top + pad
+        draw.rectangle((x0, y1, x1, y0), outline="black")
+        lo, hi = float(losses.min()), float(losses.max())
+        hi = hi if hi > lo else lo + 1.0
+        xs = x0 + (steps - steps.min()) / max(steps.max() - steps.min(), 1) * (x1 - x0)
+        ys = y0 - (losses - lo) / (hi - lo) * (y0 - y1)
+        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(40, 80, 220), width=2)
+        draw.text((x0 + 6, y1 + 4), f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}", fill="black")
+        draw.text((4, y1), f"{hi:.2f}", fill="black")
+        draw.text((4, y0 - 10), f"{lo:.2f}", fill="black")
+        draw.text((x1 - 60, y0 + 4), f"step {int(steps.max())}", fill="black")
+    return save_png(path, np.asarray(img))
+
+
+def _losses(workdir: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+
+
+def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = None, *, vae_steps: int | None = None,
+             num_subjects: int = 3, num_seeds: int = 4, num_steps: int = 25, guidance: float = 3.0) -> dict:
+    """The whole demo (module docstring); returns the summary it writes. `config`: the MagDiff config
+    (configs/magdiff.py:tiny by default)."""
+    from magdiff_jax.convert.flax_checkpoint import save_flax
+    from magdiff_jax.data.synthetic import SyntheticConfig, make_clip
+    from magdiff_jax.data.video_io import write_video
+    from magdiff_jax.pipelines.magdiff import MagDiffPipeline
+    from magdiff_jax.train.restore import load_trained
+    from magdiff_jax.train.trainer import train
+    from magdiff_jax.utils.images import contact_sheet, save_png
+
+    workdir = Path(workdir).absolute()
+    config = load_config("magdiff") if config is None else config
+    synth = config.data.synthetic
+
+    logging.info("demo [1/4]: training the tiny VAE in %s", workdir / "vae")
+    vae_cfg = load_config("vae")
+    vae_cfg.data.synthetic.update(num=synth.num, num_frames=synth.num_frames, size=synth.size, seed=synth.seed)
+    vae_cfg.data.resolution = tuple(config.data.resolution)
+    vae_cfg.model.vae = config.model.vae
+    if vae_steps is not None:
+        vae_cfg.steps, vae_cfg.ckpt_every, vae_cfg.preview.every = vae_steps, vae_steps, vae_steps
+    train(vae_cfg, workdir / "vae")
+    vae = load_trained(workdir / "vae")
+    models = workdir / "models"
+    if not (models / "vae").exists():
+        save_flax("vae", vae.modules["vae"], vae.params["vae"], models / "vae")
+
+    logging.info("demo [2/4]: training MagDiff (configs/magdiff.py) in %s", workdir / "magdiff")
+    config = config.copy_and_resolve_references()
+    config.init_from = str(models)
+    train(config, workdir / "magdiff")
+
+    logging.info("demo [3/4]: generating from %d held-out subjects x %d seeds, editing a held-out clip",
+                 num_subjects, num_seeds)
+    pipe = MagDiffPipeline.from_workdir(workdir / "magdiff")
+    clip_cfg = SyntheticConfig(num_frames=synth.num_frames, size=synth.size, seed=synth.seed)
+    held_out = [make_clip(synth.num + k, clip_cfg) for k in range(num_subjects + 1)]  # never in training
+    examples, colours, masks, captions = [], [], [], []
+    for clip in held_out[:num_subjects]:
+        ex = pipe.example(clip.frames, clip.masks, clip.caption, mode="first")
+        examples += [ex] * num_seeds
+        colours += [clip.color] * num_seeds
+        masks += [np.asarray(ex["mask"][0]) > 0] * num_seeds  # the loader's mask (data.masks): first frame
+        captions.append(clip.caption)
+    source = held_out[-1]  # and an edit of another held-out clip, in the same batch (one compilation)
+    edit_ex = pipe.example(source.frames, source.masks, source.caption, mode="all")
+    videos = pipe([*examples, edit_ex], seeds=list(range(len(examples) + 1)), num_steps=num_steps,
+                  guidance=guidance)
+    videos, edited = videos[:-1], videos[-1]
+    accuracy, nearest = subject_colour_accuracy(videos, np.stack(masks), colours)
+    outputs = []
+    for k in range(num_subjects):
+        outputs.append(write_video(workdir / f"generated_{k}.mp4", videos[k * num_seeds], fps=4))
+    logging.info("demo [4/4]: writing the videos, the contact sheet and the loss plot")
+    write_video(workdir / "edited.mp4", edited, fps=4)
+
+    rows, labels = [], []
+    for k in range(num_subjects):
+        ex = examples[k * num_seeds]
+        rows.append(np.asarray(ex[f"subject_{config.data.subject.sizes[-1]}"][:1]))
+        labels.append(f"subject {k} ({colours[k * num_seeds]})")
+        for s in range(num_seeds):
+            rows.append(videos[k * num_seeds + s])
+            labels.append(f"{captions[k]} / seed {s} (nearest colour: {nearest[k * num_seeds + s]})")
+    rows += [np.asarray(edit_ex["video"]), edited]
+    labels += [f"edit source: {source.caption}", "edited (subject kept in every frame)"]
+    save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=64))
+    loss_plot({"vae": _losses(workdir / "vae"), "magdiff": _losses(workdir / "magdiff")}, workdir / "loss.png")
+    summary = {"colour_accuracy": accuracy, "chance": 1 / 6, "nearest_colours": nearest, "colours": colours,
+               "generated": [str(p) for p in outputs], "edited": str(workdir / "edited.mp4"),
+               "contact_sheet": str(workdir / "contact_sheet.png"), "loss_plot": str(workdir / "loss.png"),
+               "magdiff_final_loss": _losses(workdir / "magdiff")[-1][1]}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+

@@ -1,0 +1,250 @@
+"""MagDiff generation and editing: subject image(s) + text -> video, as pure functions of models and params.
+
+    models = {"unet": MagDiffUNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
+              "image_encoder": CLIPVisionModel}       (and params with the same keys)
+    cond = subject_condition(models, params, subject, image_layer=-2)       # entity latents + CLIP tokens
+    video = generate(models, params, tokens=..., null_tokens=..., cond=cond, key=..., num_frames=16,
+                     latent_size=(32, 32))                                 # (B, F, H, W, 3) in [-1, 1]
+
+The subject comes from the data pipeline's loader (`data.transforms.subject_inputs`): `subject_<size>` (B, F, s, s, 3)
+for each pyramid size, largest first, and `subject_clip` (B, F, 224, 224, 3), all in the model's ranges (pixels in
+[-1, 1], CLIP mean/std); frames without a subject are black. Generation gives the first frame's subject (the other
+frames black), editing every frame's (the region to keep), exactly as in training (PAPERS.md A.3, A.10).
+
+Sampling (PAPERS.md A.9): DDIM (eta 0) with classifier-free guidance. `image_guidance=None` (the paper's code) guides
+on the text only: the unconditional pass keeps the same image tokens and entity latents and drops the text. With
+`image_guidance=s_I` the two-scale guidance of InstructPix2Pix is used, the subject dropped as in training (black
+subject images): e(0, 0) + s_I [e(c_I, 0) - e(0, 0)] + s_T [e(c_I, c_T) - e(c_I, 0)]. The denoising loop is one
+`lax.scan`; every pass of a step runs as one batch.
+
+Editing with `init_video` and `strength` < 1 starts from the source video's latents inverted with DDIM (the text
+unconditioned, the subject kept) up to the step `strength` of the way, and denoises from there; strength 1 starts
+from noise (the paper's tuning-free setting).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig
+
+
+def _frames(x):
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def encode_video(vae, vae_params, video, key=None):
+    """(B, F, H, W, 3) pixels in [-1, 1] -> scaled latents (B, F, h, w, c): the posterior mean, or a sample with
+    `key` (the released code samples)."""
+    mean, logvar = vae.apply({"params": vae_params}, _frames(video), method="encode")
+    z = mean if key is None else vae.sample_latent(mean, logvar, key)
+    z = z * vae.config.scaling_factor
+    return z.reshape(*video.shape[:2], *z.shape[1:])
+
+
+def decode_video(vae, vae_params, latents):
+    """Scaled latents (B, F, h, w, c) -> pixels (B, F, H, W, 3) clipped to [-1, 1]."""
+    images = vae.apply({"params": vae_params}, _frames(latents) / vae.config.scaling_factor, method="decode")
+    return jnp.clip(images.astype(jnp.float32), -1, 1).reshape(*latents.shape[:2], *images.shape[1:])
+
+
+def subject_keys(sizes) -> tuple[str, ...]:
+    """The batch entries of the subject for pyramid `sizes` (largest first), and the CLIP one."""
+    return (*(f"subject_{s}" for s in sizes), "subject_clip")
+
+
+def subject_condition(models, params, subject: dict, *, sizes, image_layer: int = -2, key=None) -> dict:
+    """The subject's conditioning: {"entity_latents": tuple of (B, F, h_i, w_i, c) (largest first),
+    "image_embeds": (B, F, T, E) CLIP vision hidden states of layer `image_layer` (-2: the penultimate)}."""
+    vae = models["vae"]
+    keys = jax.random.split(key, len(sizes)) if key is not None else [None] * len(sizes)
+    entity = tuple(encode_video(vae, params["vae"], subject[f"subject_{s}"], k) for s, k in zip(sizes, keys))
+    clip = subject["subject_clip"]
+    out = models["image_encoder"].apply({"params": params["image_encoder"]}, _frames(clip), output_hidden_states=True)
+    embeds = out.hidden_states[image_layer]
+    return {"entity_latents": jax.tree.map(jax.lax.stop_gradient, entity),
+            "image_embeds": jax.lax.stop_gradient(embeds.reshape(*clip.shape[:2], *embeds.shape[1:]))}
+
+
+def black_subject(subject: dict) -> dict:
+    """The dropped subject of two-scale guidance: every frame black (in the model's ranges)."""
+    from magdiff_jax.data.transforms import normalize_example
+
+    return normalize_example({k: jnp.zeros(v.shape, jnp.uint8) for k, v in subject.items()})
+
+
+def _concat(*trees):
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+
+
+def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames: int, latent_size,
+             schedule: ScheduleConfig, num_steps: int = 50, guidance: float = 7.5, image_guidance: float | None = None,
+             null_cond: dict | None = None, init_video=None, strength: float = 1.0):
+    """A batch of videos (B, F, H, W, 3) in [-1, 1] (module docstring). tokens / null_tokens (B, L): the prompts
+    and the empty prompt; cond: `subject_condition` of the subjects; null_cond: that of `black_subject` (needed
+    with image_guidance); init_video (B, F, H, W, 3) with strength < 1: start from its DDIM inversion."""
+    unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
+    b = tokens.shape[0]
+    text_ctx = text.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
+    null_ctx = text.apply({"params": params["text_encoder"]}, null_tokens).last_hidden_state
+    if image_guidance is None:  # passes: (null text, subject), (text, subject)
+        ctx, conds = jnp.concatenate([null_ctx, text_ctx]), _concat(cond, cond)
+    else:  # passes: (null, black), (null, subject), (text, subject)
+        if null_cond is None:
+            raise ValueError("image_guidance needs null_cond: subject_condition(black_subject(subject))")
+        ctx, conds = jnp.concatenate([null_ctx, null_ctx, text_ctx]), _concat(null_cond, cond, cond)
+    passes = ctx.shape[0] // b
+
+    def eps(x, t, ctx=ctx, conds=conds, passes=passes):
+        x_in = jnp.concatenate([x] * passes)
+        out = unet.apply({"params": params["unet"]}, x_in, jnp.full((x_in.shape[0],), t), ctx, **conds)
+        parts = jnp.split(out, passes)
+        if passes == 2:
+            return parts[0] + guidance * (parts[1] - parts[0])
+        return parts[0] + image_guidance * (parts[1] - parts[0]) + guidance * (parts[2] - parts[1])
+
+    sampler = DDIMSampler(schedule)
+    state = sampler.set_timesteps(num_steps)
+    shape = (b, num_frames, *latent_size, unet.config.latent_channels)
+    start = 0
+    if init_video is not None and strength < 1.0:
+        start = min(round(num_steps * (1.0 - strength)), num_steps - 1)
+        x = _invert(models, params, encode_video(vae, params["vae"], init_video), cond, null_ctx, schedule,
+                    num_steps, num_steps - start)
+    else:
+        x = jax.random.normal(key, shape, jnp.float32) * state.init_noise_sigma
+
+    def body(x, i):
+        t = state.timesteps[i]
+        x, _ = sampler.step(state, (), i, eps(sampler.scale_model_input(state, x, i), t), x)
+        return x, None
+
+    x, _ = jax.lax.scan(body, x, jnp.arange(start, num_steps, dtype=jnp.int32))
+    return decode_video(vae, params["vae"], x)
+
+
+def _invert(models, params, latents, cond, null_ctx, schedule, num_steps: int, steps: int):
+    """DDIM inversion of clean latents through the first `steps` of `num_steps` (text unconditioned, subject
+    kept): the latents at the timestep the sampler's step `num_steps - steps` starts from."""
+    unet = models["unet"]
+    inverse = DDIMInverseSampler(schedule)
+    state = inverse.set_timesteps(num_steps)
+
+    def body(x, i):
+        t = state.timesteps[i]
+        e = unet.apply({"params": params["unet"]}, x, jnp.full((x.shape[0],), t), null_ctx, **cond)
+        x, _ = inverse.step(state, (), i, e, x)
+        return x, None
+
+    x, _ = jax.lax.scan(body, latents, jnp.arange(steps, dtype=jnp.int32))
+    return x
+
+
+class MagDiffPipeline:
+    """Generation and editing from a trained workdir (`magdiff-jax sample` / `magdiff-jax edit`).
+
+        pipe = MagDiffPipeline.from_workdir("/tmp/magdiff_tiny")
+        ex = pipe.example(image[None], mask[None], "a red square moves left", mode="first")   # one subject image
+        videos = pipe([ex, ex], seeds=[0, 1])                                 # (2, F, H, W, 3) uint8
+
+    An example is what the training loader makes of a clip (resize, centre crop, subject inputs, tokens), built by
+    the same loader from in-memory frames; mode "first" keeps the first frame's subject (generation), "all" every
+    frame's (editing). A batch is split over the devices when it divides evenly.
+    """
+
+    def __init__(self, trained):
+        self.trained = trained
+        self.config = trained.config
+        self._fns = {}
+
+    @classmethod
+    def from_workdir(cls, workdir, step: int | None = None) -> MagDiffPipeline:
+        from magdiff_jax.train.restore import load_trained
+
+        trained = load_trained(workdir, step)
+        if trained.config.task != "magdiff":
+            raise ValueError(f"{workdir} trained task {trained.config.task!r}, not magdiff")
+        return cls(trained)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.config.data.num_frames)
+
+    def example(self, frames, masks, prompt: str, mode: str = "first") -> dict:
+        """frames (T, H, W, 3) uint8 (T=1: one subject image, repeated over the frames), masks (T, H, W) (non-zero:
+        subject; None: the whole image) -> one host example."""
+        import numpy as np
+
+        from magdiff_jax.data.pipeline import loader_spec
+        from magdiff_jax.data.transforms import load_example
+
+        frames = np.asarray(frames, np.uint8)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be (T, H, W, 3) uint8, got {frames.shape}")
+        masks = np.full(frames.shape[:3], 255, np.uint8) if masks is None else np.asarray(masks)
+        if masks.shape != frames.shape[:3]:
+            raise ValueError(f"masks {masks.shape} do not match the frames {frames.shape[:3]}")
+        if len(frames) == 1:
+            frames = np.repeat(frames, self.num_frames, axis=0)
+            masks = np.repeat(masks, self.num_frames, axis=0)
+        if len(frames) < self.num_frames:
+            raise ValueError(f"{len(frames)} frames given; the model makes {self.num_frames}")
+        data = self.config.data.copy_and_resolve_references()
+        data.subject.eval_mode = mode
+        data.tokenizer = self.trained.tokenizer_folder()
+        data.normalize, data.stride = False, 1
+        spec = loader_spec(data, train=False)
+        record = {"key": "input", "video": frames, "mask": (masks > 0).astype(np.uint8) * 255, "caption": prompt,
+                  "frames": None, "fps": None}
+        return load_example(record, spec, np.random.default_rng(0))
+
+    def __call__(self, examples: list[dict], seeds, *, num_steps: int = 50, guidance: float = 7.5,
+                 image_guidance: float | None = None, strength: float = 1.0):
+        """Videos (N, F, H, W, 3) uint8 for the examples (their prompts and subjects), one seed each. strength < 1
+        starts from the DDIM inversion of each example's own video (editing)."""
+        import numpy as np
+
+        from magdiff_jax.data.transforms import normalize_example, tokenizer
+        from magdiff_jax.train.tasks import schedule_from
+
+        cfg = self.config
+        sizes = tuple(cfg.data.subject.sizes)
+        keys = ("video", "tokens", *subject_keys(sizes))
+        batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
+        tok = tokenizer(self.trained.tokenizer_folder(), cfg.data.max_length)
+        batch["null_tokens"] = np.asarray(tok([""] * len(examples)))
+        settings = (num_steps, float(guidance), image_guidance, float(strength))
+        if settings not in self._fns:
+            self._fns[settings] = self._compile(sizes, schedule_from(cfg).config, *settings)
+        n, d = len(examples), jax.device_count()
+        if n % d == 0 and d > 1:
+            mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
+            batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+        keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
+        out = self._fns[settings](self.trained.params, normalize_example(batch), keys)
+        return np.asarray(jnp.round((out + 1) * 127.5).astype(jnp.uint8))
+
+    def _compile(self, sizes, schedule, num_steps, guidance, image_guidance, strength):
+        models, image_layer = self.trained.modules, self.config.task_options.get("image_layer", -2)
+        f = models["vae"].config.downsample_factor
+
+        def one(params, batch, key_data):  # one example: (1, ...) arrays
+            cond = subject_condition(models, params, batch, sizes=sizes, image_layer=image_layer)
+            null_cond = None
+            if image_guidance is not None:
+                null_cond = subject_condition(models, params, black_subject({k: batch[k] for k in
+                                                                             subject_keys(sizes)}), sizes=sizes,
+                                              image_layer=image_layer)
+            video = batch["video"]
+            return generate(models, params, tokens=batch["tokens"], null_tokens=batch["null_tokens"], cond=cond,
+                            key=jax.random.wrap_key_data(key_data), num_frames=video.shape[1],
+                            latent_size=(video.shape[2] // f, video.shape[3] // f), schedule=schedule,
+                            num_steps=num_steps, guidance=guidance, image_guidance=image_guidance, null_cond=null_cond,
+                            init_video=video if strength < 1.0 else None, strength=strength)
+
+        def run(params, batch, keys):  # each example with its own seed, in one batch
+            per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
+            return per(batch, keys)
+
+        return jax.jit(run)

@@ -1,0 +1,63 @@
+"""A trained workdir back in memory, for sampling, evaluation and export.
+
+    trained = load_trained("/tmp/magdiff_tiny")       # the latest checkpoint (its EMA when the run kept one)
+    trained.modules["unet"], trained.params["unet"], trained.config
+
+The trainer checkpoints only what trains; the frozen models are rebuilt exactly as the run built them (from
+`init_from`, or from the run's seed), so the restored parameters are the ones the last step used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import ml_collections
+
+
+@dataclasses.dataclass
+class Trained:
+    config: ml_collections.ConfigDict
+    task: object
+    modules: dict
+    params: dict
+    step: int
+    workdir: Path
+
+    def tokenizer_folder(self) -> str:
+        """The run's tokenizer (the synthetic vocabulary is written into the workdir by the trainer)."""
+        tok = self.config.data.tokenizer
+        return str(self.workdir / "tokenizer") if tok == "synthetic" else tok
+
+
+def load_trained(workdir: str | Path, step: int | None = None, use_ema: bool = True) -> Trained:
+    import orbax.checkpoint as ocp
+
+    from magdiff_jax import sharding as shd
+    from magdiff_jax.train import optim
+    from magdiff_jax.train.tasks import get_task
+    from magdiff_jax.train.trainer import _init_models
+
+    workdir = Path(workdir).absolute()
+    folder = workdir / "checkpoints"
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: no checkpoint under {folder} (train first: magdiff-jax train)")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{workdir}: no checkpoint for step {step} (have {steps})")
+    config_path = workdir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{workdir}: config.json is missing")
+    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    task = get_task(config.task)
+    mesh = shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
+    modules, params, _ = _init_models(task, config, mesh, shd.DEFAULT_RULES,
+                                      jax.random.fold_in(jax.random.key(config.seed), 1))
+    with ocp.StandardCheckpointer() as ck:
+        state = ck.restore(folder / str(step) / "state")
+    trained = state["ema"] if use_ema and "ema" in state else state["params"]
+    _, frozen = optim.split_trainable(params, config.trainable or task.trainable)
+    return Trained(config, task, modules, optim.merge(jax.device_put(trained), frozen), step, workdir)
