@@ -80,6 +80,22 @@ def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, size=(640,
     return save_png(path, np.asarray(img))
 
 
+def calibrate_scaling(vae, params, clip_config, num: int = 32):
+    """The VAE module with `scaling_factor` = 1 / std of its latents over `num` synthetic clips (Stable
+    Diffusion's recipe: diffusion then sees unit-variance latents, which its noise schedule assumes)."""
+    import dataclasses
+
+    import jax
+
+    from magdiff_jax.data.synthetic import make_clip
+
+    frames = np.concatenate([make_clip(i, clip_config).frames for i in range(num)])
+    mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(params, frames / 127.5 - 1.0)
+    scale = float(1.0 / np.std(np.asarray(mean)))
+    logging.info("VAE latents: std %.3f -> scaling_factor %.4f", 1.0 / scale, scale)
+    return vae.clone(config=dataclasses.replace(vae.config, scaling_factor=scale))
+
+
 def _losses(workdir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
 
@@ -89,7 +105,8 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     """The whole demo (module docstring); returns the summary it writes. `config`: the MagDiff config
     (configs/magdiff.py:tiny by default)."""
     from magdiff_jax.convert.flax_checkpoint import save_flax
-    from magdiff_jax.data.synthetic import SyntheticConfig, make_clip
+    from magdiff_jax.data.pipeline import synthetic_config
+    from magdiff_jax.data.synthetic import make_clip
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
     from magdiff_jax.train.restore import load_trained
@@ -102,7 +119,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
 
     logging.info("demo [1/4]: training the tiny VAE in %s", workdir / "vae")
     vae_cfg = load_config("vae")
-    vae_cfg.data.synthetic.update(num=synth.num, num_frames=synth.num_frames, size=synth.size, seed=synth.seed)
+    vae_cfg.data.synthetic = synth.copy_and_resolve_references()
     vae_cfg.data.resolution = tuple(config.data.resolution)
     vae_cfg.model.vae = config.model.vae
     if vae_steps is not None:
@@ -110,8 +127,9 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     train(vae_cfg, workdir / "vae")
     vae = load_trained(workdir / "vae")
     models = workdir / "models"
-    if not (models / "vae").exists():
-        save_flax("vae", vae.modules["vae"], vae.params["vae"], models / "vae")
+    if not (models / "vae").exists():  # with the scaling factor that gives its latents unit variance
+        module = calibrate_scaling(vae.modules["vae"], vae.params["vae"], synthetic_config(synth))
+        save_flax("vae", module, vae.params["vae"], models / "vae")
 
     logging.info("demo [2/4]: training MagDiff (configs/magdiff.py) in %s", workdir / "magdiff")
     config = config.copy_and_resolve_references()
@@ -121,7 +139,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     logging.info("demo [3/4]: generating from %d held-out subjects x %d seeds, editing a held-out clip",
                  num_subjects, num_seeds)
     pipe = MagDiffPipeline.from_workdir(workdir / "magdiff")
-    clip_cfg = SyntheticConfig(num_frames=synth.num_frames, size=synth.size, seed=synth.seed)
+    clip_cfg = synthetic_config(synth)
     held_out = [make_clip(synth.num + k, clip_cfg) for k in range(num_subjects + 1)]  # never in training
     examples, colours, masks, captions = [], [], [], []
     for clip in held_out[:num_subjects]:

@@ -42,7 +42,8 @@ def data_config() -> ml_collections.ConfigDict:
     c.path = ""  # folder, TFDS data dir, or encoded-latents dir
     c.builder = ""  # TFDS builder name (source tfds)
     c.split = "train"
-    c.synthetic = ml_collections.ConfigDict({"num": 72, "num_frames": 16, "size": 64, "seed": 0})
+    c.synthetic = ml_collections.ConfigDict({"num": 72, "num_frames": 16, "size": 64, "seed": 0, "shape_size": 0.3,
+                                             "travel": 0.4})
     c.task = "video"  # video | interp | vsr
     c.num_frames = 16
     c.stride = 1
@@ -74,6 +75,14 @@ def data_config() -> ml_collections.ConfigDict:
     return c
 
 
+def synthetic_config(c):
+    """The clip settings of a `data.synthetic` config (everything but `num`)."""
+    from magdiff_jax.data.synthetic import SyntheticConfig
+
+    return SyntheticConfig(num_frames=c.num_frames, size=c.size, seed=c.seed, shape_size=c.shape_size,
+                           travel=c.travel)
+
+
 def loader_spec(config, train: bool) -> LoaderSpec:
     res = config.resolution
     height, width = (res, res) if isinstance(res, int) else tuple(res)
@@ -95,10 +104,7 @@ def make_source(config):
     from magdiff_jax.data import sources
 
     if config.source == "synthetic":
-        from magdiff_jax.data.synthetic import SyntheticConfig
-
-        s = config.synthetic
-        return sources.SyntheticSource(SyntheticConfig(num_frames=s.num_frames, size=s.size, seed=s.seed), s.num)
+        return sources.SyntheticSource(synthetic_config(config.synthetic), config.synthetic.num)
     if not config.path:
         raise ValueError(f"data.source={config.source!r} needs data.path")
     if config.source == "folder":
