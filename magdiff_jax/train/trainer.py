@@ -74,9 +74,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = optim.optim_config()
     c.data = data_config()
     c.model = ml_collections.ConfigDict()
+    # Stable Diffusion's scheduler settings; latent diffusion never clips the predicted clean latent (unit-variance
+    # latents go well past [-1, 1]: clipping them is what pixel-space DDPM does, and it erases the subject)
     c.schedule = ml_collections.ConfigDict({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                             "beta_start": 0.00085, "beta_end": 0.012,
-                                            "prediction_type": "epsilon"})
+                                            "prediction_type": "epsilon", "clip_sample": False,
+                                            "set_alpha_to_one": False, "steps_offset": 1})
     return c
 
 
