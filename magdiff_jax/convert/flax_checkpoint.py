@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
 
 from magdiff_jax.convert.core import config_from_dict, config_to_dict, get_kind
+from magdiff_jax.utils.files import atomic_dir
 
 FORMAT = "magdiff_jax"
 
@@ -27,22 +27,12 @@ def save_flax(kind: str, module, params, dst: str | os.PathLike, overwrite: bool
     dst = Path(dst).absolute()
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass overwrite")
-    tmp = dst.with_name(f".{dst.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(dst) as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / "params", jax.device_get(params))
             ckptr.wait_until_finished()
         meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(module.config)}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import flax.linen as nn
@@ -66,6 +65,7 @@ from magdiff_jax.convert.unet3d import config_to_torch as unet3d_config_to_torch
 from magdiff_jax.convert.unet3d import unet3d_rules
 from magdiff_jax.models import magdiff
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
+from magdiff_jax.utils.files import atomic_dir
 
 FORMAT = "magdiff_torch"
 FORMAT_VERSION = 1
@@ -166,11 +166,7 @@ def magdiff_to_torch(module: magdiff.MagDiffUNet, params, dst: str | os.PathLike
     check_table([r for rules in tables.values() for r in rules], flat, "magdiff")
     part = lambda rules: traverse_util.unflatten_dict({r.flax: flat[r.flax] for r in rules})
 
-    tmp = dst.with_name(f".{dst.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(dst) as tmp:
         unet_params = part(tables["unet"])["unet"]
         save_torch("unet3d", UNet3DConditionModel(base_unet_config(cfg)), unet_params, tmp / UNET_DIR,
                    max_shard_bytes=max_shard_bytes)
@@ -180,12 +176,6 @@ def magdiff_to_torch(module: magdiff.MagDiffUNet, params, dst: str | os.PathLike
                 safetensors_io.write_state_dict({k: _to_file(k, v) for k, v in state.items()}, tmp,
                                                 file.removesuffix(".safetensors"))
         safetensors_io.atomic_write_bytes(tmp / META_FILE, json.dumps(_meta(cfg), indent=2).encode())
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

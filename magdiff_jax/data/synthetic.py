@@ -17,11 +17,12 @@ import csv
 import dataclasses
 import io
 import os
-import shutil
 from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
+
+from magdiff_jax.utils.files import atomic_dir
 
 COLORS = {
     "red": (220, 40, 40),
@@ -128,10 +129,8 @@ def write_synthetic(out_dir: str | os.PathLike, num: int, config: SyntheticConfi
     out = Path(out_dir).absolute()
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose another folder or pass overwrite")
-    tmp = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "videos").mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:
+        (tmp / "videos").mkdir()
         rows = []
         for i in range(num):
             clip = make_clip(i, config)
@@ -147,12 +146,6 @@ def write_synthetic(out_dir: str | os.PathLike, num: int, config: SyntheticConfi
             writer = csv.DictWriter(fh, fieldnames=["video", "caption", "mask"])
             writer.writeheader()
             writer.writerows(rows)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
