@@ -54,10 +54,12 @@ def load_trained(workdir: str | Path, step: int | None = None, use_ema: bool = T
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     task = get_task(config.task)
     mesh = shd.make_mesh({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
+    trainable_rx = config.trainable or task.trainable
+    # models trained whole come from the checkpoint (left abstract here); frozen ones are re-created as training did
     modules, params, _ = _init_models(task, config, mesh, shd.DEFAULT_RULES,
-                                      jax.random.fold_in(jax.random.key(config.seed), 1))
+                                      jax.random.fold_in(jax.random.key(config.seed), 1), restoring=trainable_rx)
     with ocp.StandardCheckpointer() as ck:
         state = ck.restore(folder / str(step) / "state")
     trained = state["ema"] if use_ema and "ema" in state else state["params"]
-    _, frozen = optim.split_trainable(params, config.trainable or task.trainable)
+    _, frozen = optim.split_trainable(params, trainable_rx)
     return Trained(config, task, modules, optim.merge(jax.device_put(trained), frozen), step, workdir)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -220,8 +221,10 @@ class _Preview:
         return np.asarray(self.fn(params, normalize_example(self.batch)))
 
 
-def _init_models(task, config, mesh, rules, key):
-    """Modules, params (directly sharded) and their shardings, per model name."""
+def _init_models(task, config, mesh, rules, key, *, restoring: str | None = None):
+    """Modules, params (directly sharded) and their shardings, per model name. `restoring`: the trainable regex of a
+    run about to restore its checkpoint; models whose every parameter it matches are left abstract
+    (ShapeDtypeStructs with their shardings): the checkpoint holds them, so they are never initialised."""
     from magdiff_jax.convert.core import get_kind
     from magdiff_jax.convert.flax_checkpoint import load_flax
 
@@ -232,7 +235,11 @@ def _init_models(task, config, mesh, rules, key):
         args, kwargs = spec.example_inputs(model_cfg), spec.example_kwargs(model_cfg)
         abstract = shd.abstract_init(module, *args, **kwargs)["params"]
         sh = shd.param_shardings(abstract, mesh, rules)
-        if config.init_from and (Path(config.init_from) / name).exists():
+        if restoring is not None and all(re.search(restoring, f"{name}/{k}") for k in optim.flat(nn.meta.unbox(
+                abstract))):
+            p = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             nn.meta.unbox(abstract), sh)
+        elif config.init_from and (Path(config.init_from) / name).exists():
             _, _, p = load_flax(Path(config.init_from) / name, kind=kind, shardings=sh)
         else:
             init = jax.jit(lambda k, m=module, a=args, kw=kwargs: nn.meta.unbox(m.init(k, *a, **kw)["params"]),
@@ -241,6 +248,16 @@ def _init_models(task, config, mesh, rules, key):
                 p = init(jax.random.fold_in(key, i))
         modules[name], params[name], shardings[name] = module, p, sh
     return modules, params, shardings
+
+
+def _initial_state(trainable, opt_state, key, ema_decay: float) -> dict:
+    """A fresh run's training state: step 0, the trainable parameters, their optimizer state, the step RNG and
+    the EMA (a copy of the parameters)."""
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state,
+             "rng": jax.random.key_data(jax.random.fold_in(key, 2))}
+    if ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, trainable)
+    return state
 
 
 def _like_params(opt_state, param_shardings, replicated):
@@ -281,23 +298,31 @@ def train(config, workdir: str | Path) -> dict:
     data_iter = iter(make_dataset(data_cfg, batch_size=local_batch, train=True,
                                   report_path=default_report_path(workdir)))
 
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=config.async_checkpoints)
+    mgr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "config"), options=options)
+    start = mgr.latest_step() or 0  # a run in an existing workdir resumes from its last checkpoint
+
     task = get_task(config.task)
     key = jax.random.key(config.seed)
-    modules, params, shardings = _init_models(task, config, mesh, rules, jax.random.fold_in(key, 1))
-    trainable, frozen = optim.split_trainable(params, config.trainable or task.trainable)
-    t_shard, f_shard = optim.split_trainable(shardings, config.trainable or task.trainable)
+    trainable_rx = config.trainable or task.trainable
+    modules, params, shardings = _init_models(task, config, mesh, rules, jax.random.fold_in(key, 1),
+                                              restoring=trainable_rx if start else None)
+    trainable, frozen = optim.split_trainable(params, trainable_rx)
+    t_shard, f_shard = optim.split_trainable(shardings, trainable_rx)
     tx, lr_schedule = optim.make_optimizer(config.optim, config.steps)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_shardings = _like_params(jax.eval_shape(tx.init, trainable), t_shard, replicated)
-    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state,
-             "rng": jax.random.key_data(jax.random.fold_in(key, 2))}
-    if config.ema_decay > 0:
-        state["ema"] = jax.tree.map(jnp.copy, trainable)
     state_shardings = {"step": replicated, "params": t_shard, "opt_state": opt_shardings, "rng": replicated}
-    if "ema" in state:
+    if config.ema_decay > 0:
         state_shardings["ema"] = t_shard
-    state = jax.device_put(state, state_shardings)
+    if start:  # the checkpoint holds the whole state: its shapes and shardings suffice, nothing is initialised
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(lambda t: _initial_state(t, tx.init(t), key, config.ema_decay), trainable),
+                             state_shardings)
+    else:
+        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
+        state = jax.device_put(_initial_state(trainable, opt_state, key, config.ema_decay), state_shardings)
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
     def train_step(state, frozen, batch):
@@ -329,17 +354,10 @@ def train(config, workdir: str | Path) -> dict:
     step_fn = jax.jit(train_step, in_shardings=(state_shardings, f_shard, batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=config.async_checkpoints)
-    mgr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "config"), options=options)
     import grain
 
-    start = 0
-    if mgr.latest_step() is not None:
-        start = mgr.latest_step()
-        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                                state_shardings)
-        restored = mgr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+    if start:
+        restored = mgr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
                                                               data=grain.checkpoint.CheckpointRestore(data_iter)))
         state = restored["state"]
         logging.info("resumed from step %d in %s", start, workdir)
