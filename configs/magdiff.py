@@ -12,7 +12,10 @@
         The paper's setting: 256x256, 16 frames, SD2.1-base U-Net inflated with ModelScope temporal layers, OpenCLIP
         ViT-H/14 text and image towers, the paper code's trainable subset, AdamW 5e-5, weight decay 0.01, 100 warmup
         steps, clipping 1.0, batch 64, full remat. init_from holds `unet` (kind magdiff), `vae`, `text_encoder`,
-        `image_encoder` folders (`magdiff-jax convert`).
+        `image_encoder` and `tokenizer` folders, as written by
+            magdiff-jax convert magdiff-init --pipeline stable-diffusion-2-1-base \\
+                --temporal text-to-video-ms-1.7b/unet --image-encoder IP-Adapter/models/image_encoder \\
+                --out out/magdiff_init
 """
 
 import os
@@ -77,7 +80,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.source = "folder"
         c.data.num_frames, c.data.resolution = 16, (256, 256)
         c.data.worker_count = 8
-        c.init_from = ""  # set to the folder of converted models
+        c.data.tokenizer, c.data.max_length = "init_from", 77  # init_from/tokenizer (copied by magdiff-init)
+        c.init_from = ""  # set to the folder of `magdiff-jax convert magdiff-init`
         c.model = ml_collections.ConfigDict({"unet": {"unet": {"remat_policy": "full"}}, "vae": {},
                                              "text_encoder": {}, "image_encoder": {}})
         c.preview.update(every=1000, num=4, num_steps=50, guidance=7.5)

@@ -4,6 +4,8 @@
     magdiff-jax convert to-torch --kind unet2d out/unet_flax      out/unet_torch
     magdiff-jax convert to-flax --kind pipeline path/to/sd-pipeline out/sd_flax
     magdiff-jax convert to-torch --kind magdiff out/magdiff_flax out/magdiff_torch   (unet/ + ip_adapter + pyramid)
+    magdiff-jax convert magdiff-init --pipeline sd21-base --temporal modelscope/unet --image-encoder vit-h \
+        --out out/magdiff_init                                         (configs/magdiff.py:base's init_from)
     magdiff-jax data synth --out data/synth --num 72
     magdiff-jax data build --builder ucf101 --manual-dir ~/UCF101 --out data/tfds
     magdiff-jax data inspect data/synth
@@ -41,7 +43,7 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert checkpoints between PyTorch (diffusers/transformers) and Flax",
                        description="Convert model checkpoints between PyTorch safetensors folders "
                                    "(diffusers/transformers layout) and magdiff_jax Flax checkpoints.")
-    csub = p.add_subparsers(dest="direction", required=True, metavar="{to-flax,to-torch}")
+    csub = p.add_subparsers(dest="direction", required=True, metavar="{to-flax,to-torch,magdiff-init}")
     kinds = (*_kinds(), "pipeline")
     tf = csub.add_parser("to-flax", help="PyTorch model folder -> Orbax checkpoint + config.json",
                          description="Read a diffusers/transformers model folder (config.json + safetensors, single "
@@ -59,6 +61,23 @@ def _add_convert(sub):
     tt.add_argument("src", help="Flax checkpoint folder (config.json + params/)")
     tt.add_argument("dst", help="output PyTorch model folder")
     tt.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
+    mi = csub.add_parser("magdiff-init", help="a MagDiff init_from folder from an SD2.1 pipeline (+ temporal layers)",
+                         description="Build the init_from folder of configs/magdiff.py:base: the U-Net (a UNet2D "
+                                     "inflated, its temporal layers from --temporal or fresh; or a unet3d) widened "
+                                     "for the entity input with entity attention, a fresh resampler and pyramid, "
+                                     "plus the VAE, text and image encoders, tokenizer and scheduler. Sources may be "
+                                     "PyTorch or Flax folders.")
+    mi.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    mi.add_argument("--pipeline", default=None, help="an SD pipeline folder (diffusers, or `convert to-flax --kind "
+                                                     "pipeline` output): unet, vae, text_encoder, tokenizer")
+    mi.add_argument("--unet", default=None, help="UNet2D or UNet3D folder (default: PIPELINE/unet)")
+    mi.add_argument("--temporal", default=None, help="a UNet3D (ModelScope) folder whose temporal layers are used")
+    mi.add_argument("--vae", default=None, help="default: PIPELINE/vae")
+    mi.add_argument("--text-encoder", default=None, help="default: PIPELINE/text_encoder")
+    mi.add_argument("--image-encoder", required=True, help="CLIP vision folder (OpenCLIP ViT-H/14 for SD2.1)")
+    mi.add_argument("--pyramid", default="multi", choices=("multi", "single"))
+    mi.add_argument("--seed", type=int, default=0, help="initialises the resampler, pyramid and fresh layers")
+    mi.add_argument("--overwrite", action="store_true")
 
 
 BUILDER_NAMES = ("video_caption", "image_caption", "ucf101", "msrvtt", "davis", "vimeo90k")
@@ -166,6 +185,14 @@ def _convert(args) -> None:
     from magdiff_jax.convert import load_torch, save_torch
     from magdiff_jax.convert.flax_checkpoint import load_flax, save_flax
 
+    if args.direction == "magdiff-init":
+        from magdiff_jax.convert.magdiff_init import build_magdiff_init
+
+        build_magdiff_init(args.out, pipeline=args.pipeline, unet=args.unet, temporal=args.temporal, vae=args.vae,
+                           text_encoder=args.text_encoder, image_encoder=args.image_encoder, pyramid=args.pyramid,
+                           seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+        return
     if args.direction == "to-flax":
         if args.kind == "pipeline":
             from magdiff_jax.convert.pipeline import load_pipeline_torch
@@ -257,7 +284,7 @@ def _generate(args) -> None:
                  args.num_steps)
     t0 = time.perf_counter()
     videos = pipe(examples, seeds, num_steps=args.num_steps, guidance=args.guidance,
-                  image_guidance=args.image_guidance, **extra)
+                  image_guidance=args.image_guidance, progress=True, **extra)
     out = Path(args.out)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(videos))]
     for path, video in zip(paths, videos):

@@ -24,9 +24,11 @@ def _kind_of(module: nn.Module):
     raise TypeError(f"no registered model kind uses config {type(module.config).__name__}")
 
 
-def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None):
+def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None, temporal_from=None):
     """unet2d params -> params of `video_module` (a unet3d or unet_motion); every 2D parameter must exist in the
-    video model with the same shape, and every video parameter the 2D tree lacks is temporal (fresh)."""
+    video model with the same shape, and every video parameter the 2D tree lacks is temporal: fresh from `key`, or,
+    with `temporal_from` (the params of a video model of this layout, e.g. ModelScope's), copied from there (its
+    spatial weights are ignored; nothing is initialised)."""
     spec = _kind_of(video_module)
     cfg = video_module.config
     key = jax.random.key(0) if key is None else key
@@ -42,9 +44,27 @@ def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None):
             + (f"\n  not in the video model ({len(missing)}): {missing[:20]}" if missing else "")
             + (f"\n  mis-shaped ({len(misshaped)}): {misshaped[:20]}" if misshaped else "")
         )
-    fresh = nn.meta.unbox(jax.jit(video_module.init)(key, *args, **kwargs)["params"])
-    flat_new = traverse_util.flatten_dict(fresh)
-    flat_new.update({p: jax.numpy.asarray(v, flat_new[p].dtype) for p, v in flat_2d.items()})
+    dtypes = {p: a.dtype for p, a in flat_new.items()}
+    if temporal_from is not None:
+        donor = traverse_util.flatten_dict(nn.meta.unbox(dict(temporal_from)))
+        wanted = [p for p in flat_new if p not in flat_2d]
+        bad = sorted(f"{'/'.join(p)}: {tuple(donor[p].shape) if p in donor else 'absent'}, expected "
+                     f"{tuple(flat_new[p].shape)}" for p in wanted if p not in donor
+                     or tuple(donor[p].shape) != tuple(flat_new[p].shape))
+        if bad:
+            raise ConversionError(f"the temporal layers given do not fit {type(video_module).__name__} "
+                                  f"({len(bad)} parameters):\n  " + "\n  ".join(bad[:20]))
+        out = {p: jax.numpy.asarray(donor[p], dtypes[p]) for p in wanted}
+        out.update({p: jax.numpy.asarray(v, dtypes[p]) for p, v in flat_2d.items()})
+        return traverse_util.unflatten_dict(out)
+
+    def temporal_init(k):  # the spatial initialisers are dead code here: XLA drops them (and their memory)
+        flat = traverse_util.flatten_dict(nn.meta.unbox(video_module.init(k, *args, **kwargs)["params"]))
+        return {"/".join(p): v for p, v in flat.items() if p not in flat_2d}
+
+    fresh = jax.jit(temporal_init)(key)
+    flat_new = {tuple(p.split("/")): v for p, v in fresh.items()}
+    flat_new.update({p: jax.numpy.asarray(v, dtypes[p]) for p, v in flat_2d.items()})
     return traverse_util.unflatten_dict(flat_new)
 
 

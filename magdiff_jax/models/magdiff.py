@@ -230,16 +230,19 @@ def widen_conv_in(unet_params, extra: int) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def add_entity_attention(unet_params, config: UNet3DConfig) -> dict:
+def add_entity_attention(unet_params, config: UNet3DConfig, abstract: dict | None = None) -> dict:
     """A unet3d's params (no entity attention) -> the params of `UNet3DConditionModel(config)` with
     `config.entity_attention`: in every spatial attn2, `to_k_ip`/`to_v_ip` = copies of `to_k`/`to_v`,
-    `text_scale` = 1.0 and `image_scale` = 1.5; every other parameter must already be there with its shape."""
+    `text_scale` = 1.0 and `image_scale` = 1.5; every other parameter must already be there with its shape.
+    `abstract`: that model's flat parameter shapes, when the caller has them (tracing a big U-Net takes seconds)."""
     if not config.entity_attention:
         raise ValueError("add_entity_attention needs a config with entity_attention=True")
-    from magdiff_jax.convert.core import get_kind
+    if abstract is None:
+        from magdiff_jax.convert.core import get_kind
 
-    spec = get_kind("unet3d")
-    abstract = _abstract(UNet3DConditionModel(config), *spec.example_inputs(config), **spec.example_kwargs(config))
+        spec = get_kind("unet3d")
+        abstract = _abstract(UNet3DConditionModel(config), *spec.example_inputs(config),
+                             **spec.example_kwargs(config))
     flat = traverse_util.flatten_dict(nn.meta.unbox(dict(unet_params)))
     copies = {"to_k_ip": "to_k", "to_v_ip": "to_v"}
     scales = {"text_scale": EntityAttention.text_scale_init, "image_scale": EntityAttention.image_scale_init}
@@ -276,17 +279,23 @@ def magdiff_params_from_unet3d(unet3d_params, module: MagDiffUNet, key: jax.Arra
     if kernel is not None and kernel.shape[-2] != cfg.latent_channels:
         raise ValueError(f"the base U-Net's conv_in reads {kernel.shape[-2]} channels; a text-to-video U-Net with "
                          f"latent_channels={cfg.latent_channels} inputs is expected")
-    unet = add_entity_attention(widen_conv_in(unet3d_params, cfg.entity_channels), cfg.unet)
-    k_proj, k_pyramid = jax.random.split(key)
     kwargs = example_kwargs(cfg)
-    dt = compute_dtype(cfg.unet.dtype)
-    image_proj = Resampler(cfg.resampler, dtype=dt).init(k_proj, kwargs["image_embeds"][0])["params"]
-    params = {"unet": unet, "image_proj": nn.meta.unbox(image_proj)}
-    pyramid = EntityPyramid(cfg.pyramid, cfg.pyramid_channels, cfg.entity_channels, dtype=dt)
-    pyramid_params = pyramid.init(k_pyramid, kwargs["entity_latents"]).get("params")
-    if pyramid_params:
-        params["entity_pyramid"] = nn.meta.unbox(pyramid_params)
     expected = _abstract(module, *example_inputs(cfg), **kwargs)
+    unet_abstract = {p[1:]: v for p, v in expected.items() if p[0] == "unet"}
+    unet = add_entity_attention(widen_conv_in(unet3d_params, cfg.entity_channels), cfg.unet, unet_abstract)
+    dt = compute_dtype(cfg.unet.dtype)
+    pyramid = EntityPyramid(cfg.pyramid, cfg.pyramid_channels, cfg.entity_channels, dtype=dt)
+
+    @jax.jit
+    def fresh(k):  # one small program (initialising op by op compiles each op on its own)
+        k_proj, k_pyramid = jax.random.split(k)
+        image_proj = Resampler(cfg.resampler, dtype=dt).init(k_proj, kwargs["image_embeds"][0])["params"]
+        return nn.meta.unbox(image_proj), nn.meta.unbox(pyramid.init(k_pyramid, kwargs["entity_latents"]))
+
+    image_proj, pyramid_vars = fresh(key)
+    params = {"unet": unet, "image_proj": image_proj}
+    if pyramid_vars.get("params"):
+        params["entity_pyramid"] = pyramid_vars["params"]
     got = traverse_util.flatten_dict(params)
     misshaped = sorted("/".join(p) for p, v in got.items() if p in expected and v.shape != expected[p].shape)
     if set(got) != set(expected) or misshaped:

@@ -147,6 +147,52 @@ class UNet3DConfig:
             attention_impl=self.attention_impl, dtype=self.dtype,
         )
 
+    @classmethod
+    def from_unet2d(cls, cfg2d: UNet2DConfig, **kw) -> UNet3DConfig:
+        """The video U-Net whose spatial layers are `cfg2d`'s (the inverse of `to_unet2d`, for `inflate`): SD2.x's
+        U-Net (heads 5/10/20/20 of width 64, linear projections) gives `sd21_base`'s layout. A 2D option the video
+        model cannot express (conv projections, heads of different widths per block, class embeddings, ...) is
+        refused with its name, never dropped."""
+        rename = {"CrossAttnDownBlock2D": "CrossAttnDownBlock3D", "DownBlock2D": "DownBlock3D",
+                  "CrossAttnUpBlock2D": "CrossAttnUpBlock3D", "UpBlock2D": "UpBlock3D"}
+        unknown = [t for t in (*cfg2d.down_block_types, *cfg2d.up_block_types) if t not in rename]
+        if unknown:
+            raise ValueError(f"UNet2D block types {unknown} have no UNet3D counterpart (supported: {sorted(rename)})")
+        widths = sorted({c // h for c, h in zip(cfg2d.block_out_channels, cfg2d.heads_per_block)})
+        if len(widths) != 1:
+            raise ValueError(f"UNet2D heads {cfg2d.heads_per_block} over channels {cfg2d.block_out_channels} have "
+                             f"widths {widths}; UNet3D needs one head width for every block")
+
+        def one(name):
+            values = set(cfg2d.per_block(name))
+            if len(values) != 1:
+                raise ValueError(f"UNet2D {name}={getattr(cfg2d, name)!r}: UNet3D needs one value for every block")
+            return values.pop()
+
+        video = cls(**{
+            "sample_size": cfg2d.sample_size, "in_channels": cfg2d.in_channels, "out_channels": cfg2d.out_channels,
+            "down_block_types": tuple(rename[t] for t in cfg2d.down_block_types),
+            "up_block_types": tuple(rename[t] for t in cfg2d.up_block_types),
+            "block_out_channels": tuple(cfg2d.block_out_channels), "layers_per_block": one("layers_per_block"),
+            "downsample_padding": cfg2d.downsample_padding, "mid_block_scale_factor": cfg2d.mid_block_scale_factor,
+            "act_fn": cfg2d.act_fn, "norm_num_groups": cfg2d.norm_num_groups, "norm_eps": cfg2d.norm_eps,
+            "cross_attention_dim": one("cross_attention_dim"), "attention_head_dim": widths[0],
+            "time_cond_proj_dim": cfg2d.time_cond_proj_dim, "attention_impl": cfg2d.attention_impl,
+            "dtype": cfg2d.dtype, **kw})
+        back = video.to_unet2d()
+        per_block = ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+                     "only_cross_attention")
+        same = {"attention_head_dim", "num_attention_heads", "remat_policy", "remat_save_names", "upcast_attention",
+                *per_block, *kw}  # heads compared as heads_per_block; upcasting changes fp16 rounding only
+        differ = [f"{f.name}={getattr(cfg2d, f.name)!r} (UNet3D: {getattr(back, f.name)!r})"
+                  for f in dataclasses.fields(cfg2d)
+                  if f.name not in same and getattr(cfg2d, f.name) != getattr(back, f.name)]
+        differ += [f"{name}={getattr(cfg2d, name)!r} (UNet3D: {getattr(back, name)!r})" for name in per_block
+                   if cfg2d.per_block(name) != back.per_block(name)]
+        if differ:
+            raise ValueError("the UNet2D config has options UNet3D cannot express: " + "; ".join(differ))
+        return video
+
 
 # --- helpers: spatial layers see frames, temporal layers see videos ------------------------------------------------
 def _frames(x):

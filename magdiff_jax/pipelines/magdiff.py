@@ -80,10 +80,12 @@ def _concat(*trees):
 
 def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames: int, latent_size,
              schedule: ScheduleConfig, num_steps: int = 50, guidance: float = 7.5, image_guidance: float | None = None,
-             null_cond: dict | None = None, init_video=None, strength: float = 1.0):
+             null_cond: dict | None = None, init_video=None, strength: float = 1.0, progress=None):
     """A batch of videos (B, F, H, W, 3) in [-1, 1] (module docstring). tokens / null_tokens (B, L): the prompts
     and the empty prompt; cond: `subject_condition` of the subjects; null_cond: that of `black_subject` (needed
-    with image_guidance); init_video (B, F, H, W, 3) with strength < 1: start from its DDIM inversion."""
+    with image_guidance); init_video (B, F, H, W, 3) with strength < 1: start from its DDIM inversion.
+    progress: a host function called with each denoising step's index as it finishes (`jax.debug.callback`; under
+    `vmap` once per example)."""
     unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
     b = tokens.shape[0]
     text_ctx = text.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
@@ -118,6 +120,8 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
     def body(x, i):
         t = state.timesteps[i]
         x, _ = sampler.step(state, (), i, eps(sampler.scale_model_input(state, x, i), t), x)
+        if progress is not None:
+            jax.debug.callback(progress, i)
         return x, None
 
     x, _ = jax.lax.scan(body, x, jnp.arange(start, num_steps, dtype=jnp.int32))
@@ -157,6 +161,7 @@ class MagDiffPipeline:
         self.trained = trained
         self.config = trained.config
         self._fns = {}
+        self._bar = None
 
     @classmethod
     def from_workdir(cls, workdir, step: int | None = None) -> MagDiffPipeline:
@@ -200,9 +205,10 @@ class MagDiffPipeline:
         return load_example(record, spec, np.random.default_rng(0))
 
     def __call__(self, examples: list[dict], seeds, *, num_steps: int = 50, guidance: float = 7.5,
-                 image_guidance: float | None = None, strength: float = 1.0):
+                 image_guidance: float | None = None, strength: float = 1.0, progress: bool = False):
         """Videos (N, F, H, W, 3) uint8 for the examples (their prompts and subjects), one seed each. strength < 1
-        starts from the DDIM inversion of each example's own video (editing)."""
+        starts from the DDIM inversion of each example's own video (editing). progress: a bar of the denoising
+        steps on stderr while the batch runs."""
         import numpy as np
 
         from magdiff_jax.data.transforms import normalize_example, tokenizer
@@ -214,7 +220,7 @@ class MagDiffPipeline:
         batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
         tok = tokenizer(self.trained.tokenizer_folder(), cfg.data.max_length)
         batch["null_tokens"] = np.asarray(tok([""] * len(examples)))
-        settings = (num_steps, float(guidance), image_guidance, float(strength))
+        settings = (num_steps, float(guidance), image_guidance, float(strength), bool(progress))
         if settings not in self._fns:
             self._fns[settings] = self._compile(sizes, schedule_from(cfg).config, *settings)
         n, d = len(examples), jax.device_count()
@@ -222,10 +228,24 @@ class MagDiffPipeline:
             mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
             batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
         keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
-        out = self._fns[settings](self.trained.params, normalize_example(batch), keys)
-        return np.asarray(jnp.round((out + 1) * 127.5).astype(jnp.uint8))
+        if progress:
+            from tqdm.auto import tqdm
 
-    def _compile(self, sizes, schedule, num_steps, guidance, image_guidance, strength):
+            self._bar = tqdm(total=num_steps, desc="denoising", unit="step", initial=0)
+        try:
+            out = np.asarray(self._fns[settings](self.trained.params, normalize_example(batch), keys))
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        return np.round((out + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+    def _tick(self, i) -> None:
+        """The progress callback: step index i (0-based) of the sampler's schedule has finished."""
+        if self._bar is not None and int(i) + 1 > self._bar.n:
+            self._bar.update(int(i) + 1 - self._bar.n)
+
+    def _compile(self, sizes, schedule, num_steps, guidance, image_guidance, strength, progress):
         models, image_layer = self.trained.modules, self.config.task_options.get("image_layer", -2)
         f = models["vae"].config.downsample_factor
 
@@ -241,7 +261,8 @@ class MagDiffPipeline:
                             key=jax.random.wrap_key_data(key_data), num_frames=video.shape[1],
                             latent_size=(video.shape[2] // f, video.shape[3] // f), schedule=schedule,
                             num_steps=num_steps, guidance=guidance, image_guidance=image_guidance, null_cond=null_cond,
-                            init_video=video if strength < 1.0 else None, strength=strength)
+                            init_video=video if strength < 1.0 else None, strength=strength,
+                            progress=self._tick if progress else None)
 
         def run(params, batch, keys):  # each example with its own seed, in one batch
             per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])

@@ -27,9 +27,10 @@ class Trained:
     workdir: Path
 
     def tokenizer_folder(self) -> str:
-        """The run's tokenizer (the synthetic vocabulary is written into the workdir by the trainer)."""
-        tok = self.config.data.tokenizer
-        return str(self.workdir / "tokenizer") if tok == "synthetic" else tok
+        """The run's tokenizer folder (`tokenizer_folder` of the trainer)."""
+        from magdiff_jax.train.trainer import tokenizer_folder
+
+        return tokenizer_folder(self.config, self.workdir)
 
 
 def load_trained(workdir: str | Path, step: int | None = None, use_ema: bool = True) -> Trained:

@@ -273,6 +273,20 @@ def _like_params(opt_state, param_shardings, replicated):
     return jax.tree.map(one, opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure)
 
 
+def tokenizer_folder(config, workdir) -> str:
+    """`data.tokenizer` as a folder: "synthetic" is the vocabulary the trainer writes to WORKDIR/tokenizer,
+    "init_from" the `tokenizer/` of the init_from folder (`magdiff-jax convert magdiff-init` copies the pipeline's),
+    anything else a folder path ("" for none)."""
+    tok = config.data.tokenizer
+    if tok == "synthetic":
+        return str(Path(workdir) / "tokenizer")
+    if tok == "init_from":
+        if not config.init_from:
+            raise ValueError("data.tokenizer='init_from' needs config.init_from (a folder with tokenizer/)")
+        return str(Path(config.init_from) / "tokenizer")
+    return tok
+
+
 def train(config, workdir: str | Path) -> dict:
     """Run (or resume) training in `workdir`. Returns the last logged metrics."""
     from magdiff_jax.data.pipeline import default_report_path, make_dataset
@@ -293,7 +307,8 @@ def train(config, workdir: str | Path) -> dict:
     if data_cfg.tokenizer == "synthetic":  # the embedded default's one-token-per-word vocabulary
         from magdiff_jax.data.synthetic import write_tokenizer
 
-        data_cfg.tokenizer = str(write_tokenizer(workdir / "tokenizer"))
+        write_tokenizer(workdir / "tokenizer")
+    data_cfg.tokenizer = tokenizer_folder(config, workdir)
     local_batch = config.global_batch_size // jax.process_count()
     data_iter = iter(make_dataset(data_cfg, batch_size=local_batch, train=True,
                                   report_path=default_report_path(workdir)))
