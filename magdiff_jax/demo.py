@@ -9,7 +9,8 @@
 4. writes `generated_<k>.mp4`, `edited.mp4`, `contact_sheet.png` (subject, generations, edit source and result),
    `loss.png` (both stages' training losses) and `summary.json`, whose `colour_accuracy` is the fraction of
    generations whose subject region (the entity's mask on the first frame) is closest in mean colour to the
-   entity's own palette colour among the six (chance: 1/6).
+   entity's own palette colour among the six (chance: 1/6), and `motion_accuracy` the fraction whose subject
+   (pixels of its colour) moves from the first to the last frame in the caption's direction (chance: 1/4).
 """
 
 from __future__ import annotations
@@ -52,6 +53,35 @@ def subject_colour_accuracy(videos: np.ndarray, masks: np.ndarray, colours: list
         nearest.append(names[int(np.argmin(np.linalg.norm(palette - mean, axis=1)))])
     hits = [n == c for n, c in zip(nearest, colours, strict=True)]
     return float(np.mean(hits)), nearest
+
+
+def subject_motion(video: np.ndarray, colour: str, max_distance: float = 60.0, min_pixels: int = 3,
+                   min_shift: float = 1.0) -> str | None:
+    """The direction the subject of `colour` moves in `video` (F, H, W, 3) uint8: its pixels are those within
+    `max_distance` of the palette colour and nearer to it than to any other; the centroid's shift from the first to
+    the last frame, projected on each of `MOTIONS`' directions, names the largest if it is at least `min_shift`
+    pixels. None: no subject found in the first or last frame, or it hardly moves."""
+    from magdiff_jax.data.synthetic import COLORS, MOTIONS
+
+    names = list(COLORS)
+    palette = np.asarray([COLORS[n] for n in names], np.float32)
+    centroids = []
+    for frame in (video[0], video[-1]):
+        dist = np.linalg.norm(frame.astype(np.float32)[..., None, :] - palette, axis=-1)  # (H, W, 6)
+        own = (dist.argmin(-1) == names.index(colour)) & (dist.min(-1) <= max_distance)
+        if own.sum() < min_pixels:
+            return None
+        centroids.append(np.argwhere(own).mean(axis=0))
+    shift = centroids[1] - centroids[0]  # (dy, dx)
+    scores = {m: float(np.dot(shift, d)) for m, d in MOTIONS.items()}
+    best = max(scores, key=scores.get)
+    return best if scores[best] >= min_shift else None
+
+
+def subject_motion_accuracy(videos, colours, motions) -> tuple[float, list[str | None]]:
+    """(fraction of videos whose subject moves as its caption says, the detected directions); chance 1/4."""
+    detected = [subject_motion(v, c) for v, c in zip(videos, colours, strict=True)]
+    return float(np.mean([d == m for d, m in zip(detected, motions, strict=True)])), detected
 
 
 def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, size=(640, 360)) -> Path:
@@ -141,11 +171,12 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     pipe = MagDiffPipeline.from_workdir(workdir / "magdiff")
     clip_cfg = synthetic_config(synth)
     held_out = [make_clip(synth.num + k, clip_cfg) for k in range(num_subjects + 1)]  # never in training
-    examples, colours, masks, captions = [], [], [], []
+    examples, colours, motions, masks, captions = [], [], [], [], []
     for clip in held_out[:num_subjects]:
         ex = pipe.example(clip.frames, clip.masks, clip.caption, mode="first")
         examples += [ex] * num_seeds
         colours += [clip.color] * num_seeds
+        motions += [clip.motion] * num_seeds
         masks += [np.asarray(ex["mask"][0]) > 0] * num_seeds  # the loader's mask (data.masks): first frame
         captions.append(clip.caption)
     source = held_out[-1]  # and an edit of another held-out clip, in the same batch (one compilation)
@@ -154,6 +185,8 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
                   guidance=guidance)
     videos, edited = videos[:-1], videos[-1]
     accuracy, nearest = subject_colour_accuracy(videos, np.stack(masks), colours)
+    motion_accuracy, detected = subject_motion_accuracy(videos, colours, motions)
+    logging.info("colour accuracy %.2f (chance 1/6), motion accuracy %.2f (chance 1/4)", accuracy, motion_accuracy)
     outputs = []
     for k in range(num_subjects):
         outputs.append(write_video(workdir / f"generated_{k}.mp4", videos[k * num_seeds], fps=4))
@@ -167,12 +200,15 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
         labels.append(f"subject {k} ({colours[k * num_seeds]})")
         for s in range(num_seeds):
             rows.append(videos[k * num_seeds + s])
-            labels.append(f"{captions[k]} / seed {s} (nearest colour: {nearest[k * num_seeds + s]})")
+            labels.append(f"{captions[k]} / seed {s} (colour: {nearest[k * num_seeds + s]}, moves: "
+                          f"{detected[k * num_seeds + s]})")
     rows += [np.asarray(edit_ex["video"]), edited]
     labels += [f"edit source: {source.caption}", "edited (subject kept in every frame)"]
     save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=64))
     loss_plot({"vae": _losses(workdir / "vae"), "magdiff": _losses(workdir / "magdiff")}, workdir / "loss.png")
     summary = {"colour_accuracy": accuracy, "chance": 1 / 6, "nearest_colours": nearest, "colours": colours,
+               "motion_accuracy": motion_accuracy, "motion_chance": 1 / 4, "detected_motions": detected,
+               "motions": motions,
                "generated": [str(p) for p in outputs], "edited": str(workdir / "edited.mp4"),
                "contact_sheet": str(workdir / "contact_sheet.png"), "loss_plot": str(workdir / "loss.png"),
                "magdiff_final_loss": _losses(workdir / "magdiff")[-1][1]}

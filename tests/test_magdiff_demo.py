@@ -36,6 +36,7 @@ def test_the_generated_subject_has_the_entity_colour(demo):
     _, summary = demo
     hits = [n == c for n, c in zip(summary["nearest_colours"], summary["colours"], strict=True)]
     print("colour accuracy", summary["colour_accuracy"], summary["nearest_colours"], summary["colours"])
+    print("motion accuracy", summary["motion_accuracy"], summary["detected_motions"], summary["motions"])
     assert len(hits) == SUBJECTS * SEEDS
     assert sum(hits) > len(hits) / 2, summary
 
@@ -47,6 +48,7 @@ def test_the_demo_writes_what_a_person_looks_at(demo):
 
     workdir, summary = demo
     assert json.loads((workdir / "summary.json").read_text()) == summary
+    assert len(summary["detected_motions"]) == SUBJECTS * SEEDS and 0 <= summary["motion_accuracy"] <= 1
     for k in range(SUBJECTS):
         video = read_video(workdir / f"generated_{k}.mp4")
         assert video.shape == (2, 32, 32, 3) and video.std() > 3

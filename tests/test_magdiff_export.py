@@ -10,7 +10,7 @@ B=2, 3 frames, 8x8 latents, 12/10/8 entity grids).
 - the folder layout: unet/ loads with `UNet3DConditionModel.from_pretrained`, ip_adapter.safetensors holds
   `image_proj.*` and `ip_adapter.<2k+1>.*` in the order of diffusers' `attn_processors`, the pyramid in Conv2d layout;
 - Flax -> PyTorch folder -> Flax is bit-exact (pyramid "multi" and "single"), through the CLI both ways;
-- a missing key in ip_adapter.safetensors is named by both readers;
+- a missing key in ip_adapter.safetensors is named by both readers; the port imports no JAX;
 - the pieces alone: `EntityPyramidTorch` == `EntityPyramid` (bilinear F.interpolate, align_corners=False, no
   antialias == jax.image.resize bilinear without antialias, down- and upscaling) and `MagDiffAttnProcessor` on a
   diffusers `Attention` == `EntityAttention` in image_token_mode "all" and "own_and_first" (<= 1e-5).
@@ -288,3 +288,12 @@ def test_processor_matches_entity_attention(mode):
         proc.image_token_mode = "all"
         with torch.no_grad():
             assert rel_err(attn(t(x), encoder_hidden_states=t(text), ip_hidden_states=t(tokens)).numpy(), ref) > 1e-3
+
+
+def test_the_torch_port_imports_without_jax():
+    """A PyTorch user loads the export without JAX: `magdiff_jax.torch_port` (and the layout constants it shares
+    with the converter, `utils.magdiff_layout`) import no JAX module."""
+    code = ("import sys, magdiff_jax.torch_port; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')]; assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

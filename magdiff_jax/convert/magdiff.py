@@ -66,15 +66,17 @@ from magdiff_jax.convert.unet3d import unet3d_rules
 from magdiff_jax.models import magdiff
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 from magdiff_jax.utils.files import atomic_dir
+from magdiff_jax.utils.magdiff_layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    IP_ADAPTER_FILE,
+    META_FILE,
+    PYRAMID_FILE,
+    PYRAMID_LAYERS,
+    SCALARS,
+    UNET_DIR,
+)
 
-FORMAT = "magdiff_torch"
-FORMAT_VERSION = 1
-META_FILE = "magdiff.json"
-UNET_DIR = "unet"
-IP_ADAPTER_FILE = "ip_adapter.safetensors"
-PYRAMID_FILE = "entity_pyramid.safetensors"
-PYRAMID_LAYERS = ("scale_0", "scale_1", "fuse", "scale_2", "proj_out")
-SCALARS = ("text_scale", "image_scale")  # () in Flax, (1,) in the file and in PyTorch
 _SPATIAL_ATTN2 = re.compile(r"^(down_blocks|up_blocks|mid_block)(?:\.(\d+))?\.attentions\.(\d+)"
                             r"\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
 _GROUP_ORDER = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}  # UNet3DConditionModel's child order

@@ -48,12 +48,12 @@ from magdiff_jax.layers.temporal import VIDEO_AXES, TemporalConvLayer, Transform
 from magdiff_jax.layers.transformer import Transformer2DModel
 from magdiff_jax.models.unet2d import UNet2DConfig, check_block_layout
 from magdiff_jax.models.video import check_video_inputs, per_frame_conditioning
+from magdiff_jax.utils.magdiff_layout import IMAGE_TOKEN_MODES
 
 DOWN_BLOCKS = ("CrossAttnDownBlock3D", "DownBlock3D")
 UP_BLOCKS = ("CrossAttnUpBlock3D", "UpBlock3D")
 TEMPORAL_CONV_DROPOUT = 0.1  # UNet3DConditionModel builds every TemporalConvLayer with dropout 0.1
 TRANSFORMER_IN_HEADS = 8
-IMAGE_TOKEN_MODES = ("all", "own_and_first")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,14 +35,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# the export layout of `magdiff_jax.convert.magdiff` (kept free of JAX imports here)
-FORMAT = "magdiff_torch"
-FORMAT_VERSION = 1
-META_FILE = "magdiff.json"
-UNET_DIR = "unet"
-IP_ADAPTER_FILE = "ip_adapter.safetensors"
-PYRAMID_FILE = "entity_pyramid.safetensors"
-IMAGE_TOKEN_MODES = ("all", "own_and_first")
+from magdiff_jax.utils.magdiff_layout import (  # the export layout of `magdiff_jax.convert.magdiff` (no JAX)
+    FORMAT,
+    FORMAT_VERSION,
+    IMAGE_TOKEN_MODES,
+    IP_ADAPTER_FILE,
+    META_FILE,
+    PYRAMID_FILE,
+    SCALARS,
+    UNET_DIR,
+)
+
 SPATIAL_ATTN2 = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.\d+\.transformer_blocks\.\d+"
                            r"\.attn2\.processor$")
 
@@ -288,7 +291,7 @@ def load_magdiff_torch(folder: str | os.PathLike) -> MagDiffUNetTorch:
     ip_state = _read_safetensors(ip_file)
     part = lambda prefix: {k.removeprefix(prefix): v for k, v in ip_state.items() if k.startswith(prefix)}
     for k, v in ip_state.items():  # a () scalar is read as the processor's one-value parameter
-        if k.endswith((".text_scale", ".image_scale")) and v.ndim == 0:
+        if k.endswith(tuple(f".{name}" for name in SCALARS)) and v.ndim == 0:
             ip_state[k] = v.reshape(1)
     other = sorted(k for k in ip_state if not k.startswith(("image_proj.", "ip_adapter.")))
     if other:

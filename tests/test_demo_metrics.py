@@ -1,0 +1,46 @@
+"""The demo's measurements (magdiff_jax/demo.py), checked on real synthetic clips where the answer is known: the
+subject's colour (mean inside the first-frame mask, nearest palette colour) and its motion (centroid of its colour's
+pixels, first to last frame, projected on the four directions)."""
+
+import numpy as np
+
+from magdiff_jax.data.pipeline import synthetic_config
+from magdiff_jax.data.synthetic import COLORS, MOTIONS, make_clip
+from magdiff_jax.demo import load_config, loss_plot, subject_colour_accuracy, subject_motion, subject_motion_accuracy
+
+CLIPS = [make_clip(i, synthetic_config(load_config("magdiff").data.synthetic)) for i in range(24)]  # 32x32, 8 frames
+
+
+def test_motion_of_real_clips_is_their_caption_and_reversed_clips_move_back():
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    colours, motions = [c.color for c in CLIPS], [c.motion for c in CLIPS]
+    assert set(motions) == set(MOTIONS)
+    for frames in (4, 8):  # the demo generates 4 frames: a shorter path
+        videos = [c.frames[:frames] for c in CLIPS]
+        accuracy, detected = subject_motion_accuracy(videos, colours, motions)
+        assert accuracy == 1.0, list(zip(detected, motions))
+        back, _ = subject_motion_accuracy([v[::-1] for v in videos], colours, [opposite[m] for m in motions])
+        assert back == 1.0
+
+
+def test_motion_is_none_without_the_subject_or_without_movement():
+    clip = CLIPS[0]
+    assert subject_motion(np.repeat(clip.frames[:1], 4, axis=0), clip.color) is None  # still
+    other = next(c for c in COLORS if c != clip.color and np.linalg.norm(
+        np.subtract(COLORS[c], COLORS[clip.color])) > 120)
+    assert subject_motion(clip.frames, other) is None  # that colour is not in the clip
+    grey = np.full((4, 32, 32, 3), 128, np.uint8)
+    assert subject_motion(grey, clip.color) is None
+
+
+def test_colour_accuracy_of_real_clips_and_of_wrong_labels(tmp_path):
+    videos = np.stack([c.frames[:4] for c in CLIPS])
+    masks = np.stack([c.masks[0] for c in CLIPS])
+    accuracy, nearest = subject_colour_accuracy(videos, masks, [c.color for c in CLIPS])
+    assert accuracy == 1.0 and nearest == [c.color for c in CLIPS]
+    shifted = [list(COLORS)[(list(COLORS).index(c.color) + 1) % len(COLORS)] for c in CLIPS]
+    assert subject_colour_accuracy(videos, masks, shifted)[0] == 0.0
+    path = loss_plot({"a": [(1, 1.0), (2, 0.5), (3, 0.4)], "b": [(1, 2.0), (5, 1.0)]}, tmp_path / "loss.png")
+    from PIL import Image
+
+    assert np.asarray(Image.open(path)).shape == (720, 640, 3)
