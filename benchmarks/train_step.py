@@ -6,9 +6,9 @@ device and, where the device's peak is known, MFU.
 
 Each size runs the trainer for `--steps` steps in a temporary workdir (synthetic data, no checkpoints but the last)
 and reads its metrics.jsonl: the first logged interval holds the warm-up and is dropped; the table gives the
-median of the others. FLOPs are XLA's count of the whole jitted step (`cost_analysis()` of the lowered program:
-forward, backward, optimizer, the frozen VAE and text encoder) divided over the devices, so MFU here counts every
-FLOP XLA executes, elementwise work included.
+median of the others. FLOPs are XLA's count of one device's compiled step (`cost_analysis()` of the per-device
+program: forward, backward, optimizer, the frozen VAE and text encoder, and any work sharding repeats), so MFU here
+counts every FLOP XLA executes, elementwise work included.
 
 Sizes (configs/t2i.py:tiny models and data unless stated):
   tiny  configs/t2i.py:tiny as it is: 32x32 images, U-Net 32/64, batch 8.

@@ -152,6 +152,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     vae_cfg.data.synthetic = synth.copy_and_resolve_references()
     vae_cfg.data.resolution = tuple(config.data.resolution)
     vae_cfg.model.vae = config.model.vae
+    vae_cfg.compiler_options = config.compiler_options  # both stages compiled alike
     if vae_steps is not None:
         vae_cfg.steps, vae_cfg.ckpt_every, vae_cfg.preview.every = vae_steps, vae_steps, vae_steps
     train(vae_cfg, workdir / "vae")

@@ -24,3 +24,15 @@ def test_bad_configs_fail_before_compiling(tmp_path):
                        cwd=th.ROOT)
     assert r.returncode == 1 and "magdiff-jax: error: mesh" in r.stderr and "needs 2 devices" in r.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_compiler_options_are_parsed_and_checked():
+    from magdiff_jax.train.trainer import compiler_options
+
+    assert compiler_options("") == {}
+    assert compiler_options("xla_backend_optimization_level=3, a=true,b=0.5 ,c=text") == {
+        "xla_backend_optimization_level": 3, "a": True, "b": 0.5, "c": "text"}
+    c = th.config()
+    c.compiler_options = "xla_backend_optimization_level"
+    with pytest.raises(ValueError, match="not name=value"):
+        check_config(c, num_devices=1, process_count=1)

@@ -12,7 +12,7 @@ step, save, and return normally. A non-finite loss or gradient skips the update;
 the run with an error naming the step and the last good checkpoint.
 
 Process 0 writes what a person reads: `metrics.jsonl` (one JSON line per `log_every` steps: step, loss, lr,
-grad_norm, steps_per_s, examples_per_s, tflops_per_device (XLA's FLOP count of the whole step over the devices),
+grad_norm, steps_per_s, examples_per_s, tflops_per_device (XLA's FLOP count of one device's compiled step),
 nonfinite_skipped), the same scalars as TensorBoard events under `tensorboard/`, a progress bar on stderr, and
 every `preview.every` steps a contact sheet of the task's samples for `preview.prompts` under `samples/` (also
 in TensorBoard). `compute_dtype` runs every model in bfloat16 (or float16) with float32 parameters, gradients and
@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from = ""  # a folder of converted models, one subfolder per model name (absent ones: random init)
     c.compute_dtype = "float32"  # float32 | bfloat16 | float16: the models' compute dtype (parameters stay fp32)
     c.progress = True  # a progress bar on process 0 (stderr)
+    # XLA options for compiling the train step, "name=value,...", e.g. "xla_backend_optimization_level=3" (overrides
+    # XLA_FLAGS for this program alone)
+    c.compiler_options = ""
     # every > 0: samples/ every that many steps, for `num` examples of the first batch (prompts: their captions)
     c.preview = ml_collections.ConfigDict({"every": 0, "num": 4, "prompts": (), "num_steps": 20, "guidance": 5.0,
                                            "seed": 0})
@@ -99,6 +102,7 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
     from magdiff_jax.layers.common import compute_dtype
 
     compute_dtype(config.compute_dtype)  # an unknown name fails here
+    compiler_options(config.get("compiler_options", ""))
     if config.preview.every > 0:
         n = len(config.preview.prompts) or config.preview.num
         if n > config.global_batch_size // process_count:
@@ -273,6 +277,36 @@ def _like_params(opt_state, param_shardings, replicated):
     return jax.tree.map(one, opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure)
 
 
+def compiler_options(text: str) -> dict[str, object]:
+    """ "name=value,..." -> {name: value} (ints, floats and true/false parsed) for `Lowered.compile`."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"compiler_options: {item!r} is not name=value (in {text!r})")
+        value = value.strip()
+        if value.lower() in ("true", "false"):
+            out[name.strip()] = value.lower() == "true"
+            continue
+        for cast in (int, float):
+            try:
+                out[name.strip()] = cast(value)
+                break
+            except ValueError:
+                pass
+        else:
+            out[name.strip()] = value
+    return out
+
+
+def _device_flops(compiled) -> float | None:
+    """XLA's FLOP count of one device's program (the compiled step is the per-device SPMD program; counting the
+    lowered one instead costs seconds for a big step)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    return (cost or {}).get("flops") or None
+
+
 def tokenizer_folder(config, workdir) -> str:
     """`data.tokenizer` as a folder: "synthetic" is the vocabulary the trainer writes to WORKDIR/tokenizer,
     "init_from" the `tokenizer/` of the init_from folder (`magdiff-jax convert magdiff-init` copies the pipeline's),
@@ -400,9 +434,11 @@ def train(config, workdir: str | Path) -> dict:
                 if compiled is None:  # compile ahead of time: XLA's FLOP count of the step, the compile time
                     tc = time.perf_counter()
                     lowered = step_fn.lower(state, frozen, batch)
-                    flops = (lowered.cost_analysis() or {}).get("flops")
-                    compiled = lowered.compile()
-                    logging.info("step compiled in %.1f s (%s FLOP per step)", time.perf_counter() - tc,
+                    tl = time.perf_counter()
+                    compiled = lowered.compile(compiler_options(config.get("compiler_options", "")) or None)
+                    flops = _device_flops(compiled)
+                    logging.info("step compiled in %.1f s (traced and lowered %.1f s, XLA %.1f s; %s FLOP per step "
+                                 "per device)", time.perf_counter() - tc, tl - tc, time.perf_counter() - tl,
                                  f"{flops:.3g}" if flops else "unknown")
                     t0, examples = time.perf_counter(), 0
                 state, m = compiled(state, frozen, batch)
@@ -428,7 +464,7 @@ def train(config, workdir: str | Path) -> dict:
                             "grad_norm": float(m["grad_norm"]), "steps_per_s": steps_done / dt,
                             "examples_per_s": examples / dt, "nonfinite_skipped": nonfinite_total}
                     if flops:
-                        last["tflops_per_device"] = flops * steps_done / dt / jax.device_count() / 1e12
+                        last["tflops_per_device"] = flops * steps_done / dt / 1e12
                     log.metrics(last)
                     t0, examples = time.perf_counter(), 0
                 if preview.due(step):
