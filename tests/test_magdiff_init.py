@@ -130,19 +130,20 @@ def test_init_folder_keeps_every_source_weight(sources, tmp_path):
     assert np.asarray(tokenizer(tokenizer_folder(config, tmp_path), 16)(["a red square moves left"])).shape == (1, 16)
 
 
-def test_without_temporal_source_the_temporal_layers_start_at_zero_output(sources, tmp_path):
-    """Inflated alone: the temporal layers are fresh, with their output projections at zero (the inflated model is
-    the 2D model per frame); the fresh parameters are listed in magdiff_init.json."""
-    root, _ = sources
+def test_a_unet3d_base_is_used_as_it_is(sources, tmp_path):
+    """A text-to-video U-Net (ModelScope's layout, here the Flax donor) as the base: nothing inflated, every one of
+    its weights kept (conv_in's old channels); pyramid "single" has no weights."""
+    root, src = sources
     out = tmp_path / "init"
-    _init(root, out, "--pyramid", "single")
+    _init(root, out, "--unet", str(root / "t2v_unet"), "--pyramid", "single")
     _, module, params = load_flax(out / "unet")
     assert module.config.pyramid == "single" and "entity_pyramid" not in params
     unet = _flat(params["unet"])
-    outs = [p for p in unet if p.endswith(("proj_out/kernel", "proj_out/bias")) and "temp_attentions" in p]
-    assert outs and not any(unet[p].any() for p in outs)
+    for path, value in src["temporal"].items():
+        got = unet[path][..., :4, :] if path == "conv_in/kernel" else unet[path]
+        np.testing.assert_array_equal(got, value, err_msg=path)
     meta = json.loads((out / "magdiff_init.json").read_text())
-    assert any("temp_attentions" in p for p in meta["fresh"])
+    assert not any("temp_" in p for p in meta["fresh"])
 
 
 def test_bad_sources_fail_before_writing(sources, tmp_path):

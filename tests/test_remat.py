@@ -1,7 +1,8 @@
-"""Gradient checkpointing by config string, for every U-Net kind (one cross-attention block each: every block goes
-through the same `layers.remat.remat` wrapper): `full` gives the same loss and gradients as `none`, the parameter
-tree does not depend on the policy, and remat lowers the temporary memory of the compiled gradient (XLA's own
-`memory_analysis()`, for the two-block unet3d)."""
+"""Gradient checkpointing by config string, for every U-Net kind: every block of every kind goes through the same
+`layers.remat.remat` wrapper, traced here for each kind and policy (one `remat` per block, carrying that policy;
+none for "none"); `full` gives the same loss and gradients as `none` (compiled and run for the unet3d, one
+cross-attention block), the parameter tree does not depend on the policy, and remat lowers the temporary memory of
+the compiled gradient (XLA's own `memory_analysis()`, for the two-block unet3d)."""
 
 import dataclasses
 import json
@@ -31,23 +32,55 @@ def _inputs(kind):
     return x, np.arange(b) * 300 + 5, rng.randn(b, 5, 16).astype(np.float32)
 
 
-@pytest.fixture(scope="module", params=KINDS)
-def case(request):
-    kind = request.param
+def _loss(module, kind):
+    x, t, c = _inputs(kind)
+    return lambda p: jnp.mean(module.apply({"params": p}, x, t, c) ** 2)
+
+
+def _remat_policies(jaxpr) -> list:
+    """The policy of every remat (jax.checkpoint) in a traced program, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith(("remat", "checkpoint")):
+            found.append(eqn.params.get("policy"))
+        for value in eqn.params.values():
+            inner = getattr(value, "jaxpr", None)
+            if inner is not None:
+                found += _remat_policies(getattr(inner, "jaxpr", inner))
+    return found
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_block_is_checkpointed_with_its_policy(kind):
+    """Traced, not compiled: the loss of a one-block U-Net holds one remat per block (down, mid, up),
+    each with the policy the config string names, and none with policy "none"; the parameter tree is the same."""
+    from magdiff_jax.layers.remat import checkpoint_policy
+
+    spec, cfg = get_kind(kind), tiny_config(kind, blocks=1)
+    params = jax.eval_shape(lambda: spec.build(cfg).init(jax.random.key(0), *spec.example_inputs(cfg)))["params"]
+    for policy in ("none", "full", "dots_saveable"):
+        module = spec.build(dataclasses.replace(cfg, remat_policy=policy))
+        tree = jax.eval_shape(lambda m=module: m.init(jax.random.key(0), *spec.example_inputs(cfg)))["params"]
+        assert jax.tree.structure(tree) == jax.tree.structure(params), (kind, policy)  # same checkpoints
+        found = _remat_policies(jax.make_jaxpr(_loss(module, kind))(params).jaxpr)
+        if policy == "none":
+            assert found == [], kind
+        else:
+            want = checkpoint_policy(policy)
+            assert len(found) == 3 and all(f is want or f == want for f in found), (kind, policy, found)
+
+
+def test_same_loss_and_gradients():
+    """unet3d (one cross-attention block): full remat == none, loss and every gradient."""
+    kind = "unet3d"
     spec, cfg = get_kind(kind), tiny_config(kind, blocks=1)
     params = random_params(spec.build(cfg), *spec.example_inputs(cfg), scale=0.05)
 
     def loss_grad(policy):
-        module = spec.build(dataclasses.replace(cfg, remat_policy=policy))
-        return jax.jit(jax.value_and_grad(lambda p, x, t, c: jnp.mean(module.apply({"params": p}, x, t, c) ** 2)))
+        return jax.jit(jax.value_and_grad(_loss(spec.build(dataclasses.replace(cfg, remat_policy=policy)), kind)))
 
-    inputs = (params, *_inputs(kind))
-    return kind, loss_grad, inputs, loss_grad("none")(*inputs)
-
-
-def test_same_loss_and_gradients(case):
-    _, loss_grad, inputs, (ref_loss, ref_grads) = case
-    loss, grads = loss_grad("full")(*inputs)
+    ref_loss, ref_grads = loss_grad("none")(params)
+    loss, grads = loss_grad("full")(params)
     assert abs(float(loss) - float(ref_loss)) <= 1e-6 * abs(float(ref_loss))
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
