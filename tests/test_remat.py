@@ -2,7 +2,7 @@
 `layers.remat.remat` wrapper, traced here for each kind and policy (one `remat` per block, carrying that policy;
 none for "none"); `full` gives the same loss and gradients as `none` (compiled and run for the unet3d, one
 cross-attention block), the parameter tree does not depend on the policy, and remat lowers the temporary memory of
-the compiled gradient (XLA's own `memory_analysis()`, for the two-block unet3d)."""
+the compiled gradient (XLA's own `memory_analysis()`, for the one-block unet3d at 32x32)."""
 
 import dataclasses
 import json
