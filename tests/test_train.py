@@ -101,20 +101,20 @@ class _NaNAt:
 
 
 def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    """One run: the NaN batch at step 2 is skipped and counted (the step-4 checkpoint and the logged losses are
+    finite); NaN batches from step 5 on stop it at step 6 (max_nonfinite 2), naming the last good checkpoint."""
     from magdiff_jax.data import pipeline
 
     real = pipeline.make_dataset
-    positions = {2}
-    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: _NaNAt(real(*a, **k), positions))
-    c = th.config(steps=4, ckpt_every=4)
+    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: _NaNAt(real(*a, **k), {2, *range(5, 11)}))
+    c = th.config(steps=10, ckpt_every=4, max_nonfinite=2)
     c.data.normalize = True  # float images, so a batch can hold NaN
-    last = train(c, tmp_path)
-    assert last["nonfinite_skipped"] == 1 and np.isfinite(last["loss"])
-    import jax
-
-    assert all(np.isfinite(x).all() for x in jax.tree.leaves(th.params(tmp_path, 4)))
-    positions.add("all")
-    c.steps, c.max_nonfinite = 10, 2
     with pytest.raises(FloatingPointError, match=r"2 non-finite steps in a row .* at step 6; last good checkpoint: "
                                                  r"step 4 in .*checkpoints"):
         train(c, tmp_path)
+    logged = {m["step"]: m for m in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    assert logged[4]["nonfinite_skipped"] == 1 and all(np.isfinite(logged[s]["loss"]) for s in (1, 3, 4))
+    import jax
+
+    assert th.checkpoints(tmp_path) == [4]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(th.params(tmp_path, 4)))

@@ -277,6 +277,16 @@ def _like_params(opt_state, param_shardings, replicated):
     return jax.tree.map(one, opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure)
 
 
+def _one_writer_per_array() -> None:
+    """On CPU devices (one host memory), let one replica write each replicated array: Orbax's replica-parallel
+    writing slices every array into a piece per replica first, one eager op each (2.6 s of a 4.8 s checkpoint of the
+    t2i micro state on 8 devices), for no I/O gain. Orbax already turns it off on GPUs; TPUs keep it."""
+    from orbax.checkpoint import type_handlers
+
+    type_handlers.register_type_handler(jax.Array, type_handlers.ArrayHandler(use_replica_parallel=False),
+                                        override=True)
+
+
 def compiler_options(text: str) -> dict[str, object]:
     """ "name=value,..." -> {name: value} (ints, floats and true/false parsed) for `Lowered.compile`."""
     out = {}
@@ -347,6 +357,8 @@ def train(config, workdir: str | Path) -> dict:
     data_iter = iter(make_dataset(data_cfg, batch_size=local_batch, train=True,
                                   report_path=default_report_path(workdir)))
 
+    if jax.default_backend() == "cpu":
+        _one_writer_per_array()
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=config.async_checkpoints)
     mgr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "config"), options=options)
