@@ -283,8 +283,11 @@ def _one_writer_per_array() -> None:
     t2i micro state on 8 devices), for no I/O gain. Orbax already turns it off on GPUs; TPUs keep it."""
     from orbax.checkpoint import type_handlers
 
+    if getattr(_one_writer_per_array, "done", False):  # once per process (Orbax warns on every override)
+        return
     type_handlers.register_type_handler(jax.Array, type_handlers.ArrayHandler(use_replica_parallel=False),
                                         override=True)
+    _one_writer_per_array.done = True
 
 
 def compiler_options(text: str) -> dict[str, object]:
