@@ -40,13 +40,17 @@ def load_config(name: str, variant: str = "tiny") -> ml_collections.ConfigDict:
     return module.get_config(variant)
 
 
+def _palette() -> tuple[list[str], np.ndarray]:
+    """The synthetic colours' names and their RGB values (6, 3) float32."""
+    from magdiff_jax.data.synthetic import COLORS
+
+    return list(COLORS), np.asarray(list(COLORS.values()), np.float32)
+
+
 def subject_colour_accuracy(videos: np.ndarray, masks: np.ndarray, colours: list[str]) -> tuple[float, list[str]]:
     """videos (N, F, H, W, 3) uint8, masks (N, H, W) the subject's region on the first frame, colours the entities'
     palette names -> (fraction whose region's mean colour is nearest to its own palette colour, the nearest names)."""
-    from magdiff_jax.data.synthetic import COLORS
-
-    names = list(COLORS)
-    palette = np.asarray([COLORS[n] for n in names], np.float32)
+    names, palette = _palette()
     nearest = []
     for video, mask in zip(videos, masks, strict=True):
         mean = video[0][mask.astype(bool)].astype(np.float32).mean(axis=0)
@@ -61,10 +65,9 @@ def subject_motion(video: np.ndarray, colour: str, max_distance: float = 60.0, m
     `max_distance` of the palette colour and nearer to it than to any other; the centroid's shift from the first to
     the last frame, projected on each of `MOTIONS`' directions, names the largest if it is at least `min_shift`
     pixels. None: no subject found in the first or last frame, or it hardly moves."""
-    from magdiff_jax.data.synthetic import COLORS, MOTIONS
+    from magdiff_jax.data.synthetic import MOTIONS
 
-    names = list(COLORS)
-    palette = np.asarray([COLORS[n] for n in names], np.float32)
+    names, palette = _palette()
     centroids = []
     for frame in (video[0], video[-1]):
         dist = np.linalg.norm(frame.astype(np.float32)[..., None, :] - palette, axis=-1)  # (H, W, 6)
