@@ -297,7 +297,8 @@ def _demo(args) -> None:
 
     summary = run_demo(args.workdir, FLAGS.config)
     print(f"demo done in {args.workdir}: subject colour right in {summary['colour_accuracy']:.0%} of generations "
-          f"(chance {summary['chance']:.0%}); see contact_sheet.png, generated_*.mp4, edited.mp4, loss.png")
+          f"(chance {summary['chance']:.0%}), motion right in {summary['motion_accuracy']:.0%} "
+          f"(chance {summary['motion_chance']:.0%}); see contact_sheet.png, generated_*.mp4, edited.mp4, loss.png")
 
 
 COMMANDS = {"convert": _convert, "data": _data, "train": _train, "sample": _generate, "edit": _generate,
@@ -308,6 +309,9 @@ def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
     COMMANDS[args.command](args)
+    from magdiff_jax.train import distributed
+
+    distributed.exit_multiprocess(0)  # one process of several: past a teardown that can hang (see there)
 
 
 def run() -> None:

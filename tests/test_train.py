@@ -11,21 +11,24 @@ import train_helpers as th
 
 from magdiff_jax.train.trainer import train
 
+STEPS = 60  # the uninterrupted reference run
+
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """200 uninterrupted steps (checkpoints every 12): the reference the interrupted runs must reproduce."""
+    """60 uninterrupted steps (checkpoints every 12): the reference the interrupted runs must reproduce."""
     workdir = tmp_path_factory.mktemp("straight")
-    train(th.config(steps=200, ckpt_every=12, async_checkpoints=True, **{"preview.every": 200}), workdir)
+    train(th.config(steps=STEPS, ckpt_every=12, async_checkpoints=True, **{"preview.every": STEPS}), workdir)
     return workdir
 
 
 def test_tiny_t2i_learns(straight):
-    """200 steps of configs/t2i.py:tiny on synthetic data take the loss clearly down."""
+    """60 steps of configs/t2i.py:tiny on synthetic data take the loss clearly down (to about 0.15 of the first
+    ten steps' mean; 0.08 after 200 steps)."""
     loss = th.losses(straight)
-    assert sorted(loss) == list(range(1, 201))
-    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(190, 201)])
-    assert last < 0.6 * first, (first, last)
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(STEPS - 9, STEPS + 1)])
+    assert last < 0.4 * first, (first, last)
 
 
 def test_what_a_person_reads(straight):
@@ -36,10 +39,10 @@ def test_what_a_person_reads(straight):
             "nonfinite_skipped"} <= set(lines[-1])
     assert all(m["tflops_per_device"] > 0 and m["steps_per_s"] > 0 for m in lines)
     (events,) = (straight / "tensorboard").glob("events.out.tfevents.*")
-    assert events.stat().st_size > 200 * 40  # 200 scalar events and one image
+    assert events.stat().st_size > STEPS * 40  # a scalar event per step and one image
     from PIL import Image
 
-    sheet = np.asarray(Image.open(straight / "samples" / "step_0000200.png"))
+    sheet = np.asarray(Image.open(straight / "samples" / f"step_{STEPS:07d}.png"))
     assert sheet.ndim == 3 and sheet.shape[0] >= 3 * 32 and sheet.std() > 5
 
 
@@ -67,7 +70,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(straight, tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     stopped = max(th.losses(tmp_path))
-    assert th.checkpoints(tmp_path) == [stopped] and stopped <= 100
+    assert th.checkpoints(tmp_path) == [stopped] and stopped <= STEPS - 2, "the run outpaced the signal"
     train(th.config(steps=stopped + 2), tmp_path)  # resuming continues the same curve
     got, ref = th.losses(tmp_path), th.losses(straight)
     assert sorted(got) == list(range(1, stopped + 3))
