@@ -4,13 +4,15 @@
 
 1. trains the tiny VAE (configs/vae.py:tiny; a random VAE decodes to noise) and exports it as a converted model;
 2. trains configs/magdiff.py:tiny from it (init_from), with the given `--config.*` overrides;
-3. generates videos from held-out clips' first-frame subjects and captions (clips the training never saw), over
-   several seeds, and edits a held-out clip (every frame's subject kept, the rest regenerated);
-4. writes `generated_<k>.mp4`, `edited.mp4`, `contact_sheet.png` (subject, generations, edit source and result),
-   `loss.png` (both stages' training losses) and `summary.json`, whose `colour_accuracy` is the fraction of
-   generations whose subject region (the entity's mask on the first frame) is closest in mean colour to the
-   entity's own palette colour among the six (chance: 1/6), and `motion_accuracy` the fraction whose subject
-   (pixels of its colour) moves from the first to the last frame in the caption's direction (chance: 1/4).
+3. generates videos from held-out subjects (clips the training never saw): each subject starts in the middle of
+   the frame and is generated once per caption motion (left, right, up, down) with the same seeds, so only the
+   caption says where it goes; and edits a held-out clip (every frame's subject kept, the rest regenerated);
+4. writes `generated_<k>.mp4` (subject k's four motions side by side), `edited.mp4`, `contact_sheet.png`
+   (subject, generations, edit source and result), `loss.png` (both stages' training losses) and `summary.json`,
+   whose `colour_accuracy` is the fraction of generations whose subject region (the entity's mask on the first
+   frame) is closest in mean colour to the entity's own palette colour among the six (chance: 1/6), and
+   `motion_accuracy` the fraction whose subject (pixels of its colour) moves from the first to the last frame in
+   the caption's direction (chance: 1/4).
 """
 
 from __future__ import annotations
@@ -134,12 +136,12 @@ def _losses(workdir: Path) -> list[tuple[int, float]]:
 
 
 def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = None, *, vae_steps: int | None = None,
-             num_subjects: int = 3, num_seeds: int = 4, num_steps: int = 25, guidance: float = 3.0) -> dict:
+             num_subjects: int = 3, num_seeds: int = 1, num_steps: int = 25, guidance: float = 3.0) -> dict:
     """The whole demo (module docstring); returns the summary it writes. `config`: the MagDiff config
     (configs/magdiff.py:tiny by default)."""
     from magdiff_jax.convert.flax_checkpoint import save_flax
     from magdiff_jax.data.pipeline import synthetic_config
-    from magdiff_jax.data.synthetic import make_clip
+    from magdiff_jax.data.synthetic import MOTIONS, make_clip
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
     from magdiff_jax.train.restore import load_trained
@@ -170,42 +172,49 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     config.init_from = str(models)
     train(config, workdir / "magdiff")
 
-    logging.info("demo [3/4]: generating from %d held-out subjects x %d seeds, editing a held-out clip",
+    logging.info("demo [3/4]: generating from %d held-out subjects x 4 motions x %d seeds, editing a held-out clip",
                  num_subjects, num_seeds)
     pipe = MagDiffPipeline.from_workdir(workdir / "magdiff")
     clip_cfg = synthetic_config(synth)
-    held_out = [make_clip(synth.num + k, clip_cfg) for k in range(num_subjects + 1)]  # never in training
-    examples, colours, motions, masks, captions = [], [], [], [], []
-    for clip in held_out[:num_subjects]:
-        ex = pipe.example(clip.frames, clip.masks, clip.caption, mode="first")
-        examples += [ex] * num_seeds
-        colours += [clip.color] * num_seeds
-        motions += [clip.motion] * num_seeds
-        masks += [np.asarray(ex["mask"][0]) > 0] * num_seeds  # the loader's mask (data.masks): first frame
-        captions.append(clip.caption)
-    source = held_out[-1]  # and an edit of another held-out clip, in the same batch (one compilation)
+    directions = list(MOTIONS)
+    # Each held-out subject (an index the training never saw) starts in the middle of the frame, from where every
+    # direction is open, and is asked for each of the four motions with the same seeds: only the caption differs,
+    # so a right direction comes from the text, not from where the subject starts.
+    examples, seeds, colours, motions, masks, captions = [], [], [], [], [], []
+    for k in range(num_subjects):
+        for motion in directions:
+            clip = make_clip(synth.num + k, clip_cfg, motion=motion, start=(0.5, 0.5))
+            ex = pipe.example(clip.frames[:1], clip.masks[:1], clip.caption, mode="first")
+            examples += [ex] * num_seeds
+            seeds += [k * num_seeds + s for s in range(num_seeds)]
+            colours += [clip.color] * num_seeds
+            motions += [motion] * num_seeds
+            masks += [np.asarray(ex["mask"][0]) > 0] * num_seeds  # the loader's mask (data.masks): first frame
+            captions.append(clip.caption)
+    source = make_clip(synth.num + num_subjects, clip_cfg)  # an edit of another held-out clip, in the same batch
     edit_ex = pipe.example(source.frames, source.masks, source.caption, mode="all")
-    videos = pipe([*examples, edit_ex], seeds=list(range(len(examples) + 1)), num_steps=num_steps,
-                  guidance=guidance)
+    videos = pipe([*examples, edit_ex], seeds=[*seeds, len(seeds)], num_steps=num_steps, guidance=guidance)
     videos, edited = videos[:-1], videos[-1]
     accuracy, nearest = subject_colour_accuracy(videos, np.stack(masks), colours)
     motion_accuracy, detected = subject_motion_accuracy(videos, colours, motions)
     logging.info("colour accuracy %.2f (chance 1/6), motion accuracy %.2f (chance 1/4)", accuracy, motion_accuracy)
-    outputs = []
-    for k in range(num_subjects):
-        outputs.append(write_video(workdir / f"generated_{k}.mp4", videos[k * num_seeds], fps=4))
     logging.info("demo [4/4]: writing the videos, the contact sheet and the loss plot")
+    per_subject = len(directions) * num_seeds
+    outputs = []
+    for k in range(num_subjects):  # the four motions side by side, first seed
+        tiles = videos[k * per_subject:(k + 1) * per_subject:num_seeds]
+        outputs.append(write_video(workdir / f"generated_{k}.mp4", np.concatenate(list(tiles), axis=2), fps=4))
     write_video(workdir / "edited.mp4", edited, fps=4)
 
     rows, labels = [], []
     for k in range(num_subjects):
-        ex = examples[k * num_seeds]
-        rows.append(np.asarray(ex[f"subject_{config.data.subject.sizes[-1]}"][:1]))
-        labels.append(f"subject {k} ({colours[k * num_seeds]})")
-        for s in range(num_seeds):
-            rows.append(videos[k * num_seeds + s])
-            labels.append(f"{captions[k]} / seed {s} (colour: {nearest[k * num_seeds + s]}, moves: "
-                          f"{detected[k * num_seeds + s]})")
+        first = k * per_subject
+        rows.append(np.asarray(examples[first][f"subject_{config.data.subject.sizes[-1]}"][:1]))
+        labels.append(f"subject {k} ({colours[first]})")
+        for n in range(first, first + per_subject):
+            rows.append(videos[n])
+            labels.append(f"{captions[n // num_seeds]} / seed {seeds[n]} (colour: {nearest[n]}, moves: "
+                          f"{detected[n]})")
     rows += [np.asarray(edit_ex["video"]), edited]
     labels += [f"edit source: {source.caption}", "edited (subject kept in every frame)"]
     save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=64))

@@ -44,6 +44,44 @@ def test_caption_matches_the_pixels(index):
     assert abs(moved @ np.array([dx, dy])) < 2  # and not across it
 
 
+def test_one_subject_in_the_middle_with_each_motion():
+    """The evaluation clips: the same first frame (subject, colour, background) for every motion asked for, and a
+    path that goes that way; a start or a size that would leave the frame is refused, naming the allowed range."""
+    config = SyntheticConfig(num_frames=4, size=32, shape_size=0.3, travel=0.3)
+    clips = {m: make_clip(3, config, motion=m, start=(0.5, 0.5)) for m in MOTIONS}
+    first = clips["left"].frames[0]
+    for motion, clip in clips.items():
+        assert np.array_equal(clip.frames[0], first) and clip.caption.endswith(f"moves {motion}")
+        box = np.argwhere(clip.masks[0])
+        assert np.abs((box.min(0) + box.max(0)) / 2 - 15.5).max() < 1  # the bounding box's centre
+        (y0, x0), (y1, x1) = (np.argwhere(m).mean(0) for m in clip.masks[[0, -1]])
+        assert np.array([y1 - y0, x1 - x0]) @ np.array(MOTIONS[motion]) > 8  # 0.3 * 32 pixels
+    with pytest.raises(ValueError, match=r"start \(0.2, 0.5\) puts the path of a subject moving up outside"):
+        make_clip(3, config, motion="up", start=(0.2, 0.5))
+    with pytest.raises(ValueError, match="motion must be one of"):
+        make_clip(3, config, motion="sideways")
+    with pytest.raises(ValueError, match=r"shape_size 0\.5 cannot travel 0\.5 of a 32-pixel frame"):
+        SyntheticConfig(size=32, shape_size=0.5, travel=0.5)
+
+
+def test_independent_start_says_nothing_of_the_motion():
+    """With independent_start every clip starts where it could move any way: the first frames' subject centres of
+    all four directions share one region (here 13.8..18.2 px of 32 on both axes), and the paths still go their way."""
+    config = SyntheticConfig(num_frames=4, size=32, shape_size=0.3, travel=0.25, independent_start=True)
+    centres = {m: [] for m in MOTIONS}
+    for i in range(48):
+        clip = make_clip(i, config)
+        box = np.argwhere(clip.masks[0])
+        centres[clip.motion].append((box.min(0) + box.max(0)) / 2 + 0.5)
+        (y0, x0), (y1, x1) = (np.argwhere(m).mean(0) for m in clip.masks[[0, -1]])
+        assert np.array([y1 - y0, x1 - x0]) @ np.array(MOTIONS[clip.motion]) > 6  # 0.25 * 32 pixels
+    for motion, points in centres.items():
+        points = np.asarray(points)
+        assert len(points) >= 8 and points.min() > 13.8 - 1 and points.max() < 18.2 + 1, (motion, points)
+    with pytest.raises(ValueError, match="in every direction: shape_size \\+ 2 \\* travel must be at most"):
+        SyntheticConfig(size=32, shape_size=0.3, travel=0.4, independent_start=True)
+
+
 def test_written_dataset_round_trips(tmp_path):
     out = write_synthetic(tmp_path / "synth", 3)
     with open(out / "captions.csv") as fh:

@@ -43,7 +43,7 @@ def data_config() -> ml_collections.ConfigDict:
     c.builder = ""  # TFDS builder name (source tfds)
     c.split = "train"
     c.synthetic = ml_collections.ConfigDict({"num": 72, "num_frames": 16, "size": 64, "seed": 0, "shape_size": 0.3,
-                                             "travel": 0.4})
+                                             "travel": 0.4, "independent_start": False})
     c.task = "video"  # video | interp | vsr
     c.num_frames = 16
     c.stride = 1
@@ -80,7 +80,7 @@ def synthetic_config(c):
     from magdiff_jax.data.synthetic import SyntheticConfig
 
     return SyntheticConfig(num_frames=c.num_frames, size=c.size, seed=c.seed, shape_size=c.shape_size,
-                           travel=c.travel)
+                           travel=c.travel, independent_start=c.independent_start)
 
 
 def loader_spec(config, train: bool) -> LoaderSpec:

@@ -43,12 +43,22 @@ class SyntheticConfig:
     shape_size: float = 0.3  # subject side / diameter as a fraction of the frame
     travel: float = 0.4  # distance the subject travels over the clip, as a fraction of the frame
     seed: int = 0
+    # False: the subject starts anywhere its own path fits, so a subject at the left edge always moves right. True:
+    # it starts where a path in every direction fits, so its start says nothing of its motion and a model has to
+    # read the caption for it (needs shape_size + 2 * travel inside the frame)
+    independent_start: bool = False
 
     def __post_init__(self):
         if self.size % 2 or self.size < 16:
             raise ValueError(f"synthetic clips need an even size >= 16, got {self.size}")
         if self.num_frames < 1:
             raise ValueError(f"num_frames must be positive, got {self.num_frames}")
+        paths = 2 if self.independent_start else 1  # both ways along an axis fit from the start, or one
+        if self.shape_size <= 0 or self.travel < 0 or self.shape_size + paths * self.travel > 1 - 2 / self.size:
+            need = "shape_size + 2 * travel" if self.independent_start else "shape_size + travel"
+            raise ValueError(f"a subject of shape_size {self.shape_size} cannot travel {self.travel} of a "
+                             f"{self.size}-pixel frame inside it{' in every direction' * (paths == 2)}: {need} "
+                             f"must be at most {1 - 2 / self.size:.3f}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +104,15 @@ def _shape_mask(shape: str, cy: float, cx: float, r: float, size: int) -> np.nda
     return (yy >= top) & (yy <= bottom) & (np.abs(xx - cx) <= half)
 
 
-def make_clip(index: int, config: SyntheticConfig = SyntheticConfig()) -> Clip:
-    """Clip `index` of the dataset defined by `config` (deterministic)."""
-    shape, color, motion = attributes(index, config.seed)
+def make_clip(index: int, config: SyntheticConfig = SyntheticConfig(), *, motion: str | None = None,
+              start: tuple[float, float] | None = None) -> Clip:
+    """Clip `index` of the dataset defined by `config` (deterministic). `motion` replaces the clip's own direction
+    and `start` its random first position ((y, x) of the subject's centre, as fractions of the frame): for
+    evaluation clips, e.g. one subject in the middle of the frame with each of the four motions."""
+    shape, color, own_motion = attributes(index, config.seed)
+    motion = own_motion if motion is None else motion
+    if motion not in MOTIONS:
+        raise ValueError(f"motion must be one of {sorted(MOTIONS)}, got {motion!r}")
     rng = np.random.default_rng([config.seed, index])
     s, f = config.size, config.num_frames
     r = config.shape_size * s / 2
@@ -104,8 +120,16 @@ def make_clip(index: int, config: SyntheticConfig = SyntheticConfig()) -> Clip:
     dy, dx = MOTIONS[motion]
     # start so that the whole path stays inside the frame
     lo, hi = r + 1, s - r - 1
-    start_y = rng.uniform(lo + max(0, -dy) * travel, hi - max(0, dy) * travel)
-    start_x = rng.uniform(lo + max(0, -dx) * travel, hi - max(0, dx) * travel)
+    ranges = [(lo + max(0, -d) * travel, hi - max(0, d) * travel) for d in (dy, dx)]
+    if start is None:
+        draw = [(lo + travel, hi - travel)] * 2 if config.independent_start else ranges
+        start_y, start_x = (rng.uniform(a, b) for a, b in draw)
+    else:
+        start_y, start_x = (v * s for v in start)
+        if not all(a - 1e-6 <= v <= b + 1e-6 for v, (a, b) in zip((start_y, start_x), ranges)):
+            raise ValueError(f"start {start} puts the path of a subject moving {motion} outside the frame (its "
+                             f"centre may start within y {ranges[0][0] / s:.3f}..{ranges[0][1] / s:.3f}, "
+                             f"x {ranges[1][0] / s:.3f}..{ranges[1][1] / s:.3f})")
     background = _texture(rng, s)
     rgb = np.asarray(COLORS[color], float) + rng.normal(0, 6, size=3)
     frames, masks = [], []
