@@ -332,7 +332,7 @@ def exit_multiprocess(status: int = 0) -> None:
     garbage collection; in one process, return (the interpreter exits as usual).
 
     A CPU job with Gloo collectives can hang in that last collection, after every exit handler has run (one
-    process of two stuck there in about one run of `--check` in 70 on a loaded machine). So: flush, run the exit
+    process of two stuck there in 2 of ~210 runs of `--check` on a loaded machine). So: flush, run the exit
     handlers (JAX's backend clean-up and its distributed shutdown barrier, logging, worker processes), then
     `os._exit`. Call it once the command's work is done and written.
     """
