@@ -95,3 +95,24 @@ def test_init_from_converted_folders_in_bfloat16(one_device, tmp_path):
     assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(np.float32)}
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(saved["unet"]), strict=True):
         np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_a_trainable_text_encoder_learns(tmp_path):
+    """`trainable` naming the text encoder too: its parameters are trained (the task passes the text features to
+    the U-Net without stop_gradient; a frozen encoder is split off before jax.grad). After one step without weight
+    decay, the token embedding and nearly every other text-encoder parameter have moved from the seed's init."""
+    from magdiff_jax import sharding as shd
+    from magdiff_jax.train.tasks import get_task
+    from magdiff_jax.train.trainer import _init_models
+
+    c = th.config("micro", steps=1, trainable=r"^(unet|text_encoder)/", **{"optim.weight_decay": 0.0,
+                                                                            "optim.warmup_steps": 0})
+    _, init, _ = _init_models(get_task("t2i"), c, shd.make_mesh(dict(c.mesh)), shd.DEFAULT_RULES,
+                              jax.random.fold_in(jax.random.key(c.seed), 1))
+    train(c, tmp_path)
+    trained = th.params(tmp_path, 1)["text_encoder"]
+    flat_init = dict(jax.tree_util.tree_flatten_with_path(init["text_encoder"])[0])
+    moved = {jax.tree_util.keystr(k): not np.array_equal(v, np.asarray(flat_init[k]))
+             for k, v in jax.tree_util.tree_flatten_with_path(trained)[0]}
+    assert moved[next(k for k in moved if "token_embedding" in k)], moved
+    assert sum(moved.values()) >= 0.9 * len(moved), moved

@@ -107,8 +107,8 @@ class T2ITask:
         mean, logvar = vae.apply({"params": params["vae"]}, images, method="encode")
         latents = mean + jnp.exp(0.5 * logvar) * jax.random.normal(k_lat, mean.shape, mean.dtype)
         latents = jax.lax.stop_gradient(latents * vae.config.scaling_factor)
-        context = jax.lax.stop_gradient(text.apply({"params": params["text_encoder"]}, batch["tokens"])
-                                        .last_hidden_state)
+        # no stop_gradient: a frozen text encoder is split off before jax.grad anyway, a trainable one learns
+        context = text.apply({"params": params["text_encoder"]}, batch["tokens"]).last_hidden_state
         noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
         t = jax.random.randint(k_t, (latents.shape[0],), 0, schedule.config.num_train_timesteps)
         pred = unet.apply({"params": params["unet"]}, add_noise(schedule, latents, noise, t), t, context)
@@ -214,8 +214,8 @@ class MagDiffTask:
         latents = jax.lax.stop_gradient(encode_video(vae, params["vae"], batch["video"], k_lat))
         cond = subject_condition(modules, params, batch, sizes=config.data.subject.sizes,
                                  image_layer=config.task_options.get("image_layer", -2), key=k_sub)
-        context = jax.lax.stop_gradient(text.apply({"params": params["text_encoder"]}, batch["tokens"])
-                                        .last_hidden_state)
+        # no stop_gradient: a frozen text encoder is split off before jax.grad anyway, a trainable one learns
+        context = text.apply({"params": params["text_encoder"]}, batch["tokens"]).last_hidden_state
         noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
         t = jax.random.randint(k_t, (latents.shape[0],), 0, schedule.config.num_train_timesteps)
         pred = unet.apply({"params": params["unet"]}, add_noise(schedule, latents, noise, t), t, context, **cond)
