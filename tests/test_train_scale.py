@@ -39,6 +39,17 @@ def eight_devices(tmp_path_factory):
     return {k: {int(s): v for s, v in d.items()} for k, d in json.loads(r.stdout.strip().splitlines()[-1]).items()}
 
 
+def _seed_init(config):
+    """(modules, params) of a t2i config as the trainer initialises them from its seed."""
+    from magdiff_jax import sharding as shd
+    from magdiff_jax.train.tasks import get_task
+    from magdiff_jax.train.trainer import _init_models
+
+    modules, params, _ = _init_models(get_task(config.task), config, shd.make_mesh(dict(config.mesh)),
+                                      shd.DEFAULT_RULES, jax.random.fold_in(jax.random.key(config.seed), 1))
+    return modules, params
+
+
 def _close(got: dict, ref: dict, steps):
     assert sorted(got) == list(steps), sorted(got)
     for s in steps:
@@ -73,15 +84,12 @@ def test_init_from_converted_folders_in_bfloat16(one_device, tmp_path):
     given), here holding the very weights the 1-device run initialised from its seed; with compute_dtype=bfloat16
     and lr 0, the first loss is that run's within 5% but not equal (the models ran in bf16), and the parameters stay
     exactly the saved ones, in float32."""
-    from magdiff_jax import sharding as shd
     from magdiff_jax.convert.flax_checkpoint import save_flax
     from magdiff_jax.train.tasks import get_task
-    from magdiff_jax.train.trainer import _init_models
 
     ref = th.config("micro")
     task = get_task("t2i")
-    modules, saved, _ = _init_models(task, ref, shd.make_mesh(dict(ref.mesh)), shd.DEFAULT_RULES,
-                                     jax.random.fold_in(jax.random.key(ref.seed), 1))
+    modules, saved = _seed_init(ref)
     for name, (kind, _) in task.models(ref).items():
         save_flax(kind, modules[name], saved[name], tmp_path / "models" / name)
 
@@ -101,14 +109,9 @@ def test_a_trainable_text_encoder_learns(tmp_path):
     """`trainable` naming the text encoder too: its parameters are trained (the task passes the text features to
     the U-Net without stop_gradient; a frozen encoder is split off before jax.grad). After one step without weight
     decay, the token embedding and nearly every other text-encoder parameter have moved from the seed's init."""
-    from magdiff_jax import sharding as shd
-    from magdiff_jax.train.tasks import get_task
-    from magdiff_jax.train.trainer import _init_models
-
     c = th.config("micro", steps=1, trainable=r"^(unet|text_encoder)/", **{"optim.weight_decay": 0.0,
                                                                             "optim.warmup_steps": 0})
-    _, init, _ = _init_models(get_task("t2i"), c, shd.make_mesh(dict(c.mesh)), shd.DEFAULT_RULES,
-                              jax.random.fold_in(jax.random.key(c.seed), 1))
+    _, init = _seed_init(c)
     train(c, tmp_path)
     trained = th.params(tmp_path, 1)["text_encoder"]
     flat_init = dict(jax.tree_util.tree_flatten_with_path(init["text_encoder"])[0])
