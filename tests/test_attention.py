@@ -61,6 +61,46 @@ def test_implementation_switch_is_validated(qkv):
         assert rel_err(out, _reference(q, k, v)) < 1e-5
 
 
+@pytest.mark.parametrize("mask_kind", ["none", "per_query", "shared", "causal"])
+def test_blockwise_equals_xla_values_and_gradients(qkv, monkeypatch, mask_kind):
+    """blockwise (query blocks, rematerialised) computes what xla computes, gradients included; the block size is
+    forced down so that the 6 queries split into 3 blocks."""
+    q, k, v = qkv
+    q = np.concatenate([q, q[:, :1] * 0.5], axis=1)  # 6 queries
+    monkeypatch.setattr(attn_lib, "BLOCK_SCORES", 2 * 3 * 2 * 7)  # B * H * 2 queries * Lk: blocks of 2
+    assert attn_lib._num_blocks(q, k) == 3
+    rng = np.random.RandomState(2)
+    mask = {"none": None, "per_query": rng.rand(2, 1, 6, 7) > 0.4, "shared": rng.rand(2, 3, 1, 7) > 0.4,
+            "causal": None}[mask_kind]
+    if mask is not None:
+        mask[..., 0] = True
+    kw = dict(mask=mask, is_causal=mask_kind == "causal")
+
+    def loss(impl):
+        return jax.jit(jax.value_and_grad(
+            lambda q, k, v: jnp.sum(jnp.sin(attn_lib.dot_product_attention(q, k, v, implementation=impl, **kw))),
+            argnums=(0, 1, 2)))
+
+    (ref, ref_grads), (out, grads) = loss("xla")(q, k, v), loss("blockwise")(q, k, v)
+    assert abs(float(out) - float(ref)) < 1e-5 * abs(float(ref))
+    for a, b in zip(grads, ref_grads):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_auto_takes_blockwise_on_cpu_for_long_sequences(qkv, monkeypatch):
+    q, k, v = qkv
+    if jax.default_backend() != "cpu":
+        pytest.skip("the blockwise choice of auto is made on CPU")
+    uses_map = lambda: "scan" in str(jax.make_jaxpr(
+        lambda q, k, v: attn_lib.dot_product_attention(q, k, v, implementation="auto"))(q, k, v))
+    assert not uses_map()
+    monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_MIN_SCORES", 2 * 3 * 5 * 7)
+    monkeypatch.setattr(attn_lib, "BLOCK_SCORES", 2 * 3 * 7)
+    assert uses_map()
+    out = attn_lib.dot_product_attention(q, k, v, implementation="auto")
+    assert rel_err(out, _reference(q, k, v)) < 1e-5
+
+
 def test_attention_layer_matches_diffusers_attention():
     """magdiff_jax Attention == diffusers.models.attention_processor.Attention (cross-attention, 4 heads of 8,
     no qkv bias, out bias), fp32, 1e-5 relative."""

@@ -52,7 +52,7 @@ class CLIPTextConfig:
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     with_projection: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: str = "float32"
 
     def __post_init__(self):
@@ -119,7 +119,7 @@ class CLIPVisionConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     with_projection: bool = False
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: str = "float32"
 
     def __post_init__(self):

@@ -95,7 +95,7 @@ class UNet2DConfig:
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     # ours (not in diffusers' config.json)
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: str = "float32"
     remat_policy: str = "none"  # layers/remat.py: none | full | dots_saveable | dots_no_batch | names
     remat_save_names: tuple[str, ...] = ("attention",)

@@ -96,7 +96,7 @@ class UNetMotionConfig:
     mid_block_layers: int = 1
     time_cond_proj_dim: int | None = None
     # ours (not in diffusers' config.json)
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: str = "float32"
     remat_policy: str = "none"  # layers/remat.py: none | full | dots_saveable | dots_no_batch | names
     remat_save_names: tuple[str, ...] = ("attention",)

@@ -56,7 +56,7 @@ class AutoencoderKLConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
     dtype: str = "float32"
 
     def __post_init__(self):

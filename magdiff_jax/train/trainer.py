@@ -313,7 +313,8 @@ def compiler_options(text: str) -> dict[str, object]:
 
 def _device_flops(compiled) -> float | None:
     """XLA's FLOP count of one device's program (the compiled step is the per-device SPMD program; counting the
-    lowered one instead costs seconds for a big step)."""
+    lowered one instead costs seconds for a big step). XLA counts the body of a loop once: with blockwise attention
+    (attention_impl "auto" on CPU, long sequences) the count leaves out all but one block of those attentions."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
     return (cost or {}).get("flops") or None
