@@ -112,12 +112,13 @@ class GroupNorm(nn.Module):
         mean = group_sum(jnp.sum(xf, axis=1)) / count
         var = jnp.maximum(group_sum(jnp.sum(jnp.square(xf), axis=1)) / count - jnp.square(mean), 0.0)
         mul = jax.lax.rsqrt(var + self.epsilon)
+        if self.affine:
+            mul = mul * self.param("scale", _named(nn.initializers.ones_init(), ("norm",)), (c,),
+                                   self.param_dtype).astype(jnp.float32)
         shift = -mean * mul
         if self.affine:
-            scale = self.param("scale", _named(nn.initializers.ones_init(), ("norm",)), (c,), self.param_dtype)
-            bias = self.param("bias", _named(nn.initializers.zeros_init(), ("norm",)), (c,), self.param_dtype)
-            mul, shift = mul * scale.astype(jnp.float32), shift * scale.astype(jnp.float32) + bias.astype(
-                jnp.float32)
+            shift = shift + self.param("bias", _named(nn.initializers.zeros_init(), ("norm",)), (c,),
+                                       self.param_dtype).astype(jnp.float32)
         y = xf * mul[:, None] + shift[:, None]
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         return y.reshape(x.shape).astype(dtype)
