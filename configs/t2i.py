@@ -29,7 +29,7 @@ def tiny_models() -> ml_collections.ConfigDict:
                 "sample_size": 32},
         "text_encoder": {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "projection_dim": 32,
                          "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 16,
-                         "bos_token_id": 109, "eos_token_id": 110, "pad_token_id": 110},
+                         "bos_token_id": 108, "eos_token_id": 109, "pad_token_id": 109},
     })
 
 

@@ -118,3 +118,31 @@ def test_cli_data_synth(tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert read_video(tmp_path / "d" / "videos" / "00001.mp4").shape == (4, 32, 32, 3)
+
+
+def test_the_synthetic_tokenizer_gives_each_caption_word_one_token(tmp_path):
+    """BPE merges by rank across a word, so a naive merge list splits words ("r i" of "right" inside "triangle");
+    each word must be one token, and BOS/EOS must be the ids configs/t2i.py:tiny's text encoder expects."""
+    import importlib.util
+
+    from magdiff_jax.data.synthetic import caption_words, write_tokenizer
+    from magdiff_jax.models.tokenizer import CLIPTokenizer
+
+    write_tokenizer(tmp_path)
+    tok = CLIPTokenizer.from_folder(tmp_path, max_length=16)
+    ids = {}
+    for word in caption_words():
+        row = [int(i) for i in tok([word])[0]]
+        assert row[0] == tok.bos_token_id and row[2] == tok.eos_token_id, (word, row)  # BOS, the word, EOS
+        ids[word] = row[1]
+    assert len(set(ids.values())) == len(ids)
+    words = ["a", "purple", "triangle", "moves", "right"]
+    row = [int(i) for i in tok([" ".join(words)])[0]]
+    assert row[:7] == [tok.bos_token_id, *(ids[w] for w in words), tok.eos_token_id]
+    spec = importlib.util.spec_from_file_location("t2i_config", Path(__file__).parents[1] / "configs" / "t2i.py")
+    t2i = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t2i)
+    text = t2i.tiny_models().text_encoder
+    assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (tok.bos_token_id, tok.eos_token_id,
+                                                                         tok.pad_token_id)
+    assert text.vocab_size > max(tok.eos_token_id, *ids.values())

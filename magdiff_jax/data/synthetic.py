@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import itertools
 import os
 from pathlib import Path
 
@@ -178,25 +179,43 @@ def caption_words() -> list[str]:
     return sorted({"a", "an", "moves", *COLORS, *SHAPES, *MOTIONS})
 
 
+def _bpe(pieces: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """CLIP's byte-pair merging of one word: repeatedly join the adjacent pair of lowest merge rank."""
+    while len(pieces) > 1:
+        pair = min(itertools.pairwise(pieces), key=lambda p: ranks.get(p, len(ranks)))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(pieces):
+            if i + 1 < len(pieces) and (pieces[i], pieces[i + 1]) == pair:
+                merged.append(pieces[i] + pieces[i + 1])
+                i += 2
+            else:
+                merged.append(pieces[i])
+                i += 1
+        pieces = merged
+    return pieces
+
+
 def write_tokenizer(folder: str | os.PathLike) -> Path:
     """A CLIP tokenizer folder (vocab.json, merges.txt; the `tokenizer/` layout of an SD pipeline) whose BPE turns
-    each synthetic caption word into one token: the embedded default's text vocabulary, no download needed."""
+    each synthetic caption word into one token: the embedded default's text vocabulary, no download needed.
+
+    BPE applies merges by rank, across the whole word, so one word's merges can split another ("r i" of "right"
+    inside "triangle"). Merges are therefore added as BPE itself needs them: while a word is still in pieces, the
+    merge of its first two pieces is appended, last in rank. A merge of last rank only applies where no other does,
+    so it never changes a word that already ends as one token."""
     from magdiff_jax.models.tokenizer import write_vocabulary
 
     vocab: dict[str, int] = {}
     for suffix in ("", "</w>"):
         for ch in "abcdefghijklmnopqrstuvwxyz":
             vocab[ch + suffix] = len(vocab)
-    merges = []
+    ranks: dict[tuple[str, str], int] = {}
     for word in caption_words():
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        left = pieces[0]
-        for right in pieces[1:]:
-            merge = f"{left} {right}"
-            if merge not in merges:
-                merges.append(merge)
-            left += right
-            vocab.setdefault(left, len(vocab))
+        while len(pieces := _bpe([*word[:-1], word[-1] + "</w>"], ranks)) > 1:
+            ranks[pieces[0], pieces[1]] = len(ranks)
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
     bos, eos = "<|startoftext|>", "<|endoftext|>"
     vocab[bos], vocab[eos] = len(vocab), len(vocab) + 1
-    return write_vocabulary(folder, vocab, merges, bos, eos)
+    return write_vocabulary(folder, vocab, [f"{a} {b}" for a, b in ranks], bos, eos)
