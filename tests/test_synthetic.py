@@ -123,9 +123,8 @@ def test_cli_data_synth(tmp_path):
 def test_the_synthetic_tokenizer_gives_each_caption_word_one_token(tmp_path):
     """BPE merges by rank across a word, so a naive merge list splits words ("r i" of "right" inside "triangle");
     each word must be one token, and BOS/EOS must be the ids configs/t2i.py:tiny's text encoder expects."""
-    import importlib.util
-
     from magdiff_jax.data.synthetic import caption_words, write_tokenizer
+    from magdiff_jax.demo import load_config
     from magdiff_jax.models.tokenizer import CLIPTokenizer
 
     write_tokenizer(tmp_path)
@@ -139,10 +138,7 @@ def test_the_synthetic_tokenizer_gives_each_caption_word_one_token(tmp_path):
     words = ["a", "purple", "triangle", "moves", "right"]
     row = [int(i) for i in tok([" ".join(words)])[0]]
     assert row[:7] == [tok.bos_token_id, *(ids[w] for w in words), tok.eos_token_id]
-    spec = importlib.util.spec_from_file_location("t2i_config", Path(__file__).parents[1] / "configs" / "t2i.py")
-    t2i = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(t2i)
-    text = t2i.tiny_models().text_encoder
+    text = load_config("t2i").model.text_encoder
     assert (text.bos_token_id, text.eos_token_id, text.pad_token_id) == (tok.bos_token_id, tok.eos_token_id,
                                                                          tok.pad_token_id)
     assert text.vocab_size > max(tok.eos_token_id, *ids.values())
