@@ -23,6 +23,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from magdiff_jax.utils.prng import init_key
+
 MESH_AXES = ("data", "fsdp", "tensor", "context")
 
 Rules = Sequence[tuple[str, Any]]
@@ -131,14 +133,25 @@ def abstract_init(module: nn.Module, *args, **kwargs):
     return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
 
 
-def init_sharded(module: nn.Module, key, *args, mesh: Mesh, rules: Rules = DEFAULT_RULES, **kwargs):
-    """Initialise `module` directly sharded: returns (unboxed params, their shardings)."""
-    abstract = abstract_init(module, *args, **kwargs)["params"]
-    shardings = param_shardings(abstract, mesh, rules)
-    init = jax.jit(lambda k: nn.meta.unbox(module.init(k, *args, **kwargs)["params"]), out_shardings=shardings)
+def init_sharded(module: nn.Module, key, *args, mesh: Mesh, rules: Rules = DEFAULT_RULES, shardings=None,
+                 **kwargs):
+    """Initialise `module` directly sharded, drawing from `key` through the init generator (utils/prng.py):
+    returns (unboxed params, their shardings). `shardings`: the params' (`param_shardings`), if already known."""
+    if shardings is not None:
+        init = jax.jit(lambda k: nn.meta.unbox(module.init(init_key(k), *args, **kwargs)["params"]),
+                       out_shardings=shardings)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return init(key), shardings
+    found = {}
+
+    def constrained(k):  # one trace: the shardings come from the boxes' logical names as they are created
+        boxed = module.init(init_key(k), *args, **kwargs)["params"]
+        found["shardings"] = param_shardings(boxed, mesh, rules)
+        return jax.tree.map(jax.lax.with_sharding_constraint, nn.meta.unbox(boxed), found["shardings"])
+
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = init(key)
-    return params, shardings
+        params = jax.jit(constrained)(key)
+    return jax.device_put(params, found["shardings"]), found["shardings"]
 
 
 @contextlib.contextmanager

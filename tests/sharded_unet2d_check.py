@@ -17,6 +17,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 from magdiff_jax import sharding  # noqa: E402
 from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig  # noqa: E402
+from magdiff_jax.utils.prng import init_key  # noqa: E402
 
 cfg = UNet2DConfig(
     sample_size=16, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -31,7 +32,7 @@ ctx = rng.randn(4, 8, 32).astype(np.float32)
 key = jax.random.key(42)
 
 # jitted: compiling the init once is about twice as fast as running it op by op
-params = jax.jit(lambda k: nn.meta.unbox(module.init(k, x[:1], t[:1], ctx[:1])["params"]))(key)
+params = jax.jit(lambda k: nn.meta.unbox(module.init(init_key(k), x[:1], t[:1], ctx[:1])["params"]))(key)
 apply = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c))
 ref = np.asarray(apply(params, x, t, ctx))
 

@@ -24,7 +24,10 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-default_kernel_init = nn.initializers.lecun_normal()
+# Uniform with LeCun's variance (1 / fan_in), as Flax's default truncated normal has: a model trains from it alike, and
+# XLA compiles a uniform draw several times faster than a normal one (erf_inv per element; the tiny MagDiff U-Net's
+# init program: 8.4 s -> 3.1 s, benchmarks/init_compile.py).
+default_kernel_init = nn.initializers.lecun_uniform()
 
 
 def _named(init, names):

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magdiff_jax.layers.attention import Attention
-from magdiff_jax.layers.common import dense, group_norm, layer_norm
+from magdiff_jax.layers.common import default_kernel_init, dense, group_norm, layer_norm
 from magdiff_jax.layers.transformer import FeedForward
 
 VIDEO_AXES = ("activation_batch", "activation_frames", "activation_height", "activation_width", "activation_embed")
@@ -134,7 +134,7 @@ class AnimateDiffTransformer3D(nn.Module):
             y = TemporalTransformerBlock(inner, self.heads, dim_head, self.max_seq_length, self.dropout,
                                          self.attention_impl, self.dtype, name=f"transformer_blocks_{k}",
                                          )(y, deterministic)
-        out_init = nn.initializers.zeros_init() if self.zero_init_out else nn.initializers.lecun_normal()
+        out_init = nn.initializers.zeros_init() if self.zero_init_out else default_kernel_init
         y = dense(c, axes=("mlp", "embed"), dtype=self.dtype, kernel_init=out_init, name="proj_out")(y)
         y = jnp.transpose(y.reshape(b, h, w, f, c), (0, 3, 1, 2, 4))
         return nn.with_logical_constraint(y + residual, VIDEO_AXES)

@@ -14,6 +14,7 @@ import jax
 from flax import traverse_util
 
 from magdiff_jax.convert.core import KINDS, ConversionError, get_kind
+from magdiff_jax.utils.prng import init_key
 
 
 def _kind_of(module: nn.Module):
@@ -59,7 +60,7 @@ def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None, te
         return traverse_util.unflatten_dict(out)
 
     def temporal_init(k):  # the spatial initialisers are dead code here: XLA drops them (and their memory)
-        flat = traverse_util.flatten_dict(nn.meta.unbox(video_module.init(k, *args, **kwargs)["params"]))
+        flat = traverse_util.flatten_dict(nn.meta.unbox(video_module.init(init_key(k), *args, **kwargs)["params"]))
         return {"/".join(p): v for p, v in flat.items() if p not in flat_2d}
 
     fresh = jax.jit(temporal_init)(key)

@@ -41,6 +41,7 @@ from magdiff_jax.layers.attention import EntityAttention
 from magdiff_jax.layers.common import compute_dtype, conv
 from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
+from magdiff_jax.utils.prng import init_key
 
 PYRAMID_MODES = ("multi", "single")
 # subject image sizes of the pyramid relative to the video's (384, 320, 256 px for a 256 px video)
@@ -288,7 +289,7 @@ def magdiff_params_from_unet3d(unet3d_params, module: MagDiffUNet, key: jax.Arra
 
     @jax.jit
     def fresh(k):  # one small program (initialising op by op compiles each op on its own)
-        k_proj, k_pyramid = jax.random.split(k)
+        k_proj, k_pyramid = jax.random.split(init_key(k))
         image_proj = Resampler(cfg.resampler, dtype=dt).init(k_proj, kwargs["image_embeds"][0])["params"]
         return nn.meta.unbox(image_proj), nn.meta.unbox(pyramid.init(k_pyramid, kwargs["entity_latents"]))
 

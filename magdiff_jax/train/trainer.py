@@ -238,19 +238,22 @@ def _init_models(task, config, mesh, rules, key, *, restoring: str | None = None
         spec = get_kind(kind)
         module = spec.build(model_cfg)
         args, kwargs = spec.example_inputs(model_cfg), spec.example_kwargs(model_cfg)
+        folder = Path(config.init_from) / name if config.init_from else None
+        if restoring is None and not (folder and folder.exists()):  # a fresh model: traced once, to initialise it
+            p, sh = shd.init_sharded(module, jax.random.fold_in(key, i), *args, mesh=mesh, rules=rules, **kwargs)
+            modules[name], params[name], shardings[name] = module, p, sh
+            continue
         abstract = shd.abstract_init(module, *args, **kwargs)["params"]
         sh = shd.param_shardings(abstract, mesh, rules)
         if restoring is not None and all(re.search(restoring, f"{name}/{k}") for k in optim.flat(nn.meta.unbox(
                 abstract))):
             p = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              nn.meta.unbox(abstract), sh)
-        elif config.init_from and (Path(config.init_from) / name).exists():
-            _, _, p = load_flax(Path(config.init_from) / name, kind=kind, shardings=sh)
+        elif folder and folder.exists():
+            _, _, p = load_flax(folder, kind=kind, shardings=sh)
         else:
-            init = jax.jit(lambda k, m=module, a=args, kw=kwargs: nn.meta.unbox(m.init(k, *a, **kw)["params"]),
-                           out_shardings=sh)
-            with shd.activation_rules_context(mesh, rules):
-                p = init(jax.random.fold_in(key, i))
+            p, _ = shd.init_sharded(module, jax.random.fold_in(key, i), *args, mesh=mesh, rules=rules, shardings=sh,
+                                    **kwargs)
         modules[name], params[name], shardings[name] = module, p, sh
     return modules, params, shardings
 
