@@ -110,8 +110,7 @@ def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     real = pipeline.make_dataset
     monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: _NaNAt(real(*a, **k), {2, *range(5, 11)}))
-    c = th.config(steps=10, ckpt_every=4, max_nonfinite=2)
-    c.data.normalize = True  # float images, so a batch can hold NaN
+    c = th.config(steps=10, ckpt_every=4, max_nonfinite=2)  # float images (th.OVERRIDES), so a batch can hold NaN
     with pytest.raises(FloatingPointError, match=r"2 non-finite steps in a row .* at step 6; last good checkpoint: "
                                                  r"step 4 in .*checkpoints"):
         train(c, tmp_path)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = f"{ROOT}/configs/t2i.py"
+# data.normalize: float images from the loader, so test_train.py's NaN batches run the same compiled step
 OVERRIDES = {"global_batch_size": 4, "log_every": 1, "ckpt_every": 6, "keep_checkpoints": 100,
-             "async_checkpoints": False, "data.synthetic.num": 24, "preview.every": 0}
+             "async_checkpoints": False, "data.synthetic.num": 24, "preview.every": 0, "data.normalize": True}
 
 
 def _overrides(variant, changes) -> dict:
