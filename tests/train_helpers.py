@@ -17,8 +17,13 @@ OVERRIDES = {"global_batch_size": 4, "log_every": 1, "ckpt_every": 6, "keep_chec
              "async_checkpoints": False, "data.synthetic.num": 24, "preview.every": 0, "data.normalize": True}
 
 
+# the scale tests' runs (micro) train the text encoder too, without weight decay: test_train_scale.py reads from the
+# reference run's checkpoint that its parameters moved (so gradients reached them), and every sharded run covers it
+MICRO = {"global_batch_size": 8, "trainable": r"^(unet|text_encoder)/", "optim.weight_decay": 0.0}
+
+
 def _overrides(variant, changes) -> dict:
-    return {**OVERRIDES, **({"global_batch_size": 8} if variant == "micro" else {}), **changes}
+    return {**OVERRIDES, **(MICRO if variant == "micro" else {}), **changes}
 
 
 def config(variant="tiny", **changes):
