@@ -47,7 +47,7 @@ def test_what_a_person_reads(straight):
 
 
 def test_sigkill_after_a_checkpoint_resumes_exactly(straight, tmp_path):
-    proc = th.start(th.cli_args(tmp_path, steps=200))
+    proc = th.start(th.cli_args(tmp_path, steps=200), tmp_path.with_suffix(".log"))
     th.wait_for_step(proc, tmp_path, 8)  # past the step-6 checkpoint, before the step-12 one
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -64,11 +64,11 @@ def test_sigkill_after_a_checkpoint_resumes_exactly(straight, tmp_path):
 
 
 def test_sigterm_saves_the_current_step_and_exits_0(straight, tmp_path):
-    proc = th.start(th.cli_args(tmp_path, steps=200, ckpt_every=100))
+    proc = th.start(th.cli_args(tmp_path, steps=200, ckpt_every=100), tmp_path.with_suffix(".log"))
     th.wait_for_step(proc, tmp_path, 3)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
+    proc.wait(timeout=120)
+    assert proc.returncode == 0, th.output(proc)[-3000:]
     stopped = max(th.losses(tmp_path))
     assert th.checkpoints(tmp_path) == [stopped] and stopped <= STEPS - 2, "the run outpaced the signal"
     train(th.config(steps=stopped + 2), tmp_path)  # resuming continues the same curve

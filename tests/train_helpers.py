@@ -67,9 +67,18 @@ def checkpoints(workdir) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
-def start(args, **kw) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ), **kw)
+def start(args, log) -> subprocess.Popen:
+    """`args` run from the project root with stdout and stderr into the file `log` (not a pipe: one nobody reads
+    while the test polls would fill up and stall a talkative run); `output(proc)` reads it."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ))
+    proc.log = Path(log)
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text(errors="replace")
 
 
 def wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 300) -> None:
@@ -79,7 +88,7 @@ def wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 3
         if max(losses(workdir), default=0) >= step:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"training exited early ({proc.returncode}):\n{proc.stdout.read()[-3000:]}")
+            raise AssertionError(f"training exited early ({proc.returncode}):\n{output(proc)[-3000:]}")
         time.sleep(0.02)
     proc.kill()
     raise AssertionError(f"step {step} not reached in {timeout} s")
