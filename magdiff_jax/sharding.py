@@ -137,16 +137,11 @@ def init_sharded(module: nn.Module, key, *args, mesh: Mesh, rules: Rules = DEFAU
                  **kwargs):
     """Initialise `module` directly sharded, drawing from `key` through the init generator (utils/prng.py):
     returns (unboxed params, their shardings). `shardings`: the params' (`param_shardings`), if already known."""
-    if shardings is not None:
-        init = jax.jit(lambda k: nn.meta.unbox(module.init(init_key(k), *args, **kwargs)["params"]),
-                       out_shardings=shardings)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            return init(key), shardings
     found = {}
 
-    def constrained(k):  # one trace: the shardings come from the boxes' logical names as they are created
+    def constrained(k):  # one trace: unless given, the shardings come from the boxes' logical names
         boxed = module.init(init_key(k), *args, **kwargs)["params"]
-        found["shardings"] = param_shardings(boxed, mesh, rules)
+        found["shardings"] = param_shardings(boxed, mesh, rules) if shardings is None else shardings
         return jax.tree.map(jax.lax.with_sharding_constraint, nn.meta.unbox(boxed), found["shardings"])
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
