@@ -37,7 +37,7 @@ DEFAULT_RULES: Rules = (
     ("conv_in", "fsdp"),
     # Not "tensor": with the batch over data x fsdp, XLA's SPMD partitioner (jax 0.10.2) computes wrong weight
     # gradients for a conv kernel sharded over both fsdp (input channels) and tensor (output channels).
-    # tests/sharded_unet2d_check.py checks gradients on that mesh.
+    # tests/sharded_checks.py checks gradients on that mesh.
     ("conv_out", None),
     ("conv_t", None),
     ("conv_h", None),

@@ -18,12 +18,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "2")  # only the costly programs
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Exact fp32 matmuls, here and in every subprocess check (the setting is part of the compilation cache's key: a
+# subprocess that left it at the default would compile afresh what the test process compiled already)
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
 
-import jax
 import pytest
 from absl import flags
 
-jax.config.update("jax_default_matmul_precision", "highest")
 flags.FLAGS.mark_as_parsed()
 
 

@@ -74,15 +74,26 @@ def test_every_parameter_has_logical_axis_names(kind):
         sharding.logical_to_spec(x.names, x.value.shape, mesh, sharding.DEFAULT_RULES)
 
 
-def test_unet2d_sharded_over_fsdp_and_tensor_equals_unsharded():
-    """8 fake CPU devices: initialised directly sharded (fsdp=2 x tensor=4), the unet2d
-    output equals the unsharded one within 1e-5, parameters really are split across devices, and `load_torch`
-    places a checkpoint directly onto given shardings."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    script = Path(__file__).with_name("sharded_unet2d_check.py")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+VIDEO_KINDS = ("unet3d", "unet_motion")
+
+
+@pytest.fixture(scope="module")
+def sharded_checks() -> dict:
+    """tests/sharded_checks.py's report, from one subprocess with 8 fake CPU devices."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    proc = subprocess.run([sys.executable, str(tests / "sharded_checks.py"), *VIDEO_KINDS], capture_output=True,
+                          text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_unet2d_sharded_over_fsdp_and_tensor_equals_unsharded(sharded_checks):
+    """8 fake CPU devices: initialised directly sharded (fsdp=2 x tensor=4), the unet2d
+    output equals the unsharded one within 1e-5, parameters really are split across devices, gradients on
+    data=2 x fsdp=2 x tensor=2 equal the unsharded ones within 1e-5 relative, and `load_torch` places a checkpoint
+    directly onto given shardings."""
+    results = dict(sharded_checks["unet2d"])
     print(results)
     assert results.pop("load_torch_sharded") == {"same_values": True, "same_shardings": True}
     grads = results.pop("grads_data2xfsdp2xtensor2")
@@ -94,18 +105,12 @@ def test_unet2d_sharded_over_fsdp_and_tensor_equals_unsharded():
         assert r["sharded_leaves"] > r["total_leaves"] // 2, (name, r)
 
 
-def test_video_unets_sharded_with_frames_over_context_equal_unsharded():
+def test_video_unets_sharded_with_frames_over_context_equal_unsharded(sharded_checks):
     """8 fake CPU devices, mesh fsdp=2 x tensor=2 x context=2, the video's frame axis sharded over `context`: each
     video U-Net (temporal layers active) gives the unsharded output within 1e-5."""
-    kinds = ["unet3d", "unet_motion"]
-    tests = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
-    proc = subprocess.run([sys.executable, str(tests / "sharded_video_check.py"), *kinds], capture_output=True,
-                          text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = sharded_checks["video"]
     print(results)
-    for kind in kinds:
+    for kind in VIDEO_KINDS:
         r = results[kind]
         assert r["devices"] == 8 and r["max_abs_diff"] <= 1e-5, (kind, r)
         assert r["sharded_leaves"] > r["total_leaves"] // 3, (kind, r)  # kernels; biases and norms replicate

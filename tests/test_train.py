@@ -1,6 +1,6 @@
 """The trainer on one device: the t2i tiny config learns; a run killed after a checkpoint resumes to the same
-losses and bitwise-equal parameters; SIGTERM saves the current step and exits 0; non-finite batches are skipped,
-and too many stop the run."""
+losses and bitwise-equal parameters; SIGTERM saves the current step and exits 0, and the run resumes from it
+exactly; non-finite batches are skipped, and too many stop the run."""
 
 import json
 import signal
@@ -46,35 +46,37 @@ def test_what_a_person_reads(straight):
     assert sheet.ndim == 3 and sheet.shape[0] >= 3 * 32 and sheet.std() > 5
 
 
-def test_sigkill_after_a_checkpoint_resumes_exactly(straight, tmp_path):
-    proc = th.start(th.cli_args(tmp_path, steps=200), tmp_path.with_suffix(".log"))
-    th.wait_for_step(proc, tmp_path, 8)  # past the step-6 checkpoint, before the step-12 one
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    resumed_from = max(th.checkpoints(tmp_path))
-    assert resumed_from < 12, "the run outpaced the kill"
-    train(th.config(steps=12), tmp_path)
-    ref, got = th.losses(straight), th.losses(tmp_path)
-    assert sorted(got) == list(range(1, 13))
-    assert all(got[s] == ref[s] for s in got)  # bitwise-equal per-step losses
+def test_sigkill_then_sigterm_then_resume_reproduce_the_straight_run(straight, tmp_path):
+    """One workdir through both kinds of interruption: a run SIGKILLed after its step-6 checkpoint (before step 12)
+    is resumed by a second run, which gets SIGTERM a few steps later: it saves the current step and exits 0. Resumed
+    once more in-process past the next checkpoint of the reference, every logged loss is the straight run's, bitwise,
+    and so are the parameters there."""
     import jax
 
-    for a, b in zip(jax.tree.leaves(th.params(straight, 12)), jax.tree.leaves(th.params(tmp_path, 12)), strict=True):
-        np.testing.assert_array_equal(a, b)
+    killed = th.start(th.cli_args(tmp_path, steps=200), tmp_path.with_suffix(".killed.log"))
+    th.wait_for_step(killed, tmp_path, 8)  # past the step-6 checkpoint, before the step-12 one
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    resumed_from = max(th.checkpoints(tmp_path))
+    assert resumed_from < 12, "the run outpaced the kill"
 
-
-def test_sigterm_saves_the_current_step_and_exits_0(straight, tmp_path):
-    proc = th.start(th.cli_args(tmp_path, steps=200, ckpt_every=100), tmp_path.with_suffix(".log"))
-    th.wait_for_step(proc, tmp_path, 3)
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
-    assert proc.returncode == 0, th.output(proc)[-3000:]
+    logged = max(th.losses(tmp_path))  # the killed run's last step; the resumed run logs from resumed_from + 1
+    resumed = th.start(th.cli_args(tmp_path, steps=200, ckpt_every=100), tmp_path.with_suffix(".resumed.log"))
+    th.wait_for_step(resumed, tmp_path, logged + 1)  # the resumed run is stepping (its signal handler is set)
+    resumed.send_signal(signal.SIGTERM)
+    resumed.wait(timeout=120)
+    assert resumed.returncode == 0, th.output(resumed)[-3000:]
     stopped = max(th.losses(tmp_path))
-    assert th.checkpoints(tmp_path) == [stopped] and stopped <= STEPS - 2, "the run outpaced the signal"
-    train(th.config(steps=stopped + 2), tmp_path)  # resuming continues the same curve
-    got, ref = th.losses(tmp_path), th.losses(straight)
-    assert sorted(got) == list(range(1, stopped + 3))
-    assert got[stopped + 1] == ref[stopped + 1] and got[stopped + 2] == ref[stopped + 2]
+    assert th.checkpoints(tmp_path) == [resumed_from, stopped] and stopped <= STEPS - 14, "the run outpaced the signal"
+
+    end = -(-(stopped + 2) // 12) * 12  # the reference's next checkpoint, at least two steps on
+    train(th.config(steps=end), tmp_path)
+    ref, got = th.losses(straight), th.losses(tmp_path)
+    assert sorted(got) == list(range(1, end + 1))
+    assert all(got[s] == ref[s] for s in got)  # bitwise-equal per-step losses, before and after each interruption
+    for a, b in zip(jax.tree.leaves(th.params(straight, end)), jax.tree.leaves(th.params(tmp_path, end)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 class _NaNAt:

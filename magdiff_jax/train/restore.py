@@ -34,7 +34,6 @@ class Trained:
 
 
 def load_trained(workdir: str | Path, step: int | None = None, use_ema: bool = True) -> Trained:
-    import orbax.checkpoint as ocp
 
     from magdiff_jax import sharding as shd
     from magdiff_jax.train import optim
@@ -59,8 +58,24 @@ def load_trained(workdir: str | Path, step: int | None = None, use_ema: bool = T
     # models trained whole come from the checkpoint (left abstract here); frozen ones are re-created as training did
     modules, params, _ = _init_models(task, config, mesh, shd.DEFAULT_RULES,
                                       jax.random.fold_in(jax.random.key(config.seed), 1), restoring=trainable_rx)
-    with ocp.StandardCheckpointer() as ck:
-        state = ck.restore(folder / str(step) / "state")
-    trained = state["ema"] if use_ema and "ema" in state else state["params"]
+    trained = _restore_params(folder / str(step) / "state", use_ema, jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
     _, frozen = optim.split_trainable(params, trainable_rx)
-    return Trained(config, task, modules, optim.merge(jax.device_put(trained), frozen), step, workdir)
+    return Trained(config, task, modules, optim.merge(trained, frozen), step, workdir)
+
+
+def _restore_params(path: Path, use_ema: bool, sharding):
+    """The trained parameters of a checkpoint's `state` item (its `ema` when asked for and kept, else `params`),
+    read alone: the optimizer state (twice the parameters' size with Adam) and the rest stay on disk."""
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ck:
+        saved = ck.metadata(path).item_metadata.tree
+    name = "ema" if use_ema and "ema" in saved else "params"
+    if name not in saved:
+        raise ValueError(f"{path}: the checkpoint holds no {name!r} (items: {sorted(saved)})")
+    target = {name: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name])}
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ck:
+        restored = ck.restore(path, args=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
+    return restored[name]
