@@ -3,25 +3,45 @@
     python benchmarks/unet_cpu.py                    # unet3d, the documented mid-size config below
     python benchmarks/unet_cpu.py --kind unet2d      # the same widths as an image U-Net (batch 2)
     python benchmarks/unet_cpu.py --kind unet_motion
+    python benchmarks/unet_cpu.py --malloc tuned     # both frameworks with glibc's malloc tuned (see below)
 
 Config (all kinds): block widths 64/128/192, cross-attention in the first two blocks (heads of width 32),
 1 resnet per block, 77 text tokens of width 256, 32x32x4 latents; video kinds take 1 video of 8 frames, unet2d a
 batch of 2 images. unet3d: 15.5M parameters. Reports: JAX compile time; median forward and training-step
-(forward + backward + AdamW) times for both frameworks after warm-up, run alternately; the ratio JAX / PyTorch
-(below 1: JAX is faster); the analytic FLOP count (magdiff_jax.utils.flops) against XLA's cost_analysis (of the
-same model with `attention_impl="xla"`: XLA counts the body of blockwise attention's loop once); achieved GFLOP/s.
-The models run with their configs' default `attention_impl="auto"` (blockwise attention on CPU for long sequences).
-Writes benchmarks/results/<kind>_cpu.json. PERF.md targets: forward <= 1.0x, training step <= 0.8x.
+(forward + backward + AdamW) times for both frameworks after warm-up; the ratio JAX / PyTorch (below 1: JAX is
+faster); the analytic FLOP count (magdiff_jax.utils.flops) against XLA's cost_analysis (of the same model with
+`attention_impl="xla"`: XLA counts the body of blockwise attention's loop once); achieved GFLOP/s; each step's
+system CPU time and page faults. The models run with their configs' default `attention_impl="auto"` (blockwise
+attention on CPU for long sequences). The JAX step returns new parameters and optimizer state (PyTorch updates in
+place); with --donate it donates the old ones, as the trainer's step does.
+
+One process per framework. Each worker builds or loads the model, compiles and warms up, then runs one timed call
+whenever this script asks: JAX forward, PyTorch forward, JAX step, PyTorch step, repeated, so both see the same
+machine load while only one of them runs at a time, and neither allocates from the other's heap.
+
+Where the JAX time goes beyond compute: with glibc's default malloc, XLA's CPU runtime takes fresh pages for its
+buffers on every call: ~500k page faults, 2 GB, per unet3d training step (they vanish when malloc keeps its freed
+memory, below). Measured on a 2-vCPU VM, those faults cost ~1 s of system time per step
+when JAX steps run back to back, and 3-4 s when the PyTorch step runs in between (the JAX step: 2.1-2.6 s alone,
+3.6-4.4 s interleaved).
+
+--malloc tuned runs both workers with GLIBC_TUNABLES mmap_max=0, trim_threshold=64 GiB and arena_max=2: freed
+memory stays in the process and is reused, so the JAX step no longer faults ~500k fresh pages per call. It needs
+glibc (Linux) and changes only the allocator, not the programs. (With --donate the JAX step faulted ~535k pages per
+call even so: donated buffers defeat the reuse. Hence no donation by default here.)
+
+Writes benchmarks/results/<kind>_cpu.json (--malloc tuned: <kind>_cpu_malloc_tuned.json). PERF.md targets:
+forward <= 1.0x, training step <= 0.8x.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +63,7 @@ CONFIGS = {
 }
 TORCH_CLASSES = {"unet2d": "UNet2DConditionModel", "unet3d": "UNet3DConditionModel", "unet_motion": "UNetMotionModel"}
 FRAMES, TOKENS, SIZE = 8, 77, 32
+TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=2"
 
 
 def main():
@@ -50,61 +71,200 @@ def main():
     ap.add_argument("--kind", default="unet3d", choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions of each measurement")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<kind>_cpu.json)")
+    ap.add_argument("--malloc", default="default", choices=("default", "tuned"),
+                    help="glibc malloc settings of both workers (module docstring)")
+    ap.add_argument("--donate", action="store_true",
+                    help="the JAX step donates its parameters and optimizer state (module docstring)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<kind>_cpu[_malloc_tuned].json)")
+    ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.worker:
+        return (torch_worker if args.worker == "torch" else jax_worker)(args)
 
-    import diffusers
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    import torch
-
-    from magdiff_jax.convert import load_torch
-    from magdiff_jax.utils.flops import count_flops
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    video = args.kind != "unet2d"
-    ref = getattr(diffusers, TORCH_CLASSES[args.kind])(sample_size=SIZE, **CONFIGS[args.kind])
-    n_params = sum(p.numel() for p in ref.parameters())
     with tempfile.TemporaryDirectory() as tmp:
-        ref.save_pretrained(tmp)
-        module, params = load_torch(args.kind, tmp)
+        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        if args.malloc == "tuned":
+            env["GLIBC_TUNABLES"] = TUNED_MALLOC
+        common = ["--kind", args.kind, "--threads", str(args.threads), "--dir", tmp, *(["--donate"] * args.donate)]
+        # the PyTorch worker builds the reference model and writes it (and the inputs) before the JAX one reads them
+        workers = {"torch": Worker("torch", common, env)}
+        torch_info = workers["torch"].ready()
+        workers["jax"] = Worker("jax", common, env)
+        jax_info = workers["jax"].ready()
+        calls = {f"{w}_{what}": [] for what in ("fwd", "train") for w in ("jax", "torch")}
+        for _ in range(args.steps):  # alternate, so both see the same machine load
+            for what in ("fwd", "train"):
+                for w in ("jax", "torch"):
+                    calls[f"{w}_{what}"].append(workers[w].call(what))
+        for w in workers.values():
+            w.close()
+
+    med = {k: statistics.median(c["s"] for c in v) for k, v in calls.items()}
+    flops = jax_info["flops_analytic"]
+    xla_flops = jax_info["flops_xla"]
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "kind": args.kind,
+        "config": {**CONFIGS[args.kind], "sample_size": SIZE, "input_shape": jax_info["input_shape"],
+                   "tokens": TOKENS, "params": torch_info["params"]},
+        "threads": args.threads,
+        "processes": "one per framework, timed calls alternating",
+        "malloc": args.malloc if args.malloc == "default" else f"tuned: GLIBC_TUNABLES={TUNED_MALLOC}",
+        "jax_donates": args.donate,
+        "machine": platform.processor() or platform.machine(),
+        "jax_compile_s": jax_info["compile_s"],
+        "median_s": med,
+        "ratio_jax_over_torch": {"forward": med["jax_fwd"] / med["torch_fwd"],
+                                 "train_step": med["jax_train"] / med["torch_train"]},
+        "median_sys_s": {k: statistics.median(c["sys_s"] for c in v) for k, v in calls.items()},
+        "median_page_faults": {k: statistics.median(c["faults"] for c in v) for k, v in calls.items()},
+        "flops": {"forward_analytic": flops, "forward_xla_cost_analysis": xla_flops,
+                  "analytic_over_xla": flops / xla_flops, "train_step_analytic": 3 * flops},
+        "gflops_per_s": {"jax_forward": flops / med["jax_fwd"] / 1e9, "jax_train": 3 * flops / med["jax_train"] / 1e9,
+                         "torch_forward": flops / med["torch_fwd"] / 1e9,
+                         "torch_train": 3 * flops / med["torch_train"] / 1e9},
+        "calls": calls,
+        "versions": {**jax_info["versions"], **torch_info["versions"]},
+    }
+    print(f"{args.kind} CPU, {torch_info['params'] / 1e6:.1f}M params, input {tuple(jax_info['input_shape'])}, "
+          f"{args.threads} threads, malloc {args.malloc}, one process per framework")
+    print(f"{'':12s}{'JAX (s)':>10s}{'PyTorch (s)':>13s}{'JAX/PT':>9s}{'JAX sys (s)':>13s}{'PT sys (s)':>12s}")
+    for name, what in (("forward", "fwd"), ("train step", "train")):
+        j, p = med[f"jax_{what}"], med[f"torch_{what}"]
+        print(f"{name:12s}{j:10.3f}{p:13.3f}{j / p:9.2f}{result['median_sys_s'][f'jax_{what}']:13.2f}"
+              f"{result['median_sys_s'][f'torch_{what}']:12.2f}")
+    print(f"JAX compile: forward {jax_info['compile_s']['forward']:.1f} s, "
+          f"train step {jax_info['compile_s']['train_step']:.1f} s")
+    print(f"forward FLOPs: analytic {flops / 1e9:.2f} G, XLA {xla_flops / 1e9:.2f} G (ratio {flops / xla_flops:.3f})")
+    suffix = "" if args.malloc == "default" else "_malloc_tuned"
+    out = Path(args.out or Path(__file__).parent / "results" / f"{args.kind}_cpu{suffix}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+class Worker:
+    """A framework's worker process: one JSON line per reply on its stdout, one command per line on its stdin."""
+
+    def __init__(self, name: str, common: list[str], env: dict):
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name, *common], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+
+    def _reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.name} worker exited ({self.proc.wait()}) without replying")
+        return json.loads(line)
+
+    def ready(self) -> dict:
+        return self._reply()
+
+    def call(self, what: str) -> dict:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def serve(info: dict, fns: dict) -> None:
+    """Reply `info`, then time one call of fns[command] per command line until stdin closes."""
+    import resource
+
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        fn = fns[line.strip()]
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        print(json.dumps({"s": dt, "sys_s": r1.ru_stime - r0.ru_stime, "faults": r1.ru_minflt - r0.ru_minflt}),
+              flush=True)
+
+
+def inputs(kind: str):
+    import numpy as np
 
     rng = np.random.RandomState(0)
-    shape = (1, FRAMES, SIZE, SIZE, 4) if video else (2, SIZE, SIZE, 4)
+    shape = (1, FRAMES, SIZE, SIZE, 4) if kind != "unet2d" else (2, SIZE, SIZE, 4)
     x = rng.randn(*shape).astype(np.float32)
     b = shape[0]
     ctx = rng.randn(b, TOKENS, 256).astype(np.float32)
     t = np.arange(b) * 500 + 10
     target = rng.randn(*shape).astype(np.float32)
+    return x, t, ctx, target
+
+
+def torch_worker(args) -> None:
+    import diffusers
+    import numpy as np
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ref = getattr(diffusers, TORCH_CLASSES[args.kind])(sample_size=SIZE, **CONFIGS[args.kind])
+    ref.save_pretrained(args.dir)
+    x, t, ctx, target = inputs(args.kind)
 
     def to_torch(a):  # channels-last -> channels-first (B, C, [F,] H, W)
         return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
 
     tx, ttarget, tt = to_torch(x), to_torch(target), torch.from_numpy(t)
     tctx = torch.from_numpy(np.repeat(ctx, FRAMES, axis=0) if args.kind == "unet_motion" else ctx)
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    ref.eval()
 
-    fwd = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c))
+    def fwd():
+        with torch.no_grad():
+            return ref(tx, tt, tctx).sample
+
+    def train():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.mean((ref(tx, tt, tctx).sample - ttarget) ** 2)
+        loss.backward()
+        opt.step()
+        return loss
+
+    fwd(), train()  # warm-up
+    serve({"params": sum(p.numel() for p in ref.parameters()),
+           "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}},
+          {"fwd": fwd, "train": train})
+
+
+def jax_worker(args) -> None:
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from magdiff_jax.convert import load_torch
+    from magdiff_jax.utils.flops import count_flops
+
+    module, params = load_torch(args.kind, args.dir)
+    x, t, ctx, target = inputs(args.kind)
+    fwd_fn = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c))
     opt = optax.adamw(1e-4)
 
     def loss_fn(p, x, t, c, y):
         return jnp.mean((module.apply({"params": p}, x, t, c) - y) ** 2)
 
-    @jax.jit
     def train_step(p, s, x, t, c, y):
         loss, g = jax.value_and_grad(loss_fn)(p, x, t, c, y)
         upd, s = opt.update(g, s, p)
         return optax.apply_updates(p, upd), s, loss
 
+    train_jit = jax.jit(train_step, donate_argnums=(0, 1) if args.donate else ())
     opt_state = opt.init(params)
     t0 = time.perf_counter()
-    fwd.lower(params, x, t, ctx).compile()
+    fwd_c = fwd_fn.lower(params, x, t, ctx).compile()
     compile_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_step.lower(params, opt_state, x, t, ctx, target).compile()
+    train_c = train_jit.lower(params, opt_state, x, t, ctx, target).compile()
     compile_train = time.perf_counter() - t0
     # XLA counts a loop body once, so its count is taken on the same model with loop-free (xla) attention
     plain = module.clone(config=dataclasses.replace(module.config, attention_impl="xla"))
@@ -112,71 +272,19 @@ def main():
     ).cost_analysis()
     xla_flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
     flops = count_flops(lambda p, x, t, c: module.apply({"params": p}, x, t, c), params, x, t, ctx)
-
-    topt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
-    ref.eval()
-
-    def torch_fwd():
-        with torch.no_grad():
-            return ref(tx, tt, tctx).sample
-
-    def torch_train():
-        topt.zero_grad(set_to_none=True)
-        loss = torch.mean((ref(tx, tt, tctx).sample - ttarget) ** 2)
-        loss.backward()
-        topt.step()
-        return loss
-
     state = {"p": params, "s": opt_state}
 
-    def jax_fwd():
-        return fwd(state["p"], x, t, ctx).block_until_ready()
+    def fwd():
+        return fwd_c(state["p"], x, t, ctx).block_until_ready()
 
-    def jax_train():
-        state["p"], state["s"], loss = train_step(state["p"], state["s"], x, t, ctx, target)
+    def train():
+        state["p"], state["s"], loss = train_c(state["p"], state["s"], x, t, ctx, target)
         return jax.block_until_ready(loss)
 
-    def timed(fn):
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    for fn in (jax_fwd, torch_fwd, jax_train, torch_train):  # warm-up
-        fn()
-    times = {k: [] for k in ("jax_fwd", "torch_fwd", "jax_train", "torch_train")}
-    for _ in range(args.steps):  # alternate, so both see the same machine load
-        times["jax_fwd"].append(timed(jax_fwd))
-        times["torch_fwd"].append(timed(torch_fwd))
-        times["jax_train"].append(timed(jax_train))
-        times["torch_train"].append(timed(torch_train))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    result = {
-        "command": "python " + " ".join(sys.argv),
-        "kind": args.kind,
-        "config": {**CONFIGS[args.kind], "sample_size": SIZE, "input_shape": list(shape), "tokens": TOKENS,
-                   "params": n_params},
-        "threads": args.threads,
-        "machine": platform.processor() or platform.machine(),
-        "jax_compile_s": {"forward": compile_fwd, "train_step": compile_train},
-        "median_s": med,
-        "ratio_jax_over_torch": {"forward": med["jax_fwd"] / med["torch_fwd"],
-                                 "train_step": med["jax_train"] / med["torch_train"]},
-        "flops": {"forward_analytic": flops, "forward_xla_cost_analysis": xla_flops,
-                  "analytic_over_xla": flops / xla_flops, "train_step_analytic": 3 * flops},
-        "gflops_per_s": {"jax_forward": flops / med["jax_fwd"] / 1e9, "jax_train": 3 * flops / med["jax_train"] / 1e9,
-                         "torch_forward": flops / med["torch_fwd"] / 1e9,
-                         "torch_train": 3 * flops / med["torch_train"] / 1e9},
-        "versions": {"jax": jax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
-    }
-    print(f"{args.kind} CPU, {n_params / 1e6:.1f}M params, input {shape}, {args.threads} threads")
-    print(f"{'':12s}{'JAX (s)':>10s}{'PyTorch (s)':>13s}{'JAX/PT':>9s}")
-    for name, j, p in (("forward", "jax_fwd", "torch_fwd"), ("train step", "jax_train", "torch_train")):
-        print(f"{name:12s}{med[j]:10.3f}{med[p]:13.3f}{med[j] / med[p]:9.2f}")
-    print(f"JAX compile: forward {compile_fwd:.1f} s, train step {compile_train:.1f} s")
-    print(f"forward FLOPs: analytic {flops / 1e9:.2f} G, XLA {xla_flops / 1e9:.2f} G (ratio {flops / xla_flops:.3f})")
-    out = Path(args.out or Path(__file__).parent / "results" / f"{args.kind}_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    fwd(), train()  # warm-up
+    serve({"compile_s": {"forward": compile_fwd, "train_step": compile_train}, "flops_analytic": flops,
+           "flops_xla": xla_flops, "input_shape": list(x.shape), "versions": {"jax": jax.__version__}},
+          {"fwd": fwd, "train": train})
 
 
 if __name__ == "__main__":
