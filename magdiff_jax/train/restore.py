@@ -69,8 +69,11 @@ def _restore_params(path: Path, use_ema: bool, sharding):
     read alone: the optimizer state (twice the parameters' size with Adam) and the rest stay on disk."""
     import orbax.checkpoint as ocp
 
-    with ocp.StandardCheckpointer() as ck:
-        saved = ck.metadata(path).item_metadata.tree
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+        saved = handler.metadata(path).tree
+    finally:
+        handler.close()
     name = "ema" if use_ema and "ema" in saved else "params"
     if name not in saved:
         raise ValueError(f"{path}: the checkpoint holds no {name!r} (items: {sorted(saved)})")
