@@ -11,10 +11,11 @@ from magdiff_jax.layers.common import group_norm
 
 
 @pytest.mark.parametrize("shape,groups,eps", [((2, 3, 6, 5, 16), 4, 1e-6), ((3, 7, 7, 12), 3, 1e-5),
-                                              ((2, 9, 8), 8, 1e-5)])
+                                              ((2, 9, 8), 8, 1e-5), ((1, 3, 6, 5, 16), 4, 1e-6)])
 def test_matches_torch_group_norm(shape, groups, eps):
     """torch.nn.GroupNorm (channels first, statistics over every other non-batch axis), random scale and bias,
-    inputs with a non-zero mean: fp32, 1e-5 relative."""
+    inputs with a non-zero mean: outputs and the gradients of a weighted sum with respect to the input, scale and
+    bias, fp32, 1e-5 relative. A single sample (batch 1) takes its own code path (no batch axis)."""
     rng = np.random.RandomState(0)
     x = (rng.randn(*shape) * 2.0 + 0.7).astype(np.float32)
     c = shape[-1]
@@ -24,9 +25,18 @@ def test_matches_torch_group_norm(shape, groups, eps):
         ref.bias.copy_(torch.from_numpy(rng.randn(c).astype(np.float32)))
         want = ref(torch.from_numpy(np.moveaxis(x, -1, 1).copy())).numpy()
     params = {"scale": ref.weight.detach().numpy(), "bias": ref.bias.detach().numpy()}
-    got = group_norm(groups, epsilon=eps).apply({"params": params}, x)
+    norm = group_norm(groups, epsilon=eps)
+    got = norm.apply({"params": params}, x)
     assert got.dtype == jnp.float32
     assert rel_err(got, np.moveaxis(want, 1, -1)) < 1e-5
+
+    weights = rng.randn(*shape).astype(np.float32)
+    tx = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(True)
+    (ref(tx) * torch.from_numpy(np.moveaxis(weights, -1, 1).copy())).sum().backward()
+    grads = jax.grad(lambda p, x: jnp.sum(norm.apply({"params": p}, x) * weights), argnums=(0, 1))(params, x)
+    assert rel_err(grads[1], np.moveaxis(tx.grad.numpy(), 1, -1)) < 1e-5
+    assert rel_err(grads[0]["scale"], ref.weight.grad.numpy()) < 1e-5
+    assert rel_err(grads[0]["bias"], ref.bias.grad.numpy()) < 1e-5
 
 
 def test_dtypes_and_bad_channel_count():

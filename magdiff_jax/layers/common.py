@@ -109,11 +109,16 @@ class GroupNorm(nn.Module):
         if x.ndim < 2 or c % g:
             raise ValueError(f"{self.name or 'GroupNorm'}: {c} channels do not split into {g} groups "
                              f"(input shape {x.shape})")
-        xf = x.reshape(b, -1, c).astype(jnp.float32)
-        count = xf.shape[1] * (c // g)
-        group_sum = lambda t: jnp.repeat(t.reshape(b, g, c // g).sum(-1), c // g, axis=1)  # (B, C)
-        mean = group_sum(jnp.sum(xf, axis=1)) / count
-        var = jnp.maximum(group_sum(jnp.sum(jnp.square(xf), axis=1)) / count - jnp.square(mean), 0.0)
+        # A single sample is normalised without its batch axis: XLA's CPU reduction library (YNNPACK) sums the
+        # middle axis of a (1, N, C) array ~50x slower than the first axis of the (N, C) array it equals (6.2 vs
+        # 0.09 ms at N=8192, C=64 on 2 cores), and the gradient's per-channel sums take this shape from the forward.
+        lead = () if b == 1 else (b,)
+        xf = x.reshape(*lead, -1, c).astype(jnp.float32)  # ([B,] N, C)
+        pos = len(lead)  # the positions axis
+        count = xf.shape[pos] * (c // g)
+        group_sum = lambda t: jnp.repeat(t.reshape(*lead, g, c // g).sum(-1), c // g, axis=-1)  # ([B,] C)
+        mean = group_sum(jnp.sum(xf, axis=pos)) / count
+        var = jnp.maximum(group_sum(jnp.sum(jnp.square(xf), axis=pos)) / count - jnp.square(mean), 0.0)
         mul = jax.lax.rsqrt(var + self.epsilon)
         if self.affine:
             mul = mul * self.param("scale", _named(nn.initializers.ones_init(), ("norm",)), (c,),
@@ -122,7 +127,7 @@ class GroupNorm(nn.Module):
         if self.affine:
             shift = shift + self.param("bias", _named(nn.initializers.zeros_init(), ("norm",)), (c,),
                                        self.param_dtype).astype(jnp.float32)
-        y = xf * mul[:, None] + shift[:, None]
+        y = xf * jnp.expand_dims(mul, pos) + jnp.expand_dims(shift, pos)
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         return y.reshape(x.shape).astype(dtype)
 
