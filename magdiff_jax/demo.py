@@ -135,6 +135,21 @@ def _losses(workdir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
 
 
+def _allocator_hint() -> None:
+    """On CPU under glibc's malloc, say that tcmalloc trains ~1.5x faster when it is installed (README, Training)."""
+    import ctypes.util
+    import os
+
+    import jax
+
+    if jax.default_backend() != "cpu" or "malloc" in os.environ.get("LD_PRELOAD", ""):
+        return
+    lib = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    if lib:
+        logging.info("tcmalloc is installed: LD_PRELOAD=%s magdiff-jax demo ... trains ~1.5x faster on CPU "
+                     "(README, Training)", lib)
+
+
 def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = None, *, vae_steps: int | None = None,
              num_subjects: int = 3, num_seeds: int = 1, num_steps: int = 25, guidance: float = 3.0) -> dict:
     """The whole demo (module docstring); returns the summary it writes. `config`: the MagDiff config
@@ -152,6 +167,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     config = load_config("magdiff") if config is None else config
     synth = config.data.synthetic
 
+    _allocator_hint()
     logging.info("demo [1/4]: training the tiny VAE in %s", workdir / "vae")
     vae_cfg = load_config("vae")
     vae_cfg.data.synthetic = synth.copy_and_resolve_references()
