@@ -37,8 +37,8 @@ and not in others. One arena costs some speed in the runs where two arenas did n
 workers: it keeps freed memory in its page heap, and was the fastest allocator for the JAX step in an A/B run
 (tcmalloc 1.94 s, glibc arena_max=1 2.40 s, glibc default 2.54 s, jemalloc 3.46 s; PyTorch 2.38 s in the same run).
 
-Writes benchmarks/results/<kind>_cpu.json (--malloc tuned: <kind>_cpu_malloc_tuned.json). PERF.md targets:
-forward <= 1.0x, training step <= 0.8x.
+Writes benchmarks/results/<kind>_cpu.json (--malloc tuned|tcmalloc: <kind>_cpu_malloc_<tuned|tcmalloc>.json).
+PERF.md targets: forward <= 1.0x, training step <= 0.8x.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions of each measurement")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
     ap.add_argument("--malloc", default="default", choices=("default", "tuned", "tcmalloc"),
-                    help="glibc malloc settings of both workers (module docstring)")
+                    help="the memory allocator of both workers (module docstring)")
     ap.add_argument("--donate", action="store_true",
                     help="the JAX step donates its parameters and optimizer state (module docstring)")
     ap.add_argument("--out", default=None,
@@ -155,13 +155,13 @@ def main():
 
 
 def find_tcmalloc() -> str:
-    import ctypes.util
+    from magdiff_jax.utils.allocator import find_tcmalloc as find
 
-    for name in ("tcmalloc_minimal", "tcmalloc"):
-        found = ctypes.util.find_library(name)
-        if found:
-            return found
-    raise SystemExit("--malloc tcmalloc: no libtcmalloc found (Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+    lib = find()
+    if lib is None:
+        raise SystemExit("--malloc tcmalloc: no libtcmalloc found "
+                         "(Debian/Ubuntu: apt-get install libtcmalloc-minimal4)")
+    return lib
 
 
 class Worker:

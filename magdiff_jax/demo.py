@@ -137,14 +137,13 @@ def _losses(workdir: Path) -> list[tuple[int, float]]:
 
 def _allocator_hint() -> None:
     """On CPU under glibc's malloc, say that tcmalloc trains ~1.5x faster when it is installed (README, Training)."""
-    import ctypes.util
-    import os
-
     import jax
 
-    if jax.default_backend() != "cpu" or "malloc" in os.environ.get("LD_PRELOAD", ""):
+    from magdiff_jax.utils.allocator import find_tcmalloc, preloaded_allocator
+
+    if jax.default_backend() != "cpu" or preloaded_allocator():
         return
-    lib = ctypes.util.find_library("tcmalloc_minimal") or ctypes.util.find_library("tcmalloc")
+    lib = find_tcmalloc()
     if lib:
         logging.info("tcmalloc is installed: LD_PRELOAD=%s magdiff-jax demo ... trains ~1.5x faster on CPU "
                      "(README, Training)", lib)
