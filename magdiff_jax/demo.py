@@ -1,4 +1,4 @@
-"""`magdiff-jax demo`: MagDiff end to end on the synthetic dataset, on a CPU, in about 15 minutes (2 cores).
+"""`magdiff-jax demo`: MagDiff end to end on the synthetic dataset, on a CPU, in about 7 minutes (2 cores).
 
     magdiff-jax demo [--workdir magdiff_demo] [--config.steps=300 ...]      (--config: configs/magdiff.py:tiny)
 

@@ -82,6 +82,25 @@ def schedule_from(config) -> NoiseSchedule:
     return NoiseSchedule.create(ScheduleConfig(**{k: v for k, v in config.schedule.items() if k in fields}))
 
 
+def timestep_bias(config) -> float:
+    """`schedule.timestep_bias` (0 when absent), checked."""
+    bias = float(config.schedule.get("timestep_bias", 0.0))
+    if bias < 0:
+        raise ValueError(f"schedule.timestep_bias must be >= 0, got {bias}")
+    return bias
+
+
+def sample_timesteps(key, n: int, config) -> jax.Array:
+    """n training timesteps in [0, num_train_timesteps): uniform (`schedule.timestep_bias` 0, the default), or with
+    density proportional to (t / T) ** timestep_bias (> 0: more of them at high noise, where the noisy input no
+    longer shows what the conditioning alone must decide, e.g. which way a subject moves)."""
+    num, bias = config.schedule.num_train_timesteps, timestep_bias(config)
+    if bias == 0:
+        return jax.random.randint(key, (n,), 0, num)
+    u = jax.random.uniform(key, (n,))
+    return jnp.minimum((num * u ** (1.0 / (1.0 + bias))).astype(jnp.int32), num - 1)
+
+
 @dataclasses.dataclass
 class T2ITask:
     """MagicVideo-V2 stage 1 (and SD fine-tuning): latent diffusion with a frozen VAE and CLIP text encoder and a
@@ -110,7 +129,7 @@ class T2ITask:
         # no stop_gradient: a frozen text encoder is split off before jax.grad anyway, a trainable one learns
         context = text.apply({"params": params["text_encoder"]}, batch["tokens"]).last_hidden_state
         noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-        t = jax.random.randint(k_t, (latents.shape[0],), 0, schedule.config.num_train_timesteps)
+        t = sample_timesteps(k_t, latents.shape[0], config)
         pred = unet.apply({"params": params["unet"]}, add_noise(schedule, latents, noise, t), t, context)
         target = training_target(schedule, latents, noise, t, prediction_type)
         loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))
@@ -217,7 +236,7 @@ class MagDiffTask:
         # no stop_gradient: a frozen text encoder is split off before jax.grad anyway, a trainable one learns
         context = text.apply({"params": params["text_encoder"]}, batch["tokens"]).last_hidden_state
         noise = jax.random.normal(k_noise, latents.shape, latents.dtype)
-        t = jax.random.randint(k_t, (latents.shape[0],), 0, schedule.config.num_train_timesteps)
+        t = sample_timesteps(k_t, latents.shape[0], config)
         pred = unet.apply({"params": params["unet"]}, add_noise(schedule, latents, noise, t), t, context, **cond)
         target = training_target(schedule, latents, noise, t, prediction_type)
         loss = jnp.mean(jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)))

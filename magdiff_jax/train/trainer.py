@@ -43,7 +43,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from magdiff_jax import sharding as shd
 from magdiff_jax.data.transforms import normalize_example
 from magdiff_jax.train import optim
-from magdiff_jax.train.tasks import get_task
+from magdiff_jax.train.tasks import get_task, timestep_bias
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -84,7 +84,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.schedule = ml_collections.ConfigDict({"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                                             "beta_start": 0.00085, "beta_end": 0.012,
                                             "prediction_type": "epsilon", "clip_sample": False,
-                                            "set_alpha_to_one": False, "steps_offset": 1})
+                                            "set_alpha_to_one": False, "steps_offset": 1,
+                                            "timestep_bias": 0.0})  # tasks.sample_timesteps
     return c
 
 
@@ -104,6 +105,7 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
 
     compute_dtype(config.compute_dtype)  # an unknown name fails here
     compiler_options(config.get("compiler_options", ""))
+    timestep_bias(config)  # a negative bias fails here
     if config.preview.every > 0:
         n = len(config.preview.prompts) or config.preview.num
         if n > config.global_batch_size // process_count:
