@@ -11,9 +11,9 @@
         frame still shows where the subject went. With uniform timesteps (10% of them above t=900) the direction was
         read only after a plateau of ~800 steps and not reliably by 1500 (7-10 of 12 held-out motions right).
         With the bias, held-out motions right (3 subjects x 4 motions x 3 sampling seeds; colour always right):
-        seed 0: 36%, 44%, 86%, 100% at steps 300, 400, 500, 600; seed 1: 64% at 600, 100% at 750 and 900. The
-        default 800 steps take about 8 minutes on 2 CPU cores. samples/ shows generations from the first batch's
-        subjects and captions.
+        seed 0: 36%, 44%, 86%, 100% at steps 300, 400, 500, 600; seed 1: 25%, 64%, 100% at 300, 600, 750; seed 2:
+        69%, 100% at 400, 800 (benchmarks/demo_motion.py, results/demo_motion_seed*.json). The default 800 steps
+        take about 8 minutes on 2 CPU cores. samples/ shows generations from the first batch's subjects and captions.
     magdiff-jax train --config configs/magdiff.py:base --workdir gs://bucket/magdiff \\
         --config.init_from=out/magdiff_init \\
         --config.data.source=folder --config.data.path=data/pexels --config.data.masks=true

@@ -151,7 +151,7 @@ def _add_generation(sub):
     ed.add_argument("--masks", required=True, help="per-frame masks: a folder of PNGs or a mask video")
     ed.add_argument("--strength", type=float, default=1.0,
                     help="< 1: start from the source's DDIM inversion this far along (structure kept)")
-    de = sub.add_parser("demo", help="MagDiff end to end on the synthetic dataset (about 7 minutes on 2 CPU cores)",
+    de = sub.add_parser("demo", help="MagDiff end to end on the synthetic dataset (about 10 minutes on 2 CPU cores)",
                         description="Trains the tiny VAE and configs/magdiff.py:tiny on synthetic clips, then "
                                     "generates from held-out subjects and edits a held-out clip; writes mp4s, a "
                                     "contact sheet, a loss plot and summary.json to the workdir. --config.key=value "

@@ -1,4 +1,4 @@
-"""`magdiff-jax demo`: MagDiff end to end on the synthetic dataset, on a CPU, in about 7 minutes (2 cores).
+"""`magdiff-jax demo`: MagDiff end to end on the synthetic dataset, on a CPU, in about 10 minutes (2 cores).
 
     magdiff-jax demo [--workdir magdiff_demo] [--config.steps=300 ...]      (--config: configs/magdiff.py:tiny)
 
@@ -149,6 +149,39 @@ def _allocator_hint() -> None:
                      "(README, Training)", lib)
 
 
+def held_out_set(pipe, synth: ml_collections.ConfigDict, num_subjects: int, num_seeds: int,
+                 first_seed: int = 0) -> dict:
+    """The demo's held-out generations: subjects `synth.num + k` (indices the training never saw), each started in
+    the middle of the frame, from where every direction is open, and asked for each of the four motions with the
+    same seeds: only the caption differs, so a right direction comes from the text, not from where the subject
+    starts. Returns lists (one entry per generation) `examples` (`pipe.example`, first-frame subject), `seeds`,
+    `colours`, `motions`, `masks` (the loader's first-frame subject mask) and `captions` (one per subject x motion)."""
+    from magdiff_jax.data.pipeline import synthetic_config
+    from magdiff_jax.data.synthetic import MOTIONS, make_clip
+
+    clip_cfg = synthetic_config(synth)
+    out = {k: [] for k in ("examples", "seeds", "colours", "motions", "masks", "captions")}
+    for k in range(num_subjects):
+        for motion in MOTIONS:
+            clip = make_clip(synth.num + k, clip_cfg, motion=motion, start=(0.5, 0.5))
+            ex = pipe.example(clip.frames[:1], clip.masks[:1], clip.caption, mode="first")
+            out["examples"] += [ex] * num_seeds
+            out["seeds"] += [first_seed + k * num_seeds + s for s in range(num_seeds)]
+            out["colours"] += [clip.color] * num_seeds
+            out["motions"] += [motion] * num_seeds
+            out["masks"] += [np.asarray(ex["mask"][0]) > 0] * num_seeds
+            out["captions"].append(clip.caption)
+    return out
+
+
+def score_held_out(videos: np.ndarray, held: dict) -> tuple[float, list[str], float, list[str | None]]:
+    """`held_out_set`'s generations `videos` (N, F, H, W, 3) uint8 -> (colour accuracy, nearest colours, motion
+    accuracy, detected motions)."""
+    accuracy, nearest = subject_colour_accuracy(videos, np.stack(held["masks"]), held["colours"])
+    motion_accuracy, detected = subject_motion_accuracy(videos, held["colours"], held["motions"])
+    return accuracy, nearest, motion_accuracy, detected
+
+
 def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = None, *, vae_steps: int | None = None,
              num_subjects: int = 3, num_seeds: int = 1, num_steps: int = 25, guidance: float = 3.0) -> dict:
     """The whole demo (module docstring); returns the summary it writes. `config`: the MagDiff config
@@ -190,31 +223,18 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     logging.info("demo [3/4]: generating from %d held-out subjects x 4 motions x %d seeds, editing a held-out clip",
                  num_subjects, num_seeds)
     pipe = MagDiffPipeline.from_workdir(workdir / "magdiff")
-    clip_cfg = synthetic_config(synth)
-    directions = list(MOTIONS)
-    # Each held-out subject (an index the training never saw) starts in the middle of the frame, from where every
-    # direction is open, and is asked for each of the four motions with the same seeds: only the caption differs,
-    # so a right direction comes from the text, not from where the subject starts.
-    examples, seeds, colours, motions, masks, captions = [], [], [], [], [], []
-    for k in range(num_subjects):
-        for motion in directions:
-            clip = make_clip(synth.num + k, clip_cfg, motion=motion, start=(0.5, 0.5))
-            ex = pipe.example(clip.frames[:1], clip.masks[:1], clip.caption, mode="first")
-            examples += [ex] * num_seeds
-            seeds += [k * num_seeds + s for s in range(num_seeds)]
-            colours += [clip.color] * num_seeds
-            motions += [motion] * num_seeds
-            masks += [np.asarray(ex["mask"][0]) > 0] * num_seeds  # the loader's mask (data.masks): first frame
-            captions.append(clip.caption)
-    source = make_clip(synth.num + num_subjects, clip_cfg)  # an edit of another held-out clip, in the same batch
+    held = held_out_set(pipe, synth, num_subjects, num_seeds)
+    examples, seeds, colours, motions, captions = (held[k] for k in ("examples", "seeds", "colours", "motions",
+                                                                      "captions"))
+    # an edit of another held-out clip, in the same batch
+    source = make_clip(synth.num + num_subjects, synthetic_config(synth))
     edit_ex = pipe.example(source.frames, source.masks, source.caption, mode="all")
     videos = pipe([*examples, edit_ex], seeds=[*seeds, len(seeds)], num_steps=num_steps, guidance=guidance)
     videos, edited = videos[:-1], videos[-1]
-    accuracy, nearest = subject_colour_accuracy(videos, np.stack(masks), colours)
-    motion_accuracy, detected = subject_motion_accuracy(videos, colours, motions)
+    accuracy, nearest, motion_accuracy, detected = score_held_out(videos, held)
     logging.info("colour accuracy %.2f (chance 1/6), motion accuracy %.2f (chance 1/4)", accuracy, motion_accuracy)
     logging.info("demo [4/4]: writing the videos, the contact sheet and the loss plot")
-    per_subject = len(directions) * num_seeds
+    per_subject = len(MOTIONS) * num_seeds
     outputs = []
     for k in range(num_subjects):  # the four motions side by side, first seed
         tiles = videos[k * per_subject:(k + 1) * per_subject:num_seeds]
