@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
     if not ckpts.is_dir():
         raise SystemExit(f"demo_motion: {ckpts} not found (a `magdiff-jax demo` or `train` workdir is needed)")
     kept = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    if not kept:
+        raise SystemExit(f"demo_motion: {ckpts} holds no checkpoint (has the training saved one?)")
     steps = args.steps or kept
     missing = sorted(set(steps) - set(kept))
     if missing:

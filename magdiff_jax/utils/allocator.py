@@ -1,9 +1,10 @@
 """The host memory allocator for CPU runs.
 
-XLA's CPU runtime allocates a step's intermediates afresh on every call; glibc's default malloc serves buffers that
-large from mmap, so every step faults its memory in again. gperftools' tcmalloc keeps freed memory and was the
-fastest allocator measured (README, Training; `benchmarks/unet_cpu.py --malloc tcmalloc`). It is loaded with
-LD_PRELOAD, before the process starts.
+XLA's CPU runtime allocates a step's intermediates afresh on every call; glibc's malloc serves buffers that large
+from mmap, so every step faults its memory in again (its per-thread arenas do so whatever the mmap and trim
+thresholds say: setting them left the faults unchanged; one arena removes them but runs slower). gperftools'
+tcmalloc keeps freed memory and was the fastest allocator measured (README, Training;
+`benchmarks/unet_cpu.py --malloc tcmalloc`). It is loaded with LD_PRELOAD, before the process starts.
 """
 
 from __future__ import annotations
