@@ -4,6 +4,7 @@
     python benchmarks/unet_cpu.py --kind unet2d      # the same widths as an image U-Net (batch 2)
     python benchmarks/unet_cpu.py --kind unet_motion
     python benchmarks/unet_cpu.py --malloc tuned     # both frameworks with glibc's malloc tuned (see below)
+    python benchmarks/unet_cpu.py --malloc hugepages # both with glibc's transparent huge pages (see below)
     python benchmarks/unet_cpu.py --malloc tcmalloc  # both frameworks with tcmalloc preloaded (see below)
 
 Config (all kinds): block widths 64/128/192, cross-attention in the first two blocks (heads of width 32),
@@ -33,11 +34,17 @@ the heap grows). arena_max=1 matters: from a second arena, glibc serves a buffer
 whatever mmap_max says, and unmaps it on free, so with arena_max=2 the faults came back in some runs (every call)
 and not in others. One arena costs some speed in the runs where two arenas did not fault (allocator lock).
 
+--malloc hugepages runs both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (what `magdiff-jax` sets for itself,
+magdiff_jax/utils/allocator.py): the buffers still come from fresh mmaps, but fault in 2 MiB at a time. It made the
+JAX forward faster (0.39 s, 0.61x PyTorch) and took the demo's small MagDiff steps from 2.0 to 2.7 steps/s, but not
+this step: ~1400 huge-page faults, 2.7 GB mapped and zeroed afresh per call, still cost ~1.8 s of system time
+(JAX step 2.61 s, PyTorch 1.70 s in that run; with tcmalloc on the same day 1.43 s against 1.60 s).
+
 --malloc tcmalloc preloads gperftools' tcmalloc (libtcmalloc_minimal.so.4; Debian: libtcmalloc-minimal4) into both
 workers: it keeps freed memory in its page heap, and was the fastest allocator for the JAX step in an A/B run
 (tcmalloc 1.94 s, glibc arena_max=1 2.40 s, glibc default 2.54 s, jemalloc 3.46 s; PyTorch 2.38 s in the same run).
 
-Writes benchmarks/results/<kind>_cpu.json (--malloc tuned|tcmalloc: <kind>_cpu_malloc_<tuned|tcmalloc>.json).
+Writes benchmarks/results/<kind>_cpu.json (--malloc M: <kind>_cpu_malloc_<M>.json).
 PERF.md targets: forward <= 1.0x, training step <= 0.8x.
 """
 
@@ -71,6 +78,7 @@ CONFIGS = {
 TORCH_CLASSES = {"unet2d": "UNet2DConditionModel", "unet3d": "UNet3DConditionModel", "unet_motion": "UNetMotionModel"}
 FRAMES, TOKENS, SIZE = 8, 77, 32
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
+HUGEPAGES_MALLOC = "glibc.malloc.hugetlb=1"
 
 
 def main():
@@ -78,12 +86,12 @@ def main():
     ap.add_argument("--kind", default="unet3d", choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions of each measurement")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
-    ap.add_argument("--malloc", default="default", choices=("default", "tuned", "tcmalloc"),
+    ap.add_argument("--malloc", default="default", choices=("default", "tuned", "hugepages", "tcmalloc"),
                     help="the memory allocator of both workers (module docstring)")
     ap.add_argument("--donate", action="store_true",
                     help="the JAX step donates its parameters and optimizer state (module docstring)")
     ap.add_argument("--out", default=None,
-                    help="JSON path (default benchmarks/results/<kind>_cpu[_malloc_<tuned|tcmalloc>].json)")
+                    help="JSON path (default benchmarks/results/<kind>_cpu[_malloc_<malloc>].json)")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -94,6 +102,8 @@ def main():
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
         if args.malloc == "tuned":
             env["GLIBC_TUNABLES"] = TUNED_MALLOC
+        elif args.malloc == "hugepages":
+            env["GLIBC_TUNABLES"] = HUGEPAGES_MALLOC
         elif args.malloc == "tcmalloc":
             env["LD_PRELOAD"] = find_tcmalloc()
         common = ["--kind", args.kind, "--threads", str(args.threads), "--dir", tmp, *(["--donate"] * args.donate)]
@@ -121,6 +131,7 @@ def main():
         "threads": args.threads,
         "processes": "one per framework, timed calls alternating",
         "malloc": {"default": "default", "tuned": f"tuned: GLIBC_TUNABLES={TUNED_MALLOC}",
+                   "hugepages": f"hugepages: GLIBC_TUNABLES={HUGEPAGES_MALLOC}",
                    "tcmalloc": f"tcmalloc: LD_PRELOAD={env.get('LD_PRELOAD')}"}[args.malloc],
         "jax_donates": args.donate,
         "machine": platform.processor() or platform.machine(),

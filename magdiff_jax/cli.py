@@ -315,7 +315,11 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. On Linux under glibc it first restarts itself with glibc's huge-page tunable
+    when that is not set (magdiff_jax/utils/allocator.py: ~1.3x faster CPU steps)."""
+    from magdiff_jax.utils.allocator import reexec_with_hugepages
+
+    reexec_with_hugepages()
     try:
         app.run(main, flags_parser=parse_flags)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # one clear line, exit 1

@@ -135,20 +135,6 @@ def _losses(workdir: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
 
 
-def _allocator_hint() -> None:
-    """On CPU under glibc's malloc, say that tcmalloc trains ~1.5x faster when it is installed (README, Training)."""
-    import jax
-
-    from magdiff_jax.utils.allocator import find_tcmalloc, preloaded_allocator
-
-    if jax.default_backend() != "cpu" or preloaded_allocator():
-        return
-    lib = find_tcmalloc()
-    if lib:
-        logging.info("tcmalloc is installed: LD_PRELOAD=%s magdiff-jax demo ... trains ~1.5x faster on CPU "
-                     "(README, Training)", lib)
-
-
 def held_out_set(pipe, synth: ml_collections.ConfigDict, num_subjects: int, num_seeds: int,
                  first_seed: int = 0) -> dict:
     """The demo's held-out generations: subjects `synth.num + k` (indices the training never saw), each started in
@@ -199,7 +185,6 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     config = load_config("magdiff") if config is None else config
     synth = config.data.synthetic
 
-    _allocator_hint()
     logging.info("demo [1/4]: training the tiny VAE in %s", workdir / "vae")
     vae_cfg = load_config("vae")
     vae_cfg.data.synthetic = synth.copy_and_resolve_references()

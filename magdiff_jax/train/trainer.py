@@ -44,6 +44,7 @@ from magdiff_jax import sharding as shd
 from magdiff_jax.data.transforms import normalize_example
 from magdiff_jax.train import optim
 from magdiff_jax.train.tasks import get_task, timestep_bias
+from magdiff_jax.utils.allocator import allocator_hint
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -367,6 +368,8 @@ def train(config, workdir: str | Path) -> dict:
 
     if jax.default_backend() == "cpu":
         _one_writer_per_array()
+        if main and (hint := allocator_hint()):
+            logging.info(hint)
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=config.async_checkpoints)
     mgr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "config"), options=options)
