@@ -7,13 +7,15 @@
         caption into a few near-identical vectors, dominated by its first content word). A random VAE decodes to
         noise, so start from a trained one: `magdiff-jax demo` trains configs/vae.py:tiny first and passes it as
         init_from (subfolder `vae`). Training timesteps are drawn towards high noise (`schedule.timestep_bias`
-        8: density ~ (t/T)^8), because only there is the caption's direction needed: at lower noise the noisy last
-        frame still shows where the subject went. With uniform timesteps (10% of them above t=900) the direction was
-        read only after a plateau of ~800 steps and not reliably by 1500 (7-10 of 12 held-out motions right).
-        With the bias, held-out motions right (3 subjects x 4 motions x 3 sampling seeds; colour always right):
-        seed 0: 36%, 44%, 86%, 100% at steps 300, 400, 500, 600; seed 1: 25%, 64%, 100% at 300, 600, 750; seed 2:
-        69%, 100% at 400, 800 (benchmarks/demo_motion.py, results/demo_motion_seed*.json). The default 800 steps
-        take about 8 minutes on 2 CPU cores. samples/ shows generations from the first batch's subjects and captions.
+        16: density ~ (t/T)^16), because only there is the caption's direction needed: at lower noise the noisy
+        last frame still shows where the subject went. With uniform timesteps (10% of them above t=900) the
+        direction was read only after a plateau of ~800 steps and not reliably by 1500 (7-10 of 12 held-out motions
+        right). Held-out motions right (3 subjects x 4 motions x 3 sampling seeds; benchmarks/demo_motion.py):
+        bias 16, training seeds 0/1/2: 100/83/92% at step 400, 100/92/100% at 500, 100/100/100% at 600, colour
+        100% at 600 (results/demo_motion_bias16_seed*.json); bias 8 needed 600/750/800 steps for 100%
+        (results/demo_motion_seed*.json). The default 600 steps take about 3.5 minutes on 2 CPU cores (glibc's
+        huge pages, which `magdiff-jax` sets: magdiff_jax/utils/allocator.py). samples/ shows generations from the
+        first batch's subjects and captions. `:demo` is this config without previews (`magdiff-jax demo`'s own).
     magdiff-jax train --config configs/magdiff.py:base --workdir gs://bucket/magdiff \\
         --config.init_from=out/magdiff_init \\
         --config.data.source=folder --config.data.path=data/pexels --config.data.masks=true
@@ -66,18 +68,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.caption_dropout = 0.15
     c.data.normalize = False  # uint8 from the loader; scaled on device
     c.optim.update(lr=5e-5, weight_decay=0.01, warmup_steps=100, grad_clip=1.0)
-    if arg == "tiny":
+    if arg in ("tiny", "demo"):
         # two frames per clip (a step is about twice as fast as on four, and the first and last frames show the
         # whole motion); lr 4e-3 stayed on the plateau (motion at chance by step 500)
-        c.steps, c.global_batch_size, c.log_every, c.ckpt_every = 800, 8, 25, 400
+        c.steps, c.global_batch_size, c.log_every, c.ckpt_every = 600, 8, 25, 300
         c.optim.update(lr=2e-3, warmup_steps=20)
         # v-prediction: at high noise its target is mostly the clean latent, so a few hundred steps already learn
         # where the subject goes and its colour (epsilon's loss hardly weighs the clean latent there)
         c.schedule.prediction_type = "v_prediction"
         # most timesteps where the subject's direction is not in the noisy frames (docstring); at step 600 uniform
-        # timesteps gave 5 of 24 motions right (chance). Bias 16 learns the motion ~150 steps sooner (seed 0: all
-        # by step 400), with noisier backgrounds: it hardly trains the low-noise steps
-        c.schedule.timestep_bias = 8.0
+        # timesteps gave 5 of 24 motions right (chance), bias 8 36-100%, bias 16 100% on each of three training
+        # seeds. It hardly trains the low-noise steps: backgrounds stay a little noisier than with bias 8
+        c.schedule.timestep_bias = 16.0
         c.trainable = r"^(unet|text_encoder)/"  # from scratch: the whole MagDiff U-Net and the text encoder
         c.data.source = "synthetic"
         # the clip's first and last frames show its whole path (6.4 px, 3.2 latent px); every subject starts where
@@ -88,11 +90,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.subject.update(sizes=(48, 40, 32), clip_size=32)
         c.data.subject.probs.update(none=0.05, first=0.8, all=0.15)
         c.data.tokenizer, c.data.max_length = "synthetic", 16
-        c.preview.update(every=400, num=3, num_steps=20, guidance=3.0)
+        c.preview.update(every=300, num=3, num_steps=20, guidance=3.0)
         c.model = tiny_models()
         # XLA's optimisation level 1: the MagDiff step runs as fast as at the default level 2 and compiles in ~40 s
         # instead of ~55-75 s (the demo compiles its VAE stage alike)
         c.compiler_options = "xla_backend_optimization_level=1"
+        if arg == "demo":  # `magdiff-jax demo`: its held-out generations and contact sheet stand in for previews
+            c.preview.every = 0
     elif arg == "base":
         c.steps, c.global_batch_size, c.log_every, c.ckpt_every = 30000, 64, 50, 1000
         c.trainable = MagDiffTask.trainable
@@ -106,5 +110,5 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                                              "text_encoder": {}, "image_encoder": {}})
         c.preview.update(every=1000, num=4, num_steps=50, guidance=7.5)
     else:
-        raise ValueError(f"configs/magdiff.py: variant must be tiny or base, got {arg!r}")
+        raise ValueError(f"configs/magdiff.py: variant must be tiny, demo or base, got {arg!r}")
     return c

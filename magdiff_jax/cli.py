@@ -151,8 +151,9 @@ def _add_generation(sub):
     ed.add_argument("--masks", required=True, help="per-frame masks: a folder of PNGs or a mask video")
     ed.add_argument("--strength", type=float, default=1.0,
                     help="< 1: start from the source's DDIM inversion this far along (structure kept)")
-    de = sub.add_parser("demo", help="MagDiff end to end on the synthetic dataset (about 10 minutes on 2 CPU cores)",
-                        description="Trains the tiny VAE and configs/magdiff.py:tiny on synthetic clips, then "
+    de = sub.add_parser("demo", help="MagDiff end to end on the synthetic dataset (about 6 minutes on 2 CPU cores)",
+                        description="Trains the tiny VAE and configs/magdiff.py:demo (tiny, without previews) on "
+                                    "synthetic clips, then "
                                     "generates from held-out subjects and edits a held-out clip; writes mp4s, a "
                                     "contact sheet, a loss plot and summary.json to the workdir. --config.key=value "
                                     "overrides apply to the MagDiff config.")
@@ -174,7 +175,7 @@ def parse_flags(argv: list[str]) -> argparse.Namespace:
     if args.command == "demo" and not any(a == "--config" or a.startswith("--config=") for a in rest):
         from magdiff_jax.demo import CONFIGS
 
-        rest = [f"--config={CONFIGS / 'magdiff.py'}:tiny", *rest]
+        rest = [f"--config={CONFIGS / 'magdiff.py'}:demo", *rest]
     flags.FLAGS([argv[0], *rest])
     return args
 

@@ -1,9 +1,10 @@
-"""`magdiff-jax demo`: MagDiff end to end on the synthetic dataset, on a CPU, in about 10 minutes (2 cores).
+"""`magdiff-jax demo`: MagDiff end to end on the synthetic dataset, on a CPU, in about 6 minutes (2 cores).
 
-    magdiff-jax demo [--workdir magdiff_demo] [--config.steps=300 ...]      (--config: configs/magdiff.py:tiny)
+    magdiff-jax demo [--workdir magdiff_demo] [--config.steps=300 ...]      (--config: configs/magdiff.py:demo)
 
 1. trains the tiny VAE (configs/vae.py:tiny; a random VAE decodes to noise) and exports it as a converted model;
-2. trains configs/magdiff.py:tiny from it (init_from), with the given `--config.*` overrides;
+2. trains configs/magdiff.py:demo (the tiny config without training previews: step 3 shows more) from it
+   (init_from), with the given `--config.*` overrides;
 3. generates videos from held-out subjects (clips the training never saw): each subject starts in the middle of
    the frame and is generated once per caption motion (left, right, up, down) with the same seeds, so only the
    caption says where it goes; and edits a held-out clip (every frame's subject kept, the rest regenerated);
@@ -171,7 +172,7 @@ def score_held_out(videos: np.ndarray, held: dict) -> tuple[float, list[str], fl
 def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = None, *, vae_steps: int | None = None,
              num_subjects: int = 3, num_seeds: int = 1, num_steps: int = 25, guidance: float = 3.0) -> dict:
     """The whole demo (module docstring); returns the summary it writes. `config`: the MagDiff config
-    (configs/magdiff.py:tiny by default)."""
+    (configs/magdiff.py:demo by default)."""
     from magdiff_jax.convert.flax_checkpoint import save_flax
     from magdiff_jax.data.pipeline import synthetic_config
     from magdiff_jax.data.synthetic import MOTIONS, make_clip
@@ -182,7 +183,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     from magdiff_jax.utils.images import contact_sheet, save_png
 
     workdir = Path(workdir).absolute()
-    config = load_config("magdiff") if config is None else config
+    config = load_config("magdiff", "demo") if config is None else config
     synth = config.data.synthetic
 
     logging.info("demo [1/4]: training the tiny VAE in %s", workdir / "vae")

@@ -21,7 +21,7 @@ def demo_config():
     c.global_batch_size, c.data.num_frames, c.data.stride = 4, 2, 3  # each clip's first and last frames
     c.preview.every = 0
     # colour comes from the subject image within these 100 steps; the caption's motion (what training the tiny text
-    # encoder is for) needs 600-750, so the text encoder stays frozen here (less to compile and run;
+    # encoder is for) needs 400-600, so the text encoder stays frozen here (less to compile and run;
     # test_train_scale.py trains a text encoder). The suite compiles at XLA's optimisation level 0 (conftest); the
     # tiny config's level 1 (compiler_options) makes these MagDiff steps ~1.9x faster, for 39 s of compile.
     c.trainable = r"^unet/"
