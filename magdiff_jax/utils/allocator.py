@@ -85,11 +85,14 @@ def reexec_with_hugepages() -> None:
     Call it first thing, before any work: nothing of this process survives (the new one sees the tunable set and
     does not restart again). An interactive interpreter or a notebook kernel is never replaced."""
     interactive = hasattr(sys, "ps1") or sys.flags.interactive or "ipykernel" in sys.modules
-    if interactive or not wants_hugepages() or not getattr(sys, "orig_argv", None):
+    if interactive or not sys.executable or not getattr(sys, "orig_argv", None) or not wants_hugepages():
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, with_hugepages(dict(os.environ)))
+    try:
+        os.execve(sys.executable, sys.orig_argv, with_hugepages(dict(os.environ)))
+    except OSError:  # the interpreter cannot be started again from here: go on as we are
+        return
 
 
 def allocator_hint() -> str | None:
