@@ -61,6 +61,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from magdiff_jax.utils.allocator import HUGEPAGES
+
 WIDTHS = dict(block_out_channels=(64, 128, 192), layers_per_block=1, norm_num_groups=32, cross_attention_dim=256)
 CONFIGS = {
     "unet2d": dict(WIDTHS, down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
@@ -78,7 +80,7 @@ CONFIGS = {
 TORCH_CLASSES = {"unet2d": "UNet2DConditionModel", "unet3d": "UNet3DConditionModel", "unet_motion": "UNetMotionModel"}
 FRAMES, TOKENS, SIZE = 8, 77, 32
 TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-HUGEPAGES_MALLOC = "glibc.malloc.hugetlb=1"
+GLIBC_TUNABLES = {"tuned": TUNED_MALLOC, "hugepages": HUGEPAGES}  # --malloc choices that set GLIBC_TUNABLES
 
 
 def main():
@@ -100,10 +102,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-        if args.malloc == "tuned":
-            env["GLIBC_TUNABLES"] = TUNED_MALLOC
-        elif args.malloc == "hugepages":
-            env["GLIBC_TUNABLES"] = HUGEPAGES_MALLOC
+        if args.malloc in GLIBC_TUNABLES:
+            env["GLIBC_TUNABLES"] = GLIBC_TUNABLES[args.malloc]
         elif args.malloc == "tcmalloc":
             env["LD_PRELOAD"] = find_tcmalloc()
         common = ["--kind", args.kind, "--threads", str(args.threads), "--dir", tmp, *(["--donate"] * args.donate)]
@@ -130,9 +130,8 @@ def main():
                    "tokens": TOKENS, "params": torch_info["params"]},
         "threads": args.threads,
         "processes": "one per framework, timed calls alternating",
-        "malloc": {"default": "default", "tuned": f"tuned: GLIBC_TUNABLES={TUNED_MALLOC}",
-                   "hugepages": f"hugepages: GLIBC_TUNABLES={HUGEPAGES_MALLOC}",
-                   "tcmalloc": f"tcmalloc: LD_PRELOAD={env.get('LD_PRELOAD')}"}[args.malloc],
+        "malloc": {"default": "default", "tcmalloc": f"tcmalloc: LD_PRELOAD={env.get('LD_PRELOAD')}",
+                   **{k: f"{k}: GLIBC_TUNABLES={v}" for k, v in GLIBC_TUNABLES.items()}}[args.malloc],
         "jax_donates": args.donate,
         "machine": platform.processor() or platform.machine(),
         "jax_compile_s": jax_info["compile_s"],
