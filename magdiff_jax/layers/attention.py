@@ -4,19 +4,22 @@ decoupled text/image cross-attention variant for MagDiff).
 Every attention in the project (CLIP self-attention, VAE mid-block attention, U-Net self/cross/temporal
 attention) calls `dot_product_attention`, whose `implementation` comes from the model config:
 
-  xla        two einsums around an fp32 softmax: any backend, any dtype. On CPU it runs 1.5-4x faster than
-             `jax.nn.dot_product_attention(implementation="xla")` (benchmarks/unet2d_cpu.py); a query whose keys
-             are all masked out gets a zero output, as PyTorch's SDPA gives.
+  xla        two einsums around an fp32 softmax, with a hand-written backward (custom VJP) that keeps the
+             probabilities and takes every gradient product in the operand layout XLA's CPU matmuls run fastest
+             (autodiff's dV = P^T dO and dK = dS^T Q contract the major axis of both operands); any backend, any
+             dtype. A query whose keys are all masked out gets a zero output, as PyTorch's SDPA gives.
   blockwise  the same computation over blocks of queries (`lax.map`), each block rematerialised in the backward
              pass, so the (Lq, Lk) score matrix never exists whole: activation memory O(Lq * block) instead of
-             O(Lq * Lk), and cache-sized working sets on CPU. The outputs are those of xla (each query row is the
-             same computation). Blocks hold at most BLOCK_SCORES scores.
+             O(Lq * Lk). The outputs are those of xla (each query row is the same computation). Blocks hold at
+             most BLOCK_SCORES scores.
   cudnn      cuDNN flash attention on a CUDA GPU (fp16/bf16, head_dim a multiple of 8 and at most 128). Asking for
              it elsewhere is an error that says why; tests gate it on `cudnn_available()`.
   auto       (the model configs' default) cudnn where it is available and applicable and the sequence is long
-             enough to gain from it; on CPU, blockwise once the scores pass AUTO_BLOCKWISE_MIN_SCORES; else xla.
-             Measured on a 2-core CPU, q/k/v (8, 1024, 2, 32), forward + backward: xla 188 ms, blockwise 96-113 ms
-             (PyTorch's SDPA: 61 ms); at (8, 256, 4, 32) the two are even (13-14 ms), hence the threshold.
+             enough to gain from it; on CPU, blockwise once the scores pass AUTO_BLOCKWISE_MIN_SCORES (where the
+             saved probabilities would pass 256 MB per attention in fp32); else xla.
+             Forward + backward on a 2-core CPU, q/k/v (8, 1024, 2, 32), alternating runs: xla 37 ms, blockwise
+             61 ms, autodiff of the same forward 72 ms (PyTorch's SDPA, flash kernel: 50-61 ms); at
+             (1024, 8, 8, 32) (temporal attention) 14 / 17 / 20 ms.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from magdiff_jax.layers.common import dense
 from magdiff_jax.layers.remat import tag
@@ -35,7 +39,7 @@ IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "auto")
 # Below this many keys the fused kernel does not pay for itself (77-token prompts, 16-frame temporal attention).
 AUTO_CUDNN_MIN_LENGTH = 256
 # auto on CPU: blockwise from this many scores (B * H * Lq * Lk) up; a block holds at most BLOCK_SCORES of them.
-AUTO_BLOCKWISE_MIN_SCORES = 1 << 22
+AUTO_BLOCKWISE_MIN_SCORES = 1 << 26
 BLOCK_SCORES = 1 << 21
 
 
@@ -139,18 +143,83 @@ def _blockwise_attention(q, k, v, mask, is_causal, scale):
 
 
 def _xla_attention(q, k, v, mask, is_causal, scale):
-    head_dim = q.shape[-1]
-    q = q * jnp.asarray(head_dim**-0.5 if scale is None else scale, q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, H, Lq, Lk)
     if is_causal:
         causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
         mask = causal if mask is None else jnp.logical_and(mask, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if mask is None:
+        return _attention(q, k, v, scale)
+    return _masked_attention(q, k, v, jnp.asarray(mask), scale)
+
+
+def _heads_first(t):
+    return jnp.swapaxes(t, 1, 2)  # (B, L, H, D) <-> (B, H, L, D)
+
+
+def _attention_forward(q, k, v, mask, scale):
+    """The forward of `_attention`: the output (B, Lq, H, D) and the backward's residuals, heads-first."""
+    q, k, v = _heads_first(q * jnp.asarray(scale, q.dtype)), _heads_first(k), _heads_first(v)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, H, Lq, Lk)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1)
     if mask is not None:  # a query with no visible key attends to nothing
         weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).astype(q.dtype)
+    weights = weights.astype(v.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).astype(q.dtype)
+    return _heads_first(out), (q, k, v, out, weights)
+
+
+def _attention_backward(scale, res, d_out):
+    """Softmax attention's gradient from the saved probabilities P, heads-first, with every product in a form XLA's
+    CPU matmul library runs at full speed: dV^T = dO^T P and dK^T = Q^T dS are taken as (D, Lq) x (Lq, Lk)
+    products (their transposed forms, contracting the major query axis of both operands, ran 2-4x slower).
+    dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale."""
+    q, k, v, out, weights = res
+    d_out = _heads_first(d_out)
+    d_vt = jnp.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(d_out, 2, 3), weights)
+    d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_logits = (weights.astype(jnp.float32) * (d_weights - row)).astype(q.dtype)
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k) * jnp.asarray(scale, q.dtype)
+    d_kt = jnp.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(q, 2, 3), d_logits)
+    from_transposed = lambda t: jnp.transpose(t, (0, 3, 1, 2))  # (B, H, D, L) -> (B, L, H, D)
+    return _heads_first(d_q), from_transposed(d_kt), from_transposed(d_vt)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, scale):
+    """Softmax attention (B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D); the backward keeps the probabilities
+    (B * H * Lq * Lk values, as autodiff of the same forward does) instead of recomputing them."""
+    return _attention_forward(q, k, v, None, scale)[0]
+
+
+def _attention_fwd(q, k, v, scale):
+    return _attention_forward(q, k, v, None, scale)
+
+
+_attention.defvjp(_attention_fwd, _attention_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _masked_attention(q, k, v, mask, scale):
+    """`_attention` with a boolean mask (broadcastable to (B, H, Lq, Lk), True keeps a key); the mask gets no
+    gradient."""
+    return _attention_forward(q, k, v, mask, scale)[0]
+
+
+def _masked_attention_fwd(q, k, v, mask, scale):
+    out, res = _attention_forward(q, k, v, mask, scale)
+    return out, (res, mask)
+
+
+def _masked_attention_bwd(scale, res, d_out):
+    res, mask = res
+    zero_mask = np.zeros(mask.shape, jax.dtypes.float0)
+    return (*_attention_backward(scale, res, d_out), zero_mask)
+
+
+_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
 
 
 class Attention(nn.Module):
