@@ -135,6 +135,7 @@ def main():
         "jax_donates": args.donate,
         "machine": platform.processor() or platform.machine(),
         "jax_compile_s": jax_info["compile_s"],
+        "jax_compiler_options": jax_info["compiler_options"],
         "median_s": med,
         "ratio_jax_over_torch": {"forward": med["jax_fwd"] / med["torch_fwd"],
                                  "train_step": med["jax_train"] / med["torch_train"]},
@@ -274,6 +275,7 @@ def jax_worker(args) -> None:
     import optax
 
     from magdiff_jax.convert import load_torch
+    from magdiff_jax.utils import xla_cpu
     from magdiff_jax.utils.flops import count_flops
 
     module, params = load_torch(args.kind, args.dir)
@@ -292,10 +294,11 @@ def jax_worker(args) -> None:
     train_jit = jax.jit(train_step, donate_argnums=(0, 1) if args.donate else ())
     opt_state = opt.init(params)
     t0 = time.perf_counter()
-    fwd_c = fwd_fn.lower(params, x, t, ctx).compile()
+    options = xla_cpu.merged(None)  # the library's XLA CPU setting, as the trainer compiles its step
+    fwd_c = fwd_fn.lower(params, x, t, ctx).compile(options)
     compile_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
-    train_c = train_jit.lower(params, opt_state, x, t, ctx, target).compile()
+    train_c = train_jit.lower(params, opt_state, x, t, ctx, target).compile(options)
     compile_train = time.perf_counter() - t0
     # XLA counts a loop body once, so its count is taken on the same model with loop-free (xla) attention
     plain = module.clone(config=dataclasses.replace(module.config, attention_impl="xla"))
@@ -314,7 +317,8 @@ def jax_worker(args) -> None:
 
     fwd(), train()  # warm-up
     serve({"compile_s": {"forward": compile_fwd, "train_step": compile_train}, "flops_analytic": flops,
-           "flops_xla": xla_flops, "input_shape": list(x.shape), "versions": {"jax": jax.__version__}},
+           "flops_xla": xla_flops, "input_shape": list(x.shape), "versions": {"jax": jax.__version__},
+           "compiler_options": options or {}},
           {"fwd": fwd, "train": train})
 
 

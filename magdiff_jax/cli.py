@@ -316,10 +316,13 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run() -> None:
-    """Console-script entry point. On Linux under glibc it first restarts itself with glibc's huge-page tunable
-    when that is not set (magdiff_jax/utils/allocator.py: ~1.3x faster CPU steps)."""
+    """Console-script entry point. It sets XLA's CPU convolutions to Eigen (magdiff_jax/utils/xla_cpu.py) and, on
+    Linux under glibc, restarts itself with glibc's huge-page tunable when that is not set
+    (magdiff_jax/utils/allocator.py: ~1.3x faster CPU steps)."""
+    from magdiff_jax.utils import xla_cpu
     from magdiff_jax.utils.allocator import reexec_with_hugepages
 
+    xla_cpu.add_to_xla_flags()
     reexec_with_hugepages()
     try:
         app.run(main, flags_parser=parse_flags)

@@ -124,9 +124,11 @@ def calibrate_scaling(vae, params, clip_config, num: int = 32):
     import jax
 
     from magdiff_jax.data.synthetic import make_clip
+    from magdiff_jax.utils import xla_cpu
 
     frames = np.concatenate([make_clip(i, clip_config).frames for i in range(num)])
-    mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(params, frames / 127.5 - 1.0)
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"), compiler_options=xla_cpu.merged(None))
+    mean, _ = encode(params, frames / 127.5 - 1.0)
     scale = float(1.0 / np.std(np.asarray(mean)))
     logging.info("VAE latents: std %.3f -> scaling_factor %.4f", 1.0 / scale, scale)
     return vae.clone(config=dataclasses.replace(vae.config, scaling_factor=scale))

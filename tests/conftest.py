@@ -27,6 +27,11 @@ from magdiff_jax.utils.allocator import hugepages_supported, with_hugepages
 
 if hugepages_supported():
     os.environ.update(with_hugepages(dict(os.environ)))
+# XLA's CPU convolutions on Eigen, as `magdiff-jax` and the trainer run them (magdiff_jax/utils/xla_cpu.py)
+from magdiff_jax.utils.xla_cpu import FLAG, user_chose
+
+if not user_chose():
+    os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {FLAG}"
 
 import pytest
 from absl import flags

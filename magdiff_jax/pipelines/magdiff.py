@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig
+from magdiff_jax.utils import xla_cpu
 
 
 def _frames(x):
@@ -268,4 +269,4 @@ class MagDiffPipeline:
             per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
             return per(batch, keys)
 
-        return jax.jit(run)
+        return jax.jit(run, compiler_options=xla_cpu.merged(None))

@@ -44,6 +44,7 @@ from magdiff_jax import sharding as shd
 from magdiff_jax.data.transforms import normalize_example
 from magdiff_jax.train import optim
 from magdiff_jax.train.tasks import get_task, timestep_bias
+from magdiff_jax.utils import xla_cpu
 from magdiff_jax.utils.allocator import allocator_hint
 
 BATCH_AXES = ("data", "fsdp")
@@ -204,7 +205,8 @@ class _Preview:
         self.keys = task.batch_keys(config)
         key = jax.random.key(config.preview.seed)
         self.fn = jax.jit(lambda params, batch: task.preview(modules, params, batch, key, config=config),
-                          in_shardings=(params_sharding, replicated), out_shardings=replicated)
+                          in_shardings=(params_sharding, replicated), out_shardings=replicated,
+                          compiler_options=xla_cpu.merged(None))
 
     def due(self, step: int) -> bool:
         return self.fn is not None and (step % self.config.preview.every == 0 or step == self.config.steps)
@@ -458,7 +460,7 @@ def train(config, workdir: str | Path) -> dict:
                     tc = time.perf_counter()
                     lowered = step_fn.lower(state, frozen, batch)
                     tl = time.perf_counter()
-                    compiled = lowered.compile(compiler_options(config.get("compiler_options", "")) or None)
+                    compiled = lowered.compile(xla_cpu.merged(compiler_options(config.get("compiler_options", ""))))
                     flops = _device_flops(compiled)
                     logging.info("step compiled in %.1f s (traced and lowered %.1f s, XLA %.1f s; %s FLOP per step "
                                  "per device)", time.perf_counter() - tc, tl - tc, time.perf_counter() - tl,
