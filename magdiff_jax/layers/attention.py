@@ -147,9 +147,7 @@ def _xla_attention(q, k, v, mask, is_causal, scale):
         causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
         mask = causal if mask is None else jnp.logical_and(mask, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if mask is None:
-        return _attention(q, k, v, scale)
-    return _masked_attention(q, k, v, jnp.asarray(mask), scale)
+    return _attention(q, k, v, None if mask is None else jnp.asarray(mask), scale)
 
 
 def _heads_first(t):
@@ -187,39 +185,26 @@ def _attention_backward(scale, res, d_out):
     return _heads_first(d_q), from_transposed(d_kt), from_transposed(d_vt)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _attention(q, k, v, scale):
-    """Softmax attention (B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D); the backward keeps the probabilities
-    (B * H * Lq * Lk values, as autodiff of the same forward does) instead of recomputing them."""
-    return _attention_forward(q, k, v, None, scale)[0]
-
-
-def _attention_fwd(q, k, v, scale):
-    return _attention_forward(q, k, v, None, scale)
-
-
-_attention.defvjp(_attention_fwd, _attention_backward)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _masked_attention(q, k, v, mask, scale):
-    """`_attention` with a boolean mask (broadcastable to (B, H, Lq, Lk), True keeps a key); the mask gets no
-    gradient."""
+def _attention(q, k, v, mask, scale):
+    """Softmax attention (B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D) under an optional boolean mask
+    (broadcastable to (B, H, Lq, Lk), True keeps a key; it gets no gradient). The backward keeps the probabilities
+    (B * H * Lq * Lk values, as autodiff of the same forward does) instead of recomputing them."""
     return _attention_forward(q, k, v, mask, scale)[0]
 
 
-def _masked_attention_fwd(q, k, v, mask, scale):
+def _attention_fwd(q, k, v, mask, scale):
     out, res = _attention_forward(q, k, v, mask, scale)
     return out, (res, mask)
 
 
-def _masked_attention_bwd(scale, res, d_out):
+def _attention_bwd(scale, res, d_out):
     res, mask = res
-    zero_mask = np.zeros(mask.shape, jax.dtypes.float0)
-    return (*_attention_backward(scale, res, d_out), zero_mask)
+    no_grad = jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), mask)
+    return (*_attention_backward(scale, res, d_out), no_grad)
 
 
-_masked_attention.defvjp(_masked_attention_fwd, _masked_attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nn.Module):
