@@ -3,9 +3,9 @@
     python benchmarks/unet_cpu.py                    # unet3d, the documented mid-size config below
     python benchmarks/unet_cpu.py --kind unet2d      # the same widths as an image U-Net (batch 2)
     python benchmarks/unet_cpu.py --kind unet_motion
-    python benchmarks/unet_cpu.py --malloc tuned     # both frameworks with glibc's malloc tuned (see below)
-    python benchmarks/unet_cpu.py --malloc hugepages # both with glibc's transparent huge pages (see below)
-    python benchmarks/unet_cpu.py --malloc tcmalloc  # both frameworks with tcmalloc preloaded (see below)
+    python benchmarks/unet_cpu.py --malloc glibc     # both with glibc's malloc as it is, JAX dispatching async
+    python benchmarks/unet_cpu.py --malloc hugepages # both with glibc's transparent huge pages only
+    python benchmarks/unet_cpu.py --malloc tcmalloc  # both with tcmalloc preloaded
 
 Config (all kinds): block widths 64/128/192, cross-attention in the first two blocks (heads of width 32),
 1 resnet per block, 77 text tokens of width 256, 32x32x4 latents; video kinds take 1 video of 8 frames, unet2d a
@@ -21,30 +21,26 @@ One process per framework. Each worker builds or loads the model, compiles and w
 whenever this script asks: JAX forward, PyTorch forward, JAX step, PyTorch step, repeated, so both see the same
 machine load while only one of them runs at a time, and neither allocates from the other's heap.
 
-Where the JAX time goes beyond compute: with glibc's default malloc, XLA's CPU runtime takes fresh pages for its
-buffers on every call: ~500k page faults, 2 GB, per unet3d training step (they vanish when malloc keeps its freed
-memory, below). Measured on a 2-vCPU VM, those faults cost ~1 s of system time per step
-when JAX steps run back to back, and 3-4 s when the PyTorch step runs in between (the JAX step: 2.1-2.6 s alone,
-3.6-4.4 s interleaved).
+The allocator (--malloc, the same for both workers). XLA's CPU runtime allocates a step's intermediates afresh on
+every call: one ~2 GB buffer per unet3d training step. With glibc's malloc as it is, that buffer comes from a fresh
+mmap each call: ~650k page faults and 3-4 s of system time per JAX step on a 2-vCPU VM, more when the PyTorch step
+runs in between.
+  magdiff (default): what `magdiff-jax` runs with (magdiff_jax/utils/allocator.py): GLIBC_TUNABLES
+      glibc.malloc.hugetlb=1, mmap_max=0 and trim_threshold=64 GiB, and the JAX worker runs its programs on the
+      calling thread (JAX's async CPU dispatch off), so freed buffers stay in the main heap and the next step reuses
+      them (~300 faults per step).
+  glibc: glibc's malloc as it is, JAX with async dispatch (plain JAX and PyTorch as they come).
+  hugepages: glibc.malloc.hugetlb=1 only: the buffers still come from fresh mmaps, 2 MiB pages at a time.
+  tcmalloc: gperftools' tcmalloc (libtcmalloc_minimal.so.4; Debian: libtcmalloc-minimal4) preloaded into both; it
+      keeps freed memory in its page heap.
+In every choice but glibc the JAX worker runs its programs on the calling thread, as `magdiff-jax` does.
+Other settings measured and dropped: glibc with arena_max=1 (every thread on the main heap: no faults with async
+dispatch, but lock contention slowed the demo's small steps); jemalloc (slower than glibc here).
+FIGURES
 
---malloc tuned runs both workers with GLIBC_TUNABLES mmap_max=0, trim_threshold=64 GiB and arena_max=1: every
-thread allocates from the one main heap, which never returns memory to the system, so freed buffers are reused and
-the JAX step mostly stops faulting (0 to a few thousand faults per call; once in a while a call still takes ~500k as
-the heap grows). arena_max=1 matters: from a second arena, glibc serves a buffer too large for its heap from mmap
-whatever mmap_max says, and unmaps it on free, so with arena_max=2 the faults came back in some runs (every call)
-and not in others. One arena costs some speed in the runs where two arenas did not fault (allocator lock).
-
---malloc hugepages runs both workers with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (what `magdiff-jax` sets for itself,
-magdiff_jax/utils/allocator.py): the buffers still come from fresh mmaps, but fault in 2 MiB at a time. It made the
-JAX forward faster (0.39 s, 0.61x PyTorch) and took the demo's small MagDiff steps from 2.0 to 2.7 steps/s, but not
-this step: ~1400 huge-page faults, 2.7 GB mapped and zeroed afresh per call, still cost ~1.8 s of system time
-(JAX step 2.61 s, PyTorch 1.70 s in that run; with tcmalloc on the same day 1.43 s against 1.60 s).
-
---malloc tcmalloc preloads gperftools' tcmalloc (libtcmalloc_minimal.so.4; Debian: libtcmalloc-minimal4) into both
-workers: it keeps freed memory in its page heap, and was the fastest allocator for the JAX step in an A/B run
-(tcmalloc 1.94 s, glibc arena_max=1 2.40 s, glibc default 2.54 s, jemalloc 3.46 s; PyTorch 2.38 s in the same run).
-
-Writes benchmarks/results/<kind>_cpu.json (--malloc M: <kind>_cpu_malloc_<M>.json).
+Writes benchmarks/results/<kind>_cpu.json (--malloc M: <kind>_cpu_malloc_<M>.json), with the CPU's model and vector
+extensions: the ratio depends on them (PyTorch's MKL sgemm on an Intel AVX-512 VM runs the (8192, 1024) x (1024, 256)
+matmul of the step in 14.5 ms against XLA's 34-37 ms, which uses one core for that shape).
 PERF.md targets: forward <= 1.0x, training step <= 0.8x.
 """
 
@@ -61,7 +57,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from magdiff_jax.utils.allocator import HUGEPAGES
+from magdiff_jax.utils.allocator import HUGEPAGES, supported_tunables
 
 WIDTHS = dict(block_out_channels=(64, 128, 192), layers_per_block=1, norm_num_groups=32, cross_attention_dim=256)
 CONFIGS = {
@@ -79,8 +75,9 @@ CONFIGS = {
 }
 TORCH_CLASSES = {"unet2d": "UNet2DConditionModel", "unet3d": "UNet3DConditionModel", "unet_motion": "UNetMotionModel"}
 FRAMES, TOKENS, SIZE = 8, 77, 32
-TUNED_MALLOC = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.arena_max=1"
-GLIBC_TUNABLES = {"tuned": TUNED_MALLOC, "hugepages": HUGEPAGES}  # --malloc choices that set GLIBC_TUNABLES
+# --malloc choices that set GLIBC_TUNABLES (module docstring)
+GLIBC_TUNABLES = {"magdiff": ":".join(supported_tunables()), "hugepages": HUGEPAGES}
+MALLOC_CHOICES = ("magdiff", "glibc", "hugepages", "tcmalloc")
 
 
 def main():
@@ -88,8 +85,8 @@ def main():
     ap.add_argument("--kind", default="unet3d", choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions of each measurement")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
-    ap.add_argument("--malloc", default="default", choices=("default", "tuned", "hugepages", "tcmalloc"),
-                    help="the memory allocator of both workers (module docstring)")
+    ap.add_argument("--malloc", default="magdiff", choices=MALLOC_CHOICES,
+                    help="the memory allocator of both workers, and with it JAX's dispatch (module docstring)")
     ap.add_argument("--donate", action="store_true",
                     help="the JAX step donates its parameters and optimizer state (module docstring)")
     ap.add_argument("--out", default=None,
@@ -101,12 +98,14 @@ def main():
         return (torch_worker if args.worker == "torch" else jax_worker)(args)
 
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+        env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+        env["JAX_PLATFORMS"] = "cpu"
         if args.malloc in GLIBC_TUNABLES:
             env["GLIBC_TUNABLES"] = GLIBC_TUNABLES[args.malloc]
         elif args.malloc == "tcmalloc":
             env["LD_PRELOAD"] = find_tcmalloc()
-        common = ["--kind", args.kind, "--threads", str(args.threads), "--dir", tmp, *(["--donate"] * args.donate)]
+        common = ["--kind", args.kind, "--threads", str(args.threads), "--dir", tmp, *(["--donate"] * args.donate),
+                  "--malloc", args.malloc]
         # the PyTorch worker builds the reference model and writes it (and the inputs) before the JAX one reads them
         workers = {"torch": Worker("torch", common, env)}
         torch_info = workers["torch"].ready()
@@ -130,10 +129,12 @@ def main():
                    "tokens": TOKENS, "params": torch_info["params"]},
         "threads": args.threads,
         "processes": "one per framework, timed calls alternating",
-        "malloc": {"default": "default", "tcmalloc": f"tcmalloc: LD_PRELOAD={env.get('LD_PRELOAD')}",
+        "malloc": {"glibc": "glibc as it is", "tcmalloc": f"tcmalloc: LD_PRELOAD={env.get('LD_PRELOAD')}",
                    **{k: f"{k}: GLIBC_TUNABLES={v}" for k, v in GLIBC_TUNABLES.items()}}[args.malloc],
         "jax_donates": args.donate,
+        "jax_async_dispatch": jax_info["async_dispatch"],
         "machine": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "jax_compile_s": jax_info["compile_s"],
         "jax_compiler_options": jax_info["compiler_options"],
         "median_s": med,
@@ -159,10 +160,24 @@ def main():
     print(f"JAX compile: forward {jax_info['compile_s']['forward']:.1f} s, "
           f"train step {jax_info['compile_s']['train_step']:.1f} s")
     print(f"forward FLOPs: analytic {flops / 1e9:.2f} G, XLA {xla_flops / 1e9:.2f} G (ratio {flops / xla_flops:.3f})")
-    suffix = "" if args.malloc == "default" else f"_malloc_{args.malloc}"
+    suffix = "" if args.malloc == "magdiff" else f"_malloc_{args.malloc}"
     out = Path(args.out or Path(__file__).parent / "results" / f"{args.kind}_cpu{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def cpu_description() -> dict:
+    """The CPU's model name, vendor and the vector ISA extensions that decide which kernels the libraries pick
+    (from /proc/cpuinfo; empty where there is none): the JAX/PyTorch ratio depends on them (module docstring)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    info = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)  # the last CPU's lines
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    flags = set(info.get("flags", "").split())
+    return {"model_name": info.get("model name"), "vendor": info.get("vendor_id"), "cpus": os.cpu_count(),
+            "isa": sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile"))}
 
 
 def find_tcmalloc() -> str:
@@ -276,8 +291,11 @@ def jax_worker(args) -> None:
 
     from magdiff_jax.convert import load_torch
     from magdiff_jax.utils import xla_cpu
+    from magdiff_jax.utils.allocator import run_cpu_programs_on_calling_thread
     from magdiff_jax.utils.flops import count_flops
 
+    if args.malloc != "glibc":  # as `magdiff-jax` runs (module docstring)
+        run_cpu_programs_on_calling_thread()
     module, params = load_torch(args.kind, args.dir)
     x, t, ctx, target = inputs(args.kind)
     fwd_fn = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c))
@@ -318,6 +336,7 @@ def jax_worker(args) -> None:
     fwd(), train()  # warm-up
     serve({"compile_s": {"forward": compile_fwd, "train_step": compile_train}, "flops_analytic": flops,
            "flops_xla": xla_flops, "input_shape": list(x.shape), "versions": {"jax": jax.__version__},
+           "async_dispatch": jax.config.values["jax_cpu_enable_async_dispatch"],
            "compiler_options": options or {}},
           {"fwd": fwd, "train": train})
 

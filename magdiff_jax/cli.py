@@ -317,13 +317,14 @@ def main(args: argparse.Namespace) -> None:
 
 def run() -> None:
     """Console-script entry point. It sets XLA's CPU convolutions to Eigen (magdiff_jax/utils/xla_cpu.py) and, on
-    Linux under glibc, restarts itself with glibc's huge-page tunable when that is not set
-    (magdiff_jax/utils/allocator.py: ~1.3x faster CPU steps)."""
-    from magdiff_jax.utils import xla_cpu
-    from magdiff_jax.utils.allocator import reexec_with_hugepages
+    Linux under glibc, restarts itself with the malloc tunables that keep XLA's CPU buffers mapped from step to
+    step when they are not set, and runs CPU programs on the calling thread (magdiff_jax/utils/allocator.py:
+    1.1-1.7x faster CPU steps)."""
+    from magdiff_jax.utils import allocator, xla_cpu
 
     xla_cpu.add_to_xla_flags()
-    reexec_with_hugepages()
+    allocator.reexec_with_tunables()
+    allocator.run_cpu_programs_on_calling_thread()
     try:
         app.run(main, flags_parser=parse_flags)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # one clear line, exit 1

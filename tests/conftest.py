@@ -21,12 +21,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Exact fp32 matmuls, here and in every subprocess check (the setting is part of the compilation cache's key: a
 # subprocess that left it at the default would compile afresh what the test process compiled already)
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
-# glibc's malloc with transparent huge pages (magdiff_jax/utils/allocator.py): glibc reads it when a process starts,
-# so it reaches the xdist workers and the subprocess checks (this process only collects)
-from magdiff_jax.utils.allocator import hugepages_supported, with_hugepages
+# glibc's malloc tuned as `magdiff-jax` runs (magdiff_jax/utils/allocator.py): glibc reads the tunables when a process
+# starts, so they reach the xdist workers and the subprocess checks (this process only collects)
+from magdiff_jax.utils.allocator import supported_tunables, with_tunables
 
-if hugepages_supported():
-    os.environ.update(with_hugepages(dict(os.environ)))
+os.environ.update(with_tunables(dict(os.environ), supported_tunables()))
 # XLA's CPU convolutions on Eigen, as `magdiff-jax` and the trainer run them (magdiff_jax/utils/xla_cpu.py)
 from magdiff_jax.utils.xla_cpu import FLAG, user_chose
 

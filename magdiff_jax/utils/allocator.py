@@ -1,17 +1,33 @@
 """The host memory allocator for CPU runs.
 
-XLA's CPU runtime allocates a step's intermediates afresh on every call. glibc's malloc serves buffers that large
-from mmap (its mmap threshold cannot be raised above 32 MiB, and from a second arena large buffers are mapped
-whatever it says), so every step faults its memory in again, one 4 KiB page at a time: ~100k faults per step of
-the demo's tiny MagDiff, ~500k for the 15M-parameter unet3d of `benchmarks/unet_cpu.py`.
+XLA's CPU runtime allocates a step's intermediates afresh on every call (one buffer of ~2 GB for the 15M-parameter
+unet3d training step of `benchmarks/unet_cpu.py`). glibc's malloc serves buffers that large from fresh mmaps and
+unmaps them on free, so every step faults its memory in again: ~100k 4 KiB faults per step of the demo's tiny
+MagDiff, ~650k for that unet3d step, 2-4 s of system time per unet3d step on a 2-vCPU VM.
 
-glibc 2.35+ has a tunable that asks for transparent huge pages on the memory it maps
-(`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, honoured when the kernel's THP mode is `madvise` or `always`): the
-same buffers then fault in 2 MiB at a time. Measured on 2 cores, 150 steps of the demo's MagDiff training:
-15.9M -> 0.63M page faults, system time 39 -> 12 s, 2.4 -> 3.2 steps/s. Tunables are read when a process starts,
-so `magdiff-jax` re-executes itself with the tunable added (`reexec_with_hugepages`) unless GLIBC_TUNABLES already
-names `glibc.malloc.hugetlb` (set it to 0 to opt out) or an allocator is preloaded. gperftools' tcmalloc
-(LD_PRELOAD, `benchmarks/unet_cpu.py --malloc tcmalloc`) keeps freed memory instead and is about as fast.
+`magdiff-jax` therefore starts CPU runs with three glibc tunables (read only when a process starts, so it
+re-executes itself once with them added, `reexec_with_tunables`):
+  - `glibc.malloc.hugetlb=1` (glibc 2.35+, kernel THP mode `madvise` or `always`): what glibc maps faults in 2 MiB
+    at a time. Demo MagDiff training, 150 steps: 15.9M -> 0.63M page faults, 2.0 -> 2.7 steps/s (AMD EPYC VM).
+  - `glibc.malloc.mmap_max=0` and `glibc.malloc.trim_threshold=64 GiB`: large buffers come from the main heap,
+    which keeps freed memory, so the next step reuses the same pages (the process's memory stays at its peak).
+and it runs CPU programs on the thread that calls them (`run_cpu_programs_on_calling_thread`: JAX's
+`jax_cpu_enable_async_dispatch` off). That matters for the second pair: with asynchronous dispatch XLA allocates on
+a worker thread, whose glibc arena serves a buffer larger than its 64 MiB heaps from mmap whatever mmap_max says,
+and unmaps it on free. Measured on a 2-vCPU Intel Xeon VM (`benchmarks/unet_cpu.py`, both frameworks with the
+same allocator, timed calls alternating; the demo's MagDiff training, 150 steps):
+
+| set-up                                  | unet3d step | its system time | its page faults | demo steps/s |
+|-----------------------------------------|-------------|-----------------|-----------------|--------------|
+| glibc as it is, async dispatch          | 3.71 s      | 2.76 s          | 656k            | -            |
+| hugetlb=1 only (the earlier default)    | 3.12 s      | 1.73 s          | 5k (2 MiB)      | 1.85         |
+| the three tunables, async dispatch      | 3.58 s      | 2.14 s          | 5k (2 MiB)      | 1.78         |
+| the three tunables, calling thread      | 2.24 s      | 0.21 s          | ~350            | 1.9-2.1      |
+
+A tunable named in GLIBC_TUNABLES already is left as it is (e.g. `glibc.malloc.hugetlb=0` opts out of huge pages);
+nothing is added when an allocator is LD_PRELOADed (gperftools' tcmalloc keeps freed memory itself:
+`benchmarks/unet_cpu.py --malloc tcmalloc`), and an interactive interpreter or notebook kernel is never restarted
+(the trainer logs a line saying what to export instead).
 """
 
 from __future__ import annotations
@@ -22,6 +38,8 @@ import sys
 from pathlib import Path
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
+KEEP_FREED = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}")
+TUNABLES = (HUGEPAGES, *KEEP_FREED)  # what `magdiff-jax` runs CPU programs with (module docstring)
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -61,44 +79,76 @@ def hugepages_supported() -> bool:
     return "[never]" not in mode
 
 
-def tunables_name_hugetlb(env: dict | None = None) -> bool:
-    """Whether GLIBC_TUNABLES already sets glibc.malloc.hugetlb (to any value: the user's choice stands)."""
+def supported_tunables() -> tuple[str, ...]:
+    """The members of TUNABLES this C library and kernel honour (mmap_max and trim_threshold: glibc 2.26+)."""
+    version = glibc_version()
+    if version is None or version < (2, 26):
+        return ()
+    return tuple(t for t in TUNABLES if t != HUGEPAGES or hugepages_supported())
+
+
+def _name(tunable: str) -> str:
+    return tunable.split("=", 1)[0]
+
+
+def named_tunables(env: dict | None = None) -> set[str]:
+    """The tunable names GLIBC_TUNABLES sets (to any value: the user's choices stand)."""
     tunables = (os.environ if env is None else env).get("GLIBC_TUNABLES", "")
-    return any(t.split("=", 1)[0] == "glibc.malloc.hugetlb" for t in tunables.split(":"))
+    return {_name(t) for t in tunables.split(":") if t}
 
 
-def with_hugepages(env: dict) -> dict:
-    """A copy of `env` with the hugetlb tunable added to GLIBC_TUNABLES (kept when it names one already)."""
-    if tunables_name_hugetlb(env):
+def with_tunables(env: dict, tunables: tuple[str, ...] = TUNABLES) -> dict:
+    """A copy of `env` with each of `tunables` that GLIBC_TUNABLES does not name already appended to it."""
+    named = named_tunables(env)
+    missing = [t for t in tunables if _name(t) not in named]
+    if not missing:
         return dict(env)
-    old = env.get("GLIBC_TUNABLES", "")
-    return {**env, "GLIBC_TUNABLES": f"{old}:{HUGEPAGES}" if old else HUGEPAGES}
+    return {**env, "GLIBC_TUNABLES": ":".join(filter(None, [env.get("GLIBC_TUNABLES", ""), *missing]))}
 
 
-def wants_hugepages() -> bool:
-    """Whether this process would run faster restarted with the hugetlb tunable (module docstring)."""
-    return hugepages_supported() and not tunables_name_hugetlb() and not preloaded_allocator()
+def missing_tunables() -> list[str]:
+    """The supported tunables this process was started without, unless an allocator is preloaded."""
+    if preloaded_allocator():
+        return []
+    named = named_tunables()
+    return [t for t in supported_tunables() if _name(t) not in named]
 
 
-def reexec_with_hugepages() -> None:
-    """Replace this process by the same command line with the hugetlb tunable, when `wants_hugepages()`.
-    Call it first thing, before any work: nothing of this process survives (the new one sees the tunable set and
-    does not restart again). An interactive interpreter or a notebook kernel is never replaced."""
+def reexec_with_tunables() -> None:
+    """Replace this process by the same command line with `missing_tunables()` added, when there are any.
+    Call it first thing, before any work: nothing of this process survives (the new one has them all and does not
+    restart again). An interactive interpreter or a notebook kernel is never replaced."""
     interactive = hasattr(sys, "ps1") or sys.flags.interactive or "ipykernel" in sys.modules
-    if interactive or not sys.executable or not getattr(sys, "orig_argv", None) or not wants_hugepages():
+    if interactive or not sys.executable or not getattr(sys, "orig_argv", None) or not missing_tunables():
         return
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(sys.executable, sys.orig_argv, with_hugepages(dict(os.environ)))
+        os.execve(sys.executable, sys.orig_argv, with_tunables(dict(os.environ), supported_tunables()))
     except OSError:  # the interpreter cannot be started again from here: go on as we are
         return
 
 
+def run_cpu_programs_on_calling_thread() -> None:
+    """Turn JAX's asynchronous CPU dispatch off (module docstring: XLA then allocates from the main heap, where the
+    tunables keep freed memory). It must run before JAX starts its CPU backend; other backends ignore it."""
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
 def allocator_hint() -> str | None:
-    """A line for CPU runs started without the hugetlb tunable where it would help (library use: the tunable must
-    be in the environment when Python starts), else None."""
-    if not wants_hugepages():
+    """A line for CPU runs that lack part of the set-up `magdiff-jax` makes (library use: the tunables must be in
+    the environment when Python starts, the dispatch setting made before JAX starts its CPU backend), else None."""
+    import jax
+
+    if preloaded_allocator() or not supported_tunables():
         return None
-    return (f"glibc's malloc without huge pages: CPU steps fault their memory in page by page; start Python with "
-            f"GLIBC_TUNABLES={HUGEPAGES} for ~1.3x faster steps (magdiff_jax/utils/allocator.py)")
+    missing = missing_tunables()
+    steps = [f"start Python with GLIBC_TUNABLES={':'.join(missing)}"] if missing else []
+    if jax.config.values.get("jax_cpu_enable_async_dispatch", False):
+        steps.append("call magdiff_jax.utils.allocator.run_cpu_programs_on_calling_thread() before using JAX")
+    if not steps:
+        return None
+    return (f"XLA's CPU buffers are mapped and faulted in afresh every step here; for faster CPU steps "
+            f"{' and '.join(steps)} (magdiff_jax/utils/allocator.py)")
