@@ -14,8 +14,9 @@ re-executes itself once with them added, `reexec_with_tunables`):
 and it runs CPU programs on the thread that calls them (`run_cpu_programs_on_calling_thread`: JAX's
 `jax_cpu_enable_async_dispatch` off). That matters for the second pair: with asynchronous dispatch XLA allocates on
 a worker thread, whose glibc arena serves a buffer larger than its 64 MiB heaps from mmap whatever mmap_max says,
-and unmaps it on free. Measured on a 2-vCPU Intel Xeon VM (`benchmarks/unet_cpu.py`, both frameworks with the
-same allocator, timed calls alternating; the demo's MagDiff training, 150 steps):
+and unmaps it on free (even with it off, a call now and then still runs on a worker thread when the machine is
+heavily loaded, and faults as before). Measured on a 2-vCPU Intel Xeon VM (`benchmarks/unet_cpu.py`, both
+frameworks with the same allocator, timed calls alternating; the demo's MagDiff training, 150 steps):
 
 | set-up                                  | unet3d step | its system time | its page faults | demo steps/s |
 |-----------------------------------------|-------------|-----------------|-----------------|--------------|
