@@ -36,11 +36,19 @@ runs in between.
 In every choice but glibc the JAX worker runs its programs on the calling thread, as `magdiff-jax` does.
 Other settings measured and dropped: glibc with arena_max=1 (every thread on the main heap: no faults with async
 dispatch, but lock contention slowed the demo's small steps); jemalloc (slower than glibc here).
-FIGURES
+Figures (unet3d, --donate, 2-vCPU Intel Xeon VM with AVX-512; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
+  magdiff    forward 0.610 / 0.519 (1.18x), train step 2.239 / 1.675 (1.34x), JAX system time 0.21 s per step
+  tcmalloc   forward 0.512 / 0.503 (1.02x), train step 2.135 / 1.532 (1.39x), 0.03 s
+  hugepages  forward 0.575 / 0.525 (1.09x), train step 3.119 / 1.618 (1.93x), 1.73 s
+  glibc      forward 0.634 / 0.545 (1.16x), train step 3.710 / 1.759 (2.11x), 2.76 s
+On a 2-vCPU AMD EPYC (Zen 4) VM, where PyTorch's MKL is slower, the code before the allocator set-up measured
+forward 0.55x and train step 0.78x with tcmalloc (1.553 / 1.999 s). What the JAX step spends more on here is
+matmuls: XLA's CPU kernels run the U-Net's thin ones 2-5x slower than MKL (a (8192, 64)^T (8192, 64) weight
+gradient: 1.7-1.8 ms against 0.33 ms; (8192, 1024) x (1024, 256): 34-37 ms on one core against 14.5 ms), whichever
+library XLA hands them to.
 
 Writes benchmarks/results/<kind>_cpu.json (--malloc M: <kind>_cpu_malloc_<M>.json), with the CPU's model and vector
-extensions: the ratio depends on them (PyTorch's MKL sgemm on an Intel AVX-512 VM runs the (8192, 1024) x (1024, 256)
-matmul of the step in 14.5 ms against XLA's 34-37 ms, which uses one core for that shape).
+extensions: the ratio depends on them (above).
 PERF.md targets: forward <= 1.0x, training step <= 0.8x.
 """
 
