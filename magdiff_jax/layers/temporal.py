@@ -39,17 +39,21 @@ class TemporalConv(nn.Module):
     The kernel is stored as a Flax 3-D convolution kernel (3, 1, 1, cin, features) with logical names
     (conv_t, conv_h, conv_w, conv_in, conv_out), so the conversion table maps it with the plain `conv` transform.
 
-    It is computed as three matmuls, one per temporal tap, over the zero-padded frames:
-    y[f] = x[f-1] @ K[0] + x[f] @ K[1] + x[f+1] @ K[2] + bias (the same products; the sums differ from a
-    convolution's only in order, ~1e-6 relative in fp32). Why not `lax.conv`: XLA's SPMD partitioner returns wrong
-    values for a convolution whose spatial (here: frame) axis and output-feature axis are both sharded (frames over
-    `context`, conv_out over `tensor`; on a data=2 x context=2 x tensor=2 mesh the error is ~4 on unit inputs, for
-    the 3-D and the 2-D form alike), while matmuls, pads and slices partition correctly.
-    Speed, jitted on a 2-core CPU, B=2, F=8, 32x32, C=64 (median ms, fwd / fwd+bwd, noisy shared machine): 3-D
-    (3,1,1) conv 13.3 / 47; 2-D (3,1) conv over (B, F, H*W, C) 4.5-5.2 / 20-30; 1-D conv over (B*H*W, F, C) with
-    transposes 4.9-5.3 / 19-24; these three tap matmuls 5.6-9.5 / 30-34; one matmul over the three shifted copies
-    concatenated 7.2-8.2 / 25-28 (with 3x the saved activations). The 2-D convolution is the fastest form on CPU
-    but is the one the partitioner gets wrong; the tap matmuls are the fastest form that is right on every mesh.
+    It is computed as one matmul over the three shifted copies of the frames side by side:
+    y[f] = [x[f-1], x[f], x[f+1]] @ [K[0]; K[1]; K[2]] + bias (the same products as the convolution, summed in
+    another order: ~1e-6 relative in fp32), with a hand-written backward (`_frame_taps_matmul`) that keeps only x
+    and rebuilds the shifted copies, so the layer saves no more than a convolution would.
+    Why not `lax.conv`: XLA's SPMD partitioner returns wrong values for a convolution whose spatial (here: frame)
+    axis and output-feature axis are both sharded (frames over `context`, conv_out over `tensor`; on a data=2 x
+    context=2 x tensor=2 mesh the error is ~4 on unit inputs, for the 3-D and the 2-D form alike), while matmuls,
+    pads, slices and concatenations partition correctly.
+    Why one matmul: XLA's CPU kernels run thin matmuls poorly, worst their weight gradients, which contract the
+    B*F*H*W axis of both operands ((8192, 64)^T (8192, 64): 1.7 ms against PyTorch's 0.33 ms on a 2-vCPU Intel
+    VM), so one (B*F*H*W, 3C) product beats three (B*F*H*W, C) ones. Forward + backward of this layer's matmul part,
+    jitted, (1, 8, 32, 32, 64) / (1, 8, 16, 16, 128) / (1, 8, 8, 8, 192): three tap matmuls 25.2 / 13.9 / 4.0 ms,
+    one matmul 14.6 / 6.4 / 3.5 ms. Earlier measurements of other forms (AMD VM, B=2, F=8, 32x32, C=64, fwd /
+    fwd+bwd): 3-D (3,1,1) conv 13.3 / 47; 2-D (3,1) conv over (B, F, H*W, C) 4.5-5.2 / 20-30 (the fastest, but the
+    one the partitioner gets wrong); 1-D conv over (B*H*W, F, C) with transposes 4.9-5.3 / 19-24.
     """
 
     features: int
@@ -59,7 +63,7 @@ class TemporalConv(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        f, c = x.shape[1], x.shape[-1]
+        c = x.shape[-1]
         kernel_init = nn.initializers.zeros_init() if self.zero_init else default_kernel_init
         kernel = self.param(
             "kernel",
@@ -72,9 +76,35 @@ class TemporalConv(nn.Module):
             self.param_dtype,
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
-        y = sum(jnp.einsum("bfhwc,cd->bfhwd", xp[:, t:t + f], kernel[t, 0, 0]) for t in range(3))
-        return y + bias
+        return _frame_taps_matmul(x, kernel.reshape(3 * c, self.features)) + bias
+
+
+def _shifted_frames(x):
+    """(B, F, H, W, C) -> (B, F, H, W, 3C): frames f-1, f and f+1 side by side (zeros past either end)."""
+    f = x.shape[1]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
+    return jnp.concatenate([xp[:, t:t + f] for t in range(3)], axis=-1)
+
+
+@jax.custom_vjp
+def _frame_taps_matmul(x, kernel):
+    """`_shifted_frames(x) @ kernel`, kernel (3C, D): the (3, 1, 1) convolution without its bias."""
+    return jnp.einsum("bfhwk,kd->bfhwd", _shifted_frames(x), kernel)
+
+
+def _frame_taps_matmul_fwd(x, kernel):
+    return _frame_taps_matmul(x, kernel), (x, kernel)
+
+
+def _frame_taps_matmul_bwd(res, d_y):
+    x, kernel = res
+    shifted, shift_vjp = jax.vjp(_shifted_frames, x)  # rebuilt here rather than saved: 3x the input's size
+    d_kernel = jnp.einsum("bfhwk,bfhwd->kd", shifted, d_y)
+    (d_x,) = shift_vjp(jnp.einsum("bfhwd,kd->bfhwk", d_y, kernel))
+    return d_x, d_kernel
+
+
+_frame_taps_matmul.defvjp(_frame_taps_matmul_fwd, _frame_taps_matmul_bwd)
 
 
 class TemporalConvLayer(nn.Module):
