@@ -17,8 +17,28 @@ import jax
 import jax.numpy as jnp
 
 from magdiff_jax.layers.attention import Attention, EntityAttention
-from magdiff_jax.layers.common import conv, dense, group_norm, layer_norm
+from magdiff_jax.layers.common import conv, default_kernel_init, dense, group_norm, layer_norm
 from magdiff_jax.layers.remat import tag
+
+
+class _HalvesDense(nn.Module):
+    """`nn.Dense(2 * half)` (same parameters, initialisation and names) computed as two products, one per half of
+    its outputs: XLA's CPU backward of one product whose output is split concatenates the halves' gradients and
+    transposes that (2 * half)-wide tensor before the weight gradient."""
+
+    half: int
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.with_logical_partitioning(default_kernel_init, ("embed", "mlp")),
+                            (x.shape[-1], 2 * self.half), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
+                          (2 * self.half,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        return tuple(jnp.dot(x, kernel[:, i * self.half:(i + 1) * self.half]) + bias[i * self.half:(i + 1) * self.half]
+                     for i in range(2))
 
 
 class GEGLU(nn.Module):
@@ -29,8 +49,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = dense(2 * self.inner_dim, axes=("embed", "mlp"), dtype=self.dtype, name="proj")(x)
-        hidden, gate = jnp.split(h, 2, axis=-1)
+        hidden, gate = _HalvesDense(self.inner_dim, dtype=self.dtype, name="proj")(x)
         return hidden * jax.nn.gelu(gate, approximate=False)
 
 
