@@ -36,8 +36,9 @@ runs in between.
 In every choice but glibc the JAX worker runs its programs on the calling thread, as `magdiff-jax` does.
 Other settings measured and dropped: glibc with arena_max=1 (every thread on the main heap: no faults with async
 dispatch, but lock contention slowed the demo's small steps); jemalloc (slower than glibc here).
-Figures (unet3d, --donate, 2-vCPU Intel Xeon VM with AVX-512; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
-  magdiff    forward 0.609 / 0.530 (1.15x), train step 2.216 / 1.598 (1.39x), JAX system time 0.21 s per step
+Figures (unet3d, --donate, 2-vCPU Intel Xeon VM with AVX-512; results/unet3d_cpu*.json; seconds, JAX / PyTorch;
+magdiff with the one-matmul TemporalConv and the two-product GEGLU, the others before them):
+  magdiff    forward 0.487 / 0.512 (0.95x), train step 2.046 / 1.593 (1.28x), JAX system time 0.30 s per step
   tcmalloc   forward 0.512 / 0.503 (1.02x), train step 2.135 / 1.532 (1.39x), 0.03 s
   hugepages  forward 0.575 / 0.525 (1.09x), train step 3.119 / 1.618 (1.93x), 1.73 s
   glibc      forward 0.634 / 0.545 (1.16x), train step 3.710 / 1.759 (2.11x), 2.76 s
