@@ -36,10 +36,16 @@ def test_with_tunables(given, expected):
     assert allocator.with_tunables({"A": "1"}, ())["A"] == "1"
 
 
+def _child_stdout(code: str, *args: str, **env) -> str:
+    """What a child Python running `code` with `args` prints, in this environment less GLIBC_TUNABLES and
+    LD_PRELOAD, plus `env`."""
+    return subprocess.run([sys.executable, "-c", code, *args], env=_clean_env(**env), capture_output=True, text=True,
+                          check=True).stdout
+
+
 def _tunables_seen(**env) -> str:
     """GLIBC_TUNABLES as a restarted-if-needed child process sees it."""
-    out = subprocess.run([sys.executable, "-c", PRINT_TUNABLES], env=_clean_env(**env), capture_output=True,
-                         text=True, check=True).stdout.splitlines()
+    out = _child_stdout(PRINT_TUNABLES, **env).splitlines()
     assert len(out) == 1, out  # the command ran to the end once
     return out[0]
 
@@ -80,10 +86,7 @@ print(min(faults))
 def _faults(dispatch: str, **env) -> int:
     # XLA's default optimisation level, as runs use (the suite's level 0 allocates differently)
     xla_flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "")
-    out = subprocess.run([sys.executable, "-c", FAULTS, dispatch],
-                         env=_clean_env(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, **env),
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[-1])
+    return int(_child_stdout(FAULTS, dispatch, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags, **env).split()[-1])
 
 
 @pytest.mark.skipif(allocator.KEEP_FREED[0] not in allocator.supported_tunables(),
@@ -111,8 +114,7 @@ HINT = ("import sys; from magdiff_jax.utils import allocator\n"
 @pytest.mark.skipif(not allocator.supported_tunables(), reason="needs glibc 2.26+ (its malloc tunables)")
 def test_allocator_hint_names_what_is_missing():
     def hint(dispatch, **env):
-        return subprocess.run([sys.executable, "-c", HINT, dispatch], env=_clean_env(**env), capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return _child_stdout(HINT, dispatch, **env).strip()
 
     every = ":".join(allocator.supported_tunables())
     assert hint("sync", GLIBC_TUNABLES=every) == "None"

@@ -37,8 +37,7 @@ class _HalvesDense(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
                           (2 * self.half,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return tuple(jnp.dot(x, kernel[:, i * self.half:(i + 1) * self.half]) + bias[i * self.half:(i + 1) * self.half]
-                     for i in range(2))
+        return tuple(jnp.dot(x, k) + b for k, b in zip(jnp.split(kernel, 2, axis=1), jnp.split(bias, 2)))
 
 
 class GEGLU(nn.Module):
