@@ -202,9 +202,9 @@ def find_tcmalloc() -> str:
 class Worker:
     """A framework's worker process: one JSON line per reply on its stdout, one command per line on its stdin."""
 
-    def __init__(self, name: str, common: list[str], env: dict):
+    def __init__(self, name: str, common: list[str], env: dict, script: str = __file__):
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", name, *common], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, script, "--worker", name, *common], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
 
     def _reply(self) -> dict:
@@ -221,9 +221,9 @@ class Worker:
         self.proc.stdin.flush()
         return self._reply()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 60) -> None:
         self.proc.stdin.close()
-        self.proc.wait(timeout=60)
+        self.proc.wait(timeout=timeout)
 
 
 def serve(info: dict, fns: dict) -> None:
