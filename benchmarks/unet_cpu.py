@@ -37,8 +37,10 @@ In every choice but glibc the JAX worker runs its programs on the calling thread
 Other settings measured and dropped: glibc with arena_max=1 (every thread on the main heap: no faults with async
 dispatch, but lock contention slowed the demo's small steps); jemalloc (slower than glibc here).
 Figures (unet3d, --donate, 2-vCPU Intel Xeon VM with AVX-512; results/unet3d_cpu*.json; seconds, JAX / PyTorch;
-magdiff with the one-matmul TemporalConv and the two-product GEGLU, the others before them):
-  magdiff    forward 0.487 / 0.512 (0.95x), train step 2.046 / 1.593 (1.28x), JAX system time 0.30 s per step
+magdiff with the one-matmul TemporalConv, the two-product GEGLU and auto's pair-blocked attention for unet3d's
+1024-token self-attention; the others before all three):
+  magdiff    forward 0.544 / 0.542 (1.00x), train step 2.113 / 1.752 (1.21x), JAX system time 0.05 s per step
+             (the same code without the attention change, on a less loaded day: 0.487 / 0.512, 2.046 / 1.593, 1.28x)
   tcmalloc   forward 0.512 / 0.503 (1.02x), train step 2.135 / 1.532 (1.39x), 0.03 s
   hugepages  forward 0.575 / 0.525 (1.09x), train step 3.119 / 1.618 (1.93x), 1.73 s
   glibc      forward 0.634 / 0.545 (1.16x), train step 3.710 / 1.759 (2.11x), 2.76 s

@@ -61,17 +61,20 @@ def test_implementation_switch_is_validated(qkv):
         assert rel_err(out, _reference(q, k, v)) < 1e-5
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "per_query", "shared", "causal"])
-def test_blockwise_equals_xla_values_and_gradients(qkv, monkeypatch, mask_kind):
-    """blockwise (query blocks, rematerialised) computes what xla computes, gradients included; the block size is
-    forced down so that the 6 queries split into 3 blocks."""
+@pytest.mark.parametrize("tiling", ["pairs", "queries"])
+@pytest.mark.parametrize("mask_kind", ["none", "per_query", "shared", "full", "causal"])
+def test_blockwise_equals_xla_values_and_gradients(qkv, monkeypatch, mask_kind, tiling):
+    """blockwise (blocks rematerialised) computes what xla computes, gradients included; the block size is forced
+    down so that the 6 (batch, head) pairs go 2 to a block ("pairs"), or each pair's 6 queries split into 3 blocks
+    ("queries")."""
     q, k, v = qkv
-    q = np.concatenate([q, q[:, :1] * 0.5], axis=1)  # 6 queries
-    monkeypatch.setattr(attn_lib, "BLOCK_SCORES", 2 * 3 * 2 * 7)  # B * H * 2 queries * Lk: blocks of 2
-    assert attn_lib._num_blocks(q, k) == 3
+    q = np.concatenate([q, q[:, :1] * 0.5], axis=1)  # 6 queries, 7 keys, B * H = 6 pairs
+    block, tiles = {"pairs": (2 * 6 * 7, (2, 1)), "queries": (2 * 7, (1, 3))}[tiling]
+    monkeypatch.setattr(attn_lib, "BLOCK_SCORES", block)
+    assert attn_lib._blocks(q, k) == tiles
     rng = np.random.RandomState(2)
     mask = {"none": None, "per_query": rng.rand(2, 1, 6, 7) > 0.4, "shared": rng.rand(2, 3, 1, 7) > 0.4,
-            "causal": None}[mask_kind]
+            "full": rng.rand(2, 3, 6, 7) > 0.4, "causal": None}[mask_kind]
     if mask is not None:
         mask[..., 0] = True
     kw = dict(mask=mask, is_causal=mask_kind == "causal")
@@ -146,11 +149,19 @@ def test_auto_takes_blockwise_on_cpu_for_long_sequences(qkv, monkeypatch):
     uses_map = lambda: "scan" in str(jax.make_jaxpr(
         lambda q, k, v: attn_lib.dot_product_attention(q, k, v, implementation="auto"))(q, k, v))
     assert not uses_map()
-    monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_MIN_SCORES", 2 * 3 * 5 * 7)
     monkeypatch.setattr(attn_lib, "BLOCK_SCORES", 2 * 3 * 7)
+    # many scores (q, k: 2 x 3 pairs of 5 x 7)
+    monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_MIN_SCORES", 2 * 3 * 5 * 7)
     assert uses_map()
     out = attn_lib.dot_product_attention(q, k, v, implementation="auto")
     assert rel_err(out, _reference(q, k, v)) < 1e-5
+    # large pairs, and enough scores in all; either short of its bound keeps xla
+    monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_MIN_SCORES", 2 * 3 * 5 * 7 + 1)
+    assert not uses_map()
+    for pair, total, expected in ((5 * 7, 2 * 3 * 5 * 7, True), (5 * 7 + 1, 1, False), (1, 2 * 3 * 5 * 7 + 1, False)):
+        monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_PAIR_SCORES", pair)
+        monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_LARGE_PAIR", total)
+        assert uses_map() == expected, (pair, total)
 
 
 def test_attention_layer_matches_diffusers_attention():

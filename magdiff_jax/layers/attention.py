@@ -8,18 +8,28 @@ attention) calls `dot_product_attention`, whose `implementation` comes from the 
              probabilities and takes every gradient product in the operand layout XLA's CPU matmuls run fastest
              (autodiff's dV = P^T dO and dK = dS^T Q contract the major axis of both operands); any backend, any
              dtype. A query whose keys are all masked out gets a zero output, as PyTorch's SDPA gives.
-  blockwise  the same computation over blocks of queries (`lax.map`), each block rematerialised in the backward
-             pass, so the (Lq, Lk) score matrix never exists whole: activation memory O(Lq * block) instead of
-             O(Lq * Lk). The outputs are those of xla (each query row is the same computation). Blocks hold at
-             most BLOCK_SCORES scores.
+  blockwise  the same computation a block at a time (`lax.map`), each block rematerialised in the backward pass:
+             a block holds whole (batch, head) pairs, as many as fit BLOCK_SCORES scores, or, where one pair's
+             scores do not fit, a slice of one pair's queries. The (Lq, Lk) score matrix never exists whole:
+             activation memory O(block) instead of O(B * H * Lq * Lk), and each block's scores stay in cache (4 MB
+             in fp32). The outputs are those of xla (each query row is the same computation).
   cudnn      cuDNN flash attention on a CUDA GPU (fp16/bf16, head_dim a multiple of 8 and at most 128). Asking for
              it elsewhere is an error that says why; tests gate it on `cudnn_available()`.
   auto       (the model configs' default) cudnn where it is available and applicable and the sequence is long
-             enough to gain from it; on CPU, blockwise once the scores pass AUTO_BLOCKWISE_MIN_SCORES (where the
-             saved probabilities would pass 256 MB per attention in fp32); else xla.
-             Forward + backward on a 2-core CPU, q/k/v (8, 1024, 2, 32), alternating runs: xla 37 ms, blockwise
-             61 ms, autodiff of the same forward 72 ms (PyTorch's SDPA, flash kernel: 50-61 ms); at
-             (1024, 8, 8, 32) (temporal attention) 14 / 17 / 20 ms.
+             enough to gain from it; on CPU, blockwise where the saved probabilities would pass 256 MB
+             (AUTO_BLOCKWISE_MIN_SCORES in fp32), or where each (batch, head) pair has at least 1024 x 1024 scores
+             and all of them pass 16 MB; else xla.
+             Forward + backward on a 2-vCPU Intel Xeon VM, alternating runs, q/k/v (B, L, H, D):
+               (8, 1024, 2, 32) (unet3d's 32x32 self-attention): xla 159-200 ms, blockwise 78-87 ms (blocks of
+                   queries across all pairs instead: 93-102 ms), PyTorch's SDPA (flash kernel) 48-52 ms;
+               (2, 1024, 2, 32): xla 32-38 ms, blockwise 23-26 ms, SDPA 13-15 ms;
+               smaller pairs gain little or lose: (8, 512, 2, 32) xla 24 ms, blockwise 28 ms; (16, 256, 4, 32)
+                   35 / 35 ms; (16, 256, 4, 8) 16 / 14 ms; (8, 256, 4, 32) 16 / 22 ms.
+             The unet3d training step of `benchmarks/unet_cpu.py`, in one process: 1.98 s with auto, 2.08 s with
+             xla everywhere (1.68 s with its three 1024-token attentions left out altogether). The ranking depends
+             on the machine: on a 2-vCPU AMD EPYC VM xla ran (8, 1024, 2, 32) in 37 ms, ahead of the earlier
+             query-block tiling (61 ms; the pair tiling was not measured there). blockwise loops over batch and
+             heads, one block after another: it suits one device; where batch or heads are sharded, name xla.
 """
 
 from __future__ import annotations
@@ -38,9 +48,13 @@ from magdiff_jax.layers.remat import tag
 IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "auto")
 # Below this many keys the fused kernel does not pay for itself (77-token prompts, 16-frame temporal attention).
 AUTO_CUDNN_MIN_LENGTH = 256
-# auto on CPU: blockwise from this many scores (B * H * Lq * Lk) up; a block holds at most BLOCK_SCORES of them.
+# auto on CPU: blockwise from this many scores (B * H * Lq * Lk) up, for memory; from AUTO_BLOCKWISE_LARGE_PAIR
+# scores up where each (batch, head) pair has at least AUTO_BLOCKWISE_PAIR_SCORES (Lq * Lk), for speed. A block
+# holds at most BLOCK_SCORES scores.
 AUTO_BLOCKWISE_MIN_SCORES = 1 << 26
-BLOCK_SCORES = 1 << 21
+AUTO_BLOCKWISE_LARGE_PAIR = 1 << 22
+AUTO_BLOCKWISE_PAIR_SCORES = 1 << 20
+BLOCK_SCORES = 1 << 20
 
 
 @functools.cache
@@ -95,7 +109,7 @@ def dot_product_attention(
     elif implementation == "auto":
         if cudnn_available() and _cudnn_applicable(q, k):
             impl = "cudnn" if k.shape[1] >= AUTO_CUDNN_MIN_LENGTH else "xla"
-        elif jax.default_backend() == "cpu" and _num_scores(q, k) >= AUTO_BLOCKWISE_MIN_SCORES:
+        elif jax.default_backend() == "cpu" and _blockwise_pays(q, k):
             impl = "blockwise"
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
@@ -110,36 +124,61 @@ def _num_scores(q, k) -> int:
     return q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
 
 
-def _num_blocks(q, k) -> int:
-    """The fewest query blocks (a divisor of Lq) whose scores fit BLOCK_SCORES each."""
-    length, per_query = q.shape[1], _num_scores(q, k) // q.shape[1]
-    for n in range(1, length + 1):
-        if length % n == 0 and (length // n) * per_query <= BLOCK_SCORES:
-            return n
-    return length
+def _blockwise_pays(q, k) -> bool:
+    """auto's CPU choice (module docstring): blockwise for many scores, or for large pairs and enough of them."""
+    scores = _num_scores(q, k)
+    large_pairs = q.shape[1] * k.shape[1] >= AUTO_BLOCKWISE_PAIR_SCORES and scores >= AUTO_BLOCKWISE_LARGE_PAIR
+    return scores >= AUTO_BLOCKWISE_MIN_SCORES or large_pairs
+
+
+def _divisor_at_most(n: int, limit: int) -> int:
+    """The largest divisor of n that is at most limit (at least 1)."""
+    return max(d for d in range(1, min(n, max(limit, 1)) + 1) if n % d == 0)
+
+
+def _blocks(q, k) -> tuple[int, int]:
+    """blockwise's tiling: (pairs per block, query blocks). A block holds whole (batch, head) pairs while a pair's
+    scores fit BLOCK_SCORES (as many pairs as fit), else one pair's queries split into the fewest blocks that fit."""
+    pairs, per_pair = q.shape[0] * q.shape[2], q.shape[1] * k.shape[1]
+    if per_pair <= BLOCK_SCORES:
+        return _divisor_at_most(pairs, BLOCK_SCORES // per_pair), 1
+    length = q.shape[1]
+    return 1, length // _divisor_at_most(length, BLOCK_SCORES // k.shape[1])
 
 
 def _blockwise_attention(q, k, v, mask, is_causal, scale):
-    b, length, h, d = q.shape
-    n = _num_blocks(q, k)
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    group, n_q = _blocks(q, k)
     if is_causal:
-        causal = jnp.tril(jnp.ones((length, k.shape[1]), jnp.bool_))
+        causal = jnp.tril(jnp.ones((lq, lk), jnp.bool_))
         mask = causal if mask is None else jnp.logical_and(mask, causal)
-    blocks = lambda t, axis: jnp.moveaxis(t.reshape(*t.shape[:axis], n, t.shape[axis] // n, *t.shape[axis + 1:]),
-                                          axis, 0)
-    xs = [blocks(q, 1)]
-    if mask is not None:  # split its query axis with q's (a mask that does not vary over queries is shared)
+    # (B, L, H, D) -> (pairs / group, group, L, 1, D): each block is a batch of `group` single-head attentions
+    pairs = lambda t: _heads_first(t).reshape(b * h // group, group, t.shape[1], 1, d)
+    xs = [pairs(q), pairs(k), pairs(v)]
+    if mask is not None:  # broadcast over batch and heads, its query axis kept where it is shared (size 1)
         mask = jnp.asarray(mask).reshape((1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))
-        if mask.shape[2] != 1:
-            xs.append(blocks(jnp.broadcast_to(mask, (*mask.shape[:2], length, mask.shape[3])), 2))
+        mask = jnp.broadcast_to(mask, (b, h, *mask.shape[2:])).reshape(b * h // group, group, 1, *mask.shape[2:])
+        xs.append(mask)
 
-    @jax.checkpoint
-    def block(xs):
-        block_mask = xs[1] if len(xs) > 1 else mask
-        return _xla_attention(xs[0], k, v, block_mask, False, scale)
+    def attend(q, k, v, mask):
+        return _xla_attention(q, k, v, mask, False, scale)
 
-    out = jax.lax.map(block, xs)  # (n, B, Lq / n, H, D)
-    return jnp.moveaxis(out, 0, 1).reshape(b, length, h, d)
+    def pair_block(xs):
+        q, k, v, *mask = xs
+        mask = mask[0] if mask else None
+        if n_q == 1:
+            return jax.checkpoint(attend)(q, k, v, mask)
+        per_query_mask = mask is not None and mask.shape[-2] != 1
+        q_blocks = [jnp.moveaxis(q.reshape(group, n_q, lq // n_q, 1, d), 1, 0)]  # (n_q, group, L / n_q, 1, D)
+        if per_query_mask:  # (group, 1, Lq, Lk) -> (n_q, group, 1, Lq / n_q, Lk)
+            q_blocks.append(jnp.moveaxis(mask.reshape(group, 1, n_q, lq // n_q, lk), 2, 0))
+        block = jax.checkpoint(lambda xs: attend(xs[0], k, v, xs[1] if per_query_mask else mask))
+        out = jax.lax.map(block, q_blocks)  # (n_q, group, L / n_q, 1, D)
+        return jnp.moveaxis(out, 0, 1).reshape(q.shape)
+
+    out = jax.lax.map(pair_block, xs)  # (pairs / group, group, Lq, 1, D)
+    return _heads_first(out.reshape(b, h, lq, d))
 
 
 def _xla_attention(q, k, v, mask, is_causal, scale):
