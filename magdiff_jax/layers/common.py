@@ -30,6 +30,59 @@ Dtype = Any
 default_kernel_init = nn.initializers.lecun_uniform()
 
 
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+    """`nn.Dense`'s product, through `matmul` where it is the plain x (..., in) @ kernel (in, out) product."""
+    plain = dimension_numbers == (((lhs.ndim - 1,), (0,)), ((), ())) and rhs.ndim == 2
+    if plain and precision is None and preferred_element_type is None and lhs.dtype == rhs.dtype:
+        return matmul(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+def matmul(x, kernel):
+    """x (..., in) @ kernel (in, out), the product of every dense layer. On the CPU backend its backward takes the
+    weight gradient as `weight_gradient` does; elsewhere it is `jnp.dot`, differentiated by autodiff. The values are
+    the same either way (up to summation order)."""
+    if jax.default_backend() != "cpu":
+        return jnp.dot(x, kernel)
+    return _cpu_matmul(x, kernel)
+
+
+@jax.custom_vjp
+def _cpu_matmul(x, kernel):
+    return jnp.dot(x, kernel)
+
+
+def _matmul_fwd(x, kernel):
+    return jnp.dot(x, kernel), (x, kernel)
+
+
+def _matmul_bwd(res, d_y):
+    x, kernel = res
+    return jnp.dot(d_y, kernel.T), weight_gradient(x, d_y)
+
+
+def weight_gradient(x, d_y):
+    """x^T dy over every leading axis: x (..., in), dy (..., out) -> (in, out), the weight gradient of a product
+    x @ kernel, for the CPU backend. XLA's CPU matmul library takes its left operand with the contracted axis minor,
+    so a product over the tokens (the major axis of both operands) needs one operand transposed, and left to itself
+    XLA transposes the wider one. Here it is the narrower: where in < out, x^T is made explicitly (an optimization
+    barrier keeps XLA from folding it back into the product) and multiplies dy; where in > out, (dy^T x)^T. On a
+    2-vCPU AMD EPYC VM, (8192, 256)^T (8192, 1024): 37 -> 23 ms (PyTorch: 27 ms); (8192, 256)^T (8192, 2048):
+    62 -> 46 ms; (2048, 512)^T (2048, 128): 4.8 -> 3.4 ms; the unet3d training step of `benchmarks/unet_cpu.py`
+    1.94 -> 1.69 s (in one process, alternating)."""
+    n_in, n_out = x.shape[-1], d_y.shape[-1]
+    x, d_y = x.reshape(-1, n_in), d_y.reshape(-1, n_out)
+    if n_in < n_out:
+        return jax.lax.optimization_barrier(x.T) @ d_y
+    if n_in > n_out:
+        return (d_y.T @ x).T
+    return x.T @ d_y
+
+
+_cpu_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 def _named(init, names):
     return nn.with_logical_partitioning(init, tuple(names))
 
@@ -44,7 +97,7 @@ def dense(
     kernel_init=default_kernel_init,
     name: str | None = None,
 ) -> nn.Dense:
-    """`nn.Dense` with logical names `axes` on its kernel and `axes[1:]` on its bias."""
+    """`nn.Dense` with logical names `axes` on its kernel and `axes[1:]` on its bias, its product through `matmul`."""
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -52,6 +105,7 @@ def dense(
         param_dtype=param_dtype,
         kernel_init=_named(kernel_init, axes),
         bias_init=_named(nn.initializers.zeros_init(), axes[1:]),
+        dot_general=_dense_dot_general,
         name=name,
     )
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from magdiff_jax.layers.attention import Attention, EntityAttention
-from magdiff_jax.layers.common import conv, default_kernel_init, dense, group_norm, layer_norm
+from magdiff_jax.layers.common import conv, default_kernel_init, dense, group_norm, layer_norm, matmul
 from magdiff_jax.layers.remat import tag
 
 
@@ -37,7 +37,7 @@ class _HalvesDense(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
                           (2 * self.half,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return tuple(jnp.dot(x, k) + b for k, b in zip(jnp.split(kernel, 2, axis=1), jnp.split(bias, 2)))
+        return tuple(matmul(x, k) + b for k, b in zip(jnp.split(kernel, 2, axis=1), jnp.split(bias, 2)))
 
 
 class GEGLU(nn.Module):

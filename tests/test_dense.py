@@ -1,0 +1,53 @@
+"""`layers.common.dense` (`nn.Dense` through `matmul`, whose CPU backward takes the weight gradient in the operand
+layout XLA's CPU matmuls run fastest) against `torch.nn.Linear`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from helpers import rel_err
+
+from magdiff_jax.layers.common import dense, matmul, weight_gradient
+
+
+@pytest.mark.parametrize("shape,out", [((2, 3, 5, 8), 24), ((2, 7, 24), 8), ((6, 16), 16), ((1, 4, 5, 12), 12)])
+def test_matches_torch_linear(shape, out):
+    """torch.nn.Linear with random weight and bias: output and the gradients of a weighted sum with respect to the
+    input, kernel and bias, fp32, 1e-5 relative; the three weight-gradient forms (in < out, in > out, in == out)
+    and leading axes of any rank."""
+    rng = np.random.RandomState(0)
+    x = rng.randn(*shape).astype(np.float32)
+    ref = torch.nn.Linear(shape[-1], out)
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(rng.randn(out, shape[-1]).astype(np.float32)))
+        ref.bias.copy_(torch.from_numpy(rng.randn(out).astype(np.float32)))
+    params = {"kernel": ref.weight.detach().numpy().T, "bias": ref.bias.detach().numpy()}
+    layer = dense(out)
+    weights = rng.randn(*shape[:-1], out).astype(np.float32)
+    tx = torch.from_numpy(x).requires_grad_(True)
+    want = ref(tx)
+    (want * torch.from_numpy(weights)).sum().backward()
+    assert rel_err(layer.apply({"params": params}, x), want.detach().numpy()) < 1e-5
+    grads = jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x) * weights), argnums=(0, 1))(params, x)
+    assert rel_err(grads[1], tx.grad.numpy()) < 1e-5
+    assert rel_err(grads[0]["kernel"], ref.weight.grad.numpy().T) < 1e-5
+    assert rel_err(grads[0]["bias"], ref.bias.grad.numpy()) < 1e-5
+
+
+def test_weight_gradient_forms_and_dtypes():
+    """`weight_gradient` equals x^T dy in each form; `matmul`'s gradients keep autodiff's dtypes in bfloat16; on the
+    CPU backend the narrow-input form transposes x behind an optimization barrier (the form XLA would not choose)."""
+    rng = np.random.RandomState(1)
+    for n_in, n_out in ((4, 12), (12, 4), (8, 8)):
+        x, d_y = rng.randn(3, 10, n_in).astype(np.float32), rng.randn(3, 10, n_out).astype(np.float32)
+        want = np.einsum("abi,abo->io", x.astype(np.float64), d_y.astype(np.float64))
+        assert rel_err(weight_gradient(x, d_y), want) < 1e-5
+
+    x, k = jnp.asarray(rng.randn(2, 5, 4), jnp.bfloat16), jnp.asarray(rng.randn(4, 12), jnp.bfloat16)
+    loss = lambda f: lambda x, k: jnp.sum(f(x, k).astype(jnp.float32) ** 2)
+    got, want = jax.grad(loss(matmul), (0, 1))(x, k), jax.grad(loss(jnp.dot), (0, 1))(x, k)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == jnp.bfloat16 and g.shape == w.shape
+        assert rel_err(g.astype(jnp.float32), w.astype(jnp.float32)) < 2e-2
+    assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss(matmul), 1))(x, k))
