@@ -36,19 +36,28 @@ runs in between.
 In every choice but glibc the JAX worker runs its programs on the calling thread, as `magdiff-jax` does.
 Other settings measured and dropped: glibc with arena_max=1 (every thread on the main heap: no faults with async
 dispatch, but lock contention slowed the demo's small steps); jemalloc (slower than glibc here).
-Figures (unet3d, --donate, 2-vCPU Intel Xeon VM with AVX-512; results/unet3d_cpu*.json; seconds, JAX / PyTorch;
-magdiff with the one-matmul TemporalConv, the two-product GEGLU and auto's pair-blocked attention for unet3d's
-1024-token self-attention; the others before all three):
+Both workers are pinned to the same `--threads` cores (os.sched_setaffinity): XLA's CPU thread pool takes every core
+the process may use, PyTorch the threads it is told, so on a larger machine an unpinned JAX worker computes on more
+cores than PyTorch does.
+
+Figures (unet3d, --donate; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
+  2-vCPU AMD EPYC (Zen 4) VM, magdiff, with dense layers' weight gradients taken from the narrower operand
+  transposed (layers.common.weight_gradient): forward 0.539 / 0.746 (0.72x), train step 1.800 / 2.212 (0.81x)
+  (--steps 11; a run of 9 steps the same hour: 0.513 / 0.682, 1.701 / 2.119, 0.80x). The code before that change,
+  the same day: forward 0.75-0.81x, train step 0.92-1.03x. Run to run, the ratio moves by a few hundredths here.
+  2-vCPU Intel Xeon VM with AVX-512, the code before the weight-gradient change (magdiff with the one-matmul
+  TemporalConv, the two-product GEGLU and auto's pair-blocked attention; the other allocators before all three):
   magdiff    forward 0.544 / 0.542 (1.00x), train step 2.113 / 1.752 (1.21x), JAX system time 0.05 s per step
-             (the same code without the attention change, on a less loaded day: 0.487 / 0.512, 2.046 / 1.593, 1.28x)
   tcmalloc   forward 0.512 / 0.503 (1.02x), train step 2.135 / 1.532 (1.39x), 0.03 s
   hugepages  forward 0.575 / 0.525 (1.09x), train step 3.119 / 1.618 (1.93x), 1.73 s
   glibc      forward 0.634 / 0.545 (1.16x), train step 3.710 / 1.759 (2.11x), 2.76 s
-On a 2-vCPU AMD EPYC (Zen 4) VM, where PyTorch's MKL is slower, the code before the allocator set-up measured
-forward 0.55x and train step 0.78x with tcmalloc (1.553 / 1.999 s). What the JAX step spends more on here is
-matmuls: XLA's CPU kernels run the U-Net's thin ones 2-5x slower than MKL (a (8192, 64)^T (8192, 64) weight
-gradient: 1.7-1.8 ms against 0.33 ms; (8192, 1024) x (1024, 256): 34-37 ms on one core against 14.5 ms), whichever
-library XLA hands them to.
+  There the JAX step lost on matmuls: XLA's CPU kernels ran the U-Net's thin ones 2-5x slower than MKL (a
+  (8192, 64)^T (8192, 64) weight gradient: 1.7-1.8 ms against 0.33 ms; (8192, 1024) x (1024, 256): 34-37 ms on
+  one core against 14.5 ms), whichever library XLA hands them to, and ~345 ms a step on transposed copies, most of
+  them the weight-gradient operands the change above no longer copies.
+An earlier AMD EPYC figure (train step 0.78x with tcmalloc, forward 0.55x: JAX 1.553 s, 0.378 s) came from before
+the workers were pinned. Its JAX forward ran at ~200 GFLOP/s, the matmul peak of two Zen 4 cores, and the same code
+measured 0.99x / 1.08x on a 2-vCPU Zen 4 VM later: XLA most likely computed on more cores than PyTorch's two.
 
 Writes benchmarks/results/<kind>_cpu.json (--malloc M: <kind>_cpu_malloc_<M>.json), with the CPU's model and vector
 extensions: the ratio depends on them (above).
@@ -58,6 +67,7 @@ PERF.md targets: forward <= 1.0x, training step <= 0.8x.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -95,7 +105,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kind", default="unet3d", choices=sorted(CONFIGS))
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions of each measurement")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads for both frameworks")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="CPU threads for both frameworks; both workers are pinned to that many cores")
     ap.add_argument("--malloc", default="magdiff", choices=MALLOC_CHOICES,
                     help="the memory allocator of both workers, and with it JAX's dispatch (module docstring)")
     ap.add_argument("--donate", action="store_true",
@@ -117,10 +128,11 @@ def main():
             env["LD_PRELOAD"] = find_tcmalloc()
         common = ["--kind", args.kind, "--threads", str(args.threads), "--dir", tmp, *(["--donate"] * args.donate),
                   "--malloc", args.malloc]
+        cpus = pinned_cpus(args.threads)
         # the PyTorch worker builds the reference model and writes it (and the inputs) before the JAX one reads them
-        workers = {"torch": Worker("torch", common, env)}
+        workers = {"torch": Worker("torch", common, env, cpus=cpus)}
         torch_info = workers["torch"].ready()
-        workers["jax"] = Worker("jax", common, env)
+        workers["jax"] = Worker("jax", common, env, cpus=cpus)
         jax_info = workers["jax"].ready()
         calls = {f"{w}_{what}": [] for what in ("fwd", "train") for w in ("jax", "torch")}
         for _ in range(args.steps):  # alternate, so both see the same machine load
@@ -139,6 +151,7 @@ def main():
         "config": {**CONFIGS[args.kind], "sample_size": SIZE, "input_shape": jax_info["input_shape"],
                    "tokens": TOKENS, "params": torch_info["params"]},
         "threads": args.threads,
+        "cpus": cpus,
         "processes": "one per framework, timed calls alternating",
         "malloc": {"glibc": "glibc as it is", "tcmalloc": f"tcmalloc: LD_PRELOAD={env.get('LD_PRELOAD')}",
                    **{k: f"{k}: GLIBC_TUNABLES={v}" for k, v in GLIBC_TUNABLES.items()}}[args.malloc],
@@ -177,6 +190,16 @@ def main():
     out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+def pinned_cpus(threads: int) -> list[int]:
+    """The first `threads` CPUs this process may run on: both workers are pinned to them, so each framework computes
+    on the same cores however many threads it starts (XLA's CPU thread pool takes every core the process may use;
+    PyTorch takes `--threads`)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if threads < 1 or threads > len(allowed):
+        raise SystemExit(f"--threads {threads}: this process may run on {len(allowed)} CPUs ({allowed})")
+    return allowed[:threads]
+
+
 def cpu_description() -> dict:
     """The CPU's model name, vendor and the vector ISA extensions that decide which kernels the libraries pick
     (from /proc/cpuinfo; empty where there is none): the JAX/PyTorch ratio depends on them (module docstring)."""
@@ -204,10 +227,12 @@ def find_tcmalloc() -> str:
 class Worker:
     """A framework's worker process: one JSON line per reply on its stdout, one command per line on its stdin."""
 
-    def __init__(self, name: str, common: list[str], env: dict, script: str = __file__):
+    def __init__(self, name: str, common: list[str], env: dict, script: str = __file__, cpus: list[int] | None = None):
+        """`cpus`: the CPUs the worker (and every thread it starts) may run on; all the caller's when None."""
         self.name = name
+        pin = None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus)
         self.proc = subprocess.Popen([sys.executable, script, "--worker", name, *common], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.PIPE, text=True, env=env, preexec_fn=pin)
 
     def _reply(self) -> dict:
         line = self.proc.stdout.readline()
