@@ -42,7 +42,8 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
 def matmul(x, kernel):
     """x (..., in) @ kernel (in, out), the product of every dense layer. On the CPU backend its backward takes the
     weight gradient as `weight_gradient` does; elsewhere it is `jnp.dot`, differentiated by autodiff. The values are
-    the same either way (up to summation order)."""
+    the same either way (up to summation order). Being a custom VJP on the CPU, it takes reverse-mode autodiff only
+    there (as the attention and temporal convolution of the U-Nets already do): `jax.jvp` through it raises."""
     if jax.default_backend() != "cpu":
         return jnp.dot(x, kernel)
     return _cpu_matmul(x, kernel)
