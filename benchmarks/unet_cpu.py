@@ -43,8 +43,9 @@ cores than PyTorch does.
 Figures (unet3d, --donate; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
   2-vCPU AMD EPYC (Zen 4) VM, magdiff, with dense layers' weight gradients taken from the narrower operand
   transposed (layers.common.weight_gradient): forward 0.539 / 0.746 (0.72x), train step 1.800 / 2.212 (0.81x)
-  (--steps 11; a run of 9 steps the same hour: 0.513 / 0.682, 1.701 / 2.119, 0.80x). The code before that change,
-  the same day: forward 0.75-0.81x, train step 0.92-1.03x. Run to run, the ratio moves by a few hundredths here.
+  (--steps 11; other runs the same hour: 0.513 / 0.682, 1.701 / 2.119, 0.80x; 0.580 / 0.873, 2.065 / 2.454,
+  0.84x with the machine slower). The code before that change, the same day: forward 0.75-0.81x, train step
+  0.92-1.03x. Run to run, the ratio moves by a few hundredths here.
   2-vCPU Intel Xeon VM with AVX-512, the code before the weight-gradient change (magdiff with the one-matmul
   TemporalConv, the two-product GEGLU and auto's pair-blocked attention; the other allocators before all three):
   magdiff    forward 0.544 / 0.542 (1.00x), train step 2.113 / 1.752 (1.21x), JAX system time 0.05 s per step
