@@ -241,6 +241,14 @@ def embedding(
     )
 
 
+def gelu(x):
+    """The exact GELU, x * Phi(x), in PyTorch's form 0.5 * x * (1 + erf(x / sqrt(2))). `jax.nn.gelu(x,
+    approximate=False)` takes Phi from erfc instead (more accurate far in the negative tail, where GELU is ~0 anyway),
+    and XLA's CPU erfc is a piecewise expansion: on (8192, 1024) fp32 on a 2-vCPU AMD EPYC VM, h * gelu(x) forward
+    4.9 -> 2.8 ms, its gradient 14.7 -> 7.1 ms; the two agree to 2e-6."""
+    return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))
+
+
 def quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
@@ -248,7 +256,7 @@ def quick_gelu(x):
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": quick_gelu,

@@ -22,11 +22,10 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from magdiff_jax.layers.attention import Attention
-from magdiff_jax.layers.common import dense, layer_norm
+from magdiff_jax.layers.common import dense, gelu, layer_norm
 from magdiff_jax.layers.remat import tag
 
 
@@ -61,7 +60,7 @@ class GELUProj(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = dense(self.features, axes=("embed", "mlp"), use_bias=False, dtype=self.dtype, name="proj")(x)
-        return jax.nn.gelu(x, approximate=False)
+        return gelu(x)
 
 
 class ResamplerFeedForward(nn.Module):

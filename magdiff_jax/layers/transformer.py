@@ -13,11 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from magdiff_jax.layers.attention import Attention, EntityAttention
-from magdiff_jax.layers.common import conv, default_kernel_init, dense, group_norm, layer_norm, matmul
+from magdiff_jax.layers.common import conv, default_kernel_init, dense, gelu, group_norm, layer_norm, matmul
 from magdiff_jax.layers.remat import tag
 
 
@@ -49,7 +48,7 @@ class GEGLU(nn.Module):
     @nn.compact
     def __call__(self, x):
         hidden, gate = _HalvesDense(self.inner_dim, dtype=self.dtype, name="proj")(x)
-        return hidden * jax.nn.gelu(gate, approximate=False)
+        return hidden * gelu(gate)
 
 
 class FeedForward(nn.Module):
