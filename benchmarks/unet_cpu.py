@@ -41,11 +41,15 @@ the process may use, PyTorch the threads it is told, so on a larger machine an u
 cores than PyTorch does.
 
 Figures (unet3d, --donate; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
-  2-vCPU AMD EPYC (Zen 4) VM, magdiff, with dense layers' weight gradients taken from the narrower operand
-  transposed (layers.common.weight_gradient): forward 0.539 / 0.746 (0.72x), train step 1.800 / 2.212 (0.81x)
-  (--steps 11; other runs the same hour: 0.513 / 0.682, 1.701 / 2.119, 0.80x; 0.580 / 0.873, 2.065 / 2.454,
-  0.84x with the machine slower). The code before that change, the same day: forward 0.75-0.81x, train step
-  0.92-1.03x. Run to run, the ratio moves by a few hundredths here.
+  2-vCPU AMD EPYC (Zen 4) VM, magdiff, with the erf-form GELU (layers.common.gelu): forward 0.492 / 0.656
+  (0.75x), train step 1.639 / 2.018 (0.81x) (--steps 11, the committed JSON; two other runs the same hour:
+  1.721 / 2.077 and 1.643 / 1.979, both 0.83x: PyTorch's step ran 1.98-2.08 s that day against 2.12-2.21 s the day
+  before). unet_motion 0.336 / 0.435 (0.77x), 1.173 / 1.387 (0.85x); unet2d 0.070 / 0.073 (0.96x), 0.261 / 0.249
+  (1.05x) (unet2d's 0.07 s forward moved 0.96-1.19x across runs).
+  The same VM the day before, with dense layers' weight gradients taken from the narrower operand transposed
+  (layers.common.weight_gradient) and jax.nn.gelu: forward 0.539 / 0.746 (0.72x), train step 1.800 / 2.212 (0.81x)
+  (other runs the same hour: 0.80x, 0.84x with the machine slower). The code before the weight-gradient change,
+  the same day: forward 0.75-0.81x, train step 0.92-1.03x. Run to run, the ratio moves by a few hundredths here.
   2-vCPU Intel Xeon VM with AVX-512, the code before the weight-gradient change (magdiff with the one-matmul
   TemporalConv, the two-product GEGLU and auto's pair-blocked attention; the other allocators before all three):
   magdiff    forward 0.544 / 0.542 (1.00x), train step 2.113 / 1.752 (1.21x), JAX system time 0.05 s per step
