@@ -11,7 +11,8 @@ Config (all kinds): block widths 64/128/192, cross-attention in the first two bl
 1 resnet per block, 77 text tokens of width 256, 32x32x4 latents; video kinds take 1 video of 8 frames, unet2d a
 batch of 2 images. unet3d: 15.5M parameters. Reports: JAX compile time; median forward and training-step
 (forward + backward + AdamW) times for both frameworks after warm-up; the ratio JAX / PyTorch (below 1: JAX is
-faster); the analytic FLOP count (magdiff_jax.utils.flops) against XLA's cost_analysis (of the same model with
+faster); the analytic FLOP count (magdiff_jax.utils.flops; also with convolutions counted by their in-bounds taps,
+as XLA counts them) against XLA's cost_analysis (of the same model with
 `attention_impl="xla"`: XLA counts the body of blockwise attention's loop once); achieved GFLOP/s; each step's
 system CPU time and page faults. The models run with their configs' default `attention_impl="auto"` (blockwise
 attention on CPU for long sequences). The JAX step returns new parameters and optimizer state (PyTorch updates in
@@ -41,11 +42,15 @@ the process may use, PyTorch the threads it is told, so on a larger machine an u
 cores than PyTorch does.
 
 Figures (unet3d, --donate; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
-  2-vCPU AMD EPYC (Zen 4) VM, magdiff, with the erf-form GELU (layers.common.gelu): forward 0.492 / 0.656
-  (0.75x), train step 1.639 / 2.018 (0.81x) (--steps 11, the committed JSON; two other runs the same hour:
-  1.721 / 2.077 and 1.643 / 1.979, both 0.83x: PyTorch's step ran 1.98-2.08 s that day against 2.12-2.21 s the day
-  before). unet_motion 0.336 / 0.435 (0.77x), 1.173 / 1.387 (0.85x); unet2d 0.070 / 0.073 (0.96x), 0.261 / 0.249
-  (1.05x) (unet2d's 0.07 s forward moved 0.96-1.19x across runs).
+  2-vCPU AMD EPYC (Zen 4) VM, magdiff, with the erf-form GELU (layers.common.gelu): forward 0.499 / 0.678
+  (0.73x), train step 1.793 / 2.122 (0.84x) (--steps 11, the committed JSON; three other runs within the hour:
+  1.721 / 2.077 and 1.643 / 1.979, both 0.83x, and 1.639 / 2.018, 0.81x; PyTorch's step ran 1.98-2.12 s that day
+  against 2.12-2.21 s the day before). unet_motion 0.340 / 0.436 (0.78x), 1.138 / 1.364 (0.83x); unet2d
+  0.071 / 0.073 (0.98x), 0.253 / 0.244 (1.04x) (unet2d's 0.07 s forward moved 0.96-1.19x across runs).
+  Where the unet3d step goes (jax.profiler, the same VM): on one core 2.93-3.06 s, on two 1.64-1.79 s (1.8x);
+  per core, the plain matmuls run at the core's peak (~100 GFLOP/s), the weight gradients contracting the token
+  axis of both operands at 50-87, 3x3 convolutions (Eigen) 530 ms at ~94; on two cores an estimated ~8% of the
+  cores' time idles (XLA runs small ops, concatenations and many mid-size matmuls on one thread).
   The same VM the day before, with dense layers' weight gradients taken from the narrower operand transposed
   (layers.common.weight_gradient) and jax.nn.gelu: forward 0.539 / 0.746 (0.72x), train step 1.800 / 2.212 (0.81x)
   (other runs the same hour: 0.80x, 0.84x with the machine slower). The code before the weight-gradient change,
@@ -172,7 +177,8 @@ def main():
         "median_sys_s": {k: statistics.median(c["sys_s"] for c in v) for k, v in calls.items()},
         "median_page_faults": {k: statistics.median(c["faults"] for c in v) for k, v in calls.items()},
         "flops": {"forward_analytic": flops, "forward_xla_cost_analysis": xla_flops,
-                  "analytic_over_xla": flops / xla_flops, "train_step_analytic": 3 * flops},
+                  "analytic_over_xla": flops / xla_flops, "forward_in_bounds": jax_info["flops_in_bounds"],
+                  "in_bounds_over_xla": jax_info["flops_in_bounds"] / xla_flops, "train_step_analytic": 3 * flops},
         "gflops_per_s": {"jax_forward": flops / med["jax_fwd"] / 1e9, "jax_train": 3 * flops / med["jax_train"] / 1e9,
                          "torch_forward": flops / med["torch_fwd"] / 1e9,
                          "torch_train": 3 * flops / med["torch_train"] / 1e9},
@@ -188,7 +194,9 @@ def main():
               f"{result['median_sys_s'][f'torch_{what}']:12.2f}")
     print(f"JAX compile: forward {jax_info['compile_s']['forward']:.1f} s, "
           f"train step {jax_info['compile_s']['train_step']:.1f} s")
-    print(f"forward FLOPs: analytic {flops / 1e9:.2f} G, XLA {xla_flops / 1e9:.2f} G (ratio {flops / xla_flops:.3f})")
+    print(f"forward FLOPs: analytic {flops / 1e9:.2f} G, XLA {xla_flops / 1e9:.2f} G (ratio {flops / xla_flops:.3f}); "
+          f"convolutions by in-bounds taps as XLA counts them {jax_info['flops_in_bounds'] / 1e9:.2f} G "
+          f"(ratio {jax_info['flops_in_bounds'] / xla_flops:.3f})")
     suffix = "" if args.malloc == "magdiff" else f"_malloc_{args.malloc}"
     out = Path(args.out or Path(__file__).parent / "results" / f"{args.kind}_cpu{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +341,7 @@ def jax_worker(args) -> None:
     from magdiff_jax.convert import load_torch
     from magdiff_jax.utils import xla_cpu
     from magdiff_jax.utils.allocator import run_cpu_programs_on_calling_thread
-    from magdiff_jax.utils.flops import count_flops
+    from magdiff_jax.utils.flops import count_flops, count_in_bounds_flops
 
     if args.malloc != "glibc":  # as `magdiff-jax` runs (module docstring)
         run_cpu_programs_on_calling_thread()
@@ -365,6 +373,7 @@ def jax_worker(args) -> None:
     ).cost_analysis()
     xla_flops = float((cost[0] if isinstance(cost, list) else cost)["flops"])
     flops = count_flops(lambda p, x, t, c: module.apply({"params": p}, x, t, c), params, x, t, ctx)
+    in_bounds = count_in_bounds_flops(lambda p, x, t, c: module.apply({"params": p}, x, t, c), params, x, t, ctx)
     state = {"p": params, "s": opt_state}
 
     def fwd():
@@ -376,7 +385,8 @@ def jax_worker(args) -> None:
 
     fwd(), train()  # warm-up
     serve({"compile_s": {"forward": compile_fwd, "train_step": compile_train}, "flops_analytic": flops,
-           "flops_xla": xla_flops, "input_shape": list(x.shape), "versions": {"jax": jax.__version__},
+           "flops_in_bounds": in_bounds, "flops_xla": xla_flops, "input_shape": list(x.shape),
+           "versions": {"jax": jax.__version__},
            "async_dispatch": jax.config.values["jax_cpu_enable_async_dispatch"],
            "compiler_options": options or {}},
           {"fwd": fwd, "train": train})

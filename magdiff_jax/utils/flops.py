@@ -6,6 +6,10 @@ activations and other elementwise work are not counted. A training step is 3x th
 is not counted). The count walks the function's jaxpr (through jit, remat, custom-vjp and scan bodies, scans
 multiplied by their length), so it follows the model as written, and `benchmarks/` cross-checks it against
 XLA's own `cost_analysis()`.
+
+XLA counts a convolution's multiply-adds only where the kernel tap lands on the input, not on its zero padding: a
+3x3 "SAME" convolution on 16x16 counts (46/48)^2 = 92% of the convention's, on 32x32 96%. `count_in_bounds_flops`
+counts that way too (the same walk, convolutions by their in-bounds taps), for comparisons with XLA at small sizes.
 """
 
 from __future__ import annotations
@@ -26,13 +30,31 @@ def _dot_flops(eqn) -> int:
     return 2 * batch * lhs_free * rhs_free * contract
 
 
-def _conv_flops(eqn) -> int:
+def _in_bounds_taps(n: int, k: int, out: int, stride: int, pad_lo: int, lhs_dil: int, rhs_dil: int) -> int:
+    """(output position, kernel tap) pairs of one spatial axis whose tap lands on an input element."""
+    dilated = (n - 1) * lhs_dil + 1
+    return sum(1 for o in range(out) for t in range(k)
+               if 0 <= (p := o * stride + t * rhs_dil - pad_lo) < dilated and p % lhs_dil == 0)
+
+
+def _conv_flops(eqn, in_bounds: bool = False) -> int:
     out = eqn.outvars[0].aval.shape
-    rhs = eqn.invars[1].aval.shape
-    dn = eqn.params["dimension_numbers"]
+    lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+    params = eqn.params
+    dn = params["dimension_numbers"]
     kernel_in = rhs[dn.rhs_spec[1]]  # input channels per group, so grouped convolutions count right too
-    kernel_spatial = math.prod(rhs[d] for d in dn.rhs_spec[2:])
-    return 2 * math.prod(out) * kernel_in * kernel_spatial
+    if not in_bounds:
+        kernel_spatial = math.prod(rhs[d] for d in dn.rhs_spec[2:])
+        return 2 * math.prod(out) * kernel_in * kernel_spatial
+    spatial = len(dn.rhs_spec) - 2
+    lhs_dil = params.get("lhs_dilation") or (1,) * spatial
+    rhs_dil = params.get("rhs_dilation") or (1,) * spatial
+    pairs = math.prod(
+        _in_bounds_taps(lhs[dn.lhs_spec[2 + i]], rhs[dn.rhs_spec[2 + i]], out[dn.out_spec[2 + i]],
+                        params["window_strides"][i], params["padding"][i][0], lhs_dil[i], rhs_dil[i])
+        for i in range(spatial))
+    non_spatial_out = out[dn.out_spec[0]] * out[dn.out_spec[1]]  # batch x output features
+    return 2 * non_spatial_out * pairs * kernel_in
 
 
 def _sub_jaxprs(eqn):
@@ -49,20 +71,21 @@ def _sub_jaxprs(eqn):
                     yield v
 
 
-def jaxpr_flops(jaxpr) -> int:
+def jaxpr_flops(jaxpr, in_bounds: bool = False) -> int:
+    """The convention's FLOPs of a jaxpr; `in_bounds`: convolutions by their in-bounds taps (module docstring)."""
     total = 0
     for eqn in jaxpr.eqns:
         prim = eqn.primitive.name
         if prim == "dot_general":
             total += _dot_flops(eqn)
         elif prim == "conv_general_dilated":
-            total += _conv_flops(eqn)
+            total += _conv_flops(eqn, in_bounds)
         else:
-            inner = sum(jaxpr_flops(j) for j in _sub_jaxprs(eqn))
+            inner = sum(jaxpr_flops(j, in_bounds) for j in _sub_jaxprs(eqn))
             if prim == "scan":
                 inner *= eqn.params["length"]
             elif prim == "cond":
-                inner = max((jaxpr_flops(j) for j in _sub_jaxprs(eqn)), default=0)
+                inner = max((jaxpr_flops(j, in_bounds) for j in _sub_jaxprs(eqn)), default=0)
             total += inner
     return total
 
@@ -70,3 +93,8 @@ def jaxpr_flops(jaxpr) -> int:
 def count_flops(fn, *args, **kwargs) -> int:
     """FLOPs of one call `fn(*args, **kwargs)` (matmuls and convolutions only)."""
     return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr)
+
+
+def count_in_bounds_flops(fn, *args, **kwargs) -> int:
+    """`count_flops` with each convolution counted by its in-bounds taps only, as XLA's `cost_analysis()` counts."""
+    return jaxpr_flops(jax.make_jaxpr(fn)(*args, **kwargs).jaxpr, in_bounds=True)
