@@ -134,32 +134,21 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="profile_cpu_step_"))
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={work / 'hlo'}".strip()
 
-    import diffusers
     import jax
-    import jax.numpy as jnp
     import optax
-    import torch
 
     from magdiff_jax.convert import load_torch
     from magdiff_jax.utils import xla_cpu
     from magdiff_jax.utils.allocator import run_cpu_programs_on_calling_thread
 
     run_cpu_programs_on_calling_thread()
-    torch.manual_seed(0)
-    getattr(diffusers, unet_cpu.TORCH_CLASSES[args.kind])(sample_size=unet_cpu.SIZE,
-                                                           **unet_cpu.CONFIGS[args.kind]).save_pretrained(work / "m")
+    unet_cpu.reference_model(args.kind).save_pretrained(work / "m")
     module, params = load_torch(args.kind, work / "m")
     x, t, ctx, target = unet_cpu.inputs(args.kind)
     opt = optax.adamw(1e-4)
-
-    def train_step(p, s, x, t, c, y):
-        loss, g = jax.value_and_grad(lambda p: jnp.mean((module.apply({"params": p}, x, t, c) - y) ** 2))(p)
-        updates, s = opt.update(g, s, p)
-        return optax.apply_updates(p, updates), s, loss
-
     state = [params, opt.init(params)]
-    step = jax.jit(train_step, donate_argnums=(0, 1)).lower(*state, x, t, ctx, target).compile(
-        xla_cpu.merged(None))
+    step = jax.jit(unet_cpu.jax_train_step(module, opt), donate_argnums=(0, 1)).lower(
+        *state, x, t, ctx, target).compile(xla_cpu.merged(None))
 
     def run():
         state[0], state[1], loss = step(*state, x, t, ctx, target)

@@ -295,14 +295,40 @@ def inputs(kind: str):
     return x, t, ctx, target
 
 
+def reference_model(kind: str):
+    """The diffusers model of `kind` at the benchmark's config, its weights drawn from torch's seed 0."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(0)
+    return getattr(diffusers, TORCH_CLASSES[kind])(sample_size=SIZE, **CONFIGS[kind])
+
+
+def jax_train_step(module, opt):
+    """The JAX training step both scripts time: mean squared error of the prediction, its gradient, `opt`'s update.
+    (params, opt_state, x, t, context, target) -> (params, opt_state, loss)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    def loss_fn(p, x, t, c, y):
+        return jnp.mean((module.apply({"params": p}, x, t, c) - y) ** 2)
+
+    def train_step(p, s, x, t, c, y):
+        loss, g = jax.value_and_grad(loss_fn)(p, x, t, c, y)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
+
+    return train_step
+
+
 def torch_worker(args) -> None:
     import diffusers
     import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    ref = getattr(diffusers, TORCH_CLASSES[args.kind])(sample_size=SIZE, **CONFIGS[args.kind])
+    ref = reference_model(args.kind)
     ref.save_pretrained(args.dir)
     x, t, ctx, target = inputs(args.kind)
 
@@ -335,7 +361,6 @@ def jax_worker(args) -> None:
     import dataclasses
 
     import jax
-    import jax.numpy as jnp
     import optax
 
     from magdiff_jax.convert import load_torch
@@ -349,16 +374,7 @@ def jax_worker(args) -> None:
     x, t, ctx, target = inputs(args.kind)
     fwd_fn = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c))
     opt = optax.adamw(1e-4)
-
-    def loss_fn(p, x, t, c, y):
-        return jnp.mean((module.apply({"params": p}, x, t, c) - y) ** 2)
-
-    def train_step(p, s, x, t, c, y):
-        loss, g = jax.value_and_grad(loss_fn)(p, x, t, c, y)
-        upd, s = opt.update(g, s, p)
-        return optax.apply_updates(p, upd), s, loss
-
-    train_jit = jax.jit(train_step, donate_argnums=(0, 1) if args.donate else ())
+    train_jit = jax.jit(jax_train_step(module, opt), donate_argnums=(0, 1) if args.donate else ())
     opt_state = opt.init(params)
     t0 = time.perf_counter()
     options = xla_cpu.merged(None)  # the library's XLA CPU setting, as the trainer compiles its step

@@ -38,23 +38,22 @@ def _in_bounds_taps(n: int, k: int, out: int, stride: int, pad_lo: int, lhs_dil:
 
 
 def _conv_flops(eqn, in_bounds: bool = False) -> int:
+    """2 * batch * output features * (output position, kernel tap) pairs * input channels per group: every pair in
+    the convention, only the in-bounds ones with `in_bounds`."""
     out = eqn.outvars[0].aval.shape
     lhs, rhs = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
     params = eqn.params
     dn = params["dimension_numbers"]
     kernel_in = rhs[dn.rhs_spec[1]]  # input channels per group, so grouped convolutions count right too
-    if not in_bounds:
-        kernel_spatial = math.prod(rhs[d] for d in dn.rhs_spec[2:])
-        return 2 * math.prod(out) * kernel_in * kernel_spatial
     spatial = len(dn.rhs_spec) - 2
     lhs_dil = params.get("lhs_dilation") or (1,) * spatial
     rhs_dil = params.get("rhs_dilation") or (1,) * spatial
+    taps = _in_bounds_taps if in_bounds else (lambda n, k, out, *_: out * k)
     pairs = math.prod(
-        _in_bounds_taps(lhs[dn.lhs_spec[2 + i]], rhs[dn.rhs_spec[2 + i]], out[dn.out_spec[2 + i]],
-                        params["window_strides"][i], params["padding"][i][0], lhs_dil[i], rhs_dil[i])
+        taps(lhs[dn.lhs_spec[2 + i]], rhs[dn.rhs_spec[2 + i]], out[dn.out_spec[2 + i]],
+             params["window_strides"][i], params["padding"][i][0], lhs_dil[i], rhs_dil[i])
         for i in range(spatial))
-    non_spatial_out = out[dn.out_spec[0]] * out[dn.out_spec[1]]  # batch x output features
-    return 2 * non_spatial_out * pairs * kernel_in
+    return 2 * out[dn.out_spec[0]] * out[dn.out_spec[1]] * pairs * kernel_in
 
 
 def _sub_jaxprs(eqn):
