@@ -62,11 +62,12 @@ def test_implementation_switch_is_validated(qkv):
 
 
 @pytest.mark.parametrize("tiling", ["pairs", "queries"])
-@pytest.mark.parametrize("mask_kind", ["none", "per_query", "shared", "full", "causal"])
+@pytest.mark.parametrize("mask_kind", ["none", "per_query", "shared", "full", "empty_row", "causal"])
 def test_blockwise_equals_xla_values_and_gradients(qkv, monkeypatch, mask_kind, tiling):
-    """blockwise (blocks rematerialised) computes what xla computes, gradients included; the block size is forced
-    down so that the 6 (batch, head) pairs go 2 to a block ("pairs"), or each pair's 6 queries split into 3 blocks
-    ("queries")."""
+    """blockwise (saved log-sum-exp, probabilities recomputed block by block in the backward) computes what xla
+    computes, gradients included, a query with no visible key too; the block size is forced down so that the 6
+    (batch, head) pairs go 2 to a block ("pairs"), or each pair's 6 queries split into 3 blocks ("queries", whose
+    key and value gradients are summed over the blocks)."""
     q, k, v = qkv
     q = np.concatenate([q, q[:, :1] * 0.5], axis=1)  # 6 queries, 7 keys, B * H = 6 pairs
     block, tiles = {"pairs": (2 * 6 * 7, (2, 1)), "queries": (2 * 7, (1, 3))}[tiling]
@@ -74,9 +75,11 @@ def test_blockwise_equals_xla_values_and_gradients(qkv, monkeypatch, mask_kind, 
     assert attn_lib._blocks(q, k) == tiles
     rng = np.random.RandomState(2)
     mask = {"none": None, "per_query": rng.rand(2, 1, 6, 7) > 0.4, "shared": rng.rand(2, 3, 1, 7) > 0.4,
-            "full": rng.rand(2, 3, 6, 7) > 0.4, "causal": None}[mask_kind]
+            "full": rng.rand(2, 3, 6, 7) > 0.4, "empty_row": rng.rand(2, 3, 6, 7) > 0.4, "causal": None}[mask_kind]
     if mask is not None:
         mask[..., 0] = True
+        if mask_kind == "empty_row":
+            mask[1, 2, 3] = False
     kw = dict(mask=mask, is_causal=mask_kind == "causal")
 
     def loss(impl):

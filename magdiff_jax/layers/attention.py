@@ -8,11 +8,17 @@ attention) calls `dot_product_attention`, whose `implementation` comes from the 
              probabilities and takes every gradient product in the operand layout XLA's CPU matmuls run fastest
              (autodiff's dV = P^T dO and dK = dS^T Q contract the major axis of both operands); any backend, any
              dtype. A query whose keys are all masked out gets a zero output, as PyTorch's SDPA gives.
-  blockwise  the same computation a block at a time (`lax.map`), each block rematerialised in the backward pass:
-             a block holds whole (batch, head) pairs, as many as fit BLOCK_SCORES scores, or, where one pair's
-             scores do not fit, a slice of one pair's queries. The (Lq, Lk) score matrix never exists whole:
-             activation memory O(block) instead of O(B * H * Lq * Lk), and each block's scores stay in cache (4 MB
-             in fp32). The outputs are those of xla (each query row is the same computation).
+  blockwise  the same computation a block at a time (`lax.map`), with flash attention's bookkeeping: a block
+             holds whole (batch, head) pairs, as many as fit BLOCK_SCORES scores, or, where one pair's scores do
+             not fit, a slice of one pair's queries. The forward keeps each query's output and log-sum-exp; the
+             backward recomputes a block's probabilities from them (one QK^T product, no second softmax or PV
+             product) and takes its gradients as xla's backward does. The (Lq, Lk) score matrix never exists
+             whole: activation memory O(block) instead of O(B * H * Lq * Lk), and each block's scores stay in
+             cache (4 MB in fp32). The outputs are those of xla (each query row is the same computation).
+             Against the earlier form that rematerialised each block's whole forward, forward + backward on a
+             2-vCPU AMD EPYC VM (one core / two cores): (8, 1024, 2, 32) 124 -> 103 / 70 -> 59 ms; (1, 4096, 1,
+             32) (query blocks) 126 -> 98 / 69 -> 54 ms; (2, 1024, 8, 40) 180 -> 130 / 102 -> 81 ms; the unet3d
+             training step of `benchmarks/unet_cpu.py` in one process, one core 3.00 -> 2.91 s.
   cudnn      cuDNN flash attention on a CUDA GPU (fp16/bf16, head_dim a multiple of 8 and at most 128). Asking for
              it elsewhere is an error that says why; tests gate it on `cudnn_available()`.
   auto       (the model configs' default) cudnn where it is available and applicable and the sequence is long
@@ -153,32 +159,91 @@ def _blockwise_attention(q, k, v, mask, is_causal, scale):
     if is_causal:
         causal = jnp.tril(jnp.ones((lq, lk), jnp.bool_))
         mask = causal if mask is None else jnp.logical_and(mask, causal)
-    # (B, L, H, D) -> (pairs / group, group, L, 1, D): each block is a batch of `group` single-head attentions
-    pairs = lambda t: _heads_first(t).reshape(b * h // group, group, t.shape[1], 1, d)
-    xs = [pairs(q), pairs(k), pairs(v)]
+    scale = d ** -0.5 if scale is None else scale
+    # (B, L, H, D) -> (pairs / group, group, 1, L, D): heads first, each block a batch of `group` single-head pairs
+    pairs = lambda t: _heads_first(t).reshape(b * h // group, group, 1, t.shape[1], t.shape[3])
     if mask is not None:  # broadcast over batch and heads, its query axis kept where it is shared (size 1)
         mask = jnp.asarray(mask).reshape((1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))
         mask = jnp.broadcast_to(mask, (b, h, *mask.shape[2:])).reshape(b * h // group, group, 1, *mask.shape[2:])
-        xs.append(mask)
-
-    def attend(q, k, v, mask):
-        return _xla_attention(q, k, v, mask, False, scale)
-
-    def pair_block(xs):
-        q, k, v, *mask = xs
-        mask = mask[0] if mask else None
-        if n_q == 1:
-            return jax.checkpoint(attend)(q, k, v, mask)
-        per_query_mask = mask is not None and mask.shape[-2] != 1
-        q_blocks = [jnp.moveaxis(q.reshape(group, n_q, lq // n_q, 1, d), 1, 0)]  # (n_q, group, L / n_q, 1, D)
-        if per_query_mask:  # (group, 1, Lq, Lk) -> (n_q, group, 1, Lq / n_q, Lk)
-            q_blocks.append(jnp.moveaxis(mask.reshape(group, 1, n_q, lq // n_q, lk), 2, 0))
-        block = jax.checkpoint(lambda xs: attend(xs[0], k, v, xs[1] if per_query_mask else mask))
-        out = jax.lax.map(block, q_blocks)  # (n_q, group, L / n_q, 1, D)
-        return jnp.moveaxis(out, 0, 1).reshape(q.shape)
-
-    out = jax.lax.map(pair_block, xs)  # (pairs / group, group, Lq, 1, D)
+    out = _blocks_attention(pairs(q), pairs(k), pairs(v), mask, scale, n_q)  # (pairs / group, group, 1, Lq, D)
     return _heads_first(out.reshape(b, h, lq, d))
+
+
+def _split_queries(t, n_q):
+    """(..., L, X) -> (n_q, ..., L / n_q, X): the query blocks of one block of pairs, leading."""
+    return jnp.moveaxis(t.reshape(*t.shape[:-2], n_q, t.shape[-2] // n_q, t.shape[-1]), -3, 0)
+
+
+def _merge_queries(t):
+    """The inverse of `_split_queries`."""
+    t = jnp.moveaxis(t, 0, -3)
+    return t.reshape(*t.shape[:-3], t.shape[-3] * t.shape[-2], t.shape[-1])
+
+
+def _per_query(mask) -> bool:
+    return mask is not None and mask.shape[-2] != 1
+
+
+def _blocks_forward(q, k, v, mask, n_q):
+    """Output and log-sum-exp of one block of pairs (heads-first, q scaled), its queries `n_q` blocks at a time."""
+    if n_q == 1:
+        out, _, lse = _softmax_attention(q, k, v, mask)
+        return out, lse
+    per_query = _per_query(mask)
+    one = lambda xs: _softmax_attention(xs[0], k, v, xs[1] if per_query else mask)[::2]
+    out, lse = jax.lax.map(one, (_split_queries(q, n_q), _split_queries(mask, n_q) if per_query else None))
+    return _merge_queries(out), _merge_queries(lse)
+
+
+def _blocks_backward(scale, q, k, v, mask, out, lse, d_out, n_q):
+    """dQ, dK^T, dV^T of one block of pairs: its probabilities recomputed from the saved log-sum-exp (no second
+    softmax, no second P V product); over query blocks dK^T and dV^T are summed in fp32."""
+
+    def one(qb, mb, ob, lb, db):
+        weights = jnp.exp(_logits(qb, k, mb) - lb)
+        if mb is not None:  # a query with no visible key attends to nothing
+            weights = jnp.where(jnp.any(mb, axis=-1, keepdims=True), weights, 0.0)
+        return _softmax_attention_backward(scale, qb, k, v, ob, weights.astype(v.dtype), db)
+
+    if n_q == 1:
+        return one(q, mask, out, lse, d_out)
+    per_query = _per_query(mask)
+
+    def step(acc, xs):
+        qb, mb, ob, lb, db = xs
+        d_q, d_kt, d_vt = one(qb, mb if per_query else mask, ob, lb, db)
+        return (acc[0] + d_kt.astype(jnp.float32), acc[1] + d_vt.astype(jnp.float32)), d_q
+
+    split = lambda t: _split_queries(t, n_q)
+    acc = (jnp.zeros(k.shape[:-2] + k.shape[:-3:-1], jnp.float32),) * 2  # (..., D, Lk)
+    (d_kt, d_vt), d_q = jax.lax.scan(
+        step, acc, (split(q), split(mask) if per_query else None, split(out), split(lse), split(d_out)))
+    return _merge_queries(d_q), d_kt.astype(k.dtype), d_vt.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocks_attention(q, k, v, mask, scale, n_q):
+    """blockwise's computation on (blocks, group, 1, L, D) heads-first pairs: a loop over the blocks, flash
+    attention's bookkeeping. The forward keeps each block's output and log-sum-exp (Lq values per pair) instead
+    of its probabilities; the backward recomputes a block's probabilities from them and takes its gradients as
+    xla's backward does: five products a block in the backward instead of the six of a rematerialised forward."""
+    return _blocks_attention_fwd(q, k, v, mask, scale, n_q)[0]
+
+
+def _blocks_attention_fwd(q, k, v, mask, scale, n_q):
+    q = q * jnp.asarray(scale, q.dtype)
+    out, lse = jax.lax.map(lambda xs: _blocks_forward(*xs, n_q), (q, k, v, mask))
+    return out, (q, k, v, mask, out, lse)
+
+
+def _blocks_attention_bwd(scale, n_q, res, d_out):
+    q, k, v, mask, out, lse = res
+    d_q, d_kt, d_vt = jax.lax.map(lambda xs: _blocks_backward(scale, *xs, n_q), (q, k, v, mask, out, lse, d_out))
+    no_grad = jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), mask)
+    return d_q, jnp.swapaxes(d_kt, -1, -2), jnp.swapaxes(d_vt, -1, -2), no_grad
+
+
+_blocks_attention.defvjp(_blocks_attention_fwd, _blocks_attention_bwd)
 
 
 def _xla_attention(q, k, v, mask, is_causal, scale):
@@ -193,35 +258,42 @@ def _heads_first(t):
     return jnp.swapaxes(t, 1, 2)  # (B, L, H, D) <-> (B, H, L, D)
 
 
-def _attention_forward(q, k, v, mask, scale):
-    """The forward of `_attention`: the output (B, Lq, H, D) and the backward's residuals, heads-first."""
-    q, k, v = _heads_first(q * jnp.asarray(scale, q.dtype)), _heads_first(k), _heads_first(v)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)  # (B, H, Lq, Lk)
+def _logits(q, k, mask):
+    """(B, H, Lq, D) x (B, H, Lk, D) -> (B, H, Lq, Lk) fp32 logits of scaled queries, masked keys at fp32's min."""
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    return logits
+
+
+def _softmax_attention(q, k, v, mask):
+    """Heads-first softmax attention of scaled queries: output (B, H, Lq, D), probabilities (in v's dtype) and
+    each query's log-sum-exp (B, H, Lq, 1)."""
+    logits = _logits(q, k, mask)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    unnormalised = jnp.exp(logits - top)
+    total = jnp.sum(unnormalised, axis=-1, keepdims=True)
+    weights = unnormalised / total
     if mask is not None:  # a query with no visible key attends to nothing
         weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
     weights = weights.astype(v.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).astype(q.dtype)
-    return _heads_first(out), (q, k, v, out, weights)
+    return out, weights, top + jnp.log(total)
 
 
-def _attention_backward(scale, res, d_out):
-    """Softmax attention's gradient from the saved probabilities P, heads-first, with every product in a form XLA's
-    CPU matmul library runs at full speed: dV^T = dO^T P and dK^T = Q^T dS are taken as (D, Lq) x (Lq, Lk)
+def _softmax_attention_backward(scale, q, k, v, out, weights, d_out):
+    """Softmax attention's gradient from the probabilities P, heads-first (q scaled), with every product in a form
+    XLA's CPU matmul library runs at full speed: dV^T = dO^T P and dK^T = Q^T dS are taken as (D, Lq) x (Lq, Lk)
     products (their transposed forms, contracting the major query axis of both operands, ran 2-4x slower).
-    dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale."""
-    q, k, v, out, weights = res
-    d_out = _heads_first(d_out)
+    dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale. Returns dQ (B, H, Lq, D), dK^T and dV^T
+    (B, H, D, Lk)."""
     d_vt = jnp.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(d_out, 2, 3), weights)
     d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
     row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_logits = (weights.astype(jnp.float32) * (d_weights - row)).astype(q.dtype)
     d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k) * jnp.asarray(scale, q.dtype)
     d_kt = jnp.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(q, 2, 3), d_logits)
-    from_transposed = lambda t: jnp.transpose(t, (0, 3, 1, 2))  # (B, H, D, L) -> (B, L, H, D)
-    return _heads_first(d_q), from_transposed(d_kt), from_transposed(d_vt)
+    return d_q, d_kt, d_vt
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -229,18 +301,21 @@ def _attention(q, k, v, mask, scale):
     """Softmax attention (B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D) under an optional boolean mask
     (broadcastable to (B, H, Lq, Lk), True keeps a key; it gets no gradient). The backward keeps the probabilities
     (B * H * Lq * Lk values, as autodiff of the same forward does) instead of recomputing them."""
-    return _attention_forward(q, k, v, mask, scale)[0]
+    return _attention_fwd(q, k, v, mask, scale)[0]
 
 
 def _attention_fwd(q, k, v, mask, scale):
-    out, res = _attention_forward(q, k, v, mask, scale)
-    return out, (res, mask)
+    q, k, v = _heads_first(q * jnp.asarray(scale, q.dtype)), _heads_first(k), _heads_first(v)
+    out, weights, _ = _softmax_attention(q, k, v, mask)
+    return _heads_first(out), (q, k, v, out, weights, mask)
 
 
 def _attention_bwd(scale, res, d_out):
-    res, mask = res
+    *res, mask = res
+    d_q, d_kt, d_vt = _softmax_attention_backward(scale, *res, _heads_first(d_out))
+    from_transposed = lambda t: jnp.transpose(t, (0, 3, 1, 2))  # (B, H, D, L) -> (B, L, H, D)
     no_grad = jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), mask)
-    return (*_attention_backward(scale, res, d_out), no_grad)
+    return _heads_first(d_q), from_transposed(d_kt), from_transposed(d_vt), no_grad
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
