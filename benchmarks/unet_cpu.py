@@ -121,6 +121,9 @@ def main():
                     help="the memory allocator of both workers, and with it JAX's dispatch (module docstring)")
     ap.add_argument("--donate", action="store_true",
                     help="the JAX step donates its parameters and optimizer state (module docstring)")
+    ap.add_argument("--settle", action=argparse.BooleanOptionalAction, default=True,
+                    help="before each timed call, an untimed call of the same function in the same worker "
+                         "(module docstring)")
     ap.add_argument("--out", default=None,
                     help="JSON path (default benchmarks/results/<kind>_cpu[_malloc_<malloc>].json)")
     ap.add_argument("--worker", choices=("jax", "torch"), help=argparse.SUPPRESS)
@@ -137,7 +140,7 @@ def main():
         elif args.malloc == "tcmalloc":
             env["LD_PRELOAD"] = find_tcmalloc()
         common = ["--kind", args.kind, "--threads", str(args.threads), "--dir", tmp, *(["--donate"] * args.donate),
-                  "--malloc", args.malloc]
+                  "--malloc", args.malloc, "--settle" if args.settle else "--no-settle"]
         cpus = pinned_cpus(args.threads)
         # the PyTorch worker builds the reference model and writes it (and the inputs) before the JAX one reads them
         workers = {"torch": Worker("torch", common, env, cpus=cpus)}
@@ -163,6 +166,7 @@ def main():
         "threads": args.threads,
         "cpus": cpus,
         "processes": "one per framework, timed calls alternating",
+        "settle": args.settle,
         "malloc": {"glibc": "glibc as it is", "tcmalloc": f"tcmalloc: LD_PRELOAD={env.get('LD_PRELOAD')}",
                    **{k: f"{k}: GLIBC_TUNABLES={v}" for k, v in GLIBC_TUNABLES.items()}}[args.malloc],
         "jax_donates": args.donate,
@@ -175,6 +179,8 @@ def main():
         "ratio_jax_over_torch": {"forward": med["jax_fwd"] / med["torch_fwd"],
                                  "train_step": med["jax_train"] / med["torch_train"]},
         "median_sys_s": {k: statistics.median(c["sys_s"] for c in v) for k, v in calls.items()},
+        **({"median_settle_s": {k: statistics.median(c["settle_s"] for c in v) for k, v in calls.items()}}
+           if args.settle else {}),
         "median_page_faults": {k: statistics.median(c["faults"] for c in v) for k, v in calls.items()},
         "flops": {"forward_analytic": flops, "forward_xla_cost_analysis": xla_flops,
                   "analytic_over_xla": flops / xla_flops, "forward_in_bounds": jax_info["flops_in_bounds"],
@@ -266,20 +272,26 @@ class Worker:
         self.proc.wait(timeout=timeout)
 
 
-def serve(info: dict, fns: dict) -> None:
-    """Reply `info`, then time one call of fns[command] per command line until stdin closes."""
+def serve(info: dict, fns: dict, settle: bool = False) -> None:
+    """Reply `info`, then time one call of fns[command] per command line until stdin closes. With `settle`, an
+    untimed call of the same function runs first (its time is reported as settle_s): the timed call then follows
+    a call of its own process, as in a training or sampling loop, rather than the other framework's run."""
     import resource
 
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
         fn = fns[line.strip()]
+        if settle:
+            t0 = time.perf_counter()
+            fn()
+            settle_s = time.perf_counter() - t0
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        print(json.dumps({"s": dt, "sys_s": r1.ru_stime - r0.ru_stime, "faults": r1.ru_minflt - r0.ru_minflt}),
-              flush=True)
+        print(json.dumps({"s": dt, "sys_s": r1.ru_stime - r0.ru_stime, "faults": r1.ru_minflt - r0.ru_minflt,
+                          **({"settle_s": settle_s} if settle else {})}), flush=True)
 
 
 def inputs(kind: str):
@@ -354,7 +366,7 @@ def torch_worker(args) -> None:
     fwd(), train()  # warm-up
     serve({"params": sum(p.numel() for p in ref.parameters()),
            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__}},
-          {"fwd": fwd, "train": train})
+          {"fwd": fwd, "train": train}, settle=args.settle)
 
 
 def jax_worker(args) -> None:
@@ -405,7 +417,7 @@ def jax_worker(args) -> None:
            "versions": {"jax": jax.__version__},
            "async_dispatch": jax.config.values["jax_cpu_enable_async_dispatch"],
            "compiler_options": options or {}},
-          {"fwd": fwd, "train": train})
+          {"fwd": fwd, "train": train}, settle=args.settle)
 
 
 if __name__ == "__main__":
