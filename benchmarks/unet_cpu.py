@@ -20,7 +20,14 @@ place); with --donate it donates the old ones, as the trainer's step does.
 
 One process per framework. Each worker builds or loads the model, compiles and warms up, then runs one timed call
 whenever this script asks: JAX forward, PyTorch forward, JAX step, PyTorch step, repeated, so both see the same
-machine load while only one of them runs at a time, and neither allocates from the other's heap.
+machine load while only one of them runs at a time, and neither allocates from the other's heap. With --settle (the
+default) each timed call follows an untimed call of the same function in the same worker (reported as settle_s), so
+it runs as the steps of a training or sampling loop do, back to back, not after 2-3 s of the other framework's run.
+On the 2-vCPU AMD VM that gap matters: its kernel (DAMON pageout, no swap) takes back memory a process has left
+idle for about 2 s, and the next call faults it in again: a JAX step after a 2.5-5 s sleep took 3.1-4.3 s (2.4-4.2 s
+of system time, ~1300 page faults, 877 of them 2 MiB pages: the step's whole 1.75 GB temp buffer), against
+1.54-1.65 s after 0-1 s. Without --settle a third of the JAX steps paid it (and the faster framework idles longest);
+the settle calls still show it. Results before --settle existed were measured without it.
 
 The allocator (--malloc, the same for both workers). XLA's CPU runtime allocates a step's intermediates afresh on
 every call: one ~2 GB buffer per unet3d training step. With glibc's malloc as it is, that buffer comes from a fresh
@@ -42,8 +49,15 @@ the process may use, PyTorch the threads it is told, so on a larger machine an u
 cores than PyTorch does.
 
 Figures (unet3d, --donate; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
-  2-vCPU AMD EPYC (Zen 4) VM, magdiff, with the erf-form GELU (layers.common.gelu): forward 0.499 / 0.678
-  (0.73x), train step 1.793 / 2.122 (0.84x) (--steps 11, the committed JSON; three other runs within the hour:
+  2-vCPU AMD EPYC (Zen 4) VM, magdiff, --settle, with blockwise attention's flash-style backward
+  (layers.attention): forward 0.490 / 0.649 (0.76x), train step 1.615 / 1.989 (0.81x) (--steps 21, the committed
+  JSON); other runs the same hour: --steps 21 1.695 / 2.176 (0.78x); --steps 11 1.620 / 2.070 (0.78x), 1.900 /
+  2.382 (0.80x, the machine slower), 1.643 / 2.018 (0.81x); forward 0.73-0.78x. JAX's step holds at 1.60-1.70 s,
+  PyTorch's moves 1.99-2.18 s from run to run, and the ratio with it. unet_motion 0.324 / 0.409 (0.79x), 1.105 /
+  1.380 (0.80x) (another run: 0.79x, 0.81x); unet2d 0.066 / 0.071 (0.93x), 0.249 / 0.243 (1.02x). The same code
+  without --settle: train step 0.84x and 0.93x (a third of the JAX steps paid the refault above).
+  Before --settle and the flash-style backward, the same VM, with the erf-form GELU (layers.common.gelu): forward
+  0.499 / 0.678 (0.73x), train step 1.793 / 2.122 (0.84x) (--steps 11, then the committed JSON; three other runs:
   1.721 / 2.077 and 1.643 / 1.979, both 0.83x, and 1.639 / 2.018, 0.81x; PyTorch's step ran 1.98-2.12 s that day
   against 2.12-2.21 s the day before). unet_motion 0.340 / 0.436 (0.78x), 1.138 / 1.364 (0.83x); unet2d
   0.071 / 0.073 (0.98x), 0.253 / 0.244 (1.04x) (unet2d's 0.07 s forward moved 0.96-1.19x across runs).

@@ -18,7 +18,7 @@ attention) calls `dot_product_attention`, whose `implementation` comes from the 
              Against the earlier form that rematerialised each block's whole forward, forward + backward on a
              2-vCPU AMD EPYC VM (one core / two cores): (8, 1024, 2, 32) 124 -> 103 / 70 -> 59 ms; (1, 4096, 1,
              32) (query blocks) 126 -> 98 / 69 -> 54 ms; (2, 1024, 8, 40) 180 -> 130 / 102 -> 81 ms; the unet3d
-             training step of `benchmarks/unet_cpu.py` in one process, one core 3.00 -> 2.91 s.
+             training step of `benchmarks/unet_cpu.py` in one process, one core 3.00 -> 2.91 s, two 1.63 -> 1.59 s.
   cudnn      cuDNN flash attention on a CUDA GPU (fp16/bf16, head_dim a multiple of 8 and at most 128). Asking for
              it elsewhere is an error that says why; tests gate it on `cudnn_available()`.
   auto       (the model configs' default) cudnn where it is available and applicable and the sequence is long
