@@ -121,9 +121,13 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation="cudnn"
         ).astype(q.dtype)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
+        mask = causal if mask is None else jnp.logical_and(mask, causal)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "blockwise":
-        return _blockwise_attention(q, k, v, mask, is_causal, scale)
-    return _xla_attention(q, k, v, mask, is_causal, scale)
+        return _blockwise_attention(q, k, v, mask, scale)
+    return _attention(q, k, v, None if mask is None else jnp.asarray(mask), scale)
 
 
 def _num_scores(q, k) -> int:
@@ -152,14 +156,9 @@ def _blocks(q, k) -> tuple[int, int]:
     return 1, length // _divisor_at_most(length, BLOCK_SCORES // k.shape[1])
 
 
-def _blockwise_attention(q, k, v, mask, is_causal, scale):
+def _blockwise_attention(q, k, v, mask, scale):
     b, lq, h, d = q.shape
-    lk = k.shape[1]
     group, n_q = _blocks(q, k)
-    if is_causal:
-        causal = jnp.tril(jnp.ones((lq, lk), jnp.bool_))
-        mask = causal if mask is None else jnp.logical_and(mask, causal)
-    scale = d ** -0.5 if scale is None else scale
     # (B, L, H, D) -> (pairs / group, group, 1, L, D): heads first, each block a batch of `group` single-head pairs
     pairs = lambda t: _heads_first(t).reshape(b * h // group, group, 1, t.shape[1], t.shape[3])
     if mask is not None:  # broadcast over batch and heads, its query axis kept where it is shared (size 1)
@@ -200,9 +199,7 @@ def _blocks_backward(scale, q, k, v, mask, out, lse, d_out, n_q):
     softmax, no second P V product); over query blocks dK^T and dV^T are summed in fp32."""
 
     def one(qb, mb, ob, lb, db):
-        weights = jnp.exp(_logits(qb, k, mb) - lb)
-        if mb is not None:  # a query with no visible key attends to nothing
-            weights = jnp.where(jnp.any(mb, axis=-1, keepdims=True), weights, 0.0)
+        weights = _unseen_to_zero(jnp.exp(_logits(qb, k, mb) - lb), mb)
         return _softmax_attention_backward(scale, qb, k, v, ob, weights.astype(v.dtype), db)
 
     if n_q == 1:
@@ -246,14 +243,6 @@ def _blocks_attention_bwd(scale, n_q, res, d_out):
 _blocks_attention.defvjp(_blocks_attention_fwd, _blocks_attention_bwd)
 
 
-def _xla_attention(q, k, v, mask, is_causal, scale):
-    if is_causal:
-        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
-        mask = causal if mask is None else jnp.logical_and(mask, causal)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _attention(q, k, v, None if mask is None else jnp.asarray(mask), scale)
-
-
 def _heads_first(t):
     return jnp.swapaxes(t, 1, 2)  # (B, L, H, D) <-> (B, H, L, D)
 
@@ -266,6 +255,11 @@ def _logits(q, k, mask):
     return logits
 
 
+def _unseen_to_zero(weights, mask):
+    """A query with no visible key attends to nothing (PyTorch's SDPA gives it a zero output)."""
+    return weights if mask is None else jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+
+
 def _softmax_attention(q, k, v, mask):
     """Heads-first softmax attention of scaled queries: output (B, H, Lq, D), probabilities (in v's dtype) and
     each query's log-sum-exp (B, H, Lq, 1)."""
@@ -273,10 +267,7 @@ def _softmax_attention(q, k, v, mask):
     top = jnp.max(logits, axis=-1, keepdims=True)
     unnormalised = jnp.exp(logits - top)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    weights = unnormalised / total
-    if mask is not None:  # a query with no visible key attends to nothing
-        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-    weights = weights.astype(v.dtype)
+    weights = _unseen_to_zero(unnormalised / total, mask).astype(v.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).astype(q.dtype)
     return out, weights, top + jnp.log(total)
 
