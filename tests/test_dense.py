@@ -1,6 +1,8 @@
 """`layers.common.dense` (`nn.Dense` through `matmul`, whose CPU backward takes the weight gradient in the operand
 layout XLA's CPU matmuls run fastest) against `torch.nn.Linear`; `layers.common.gelu` against `torch.nn.GELU`."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +41,7 @@ def test_weight_gradient_forms_and_dtypes():
     """`weight_gradient` equals x^T dy in each form; `matmul`'s gradients keep autodiff's dtypes in bfloat16; on the
     CPU backend the narrow-input form transposes x behind an optimization barrier (the form XLA would not choose)."""
     rng = np.random.RandomState(1)
-    for n_in, n_out in ((4, 12), (12, 4), (8, 8)):
+    for n_in, n_out in ((4, 12), (12, 4), (8, 8), (256, 256)):
         x, d_y = rng.randn(3, 10, n_in).astype(np.float32), rng.randn(3, 10, n_out).astype(np.float32)
         want = np.einsum("abi,abo->io", x.astype(np.float64), d_y.astype(np.float64))
         assert rel_err(weight_gradient(x, d_y), want) < 1e-5
@@ -51,6 +53,18 @@ def test_weight_gradient_forms_and_dtypes():
         assert g.dtype == w.dtype == jnp.bfloat16 and g.shape == w.shape
         assert rel_err(g.astype(jnp.float32), w.astype(jnp.float32)) < 2e-2
     assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(loss(matmul), 1))(x, k))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the operand layout rule is for XLA's CPU backend")
+@pytest.mark.parametrize("n_in,n_out", [(16, 48), (48, 16), (256, 256)])
+def test_weight_gradient_product_has_contracted_axis_minor(n_in, n_out):
+    """After XLA's optimisations, the product that `weight_gradient` leaves (narrow in, narrow out, wide in == out)
+    contracts the minor axis of its left operand (the form XLA's CPU matmul library takes); XLA's own rewrites
+    (folding a transpose into the product) would give a product over the major axis of both operands."""
+    x, d_y = jnp.ones((64, n_in), jnp.float32), jnp.ones((64, n_out), jnp.float32)
+    hlo = jax.jit(weight_gradient).lower(x, d_y).compile().as_text()
+    dots = re.findall(r"dot\(.*?lhs_contracting_dims=\{(\d+)\}", hlo)
+    assert dots and all(d == "1" for d in dots), dots
 
 
 def test_gelu_matches_torch():

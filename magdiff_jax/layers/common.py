@@ -63,21 +63,32 @@ def _matmul_bwd(res, d_y):
     return jnp.dot(d_y, kernel.T), weight_gradient(x, d_y)
 
 
+# weight_gradient with in == out: x^T materialised from this many features up
+WEIGHT_GRADIENT_TRANSPOSE_MIN = 256
+
+
 def weight_gradient(x, d_y):
     """x^T dy over every leading axis: x (..., in), dy (..., out) -> (in, out), the weight gradient of a product
-    x @ kernel, for the CPU backend. XLA's CPU matmul library takes its left operand with the contracted axis minor,
-    so a product over the tokens (the major axis of both operands) needs one operand transposed, and left to itself
-    XLA transposes the wider one. Here it is the narrower: where in < out, x^T is made explicitly (an optimization
-    barrier keeps XLA from folding it back into the product) and multiplies dy; where in > out, (dy^T x)^T. On a
-    2-vCPU AMD EPYC VM, (8192, 256)^T (8192, 1024): 37 -> 23 ms (PyTorch: 27 ms); (8192, 256)^T (8192, 2048):
-    62 -> 46 ms; (2048, 512)^T (2048, 128): 4.8 -> 3.4 ms; the unet3d training step of `benchmarks/unet_cpu.py`
-    1.94 -> 1.69 s (in one process, alternating)."""
+    x @ kernel, for the CPU backend. XLA's CPU matmul library (YNNPACK) takes its left operand with the contracted
+    axis minor; a product over the tokens (the major axis of both operands) goes to Eigen instead, which runs it
+    at 50-85% of that speed. So one operand is transposed first, the narrower one, behind an optimization barrier
+    (XLA would fold the transpose back into the product): where in < out, x^T @ dy; where in > out, (dy^T @ x)^T,
+    with a second barrier around the product, else XLA rewrites the final transpose as x^T dy again; where
+    in == out, x^T @ dy from 256 features up, and Eigen's product below (a transpose there costs what it saves).
+    On a 2-vCPU AMD EPYC VM, against Eigen's product, one core / two cores: (8192, 256)^T (8192, 1024) 37 -> 23
+    ms on two (PyTorch: 27 ms); (8192, 1024)^T (8192, 256) 64 -> 44 / 34 -> 23 ms; (2048, 512)^T (2048, 128)
+    4.8 -> 3.0 / 2.6 -> 1.6 ms; (8192, 256)^T (8192, 64) 5.0 -> 3.3 / 3.1 -> 1.8 ms; (8192, 256)^T (8192, 256)
+    12.4 -> 12.4 / 8.2 -> 6.9 ms; (8192, 64)^T (8192, 64) and (2048, 128)^T (2048, 128) equal either way. The
+    unet3d training step of `benchmarks/unet_cpu.py` in one process, alternating: 1.94 -> 1.69 s with the first
+    rule (in < out); with the in > out and in == out rules, two cores, 20 steps each of two copies of both forms:
+    fastest step 1.59 -> 1.55-1.57 s, least CPU time per step 3.02-3.05 -> 2.96-2.99 s (medians within the VM's
+    noise)."""
     n_in, n_out = x.shape[-1], d_y.shape[-1]
     x, d_y = x.reshape(-1, n_in), d_y.reshape(-1, n_out)
-    if n_in < n_out:
-        return jax.lax.optimization_barrier(x.T) @ d_y
     if n_in > n_out:
-        return (d_y.T @ x).T
+        return jax.lax.optimization_barrier(jax.lax.optimization_barrier(d_y.T) @ x).T
+    if n_in < n_out or n_in >= WEIGHT_GRADIENT_TRANSPOSE_MIN:
+        return jax.lax.optimization_barrier(x.T) @ d_y
     return x.T @ d_y
 
 
