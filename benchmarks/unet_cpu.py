@@ -49,13 +49,25 @@ the process may use, PyTorch the threads it is told, so on a larger machine an u
 cores than PyTorch does.
 
 Figures (unet3d, --donate; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
-  2-vCPU AMD EPYC (Zen 4) VM, magdiff, --settle, with blockwise attention's flash-style backward
-  (layers.attention): forward 0.490 / 0.649 (0.76x), train step 1.615 / 1.989 (0.81x) (--steps 21, the committed
-  JSON); other runs the same hour: --steps 21 1.695 / 2.176 (0.78x); --steps 11 1.620 / 2.070 (0.78x), 1.900 /
-  2.382 (0.80x, the machine slower), 1.643 / 2.018 (0.81x); forward 0.73-0.78x. JAX's step holds at 1.60-1.70 s,
-  PyTorch's moves 1.99-2.18 s from run to run, and the ratio with it. unet_motion 0.324 / 0.409 (0.79x), 1.105 /
-  1.380 (0.80x) (another run: 0.79x, 0.81x); unet2d 0.066 / 0.071 (0.93x), 0.249 / 0.243 (1.02x). The same code
-  without --settle: train step 0.84x and 0.93x (a third of the JAX steps paid the refault above).
+  2-vCPU AMD EPYC (Zen 4) VM, magdiff, --settle, with the weight-gradient rules for in > out and in == out
+  (layers.common.weight_gradient): forward 0.534 / 0.698 (0.77x), train step 1.663 / 2.097 (0.79x) (--steps 21, the
+  committed JSON); five other runs the same hour, --steps 21: 1.710 / 2.153 (0.79x), 1.722 / 2.261 (0.76x), 1.684 /
+  2.187 (0.77x), 1.697 / 2.137 (0.79x), 1.936 / 2.468 (0.78x, the machine slower), forward 0.69-0.83x; the code before
+  that change, the same hour: 1.676 / 2.138 (0.78x), forward 0.75x. unet_motion 0.337 / 0.425 (0.79x), 1.113 / 1.362
+  (0.82x); unet2d 0.072 / 0.078 (0.92x), 0.258 / 0.265 (0.98x).
+  Where the unet3d step's CPU time goes (perf, cpu-clock samples of the JAX process, before that change; seconds per
+  step on one core / two cores): YNNPACK matmuls 1.51 / 1.51; Eigen's products on oneDNN's sgemm kernels (3x3
+  convolutions and the token-axis weight gradients) 0.71 / 0.73, plus Eigen's operand packing 0.17 / 0.22; XLA's
+  generated elementwise kernels 0.41 / 0.42; YNNPACK's elementwise, transpose and reduction kernels 0.18 / 0.18;
+  thread pool and kernel 0.00 / 0.07: 3.08 / 3.27 s of CPU time per step, and on two cores one core idles ~12% of
+  the time. Per core the work is near the matmul peak; what two cores lose is the runtime's.
+  The day before, with blockwise attention's flash-style backward (layers.attention): forward 0.490 / 0.649 (0.76x),
+  train step 1.615 / 1.989 (0.81x) (--steps 21, then the committed JSON); other runs the same hour: --steps 21 1.695 /
+  2.176 (0.78x); --steps 11 1.620 / 2.070 (0.78x), 1.900 / 2.382 (0.80x, the machine slower), 1.643 / 2.018 (0.81x);
+  forward 0.73-0.78x. JAX's step holds at 1.60-1.70 s, PyTorch's moves 1.99-2.18 s from run to run, and the ratio with
+  it. unet_motion 0.324 / 0.409 (0.79x), 1.105 / 1.380 (0.80x) (another run: 0.79x, 0.81x); unet2d 0.066 / 0.071
+  (0.93x), 0.249 / 0.243 (1.02x). The same code without --settle: train step 0.84x and 0.93x (a third of the JAX steps
+  paid the refault above).
   Before --settle and the flash-style backward, the same VM, with the erf-form GELU (layers.common.gelu): forward
   0.499 / 0.678 (0.73x), train step 1.793 / 2.122 (0.84x) (--steps 11, then the committed JSON; three other runs:
   1.721 / 2.077 and 1.643 / 1.979, both 0.83x, and 1.639 / 2.018, 0.81x; PyTorch's step ran 1.98-2.12 s that day
