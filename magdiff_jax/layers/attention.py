@@ -236,11 +236,15 @@ def _blocks_attention_fwd(q, k, v, mask, scale, n_q):
 def _blocks_attention_bwd(scale, n_q, res, d_out):
     q, k, v, mask, out, lse = res
     d_q, d_kt, d_vt = jax.lax.map(lambda xs: _blocks_backward(scale, *xs, n_q), (q, k, v, mask, out, lse, d_out))
-    no_grad = jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), mask)
-    return d_q, jnp.swapaxes(d_kt, -1, -2), jnp.swapaxes(d_vt, -1, -2), no_grad
+    return d_q, jnp.swapaxes(d_kt, -1, -2), jnp.swapaxes(d_vt, -1, -2), _no_gradient(mask)
 
 
 _blocks_attention.defvjp(_blocks_attention_fwd, _blocks_attention_bwd)
+
+
+def _no_gradient(mask):
+    """The cotangent of a boolean mask (or None) in a custom VJP: float0 zeros."""
+    return jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), mask)
 
 
 def _heads_first(t):
@@ -305,8 +309,7 @@ def _attention_bwd(scale, res, d_out):
     *res, mask = res
     d_q, d_kt, d_vt = _softmax_attention_backward(scale, *res, _heads_first(d_out))
     from_transposed = lambda t: jnp.transpose(t, (0, 3, 1, 2))  # (B, H, D, L) -> (B, L, H, D)
-    no_grad = jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), mask)
-    return _heads_first(d_q), from_transposed(d_kt), from_transposed(d_vt), no_grad
+    return _heads_first(d_q), from_transposed(d_kt), from_transposed(d_vt), _no_gradient(mask)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
