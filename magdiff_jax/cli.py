@@ -11,6 +11,7 @@
     magdiff-jax data inspect data/synth
     magdiff-jax data encode --data data/synth --pipeline out/sd_flax --out data/synth_latents
     magdiff-jax train --config configs/t2i.py:tiny --workdir /tmp/t2i --config.steps=100
+    magdiff-jax export --workdir /tmp/t2i --out out/t2i_stage         (every model the stage's inference needs)
     magdiff-jax demo --workdir magdiff_demo                          (MagDiff end to end on the synthetic data)
     magdiff-jax sample --workdir DIR --subject dog.png --mask dog_mask.png --prompt "a dog runs" --out dog.mp4
     magdiff-jax edit --workdir DIR --video in.mp4 --masks masks/ --prompt "..." --out out.mp4 [--strength 0.8]
@@ -33,10 +34,10 @@ config_flags.DEFINE_config_file("config", None, "training config: configs/X.py:V
 
 
 def _kinds() -> tuple[str, ...]:
-    from magdiff_jax.convert.core import KINDS, get_kind
+    """The registered models with a PyTorch form: a single-folder table, or MagDiff's multi-file folder."""
+    from magdiff_jax.convert.core import torch_formats
 
-    get_kind("unet2d")  # registers every kind
-    return tuple(sorted(KINDS))
+    return tuple(sorted({*torch_formats(), "magdiff"}))
 
 
 def _add_convert(sub):
@@ -128,11 +129,22 @@ def _add_train(sub):
                                    "[--config.key=value ...]. A run in an existing workdir resumes from its last "
                                    "checkpoint; SIGTERM/SIGINT save and exit 0.")
     p.add_argument("--workdir", required=True, help="checkpoints/, metrics.jsonl, config.json, bad_inputs.json")
+    ex = sub.add_parser("export", help="a trained stage's export: every model its inference needs",
+                        description="Write DIR: every model the workdir's stage needs for inference (frozen ones "
+                                    "included, from the workdir itself, never from init_from), its tokenizer and "
+                                    "scheduler. Training writes WORKDIR/export at its last step; this writes one "
+                                    "from any checkpoint.")
+    ex.add_argument("--workdir", required=True, help="a training workdir")
+    ex.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ex.add_argument("--no-ema", action="store_true", help="the trained parameters rather than their EMA")
+    ex.add_argument("--overwrite", action="store_true")
 
 
 def _add_generation(sub):
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--workdir", required=True, help="a trained MagDiff workdir (its latest checkpoint)")
+    common.add_argument("--workdir", required=True, help="a MagDiff stage: a training workdir (its latest checkpoint) "
+                                                         "or an export (WORKDIR/export, `magdiff-jax export`)")
     common.add_argument("--prompt", required=True)
     common.add_argument("--out", required=True, help="output .mp4 (with --num N: OUT_0.mp4 ... OUT_<N-1>.mp4)")
     common.add_argument("--seed", type=int, default=42)
@@ -184,7 +196,7 @@ def _convert(args) -> None:
     from pathlib import Path
 
     from magdiff_jax.convert import load_torch, save_torch
-    from magdiff_jax.convert.flax_checkpoint import load_flax, save_flax
+    from magdiff_jax.export import load_model, save_model
 
     if args.direction == "magdiff-init":
         from magdiff_jax.convert.magdiff_init import build_magdiff_init
@@ -200,7 +212,7 @@ def _convert(args) -> None:
 
             pipe = load_pipeline_torch(args.src)
             for name, (kind, module, params) in pipe.models.items():
-                out = save_flax(kind, module, params, Path(args.dst) / name, overwrite=args.overwrite)
+                out = save_model(kind, module, params, Path(args.dst) / name, overwrite=args.overwrite)
                 logging.info("wrote %s (%s)", out, kind)
             pipe.save_extras(args.dst)
         else:
@@ -210,10 +222,10 @@ def _convert(args) -> None:
                 module, params = magdiff_from_torch(args.src)
             else:
                 module, params = load_torch(args.kind, args.src)
-            out = save_flax(args.kind, module, params, args.dst, overwrite=args.overwrite)
+            out = save_model(args.kind, module, params, args.dst, overwrite=args.overwrite)
             logging.info("wrote %s", out)
     else:
-        _, module, params = load_flax(args.src, kind=args.kind)
+        _, module, params = load_model(args.src, kind=args.kind)
         max_bytes = args.max_shard_mb * 2**20 if args.max_shard_mb else None
         if args.kind == "magdiff":
             from magdiff_jax.convert.magdiff import magdiff_to_torch
@@ -247,6 +259,13 @@ def _data(args) -> None:
         print(f"wrote encoded dataset to {run_encode_cli(args)}")
 
 
+def _export(args) -> None:
+    from magdiff_jax.export import export_workdir
+
+    out = export_workdir(args.workdir, args.out, step=args.step, use_ema=not args.no_ema, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
 def _train(args) -> None:
     from magdiff_jax.train.trainer import train
 
@@ -265,7 +284,7 @@ def _generate(args) -> None:
     from magdiff_jax.data.video_io import read_frames, read_image, write_video
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
 
-    pipe = MagDiffPipeline.from_workdir(args.workdir)
+    pipe = MagDiffPipeline.load(args.workdir)
     f = pipe.num_frames
     if args.command == "sample":
         image = read_image(args.subject)
@@ -302,7 +321,8 @@ def _demo(args) -> None:
           f"(chance {summary['motion_chance']:.0%}); see contact_sheet.png, generated_*.mp4, edited.mp4, loss.png")
 
 
-COMMANDS = {"convert": _convert, "data": _data, "train": _train, "sample": _generate, "edit": _generate,
+COMMANDS = {"convert": _convert, "data": _data, "train": _train, "export": _export, "sample": _generate,
+            "edit": _generate,
             "demo": _demo}
 
 
@@ -316,15 +336,11 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run() -> None:
-    """Console-script entry point. It sets XLA's CPU convolutions to Eigen (magdiff_jax/utils/xla_cpu.py) and, on
-    Linux under glibc, restarts itself with the malloc tunables that keep XLA's CPU buffers mapped from step to
-    step when they are not set, and runs CPU programs on the calling thread (magdiff_jax/utils/allocator.py:
-    1.1-1.7x faster CPU steps)."""
-    from magdiff_jax.utils import allocator, xla_cpu
+    """Console-script entry point. It sets the process up for the CPU tuning first (`magdiff_jax.cpu.setup_process`:
+    on a CPU backend it may restart itself once with the allocator settings)."""
+    from magdiff_jax import cpu
 
-    xla_cpu.add_to_xla_flags()
-    allocator.reexec_with_tunables()
-    allocator.run_cpu_programs_on_calling_thread()
+    cpu.setup_process()
     try:
         app.run(main, flags_parser=parse_flags)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # one clear line, exit 1

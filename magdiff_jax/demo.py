@@ -123,11 +123,11 @@ def calibrate_scaling(vae, params, clip_config, num: int = 32):
 
     import jax
 
+    from magdiff_jax import cpu
     from magdiff_jax.data.synthetic import make_clip
-    from magdiff_jax.utils import xla_cpu
 
     frames = np.concatenate([make_clip(i, clip_config).frames for i in range(num)])
-    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"), compiler_options=xla_cpu.merged(None))
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"), compiler_options=cpu.compiler_options())
     mean, _ = encode(params, frames / 127.5 - 1.0)
     scale = float(1.0 / np.std(np.asarray(mean)))
     logging.info("VAE latents: std %.3f -> scaling_factor %.4f", 1.0 / scale, scale)
@@ -175,12 +175,11 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
              num_subjects: int = 3, num_seeds: int = 1, num_steps: int = 25, guidance: float = 3.0) -> dict:
     """The whole demo (module docstring); returns the summary it writes. `config`: the MagDiff config
     (configs/magdiff.py:demo by default)."""
-    from magdiff_jax.convert.flax_checkpoint import save_flax
     from magdiff_jax.data.pipeline import synthetic_config
     from magdiff_jax.data.synthetic import MOTIONS, make_clip
     from magdiff_jax.data.video_io import write_video
+    from magdiff_jax.export import load_stage, save_model
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
-    from magdiff_jax.train.restore import load_trained
     from magdiff_jax.train.trainer import train
     from magdiff_jax.utils.images import contact_sheet, save_png
 
@@ -197,11 +196,11 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     if vae_steps is not None:
         vae_cfg.steps, vae_cfg.ckpt_every, vae_cfg.preview.every = vae_steps, vae_steps, vae_steps
     train(vae_cfg, workdir / "vae")
-    vae = load_trained(workdir / "vae")
+    vae = load_stage(workdir / "vae" / "export")
     models = workdir / "models"
     if not (models / "vae").exists():  # with the scaling factor that gives its latents unit variance
         module = calibrate_scaling(vae.modules["vae"], vae.params["vae"], synthetic_config(synth))
-        save_flax("vae", module, vae.params["vae"], models / "vae")
+        save_model("vae", module, vae.params["vae"], models / "vae")
 
     logging.info("demo [2/4]: training MagDiff (configs/magdiff.py) in %s", workdir / "magdiff")
     config = config.copy_and_resolve_references()
@@ -210,7 +209,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
 
     logging.info("demo [3/4]: generating from %d held-out subjects x 4 motions x %d seeds, editing a held-out clip",
                  num_subjects, num_seeds)
-    pipe = MagDiffPipeline.from_workdir(workdir / "magdiff")
+    pipe = MagDiffPipeline.load(workdir / "magdiff" / "export")
     held = held_out_set(pipe, synth, num_subjects, num_seeds)
     examples, seeds, colours, motions, captions = (held[k] for k in ("examples", "seeds", "colours", "motions",
                                                                       "captions"))

@@ -55,6 +55,23 @@ DEFAULT_RULES: Rules = (
 )
 
 
+def updated_rules(base: Rules, overrides, what: str = "sharding rules") -> Rules:
+    """`base` with each (logical name, mesh axes) pair of `overrides` replacing the entry of that name (or added);
+    mesh axes: None, one axis name or a sequence of them. A malformed pair or an unknown mesh axis is an error
+    naming `what`."""
+    table = dict(base)
+    for pair in overrides or ():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"{what}: {pair!r} is not a (logical axis name, mesh axes) pair")
+        name, axes = pair
+        names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+        unknown = [a for a in names if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"{what}: {name!r} maps to unknown mesh axes {unknown}; the axes are {MESH_AXES}")
+        table[name] = None if axes is None else (axes if isinstance(axes, str) else tuple(axes))
+    return tuple(table.items())
+
+
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
     """Resolve {"data": 2, "fsdp": -1, ...} (missing axes are 1) to a shape over `num_devices` devices."""
     unknown = sorted(set(sizes) - set(MESH_AXES))

@@ -17,6 +17,7 @@ from magdiff_jax.data.pipeline import data_config, loader_spec, make_dataset
 from magdiff_jax.data.sources import ImageCaptionFolder, SyntheticSource, VideoCaptionFolder, parse_frames
 from magdiff_jax.data.synthetic import COLORS, SyntheticConfig, make_clip, write_synthetic
 from magdiff_jax.data.video_io import read_frames, write_video
+from magdiff_jax.utils import images
 
 GOOD = 6
 SYN = SyntheticConfig(num_frames=8, size=32, seed=3)
@@ -251,8 +252,8 @@ def test_subject_entity_pyramid_and_clip_inputs():
     assert first["subject_frames"].tolist() == [True, False, False, False]
     assert first["subject_40"][1:].max() == 0 and first["subject_40"][0].max() > 0
     normed = transforms.normalize_example(ex)
-    np.testing.assert_allclose(normed["subject_clip"][0, 0, 0], (0 - np.array(transforms.CLIP_MEAN)) /
-                               np.array(transforms.CLIP_STD), rtol=1e-6)
+    np.testing.assert_allclose(normed["subject_clip"][0, 0, 0], (0 - np.array(images.CLIP_MEAN)) /
+                               np.array(images.CLIP_STD), rtol=1e-6)
 
 
 def test_subject_modes_follow_their_probabilities():

@@ -16,12 +16,13 @@ import pytest
 from flax.serialization import msgpack_restore
 from helpers import random_params, write_tokenizer
 
-from magdiff_jax.convert.flax_checkpoint import save_flax
 from magdiff_jax.data import encode
+from magdiff_jax.data import encoded as encoded_data
 from magdiff_jax.data.bad_input import TooManyBadInputs
 from magdiff_jax.data.pipeline import data_config, make_dataset
 from magdiff_jax.data.sources import SyntheticSource
 from magdiff_jax.data.synthetic import SyntheticConfig
+from magdiff_jax.export import save_model
 from magdiff_jax.models.clip import CLIPTextConfig, CLIPTextModel
 from magdiff_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
 
@@ -48,8 +49,8 @@ def models(tmp_path_factory):
     vae_params = random_params(vae, np.zeros((1, SIZE, SIZE, 3), np.float32), seed=1)
     text = CLIPTextModel(CLIP_CONFIG)
     text_params = random_params(text, np.zeros((1, 77), np.int32), seed=2)
-    save_flax("vae", vae, vae_params, root / "vae")
-    save_flax("clip_text", text, text_params, root / "text_encoder")
+    save_model("vae", vae, vae_params, root / "vae")
+    save_model("clip_text", text, text_params, root / "text_encoder")
     write_tokenizer(root / "tokenizer", pad_token="<|endoftext|>")
     return {"root": root, "vae": (vae, vae_params), "text": (text, text_params),
             "dirs": dict(vae_dir=root / "vae", text_encoder_dir=root / "text_encoder",
@@ -127,7 +128,7 @@ def test_shards_hold_every_record_once_and_match_the_encoders(encoded, vae_encod
 def test_null_text_is_the_empty_caption(models, encoded, text_encode):
     from magdiff_jax.models.tokenizer import CLIPTokenizer
 
-    src = encode.EncodedSource(encoded)
+    src = encoded_data.EncodedSource(encoded)
     tokens = CLIPTokenizer.from_folder(models["dirs"]["tokenizer_dir"])([""])
     np.testing.assert_array_equal(src.null_tokens, tokens[0])
     np.testing.assert_allclose(src.null_text_embeddings, text_encode(tokens).last_hidden_state[0], atol=1e-5)
@@ -147,13 +148,13 @@ def test_penultimate_text_layer(models, text_encode):
 
 
 def test_encoded_source_through_grain(encoded):
-    src = encode.EncodedSource(encoded)
+    src = encoded_data.EncodedSource(encoded)
     assert len(src) == src.total == NUM and src.bad == [] and src.metadata["num_shards"] == 2
     src = pickle.loads(pickle.dumps(src))  # readers open lazily, after pickling
-    assert set(src[4]) == set(encode.RECORD_KEYS)
+    assert set(src[4]) == set(encoded_data.RECORD_KEYS)
     config = small_config()
     config.source, config.path = "encoded", str(encoded)
-    loader = encode.encoded_loader(config, train=False)
+    loader = encoded_data.encoded_loader(config, train=False)
     ds = grain.MapDataset.source(src)[0::1].random_map(loader, seed=0).to_iter_dataset().batch(2)
     batches = list(ds)
     assert [len(b["key"]) for b in batches] == [2, 2, 1]
@@ -164,7 +165,7 @@ def test_encoded_source_through_grain(encoded):
 
 
 def test_caption_dropout_and_posterior_samples_in_the_pipeline(encoded):
-    src = encode.EncodedSource(encoded)
+    src = encoded_data.EncodedSource(encoded)
     config = small_config()
     config.source, config.path, config.caption_dropout, config.encoded_sample = "encoded", str(encoded), 1.0, True
     batch = next(iter(make_dataset(config, batch_size=4, train=True, process_index=0, process_count=1)))
@@ -189,10 +190,10 @@ def test_missing_shard_is_named(encoded, tmp_path):
     shutil.copytree(encoded, copy)
     (copy / "encoded-00001-of-00002.array_record").unlink()
     with pytest.raises(FileNotFoundError, match=r"encoded-00001-of-00002\.array_record"):
-        encode.EncodedSource(copy)
+        encoded_data.EncodedSource(copy)
     (copy / "encoded.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"encoded\.json"):
-        encode.EncodedSource(copy)
+        encoded_data.EncodedSource(copy)
 
 
 def test_existing_output_is_refused_unless_overwrite(models, encoded, tmp_path):
@@ -212,7 +213,7 @@ def test_existing_output_is_refused_unless_overwrite(models, encoded, tmp_path):
     (out / "stale").mkdir()
     encode.encode_dataset(config, out_dir=out, batch_size=BATCH, process_index=0, process_count=1, overwrite=True,
                           dtype="float16", **models["dirs"])
-    src = encode.EncodedSource(out)
+    src = encoded_data.EncodedSource(out)
     assert len(src) == 2 and src[0]["latents_mean"].dtype == np.float16 and src.metadata["dtype"] == "float16"
     assert src.null_text_embeddings.dtype == np.float16
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
@@ -255,7 +256,7 @@ def test_cli(models, tmp_path):
                               str(tmp_path / "cli"), "--frames", str(FRAMES), "--resolution", f"{SIZE}x{SIZE}",
                               "--batch-size", str(BATCH)])
     out = encode.run_encode_cli(args)
-    src = encode.EncodedSource(out)
+    src = encoded_data.EncodedSource(out)
     assert len(src) == 2 and src.metadata["latent_shape"] == [FRAMES, 16, 16, 4]
     assert src.metadata["vae"] == str(root / "vae")
     bad = parser.parse_args(["--data", "synthetic", "--out", str(tmp_path / "x")])
@@ -266,8 +267,8 @@ def test_cli(models, tmp_path):
 def test_frames_per_call_bounds_the_vae_batch_without_changing_results(models, vae_encode):
     vae, params = models["vae"]
     video = np.random.RandomState(0).randint(0, 256, (2, FRAMES, SIZE, SIZE, 3)).astype(np.uint8)
-    whole = encode.encode_video(vae, params, video)
-    chunked = encode.encode_video(vae, params, video, frames_per_call=4, dtype="float16")
+    whole = encode.encode_posterior(vae, params, video)
+    chunked = encode.encode_posterior(vae, params, video, frames_per_call=4, dtype="float16")
     assert chunked[0].dtype == np.float16 and chunked[0].shape == (2, FRAMES, 16, 16, 4)
     for a, b in zip(whole, chunked):
         np.testing.assert_allclose(a, b.astype(np.float32), rtol=2e-3, atol=2e-3)

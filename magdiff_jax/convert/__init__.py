@@ -1,22 +1,24 @@
-"""PyTorch (diffusers / transformers) <-> Flax converters.
+"""PyTorch (diffusers / transformers) <-> Flax converters for the registered models that have a PyTorch counterpart.
 
     module, params = load_torch("unet2d", "path/to/unet")      # a diffusers/transformers model folder
     save_torch("unet2d", module, params, "out/unet")             # loads with UNet2DConditionModel.from_pretrained
     pipe = load_pipeline_torch("path/to/stable-diffusion")      # a whole diffusers pipeline folder
 """
 
-from magdiff_jax.convert.core import KINDS, ConversionError, Rule, get_kind, load_torch, save_torch
+from magdiff_jax.convert.core import Rule, TorchFormat, load_torch, save_torch, torch_format, torch_formats
 from magdiff_jax.convert.safetensors_io import CheckpointFormatError
+from magdiff_jax.utils.errors import ConversionError
 
 __all__ = [
-    "KINDS",
     "CheckpointFormatError",
     "ConversionError",
     "Rule",
-    "get_kind",
+    "TorchFormat",
     "load_pipeline_torch",
     "load_torch",
     "save_torch",
+    "torch_format",
+    "torch_formats",
 ]
 
 

@@ -11,10 +11,8 @@ a plain CLIPTextModel without it), and the `position_ids` buffers of older files
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-from magdiff_jax.convert.core import ModelKind, Rule, conv, embedding, linear, norm, param, register
-from magdiff_jax.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModel
+from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, embedding, linear, norm, param
+from magdiff_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
 
 TEXT_PREFIX = "text_model."
 VISION_PREFIX = "vision_model."
@@ -149,24 +147,14 @@ def text_normalise_keys(state: dict) -> dict:
     return _add_prefix(state, TEXT_PREFIX, _TEXT_HEADS, drop=(f"{TEXT_PREFIX}embeddings.position_ids",))
 
 
-def text_example_inputs(config: CLIPTextConfig) -> tuple:
-    return (jnp.zeros((1, 2), jnp.int32),)
-
-
-CLIP_TEXT = register(
-    ModelKind(
-        name="clip_text",
-        library="transformers",
-        torch_class=text_torch_class,
-        config_cls=CLIPTextConfig,
-        config_from_torch=text_config_from_torch,
-        config_to_torch=text_config_to_torch,
-        build=CLIPTextModel,
-        example_inputs=text_example_inputs,
-        rules=text_rules,
-        normalise_keys=text_normalise_keys,
-    )
-)
+CLIP_TEXT = attach("clip_text", TorchFormat(
+    library="transformers",
+    torch_class=text_torch_class,
+    config_from_torch=text_config_from_torch,
+    config_to_torch=text_config_to_torch,
+    rules=text_rules,
+    normalise_keys=text_normalise_keys,
+))
 
 
 # --- clip_vision --------------------------------------------------------------------------------------------
@@ -225,21 +213,11 @@ def vision_normalise_keys(state: dict) -> dict:
     return _add_prefix(state, VISION_PREFIX, _VISION_HEADS, drop=(f"{VISION_PREFIX}embeddings.position_ids",))
 
 
-def vision_example_inputs(config: CLIPVisionConfig) -> tuple:
-    return (jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32),)
-
-
-CLIP_VISION = register(
-    ModelKind(
-        name="clip_vision",
-        library="transformers",
-        torch_class=vision_torch_class,
-        config_cls=CLIPVisionConfig,
-        config_from_torch=vision_config_from_torch,
-        config_to_torch=vision_config_to_torch,
-        build=CLIPVisionModel,
-        example_inputs=vision_example_inputs,
-        rules=vision_rules,
-        normalise_keys=vision_normalise_keys,
-    )
-)
+CLIP_VISION = attach("clip_vision", TorchFormat(
+    library="transformers",
+    torch_class=vision_torch_class,
+    config_from_torch=vision_config_from_torch,
+    config_to_torch=vision_config_to_torch,
+    rules=vision_rules,
+    normalise_keys=vision_normalise_keys,
+))

@@ -1,9 +1,9 @@
 """The one conversion mechanism: explicit per-kind mapping tables between PyTorch state dicts and Flax trees.
 
-A model kind (`clip_text`, `vae`, `unet2d`, ...) registers a `ModelKind`: how to translate its config.json, how to
-build the Flax module, and a function that lists, for a given config, every `Rule` (PyTorch key <-> Flax path +
-layout transform). The table is written out module by module from the config (no regex guessing), so a key that
-the table does not know is reported, never silently mapped.
+A registered model (`magdiff_jax.models.registry`: `clip_text`, `vae`, `unet2d`, ...) with a PyTorch counterpart gets
+a `TorchFormat` attached by name: how to translate its config.json, and a function that lists, for a given config,
+every `Rule` (PyTorch key <-> Flax path + layout transform). The table is written out module by module from the
+config (no regex guessing), so a key that the table does not know is reported, never silently mapped.
 
 Layout transforms (PyTorch -> Flax; the inverse is applied on export):
   copy    unchanged (biases, embeddings, positional tables)
@@ -15,9 +15,10 @@ Layout transforms (PyTorch -> Flax; the inverse is applied on export):
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,8 @@ import numpy as np
 from flax import traverse_util
 
 from magdiff_jax.convert import safetensors_io
-
-
-class ConversionError(ValueError):
-    """A checkpoint that does not match its model: lists every missing, unexpected and mis-shaped key."""
+from magdiff_jax.models.registry import get_model
+from magdiff_jax.utils.errors import ConversionError, key_list, mismatch_message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +100,6 @@ def _expected_torch_shape(flax_shape: tuple[int, ...], transform: str) -> tuple[
     return tuple(_to_torch(np.empty(flax_shape, dtype=np.bool_), transform).shape)
 
 
-def _fmt(keys: Iterable[str], limit: int = 50) -> str:
-    keys = list(keys)
-    shown = "\n    ".join(keys[:limit])
-    more = f"\n    ... and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"\n    {shown}{more}"
-
-
 def check_table(rules: list[Rule], abstract: Mapping[tuple[str, ...], Any], kind: str) -> None:
     """The table must cover the Flax tree exactly: a mismatch is a bug in the table, reported as such."""
     by_flax = {r.flax for r in rules}
@@ -116,8 +108,8 @@ def check_table(rules: list[Rule], abstract: Mapping[tuple[str, ...], Any], kind
     if no_rule or no_param:
         raise ConversionError(
             f"[{kind}] the mapping table does not match the Flax module:"
-            + (f"\n  Flax parameters with no rule:{_fmt(no_rule)}" if no_rule else "")
-            + (f"\n  rules naming no Flax parameter:{_fmt(no_param)}" if no_param else "")
+            + (f"\n  Flax parameters with no rule:{key_list(no_rule)}" if no_rule else "")
+            + (f"\n  rules naming no Flax parameter:{key_list(no_param)}" if no_param else "")
         )
 
 
@@ -149,12 +141,8 @@ def torch_to_flax(
         flat[r.flax] = np.asarray(x, dtype=dtype)
     if missing or unexpected or misshaped:
         where = f" in {source}" if source else ""
-        raise ConversionError(
-            f"[{kind}] checkpoint{where} does not match the model config:"
-            + (f"\n  missing keys ({len(missing)}):{_fmt(missing)}" if missing else "")
-            + (f"\n  unexpected keys ({len(unexpected)}):{_fmt(unexpected)}" if unexpected else "")
-            + (f"\n  mis-shaped keys ({len(misshaped)}):{_fmt(misshaped)}" if misshaped else "")
-        )
+        raise ConversionError(mismatch_message(f"[{kind}] checkpoint{where} does not match the model config:",
+                                               missing, unexpected, misshaped))
     return traverse_util.unflatten_dict(flat)
 
 
@@ -170,48 +158,49 @@ def _contiguous(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x).reshape(x.shape)
 
 
-# --- model kinds ----------------------------------------------------------------------------------------------
+# --- PyTorch formats of registered models ------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class ModelKind:
-    """Everything the converters need to know about one model kind."""
+class TorchFormat:
+    """The PyTorch (diffusers / transformers) form of a registered model (`magdiff_jax.models.registry`): its class,
+    config.json translation and mapping table. Attached by name; a model without a PyTorch counterpart has none."""
 
-    name: str
     library: str  # "diffusers" | "transformers"
     torch_class: Callable[[Any], str]  # config -> PyTorch class name written to config.json
-    config_cls: type
     config_from_torch: Callable[[dict], Any]
     config_to_torch: Callable[[Any], dict]
-    build: Callable[[Any], nn.Module]  # config -> Flax module
-    example_inputs: Callable[[Any], tuple]  # config -> small inputs for an abstract init
     rules: Callable[[Any], list[Rule]]
     normalise_keys: Callable[[dict], dict] = lambda state: state  # import only: legacy names, prefixes
-    example_kwargs: Callable[[Any], dict] = lambda config: {}  # keyword inputs for the abstract init
 
     @property
     def weights_stem(self) -> str:
         return "diffusion_pytorch_model" if self.library == "diffusers" else "model"
 
-    def abstract_params(self, module: nn.Module) -> dict:
-        """Flat {path: ShapeDtypeStruct} of the module's parameters, computed without allocating them."""
-        args, kwargs = self.example_inputs(module.config), self.example_kwargs(module.config)
-        shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))
-        return traverse_util.flatten_dict(nn.meta.unbox(shapes["params"]))
+
+_FORMATS: dict[str, TorchFormat] = {}
+# the modules that attach formats (imported on the first lookup)
+FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion")
 
 
-KINDS: dict[str, ModelKind] = {}
+def attach(name: str, fmt: TorchFormat) -> TorchFormat:
+    """Attach `fmt` to the registered model `name`."""
+    get_model(name)  # an unknown name fails here
+    _FORMATS[name] = fmt
+    return fmt
 
 
-def register(kind: ModelKind) -> ModelKind:
-    KINDS[kind.name] = kind
-    return kind
+def torch_format(name: str) -> TorchFormat:
+    """The PyTorch form of registered model `name`; an error saying so for a model that has none."""
+    formats = torch_formats()
+    if name not in formats:
+        get_model(name)  # an unknown model says so
+        raise ValueError(f"model {name!r} has no single-folder PyTorch format; models with one: {sorted(formats)}")
+    return formats[name]
 
 
-def get_kind(name: str) -> ModelKind:
-    from magdiff_jax.convert import tables  # noqa: F401  (registers every kind)
-
-    if name not in KINDS:
-        raise ValueError(f"unknown model kind {name!r}; known kinds: {sorted(KINDS)}")
-    return KINDS[name]
+def torch_formats() -> dict[str, TorchFormat]:
+    for module in FORMAT_MODULES:
+        importlib.import_module(f"magdiff_jax.convert.{module}")
+    return dict(_FORMATS)
 
 
 def read_config(folder: Path) -> dict:
@@ -231,13 +220,12 @@ def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=
     `shardings`, when given, is a pytree of `jax.sharding.Sharding` matching params: each array is placed with its
     sharding as it is converted (never whole on one device).
     """
-    spec = get_kind(kind)
+    spec, fmt = get_model(kind), torch_format(kind)
     folder = Path(path)
-    config = spec.config_from_torch(read_config(folder))
+    config = fmt.config_from_torch(read_config(folder))
     module = spec.build(config)
-    state = spec.normalise_keys(safetensors_io.read_state_dict(folder, spec.weights_stem))
-    rules = spec.rules(config)
-    params = torch_to_flax(state, rules, spec.abstract_params(module), kind, source=str(folder))
+    state = fmt.normalise_keys(safetensors_io.read_state_dict(folder, fmt.weights_stem))
+    params = torch_to_flax(state, fmt.rules(config), spec.abstract_params(module), kind, source=str(folder))
     if shardings is not None:
         params = jax.tree.map(lambda x, s: jax.device_put(x.astype(dtype), s), params, shardings)
     else:
@@ -247,35 +235,14 @@ def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=
 
 def save_torch(kind: str, module: nn.Module, params, out_dir: str | os.PathLike, max_shard_bytes=None) -> Path:
     """Write a folder that the matching PyTorch class loads with `from_pretrained(out_dir)`."""
-    spec = get_kind(kind)
+    fmt = torch_format(kind)
     out = Path(out_dir)
     config = module.config
     params = jax.device_get(nn.meta.unbox(params))
-    state = flax_to_torch(params, spec.rules(config), kind)
+    state = flax_to_torch(params, fmt.rules(config), kind)
     state = {k: np.asarray(v, dtype=np.float32) if v.dtype != np.float16 else v for k, v in state.items()}
-    torch_config = spec.config_to_torch(config)
+    torch_config = fmt.config_to_torch(config)
     out.mkdir(parents=True, exist_ok=True)
-    safetensors_io.write_state_dict(state, out, spec.weights_stem, max_shard_bytes=max_shard_bytes)
+    safetensors_io.write_state_dict(state, out, fmt.weights_stem, max_shard_bytes=max_shard_bytes)
     safetensors_io.atomic_write_bytes(out / "config.json", json.dumps(torch_config, indent=2).encode())
     return out
-
-
-# --- our own config files (dataclass <-> json) ----------------------------------------------------------------
-def _tuplify(x):
-    if isinstance(x, list):
-        return tuple(_tuplify(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _tuplify(v) for k, v in x.items()}
-    return x
-
-
-def config_to_dict(config) -> dict:
-    return dataclasses.asdict(config)
-
-
-def config_from_dict(cls, d: Mapping):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}")
-    return cls(**{k: _tuplify(v) for k, v in d.items()})

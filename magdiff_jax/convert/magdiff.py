@@ -1,7 +1,7 @@
-"""Kind `magdiff`: `models.magdiff.MagDiffUNet` <-> a PyTorch folder that diffusers plus `magdiff_jax.torch_port` run.
+"""Model `magdiff`: `models.magdiff.MagDiffUNet` <-> a PyTorch folder that diffusers plus `magdiff_jax.torch_port` run.
 
 diffusers has no class for the whole model, so its PyTorch form is a folder of several files instead of one
-`config.json` + state dict (which is why the kind's `ModelKind` table refuses, and these functions do the work):
+`config.json` + state dict (so no single-folder `TorchFormat` is attached to it; these functions do the work):
 
     DST/
       unet/                          a diffusers UNet3DConditionModel folder (config.json +
@@ -41,29 +41,34 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from magdiff_jax.convert import safetensors_io
 from magdiff_jax.convert.core import (
     ConversionError,
-    ModelKind,
     Rule,
     check_table,
     conv,
     flax_to_torch,
+    linear,
+    norm,
+    param,
     read_config,
-    register,
     save_torch,
     torch_to_flax,
 )
 from magdiff_jax.convert.unet3d import config_to_torch as unet3d_config_to_torch
 from magdiff_jax.convert.unet3d import unet3d_rules
+from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models import magdiff
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 from magdiff_jax.utils.files import atomic_dir
 from magdiff_jax.utils.magdiff_layout import (
@@ -122,7 +127,7 @@ def magdiff_rules(cfg: magdiff.MagDiffConfig) -> dict[str, list[Rule]]:
     that file <-> path in the MagDiffUNet params); together they cover every parameter exactly once."""
     unet = [Rule(r.torch, ("unet", *r.flax), r.transform) for r in unet3d_rules(base_unet_config(cfg))]
     ip = [Rule(f"image_proj.{r.torch}", ("image_proj", *r.flax), r.transform)
-          for r in magdiff.resampler_rules(cfg.resampler)]
+          for r in resampler_rules(cfg.resampler)]
     for k, (_, flax) in enumerate(spatial_attn2(cfg.unet)):
         t, f = f"ip_adapter.{ip_adapter_index(k)}", ("unet", *flax)
         ip += [Rule(f"{t}.to_k_ip.weight", (*f, "to_k_ip", "kernel"), "linear"),
@@ -151,6 +156,35 @@ def _to_file(key: str, x: np.ndarray) -> np.ndarray:
 
 def _from_file(key: str, x: np.ndarray) -> np.ndarray:
     return x.reshape(()) if _is_scalar(key) and x.shape == (1,) else x
+
+
+# --- diffusers IPAdapterPlusImageProjection state dict <-> Resampler params ------------------------------------------
+def resampler_rules(config: ResamplerConfig):
+    """The conversion table of diffusers `IPAdapterPlusImageProjection` <-> `layers.resampler.Resampler`."""
+    rules = param("latents", "latents") + linear("proj_in", "proj_in")
+    for i in range(config.depth):
+        t, f = f"layers.{i}", f"layers_{i}"
+        rules += norm(f"{t}.ln0", f"{f}/ln0") + norm(f"{t}.ln1", f"{f}/ln1")
+        for proj in ("to_q", "to_k", "to_v"):
+            rules += linear(f"{t}.attn.{proj}", f"{f}/attn/{proj}", bias=False)
+        rules += linear(f"{t}.attn.to_out.0", f"{f}/attn/to_out_0", bias=False)
+        rules += norm(f"{t}.ff.0", f"{f}/ff_0")
+        rules += linear(f"{t}.ff.1.net.0.proj", f"{f}/ff_1/net_0/proj", bias=False)
+        rules += linear(f"{t}.ff.1.net.2", f"{f}/ff_1/net_2", bias=False)
+    return rules + linear("proj_out", "proj_out") + norm("norm_out", "norm_out")
+
+
+def resampler_from_torch(state_dict: Mapping[str, np.ndarray], config: ResamplerConfig) -> dict:
+    """An `IPAdapterPlusImageProjection` state dict ({key: numpy array}) -> `Resampler` params (numpy, nested);
+    every missing, unexpected or mis-shaped key is reported (`ConversionError`)."""
+    shapes = jax.eval_shape(lambda: Resampler(config).init(jax.random.key(0), jnp.zeros((1, 1, config.embedding_dim))))
+    abstract = traverse_util.flatten_dict(nn.meta.unbox(shapes["params"]))
+    return torch_to_flax(state_dict, resampler_rules(config), abstract, "resampler")
+
+
+def resampler_to_torch(params, config: ResamplerConfig) -> dict[str, np.ndarray]:
+    """`Resampler` params -> an `IPAdapterPlusImageProjection` state dict of numpy arrays (PyTorch layouts)."""
+    return flax_to_torch(params, resampler_rules(config), "resampler")
 
 
 # --- Flax -> PyTorch folder ------------------------------------------------------------------------------------------
@@ -226,7 +260,7 @@ def magdiff_from_torch(src: str | os.PathLike, dtype=np.float32) -> tuple[magdif
     cfg = magdiff.MagDiffConfig.from_dict(meta["config"])
     _check_consistent(src, meta, cfg)
     module = magdiff.MagDiffUNet(cfg)
-    abstract = KIND.abstract_params(module)
+    abstract = get_model("magdiff").abstract_params(module)
     tables = magdiff_rules(cfg)
     check_table([r for rules in tables.values() for r in rules], abstract, "magdiff")
     files = {"unet": src / UNET_DIR, "ip_adapter": src / IP_ADAPTER_FILE, "entity_pyramid": src / PYRAMID_FILE}
@@ -243,25 +277,3 @@ def magdiff_from_torch(src: str | os.PathLike, dtype=np.float32) -> tuple[magdif
                              source=str(files[name]), dtype=dtype)
         flat.update(traverse_util.flatten_dict(part))
     return module, traverse_util.unflatten_dict(flat)
-
-
-# --- the kind ---------------------------------------------------------------------------------------------------------
-def _multi_file_layout(*_):
-    raise NotImplementedError("model kind 'magdiff' has no PyTorch single-folder table: its PyTorch form is a "
-                              "folder of several files (unet/, ip_adapter.safetensors, entity_pyramid.safetensors, "
-                              "magdiff.json); use convert.magdiff.magdiff_to_torch / magdiff_from_torch, or "
-                              "`magdiff-jax convert to-torch/to-flax --kind magdiff`")
-
-
-KIND = register(ModelKind(
-    name="magdiff",
-    library="diffusers",
-    torch_class=_multi_file_layout,
-    config_cls=magdiff.MagDiffConfig,
-    config_from_torch=_multi_file_layout,
-    config_to_torch=_multi_file_layout,
-    build=magdiff.MagDiffUNet,
-    example_inputs=magdiff.example_inputs,
-    example_kwargs=magdiff.example_kwargs,
-    rules=_multi_file_layout,
-))

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import jax
 
-from magdiff_jax.convert.core import ConversionError, config_from_dict, get_kind, load_torch, read_config
-from magdiff_jax.convert.flax_checkpoint import FORMAT, load_flax, save_flax
+from magdiff_jax.convert.core import ConversionError, load_torch, read_config, torch_format
 from magdiff_jax.convert.pipeline import CLASS_TO_KIND
+from magdiff_jax.export.model import FORMAT, load_model, save_model
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.utils.files import atomic_dir
 
 INIT_META = "magdiff_init.json"
@@ -60,15 +61,14 @@ def source_kind(folder: str | os.PathLike) -> tuple[str, str]:
 
 def _model_config(folder: Path, kind: str, form: str):
     """The config dataclass of a model folder, without loading its weights."""
-    spec = get_kind(kind)
     d = read_config(folder)
-    return config_from_dict(spec.config_cls, d["config"]) if form == "flax" else spec.config_from_torch(d)
+    return get_model(kind).config_from_dict(d["config"]) if form == "flax" else torch_format(kind).config_from_torch(d)
 
 
 def _load(folder: Path, kind: str, form: str):
     """-> (module, params) of a model folder of either form."""
     if form == "flax":
-        _, module, params = load_flax(folder, kind=kind)
+        _, module, params = load_model(folder, kind=kind)
         return module, params
     return load_torch(kind, folder)
 
@@ -151,7 +151,7 @@ def build_magdiff_init(dst: str | os.PathLike, *, pipeline: str | os.PathLike | 
              "to_v)", "unet/conv_in/kernel (new input channels: zeros)"]
 
     with atomic_dir(dst) as tmp:
-        save_flax("magdiff", MagDiffUNet(cfg), params, tmp / "unet")
+        save_model("magdiff", MagDiffUNet(cfg), params, tmp / "unet")
         del params
         for name in COMPONENTS[1:]:
             kind, form = kinds[name]
@@ -159,7 +159,7 @@ def build_magdiff_init(dst: str | os.PathLike, *, pipeline: str | os.PathLike | 
                 shutil.copytree(folders[name], tmp / name)
             else:
                 module, p = load_torch(kind, folders[name])
-                save_flax(kind, module, p, tmp / name)
+                save_model(kind, module, p, tmp / name)
         for extra in ("tokenizer", "scheduler"):
             if pipeline is not None and (Path(pipeline) / extra).is_dir():
                 shutil.copytree(Path(pipeline) / extra, tmp / extra)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
 from magdiff_jax.convert.blocks import resnet_rules, transformer_rules
-from magdiff_jax.convert.core import ModelKind, Rule, conv, embedding, linear, norm, register
-from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig
+from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, embedding, linear, norm
+from magdiff_jax.models.unet2d import UNet2DConfig
 
 OURS_ONLY = ("attention_impl", "dtype", "remat_policy", "remat_save_names")
 # diffusers config keys we read past when they hold these (default) values; any other value is refused.
@@ -116,35 +114,10 @@ def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
     return rules
 
 
-def example_inputs(cfg: UNet2DConfig) -> tuple:
-    n = len(cfg.block_out_channels) - 1
-    size = 2**n
-    cross = cfg.encoder_hid_dim if cfg.encoder_hid_dim_type == "text_proj" else cfg.per_block("cross_attention_dim")[0]
-    return (jnp.zeros((1, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cross)))
-
-
-def example_kwargs(cfg: UNet2DConfig) -> dict:
-    kw = {}
-    if cfg.time_cond_proj_dim is not None:
-        kw["timestep_cond"] = jnp.zeros((1, cfg.time_cond_proj_dim))
-    if cfg.class_embed_type in ("timestep", None) and (cfg.class_embed_type or cfg.num_class_embeds):
-        kw["class_labels"] = jnp.zeros((1,), jnp.int32)
-    elif cfg.class_embed_type == "identity":
-        kw["class_labels"] = jnp.zeros((1, cfg.time_embed_dim))
-    elif cfg.class_embed_type == "projection":
-        kw["class_labels"] = jnp.zeros((1, cfg.projection_class_embeddings_input_dim))
-    return kw
-
-
-KIND = register(ModelKind(
-    name="unet2d",
+FORMAT = attach("unet2d", TorchFormat(
     library="diffusers",
     torch_class=lambda cfg: "UNet2DConditionModel",
-    config_cls=UNet2DConfig,
     config_from_torch=config_from_diffusers,
     config_to_torch=lambda cfg: config_to_diffusers(cfg, "UNet2DConditionModel"),
-    build=UNet2DConditionModel,
-    example_inputs=example_inputs,
-    example_kwargs=example_kwargs,
     rules=unet2d_rules,
 ))

@@ -10,12 +10,10 @@ entity-attention weights beside it.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from magdiff_jax.convert.blocks import transformer_rules
-from magdiff_jax.convert.core import ModelKind, Rule, conv, norm, register
+from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, norm
 from magdiff_jax.convert.unet2d import config_from_diffusers, config_to_diffusers, unet2d_rules
-from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
+from magdiff_jax.models.unet3d import UNet3DConfig
 
 CLASS_NAME = "UNet3DConditionModel"
 # our UNet3DConfig fields beyond the shared unet2d ones (convert.unet2d.OURS_ONLY): not in diffusers' config.json
@@ -51,21 +49,6 @@ def unet3d_rules(cfg: UNet3DConfig) -> list[Rule]:
                                                                                           "transformer_in")
 
 
-def example_inputs(cfg: UNet3DConfig) -> tuple:
-    size = 2 ** (len(cfg.block_out_channels) - 1)
-    # two frames, so that the temporal layers exist (a single frame bypasses them)
-    return (jnp.zeros((1, 2, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cfg.cross_attention_dim)))
-
-
-def example_kwargs(cfg: UNet3DConfig) -> dict:
-    kw = {}
-    if cfg.time_cond_proj_dim is not None:
-        kw["timestep_cond"] = jnp.zeros((1, cfg.time_cond_proj_dim))
-    if cfg.entity_attention:  # one image token per frame of example_inputs' two
-        kw["image_hidden_states"] = jnp.zeros((1, 2, cfg.cross_attention_dim))
-    return kw
-
-
 def config_from_torch(d: dict) -> UNet3DConfig:
     ours = sorted(k for k in d if k in OURS_ONLY_3D)
     if ours:
@@ -79,16 +62,11 @@ def config_to_torch(cfg: UNet3DConfig) -> dict:
     return {k: v for k, v in config_to_diffusers(cfg, CLASS_NAME, accepted={}).items() if k not in OURS_ONLY_3D}
 
 
-KIND = register(ModelKind(
-    name="unet3d",
+FORMAT = attach("unet3d", TorchFormat(
     library="diffusers",
     torch_class=lambda cfg: CLASS_NAME,
-    config_cls=UNet3DConfig,
     config_from_torch=config_from_torch,
     config_to_torch=config_to_torch,
-    build=UNet3DConditionModel,
-    example_inputs=example_inputs,
-    example_kwargs=example_kwargs,
     rules=unet3d_rules,
 ))
 

@@ -22,19 +22,20 @@ from flax import traverse_util
 from magdiff_jax.convert import safetensors_io
 from magdiff_jax.convert.blocks import resnet_rules, transformer_block_rules, transformer_rules
 from magdiff_jax.convert.core import (
-    ModelKind,
     Rule,
+    TorchFormat,
+    attach,
     check_table,
     conv,
-    get_kind,
     linear,
     norm,
     param,
     read_config,
-    register,
+    torch_format,
     torch_to_flax,
 )
 from magdiff_jax.convert.unet2d import config_from_diffusers, config_to_diffusers
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.models.unet2d import UNet2DConfig
 from magdiff_jax.models.unet_motion import UNetMotionConfig, UNetMotionModel
 
@@ -143,19 +144,6 @@ def unet_motion_rules(cfg: UNetMotionConfig) -> list[Rule]:
     return rules
 
 
-def example_inputs(cfg: UNetMotionConfig) -> tuple:
-    size = 2 ** (len(cfg.block_out_channels) - 1)
-    cross = cfg.per_block("cross_attention_dim")[0]
-    # two frames: a single frame bypasses (and so would not create) the motion modules
-    return (jnp.zeros((1, 2, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cross)))
-
-
-def example_kwargs(cfg: UNetMotionConfig) -> dict:
-    if cfg.time_cond_proj_dim is not None:
-        return {"timestep_cond": jnp.zeros((1, cfg.time_cond_proj_dim))}
-    return {}
-
-
 def config_from_torch(d: dict) -> UNetMotionConfig:
     return config_from_diffusers(d, cls=UNetMotionConfig, accepted=ACCEPTED_DEFAULTS)
 
@@ -164,16 +152,11 @@ def config_to_torch(cfg: UNetMotionConfig) -> dict:
     return config_to_diffusers(cfg, "UNetMotionModel", accepted=ACCEPTED_DEFAULTS)
 
 
-KIND = register(ModelKind(
-    name=KIND_NAME,
+FORMAT = attach(KIND_NAME, TorchFormat(
     library="diffusers",
     torch_class=lambda cfg: "UNetMotionModel",
-    config_cls=UNetMotionConfig,
     config_from_torch=config_from_torch,
     config_to_torch=config_to_torch,
-    build=UNetMotionModel,
-    example_inputs=example_inputs,
-    example_kwargs=example_kwargs,
     rules=unet_motion_rules,
 ))
 
@@ -242,20 +225,20 @@ def load_motion_adapter(unet2d_folder: str | os.PathLike, adapter_folder: str | 
     mis-shaped key is reported, naming the folder it belongs to.
     """
     unet_dir, adapter_dir = Path(unet2d_folder), Path(adapter_folder)
-    unet_kind, spec = get_kind("unet2d"), get_kind(KIND_NAME)
-    unet_cfg = unet_kind.config_from_torch(read_config(unet_dir))
+    unet_format = torch_format("unet2d")
+    unet_cfg = unet_format.config_from_torch(read_config(unet_dir))
     config = motion_config_from_unet2d(unet_cfg, read_config(adapter_dir), str(adapter_dir))
     module = UNetMotionModel(config)
-    abstract = spec.abstract_params(module)
+    abstract = get_model(KIND_NAME).abstract_params(module)
     rules = unet_motion_rules(config)
     check_table(rules, abstract, KIND_NAME)
 
     flat = {}
     for source, motion in ((unet_dir, False), (adapter_dir, True)):
         part = [r for r in rules if ("motion_modules" in r.torch) == motion]
-        state = safetensors_io.read_state_dict(source, spec.weights_stem)
+        state = safetensors_io.read_state_dict(source, FORMAT.weights_stem)
         if not motion:
-            state = unet_kind.normalise_keys(state)
+            state = unet_format.normalise_keys(state)
         sub = {r.flax: abstract[r.flax] for r in part}
         what = "motion_adapter" if motion else "unet2d"
         flat.update(traverse_util.flatten_dict(torch_to_flax(state, part, sub, f"{KIND_NAME} <- {what}",

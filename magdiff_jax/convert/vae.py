@@ -11,11 +11,9 @@ import dataclasses
 import re
 import warnings
 
-import jax.numpy as jnp
-
 from magdiff_jax.convert.blocks import attention_rules, resnet_rules
-from magdiff_jax.convert.core import ModelKind, Rule, conv, norm, register
-from magdiff_jax.models.vae import AutoencoderKL, AutoencoderKLConfig
+from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, norm
+from magdiff_jax.models.vae import AutoencoderKLConfig
 
 DIFFUSERS_VERSION = "0.42.1"
 _OURS_ONLY = ("attention_impl", "dtype")
@@ -51,11 +49,6 @@ def config_to_torch(config: AutoencoderKLConfig) -> dict:
         v = getattr(config, f.name)
         out[f.name] = list(v) if isinstance(v, tuple) else v
     return out
-
-
-def example_inputs(config: AutoencoderKLConfig) -> tuple:
-    s = 2 * config.downsample_factor
-    return (jnp.zeros((1, s, s, config.in_channels), jnp.float32),)
 
 
 # --- the table ----------------------------------------------------------------------------------------------
@@ -124,17 +117,11 @@ def normalise_keys(state: dict) -> dict:
     return out
 
 
-KIND = register(
-    ModelKind(
-        name="vae",
-        library="diffusers",
-        torch_class=lambda config: "AutoencoderKL",
-        config_cls=AutoencoderKLConfig,
-        config_from_torch=config_from_torch,
-        config_to_torch=config_to_torch,
-        build=AutoencoderKL,
-        example_inputs=example_inputs,
-        rules=rules,
-        normalise_keys=normalise_keys,
-    )
-)
+FORMAT = attach("vae", TorchFormat(
+    library="diffusers",
+    torch_class=lambda config: "AutoencoderKL",
+    config_from_torch=config_from_torch,
+    config_to_torch=config_to_torch,
+    rules=rules,
+    normalise_keys=normalise_keys,
+))

@@ -41,10 +41,7 @@ N processes can encode into one shared folder; process 0 writes `encoded.json` w
 `EncodedSource` checks that every shard it lists is there. A process refuses a folder holding anything but the
 other processes' files of the same encoding unless `overwrite`, which replaces its own earlier files.
 
-Reading: `EncodedSource(OUT)` is a random-access source over every shard (records as above) and
-`encoded_loader(config, train)` the per-example transform: in training, caption dropout replaces the text
-embedding (and tokens, caption) with the stored null-caption one, and `config.encoded_sample` draws
-`latents = mean + std * N(0, 1)` (unscaled) in place of `latents_mean` / `latents_std`.
+Reading is `data/encoded.py`'s (`EncodedSource`, `encoded_loader`).
 """
 
 from __future__ import annotations
@@ -57,33 +54,29 @@ import json
 import logging
 import os
 import re
-import threading
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax.serialization import msgpack_restore, msgpack_serialize
+from flax.serialization import msgpack_serialize
 
+from magdiff_jax import cpu
 from magdiff_jax.data import pipeline as data_pipeline
 from magdiff_jax.data.bad_input import REPORT_NAME, BadInputReport
-from magdiff_jax.utils import xla_cpu
+from magdiff_jax.data.encoded import (
+    DTYPES,
+    FORMAT,
+    META_NAME,
+    NULL_TEXT_NAME,
+    TEXT_LAYERS,
+    VERSION,
+    shard_stem,
+)
 
-FORMAT = "magdiff_jax.encoded"
-VERSION = 1
-META_NAME = "encoded.json"
-NULL_TEXT_NAME = "null_text.msgpack"
-DTYPES = ("float32", "float16")
-TEXT_LAYERS = ("last", "penultimate")
-RECORD_KEYS = ("key", "caption", "latents_mean", "latents_std", "text_embeddings", "tokens")
 _SHARD_RE = re.compile(r"encoded-(\d{5})-of-(\d{5})\.(array_record|json)")
 _REPORT_RE = re.compile(re.escape(REPORT_NAME).replace(r"\.json", r"(\.\d+)?\.json"))
-
-
-def shard_stem(index: int, count: int) -> str:
-    return f"encoded-{index:05d}-of-{count:05d}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,10 +166,6 @@ def _find_report(ds) -> BadInputReport | None:
     return None
 
 
-def _read_msgpack(path: Path) -> dict:
-    return msgpack_restore(Path(path).read_bytes())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # jitted encoders (cached per model config, so repeated calls and every batch reuse one compilation)
 
@@ -185,27 +174,15 @@ def _read_msgpack(path: Path) -> dict:
 def _video_fn(vae_config, frames_per_call: int):
     """jit((params, uint8 video (B, F, H, W, 3)) -> float32 (mean, std) (B, F, h, w, C)), frames in [0, 255]
     mapped to [-1, 1] as the pipeline's `normalize_example` does."""
-    from magdiff_jax.models.vae import AutoencoderKL
+    from magdiff_jax.models.vae import AutoencoderKL, encode_frames
 
     vae = AutoencoderKL(vae_config)
 
     def fn(params, video):
-        b, f = video.shape[:2]
-        x = video.reshape(b * f, *video.shape[2:]).astype(jnp.float32) / 127.5 - 1.0
+        mean, logvar = encode_frames(vae, params, video.astype(jnp.float32) / 127.5 - 1.0, frames_per_call)
+        return mean.astype(jnp.float32), jnp.exp(0.5 * logvar.astype(jnp.float32))
 
-        def encode(images):
-            return vae.apply({"params": params}, images, method="encode")
-
-        if 0 < frames_per_call < b * f:
-            mean, logvar = jax.lax.map(lambda im: jax.tree.map(lambda a: a[0], encode(im[None])), x,
-                                       batch_size=frames_per_call)
-        else:
-            mean, logvar = encode(x)
-        std = jnp.exp(0.5 * logvar.astype(jnp.float32))
-        shape = (b, f, *mean.shape[1:])
-        return mean.reshape(shape).astype(jnp.float32), std.reshape(shape)
-
-    return jax.jit(fn, compiler_options=xla_cpu.merged(None))
+    return jax.jit(fn, compiler_options=cpu.compiler_options())
 
 
 @functools.lru_cache(maxsize=8)
@@ -239,7 +216,7 @@ def encode_text(text_module, params, tokens, *, text_layer: str = "last", dtype:
     return np.asarray(jax.device_get(out)).astype(dtype)
 
 
-def encode_video(vae_module, params, video, *, dtype: str = "float32", frames_per_call: int = 0):
+def encode_posterior(vae_module, params, video, *, dtype: str = "float32", frames_per_call: int = 0):
     """(mean, std) (B, F, h, w, C) of uint8 frames (B, F, H, W, 3), as `encode_dataset` stores them (numpy)."""
     out = _video_fn(vae_module.config, int(frames_per_call))(params, jnp.asarray(video))
     return tuple(np.asarray(a).astype(dtype) for a in jax.device_get(out))
@@ -284,7 +261,7 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     `frames_per_call` > 0 bounds the frames per VAE call (memory at high resolution). `source` replaces the
     source the config names. Returns `out_dir`.
     """
-    from magdiff_jax.convert.flax_checkpoint import load_flax
+    from magdiff_jax.export.model import load_model
     from magdiff_jax.models.tokenizer import CLIPTokenizer, resolve_tokenizer_folder
 
     index = jax.process_index() if process_index is None else int(process_index)
@@ -309,8 +286,8 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     cfg.crop, cfg.caption_dropout, cfg.masks = "center", 0.0, False
     cfg.subject.enabled = False
 
-    _, vae, vae_params = load_flax(vae_dir, kind="vae")
-    _, text, text_params = load_flax(text_encoder_dir, kind="clip_text")
+    _, vae, vae_params = load_model(vae_dir, kind="vae")
+    _, text, text_params = load_model(text_encoder_dir, kind="clip_text")
     res = cfg.resolution
     height, width = (res, res) if isinstance(res, int) else tuple(res)
     factor = vae.config.downsample_factor
@@ -411,141 +388,6 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# reading
-
-
-class EncodedSource:
-    """Random access to every record of an encoded folder (all shards, in shard order); records as in the module
-    doc. Picklable: the array_record readers open on first access in each process."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).absolute()
-        meta_path = self.path / META_NAME
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{self.path}: no {META_NAME}; expected a folder written by `magdiff-jax data "
-                                    "encode` (process 0 writes it when its shard is done)")
-        self.metadata = json.loads(meta_path.read_text())
-        if self.metadata.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: not an encoded-dataset metadata file (format "
-                             f"{self.metadata.get('format')!r})")
-        n = int(self.metadata["num_shards"])
-        self.files = [self.path / f"{shard_stem(i, n)}.array_record" for i in range(n)]
-        missing = [f.name for f in self.files if not f.is_file()]
-        missing += [f.with_suffix(".json").name for f in self.files if not f.with_suffix(".json").is_file()]
-        if missing:
-            shown = ", ".join(sorted(missing)[:6]) + (", ..." if len(missing) > 6 else "")
-            raise FileNotFoundError(f"{self.path}: {META_NAME} lists {n} shards but {len(missing)} shard file(s) "
-                                    f"are missing: {shown} (has every process's encode finished?)")
-        self.counts = [int(json.loads(f.with_suffix(".json").read_text())["count"]) for f in self.files]
-        null_path = self.path / self.metadata.get("null_text", NULL_TEXT_NAME)
-        if not null_path.is_file():
-            raise FileNotFoundError(f"{self.path}: missing {null_path.name} (the null-caption embedding)")
-        self.null_text = _read_msgpack(null_path)
-        self.bad: list[tuple[str, str]] = []  # bad inputs were reported when encoding
-        self._lock = threading.Lock()
-        self._source = None
-
-    @property
-    def null_text_embeddings(self) -> np.ndarray:
-        """(L, D) embedding of the empty caption, in the stored dtype."""
-        return self.null_text["text_embeddings"]
-
-    @property
-    def null_tokens(self) -> np.ndarray:
-        return self.null_text["tokens"]
-
-    @property
-    def total(self) -> int:
-        return len(self)
-
-    def __len__(self) -> int:
-        return sum(self.counts)
-
-    def _reader(self):
-        if self._source is None:
-            with self._lock:
-                if self._source is None:
-                    from grain.sources import ArrayRecordDataSource
-
-                    paths = [f"{f}[0:{c}]" for f, c in zip(self.files, self.counts) if c > 0]
-                    if not paths:
-                        raise ValueError(f"{self.path}: the encoded dataset holds no records")
-                    self._source = ArrayRecordDataSource(paths)
-        return self._source
-
-    def __getitem__(self, index) -> dict:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"record {index} of {len(self)}")
-        return msgpack_restore(self._reader()[index])
-
-    def __getitems__(self, indices) -> list[dict]:
-        indices = [int(i) for i in indices]
-        for i in indices:
-            if not 0 <= i < len(self):
-                raise IndexError(f"record {i} of {len(self)}")
-        return [msgpack_restore(b) for b in self._reader().__getitems__(indices)]
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_source"], state["_lock"] = None, None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"EncodedSource({self.path}, {len(self)} records in {len(self.files)} shards)"
-
-
-class EncodedLoader(grain.transforms.RandomMap):
-    """Per example: caption dropout onto the stored null-caption embedding (training), and optionally a posterior
-    sample `latents` (float32, unscaled; the mean in evaluation) in place of `latents_mean` / `latents_std`. An
-    unreadable record becomes the pipeline's bad-input marker."""
-
-    def __init__(self, path: str | os.PathLike, train: bool, caption_dropout: float = 0.0, sample: bool = False):
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        self.path, self.train = str(path), bool(train)
-        self.caption_dropout, self.sample = float(caption_dropout), bool(sample)
-        self._null = None
-
-    def null_text(self) -> dict:
-        if self._null is None:
-            self._null = _read_msgpack(Path(self.path) / NULL_TEXT_NAME)
-        return self._null
-
-    def random_map(self, record, rng: np.random.Generator):
-        try:
-            out = {"key": str(record["key"]), "caption": str(record["caption"]),
-                   "text_embeddings": record["text_embeddings"], "tokens": record["tokens"]}
-            if self.train and self.caption_dropout > 0 and rng.random() < self.caption_dropout:
-                null = self.null_text()
-                out.update(caption="", text_embeddings=null["text_embeddings"], tokens=null["tokens"])
-            mean, std = record["latents_mean"], record["latents_std"]
-            if self.sample:
-                latents = np.asarray(mean, np.float32)
-                if self.train:
-                    noise = rng.standard_normal(latents.shape, dtype=np.float32)
-                    latents = latents + np.asarray(std, np.float32) * noise
-                out["latents"] = latents
-            else:
-                out.update(latents_mean=mean, latents_std=std)
-            return out
-        except (KeyError, TypeError, ValueError) as e:
-            key = str(record.get("key", "?")) if isinstance(record, dict) else "?"
-            return {"_bad": key, "_reason": f"{type(e).__name__}: {e}"}
-
-
-def encoded_loader(config, train: bool) -> EncodedLoader:
-    """The loader the pipeline uses for `config.source == "encoded"` (reads `config.path`,
-    `config.caption_dropout` and `config.encoded_sample`)."""
-    return EncodedLoader(config.path, train, caption_dropout=float(config.caption_dropout),
-                         sample=bool(config.get("encoded_sample", False)))
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # command line
 
 
@@ -639,12 +481,9 @@ def run_encode_cli(args: argparse.Namespace) -> Path:
 
 
 __all__ = [
-    "EncodedLoader",
-    "EncodedSource",
     "add_encode_arguments",
     "encode_dataset",
+    "encode_posterior",
     "encode_text",
-    "encode_video",
-    "encoded_loader",
     "run_encode_cli",
 ]

@@ -116,7 +116,7 @@ def make_source(config):
 
         return TfdsSource(config.path, builder=config.builder or None, split=config.split)
     if config.source == "encoded":
-        from magdiff_jax.data.encode import EncodedSource
+        from magdiff_jax.data.encoded import EncodedSource
 
         return EncodedSource(config.path)
     raise ValueError(f"data.source must be one of {SOURCES}, got {config.source!r}")
@@ -279,7 +279,7 @@ def _example_stream(source, indices, spec: LoaderSpec, config, train: bool, seed
     if epochs != 1:
         ds = ds.repeat(None if epochs < 0 else epochs)
     if config.source == "encoded":  # latents and text embeddings already computed (`magdiff-jax data encode`)
-        from magdiff_jax.data.encode import encoded_loader
+        from magdiff_jax.data.encoded import encoded_loader
 
         loader = encoded_loader(config, train)
     else:

@@ -25,7 +25,7 @@ def open_dataset(path: str | os.PathLike):
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
     if (root / "encoded.json").is_file():
-        from magdiff_jax.data.encode import EncodedSource
+        from magdiff_jax.data.encoded import EncodedSource
 
         return EncodedSource(root)
     for name in ANNOTATION_NAMES:

@@ -17,9 +17,8 @@ import numpy as np
 
 from magdiff_jax.data.bad_input import BadInput
 from magdiff_jax.data.video_io import VideoError, probe, read_frames
+from magdiff_jax.utils.images import CLIP_MEAN, CLIP_STD
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TASKS = ("video", "interp", "vsr")
 SUBJECT_MODES = ("none", "first", "all")  # index = the `subject_mode` value in an example
 # example keys holding images in [0, 255] -> [-1, 1] (plus every `subject_<size>`); `subject_clip` -> CLIP's

@@ -1,6 +1,7 @@
-"""Diffusion processes: noise schedules, samplers and guidance."""
+"""Diffusion processes: noise schedules, samplers, guidance and the training loss."""
 
 from magdiff_jax.diffusion.guidance import classifier_free_guidance, image_text_guidance, rescale_guidance
+from magdiff_jax.diffusion.losses import diffusion_loss, sample_timesteps
 from magdiff_jax.diffusion.samplers import (
     DDIMInverseSampler,
     DDIMSampler,
@@ -39,11 +40,13 @@ __all__ = [
     "betas_np",
     "classifier_free_guidance",
     "convert_prediction",
+    "diffusion_loss",
     "get_velocity",
     "image_text_guidance",
     "predict_x0_eps",
     "rescale_guidance",
     "rescale_zero_terminal_snr",
     "sample_loop",
+    "sample_timesteps",
     "training_target",
 ]

@@ -398,22 +398,31 @@ def sample_loop(
     model_fn: Callable[[jax.Array, jax.Array], jax.Array],
     x_T: jax.Array,
     key: jax.Array | None = None,
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    callback: Callable[[jax.Array], None] | None = None,
 ) -> jax.Array:
-    """Runs every step of `sampler` in one `lax.scan`; returns the final sample.
+    """Runs steps `start` to `stop` (default: every step) of `sampler` in one `lax.scan`; returns the sample.
 
     model_fn(model_input, t) -> model output of the config's prediction type; `t` is the scalar timestep of
     the step (broadcast it to (B,) inside if the model needs that). `x_T` is the starting sample, already
-    scaled: `noise * state.init_noise_sigma` (or the clean latent for `DDIMInverseSampler`). Step i of a
-    stochastic sampler uses the key `jax.random.fold_in(key, i)`.
+    scaled: `noise * state.init_noise_sigma` (or the clean latent for `DDIMInverseSampler`), or, with `start` > 0,
+    the sample at that step's timestep (SDEdit, editing from an inversion). Step i of a stochastic sampler uses the
+    key `jax.random.fold_in(key, i)`. `callback(i)` runs on the host as each step finishes (`jax.debug.callback`:
+    progress bars).
     """
+    stop = state.num_inference_steps if stop is None else stop
 
     def body(loop_carry, i):
         x, solver_carry = loop_carry
         model_output = model_fn(sampler.scale_model_input(state, x, i), state.timesteps[i])
         step_key = None if key is None else jax.random.fold_in(key, i)
         x, solver_carry = sampler.step(state, solver_carry, i, model_output, x, key=step_key)
+        if callback is not None:
+            jax.debug.callback(callback, i)
         return (x, solver_carry), None
 
     init = (x_T, sampler.init_carry(state, x_T))
-    (x, _), _ = jax.lax.scan(body, init, jnp.arange(state.num_inference_steps, dtype=jnp.int32))
+    (x, _), _ = jax.lax.scan(body, init, jnp.arange(start, stop, dtype=jnp.int32))
     return x

@@ -139,6 +139,13 @@ class ScheduleConfig:
             values["trained_betas"] = tuple(values["trained_betas"])
         return cls(**values)
 
+    @classmethod
+    def from_mapping(cls, config: Mapping[str, Any]) -> ScheduleConfig:
+        """The fields of this class found in `config` (a training config's `schedule`, which also holds
+        training-only keys such as `timestep_bias`); lists read as tuples."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in names})
+
     def to_diffusers_config(self, class_name: str | None = None) -> dict[str, Any]:
         """Writes a diffusers scheduler config dict; `class_name` sets `_class_name` when given."""
         out: dict[str, Any] = {"_class_name": class_name} if class_name else {}

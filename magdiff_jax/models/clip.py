@@ -28,6 +28,7 @@ from flax import struct
 
 from magdiff_jax.layers.attention import dot_product_attention
 from magdiff_jax.layers.common import activation, conv, dense, embedding, layer_norm
+from magdiff_jax.models.registry import ModelSpec, register
 
 _ACT_AXES = ("activation_batch", "activation_length", None)
 
@@ -411,3 +412,16 @@ __all__ = [
     "CLIPVisionOutput",
     "pooled_token_index",
 ]
+
+
+# --- registry -------------------------------------------------------------------------------------------------------
+def text_example_inputs(config: CLIPTextConfig) -> tuple:
+    return (jnp.zeros((1, 2), jnp.int32),)
+
+
+def vision_example_inputs(config: CLIPVisionConfig) -> tuple:
+    return (jnp.zeros((1, config.image_size, config.image_size, config.num_channels), jnp.float32),)
+
+
+TEXT_SPEC = register(ModelSpec("clip_text", CLIPTextConfig, CLIPTextModel, text_example_inputs))
+VISION_SPEC = register(ModelSpec("clip_vision", CLIPVisionConfig, CLIPVisionModel, vision_example_inputs))

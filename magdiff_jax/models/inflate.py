@@ -13,16 +13,9 @@ import flax.linen as nn
 import jax
 from flax import traverse_util
 
-from magdiff_jax.convert.core import KINDS, ConversionError, get_kind
+from magdiff_jax.models.registry import spec_of
+from magdiff_jax.utils.errors import ConversionError, mismatch_message
 from magdiff_jax.utils.prng import init_key
-
-
-def _kind_of(module: nn.Module):
-    get_kind("unet2d")  # registers every kind
-    for spec in KINDS.values():
-        if isinstance(module.config, spec.config_cls):
-            return spec
-    raise TypeError(f"no registered model kind uses config {type(module.config).__name__}")
 
 
 def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None, temporal_from=None):
@@ -30,7 +23,7 @@ def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None, te
     video model with the same shape, and every video parameter the 2D tree lacks is temporal: fresh from `key`, or,
     with `temporal_from` (the params of a video model of this layout, e.g. ModelScope's), copied from there (its
     spatial weights are ignored; nothing is initialised)."""
-    spec = _kind_of(video_module)
+    spec = spec_of(video_module)
     cfg = video_module.config
     key = jax.random.key(0) if key is None else key
     args, kwargs = spec.example_inputs(cfg), spec.example_kwargs(cfg)
@@ -40,11 +33,9 @@ def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None, te
     misshaped = sorted(f"{'/'.join(p)}: 2D {tuple(v.shape)} vs video {tuple(flat_new[p].shape)}"
                        for p, v in flat_2d.items() if p in flat_new and tuple(v.shape) != tuple(flat_new[p].shape))
     if missing or misshaped:
-        raise ConversionError(
-            f"cannot inflate into {type(video_module).__name__}: the 2D parameters do not match its spatial layers"
-            + (f"\n  not in the video model ({len(missing)}): {missing[:20]}" if missing else "")
-            + (f"\n  mis-shaped ({len(misshaped)}): {misshaped[:20]}" if misshaped else "")
-        )
+        raise ConversionError(mismatch_message(
+            f"cannot inflate into {type(video_module).__name__}: the 2D parameters do not match its spatial layers",
+            unexpected=missing, misshaped=misshaped))
     dtypes = {p: a.dtype for p, a in flat_new.items()}
     if temporal_from is not None:
         donor = traverse_util.flatten_dict(nn.meta.unbox(dict(temporal_from)))
@@ -53,8 +44,8 @@ def inflate(params_2d, video_module: nn.Module, key: jax.Array | None = None, te
                      f"{tuple(flat_new[p].shape)}" for p in wanted if p not in donor
                      or tuple(donor[p].shape) != tuple(flat_new[p].shape))
         if bad:
-            raise ConversionError(f"the temporal layers given do not fit {type(video_module).__name__} "
-                                  f"({len(bad)} parameters):\n  " + "\n  ".join(bad[:20]))
+            raise ConversionError(mismatch_message(
+                f"the temporal layers given do not fit {type(video_module).__name__}", misshaped=bad))
         out = {p: jax.numpy.asarray(donor[p], dtypes[p]) for p in wanted}
         out.update({p: jax.numpy.asarray(v, dtypes[p]) for p, v in flat_2d.items()})
         return traverse_util.unflatten_dict(out)

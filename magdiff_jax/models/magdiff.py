@@ -40,7 +40,12 @@ from flax import traverse_util
 from magdiff_jax.layers.attention import EntityAttention
 from magdiff_jax.layers.common import compute_dtype, conv
 from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
+from magdiff_jax.models import unet3d
+from magdiff_jax.models.registry import ModelSpec, config_from_dict, register
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
+from magdiff_jax.models.vae import encode_video
+from magdiff_jax.utils.errors import ConversionError, mismatch_message
+from magdiff_jax.utils.images import CLIP_MEAN, CLIP_STD
 from magdiff_jax.utils.prng import init_key
 
 PYRAMID_MODES = ("multi", "single")
@@ -62,8 +67,6 @@ class MagDiffConfig:
     latent_channels: int = 4
 
     def __post_init__(self):
-        from magdiff_jax.convert.core import config_from_dict
-
         unet = self.unet if isinstance(self.unet, UNet3DConfig) else config_from_dict(UNet3DConfig, self.unet)
         resampler = self.resampler
         if not isinstance(resampler, ResamplerConfig):
@@ -92,8 +95,6 @@ class MagDiffConfig:
     @classmethod
     def from_dict(cls, d: Mapping) -> MagDiffConfig:
         """The inverse of `to_dict` (lists accepted for tuples); unknown keys are refused at every level."""
-        from magdiff_jax.convert.core import config_from_dict
-
         return config_from_dict(cls, d)
 
 
@@ -186,7 +187,43 @@ class MagDiffUNet(nn.Module):
             x, timesteps, encoder_hidden_states, image_hidden_states=tokens, deterministic=deterministic)
 
 
-# --- example inputs (abstract init, registry) ------------------------------------------------------------------------
+# --- the subject's conditioning -------------------------------------------------------------------------------------
+def subject_keys(sizes) -> tuple[str, ...]:
+    """The batch entries of the subject for pyramid `sizes` (largest first), and the CLIP one."""
+    return (*(f"subject_{s}" for s in sizes), "subject_clip")
+
+
+def subject_condition(models: dict, params: dict, subject: dict, *, sizes, image_layer: int = -2, key=None) -> dict:
+    """The MagDiff U-Net's subject inputs from the data's `subject_<size>` (B, F, s, s, 3) pixels in [-1, 1] and
+    `subject_clip` (B, F, 224, 224, 3) in CLIP's mean/std: {"entity_latents": tuple of (B, F, h_i, w_i, c) VAE
+    latents (largest first; posterior draws with `key`, else means), "image_embeds": (B, F, T, E) CLIP vision hidden
+    states of layer `image_layer` (-2: the penultimate)}. `models`/`params` hold "vae" and "image_encoder"; no
+    gradient flows back into either."""
+    vae = models["vae"]
+    keys = jax.random.split(key, len(sizes)) if key is not None else [None] * len(sizes)
+    entity = tuple(encode_video(vae, params["vae"], subject[f"subject_{s}"], k) for s, k in zip(sizes, keys))
+    clip = subject["subject_clip"]
+    frames = clip.reshape(clip.shape[0] * clip.shape[1], *clip.shape[2:])
+    out = models["image_encoder"].apply({"params": params["image_encoder"]}, frames, output_hidden_states=True)
+    embeds = out.hidden_states[image_layer]
+    return {"entity_latents": jax.tree.map(jax.lax.stop_gradient, entity),
+            "image_embeds": jax.lax.stop_gradient(embeds.reshape(*clip.shape[:2], *embeds.shape[1:]))}
+
+
+def black_subject(subject: dict) -> dict:
+    """The dropped subject of two-scale guidance and of subject dropout: every frame black, in the model's ranges
+    (pixels -1, CLIP inputs (0 - mean) / std)."""
+    out = {}
+    for k, v in subject.items():
+        if k == "subject_clip":
+            black = (0.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+            out[k] = jnp.broadcast_to(jnp.asarray(black), v.shape)
+        else:
+            out[k] = jnp.full(v.shape, -1.0, jnp.float32)
+    return out
+
+
+# --- registry -------------------------------------------------------------------------------------------------------
 def example_inputs(cfg: MagDiffConfig) -> tuple:
     """Small positional inputs: 2 frames (so the temporal layers exist), the smallest latent the U-Net takes."""
     size = 2 ** (len(cfg.unet.block_out_channels) - 1)
@@ -200,21 +237,7 @@ def example_kwargs(cfg: MagDiffConfig) -> dict:
     return {"entity_latents": grids, "image_embeds": jnp.zeros((1, 2, 1, cfg.resampler.embedding_dim))}
 
 
-def _abstract(module: nn.Module, *args, **kwargs) -> dict:
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
-    return traverse_util.flatten_dict(nn.meta.unbox(shapes))
-
-
-def _conversion_error(what: str, missing=(), unexpected=(), misshaped=()):
-    from magdiff_jax.convert.core import ConversionError
-
-    fmt = lambda keys: "".join(f"\n    {k}" for k in list(keys)[:50]) + (
-        f"\n    ... and {len(keys) - 50} more" if len(keys) > 50 else "")
-    return ConversionError(
-        what
-        + (f"\n  missing ({len(missing)}):{fmt(missing)}" if missing else "")
-        + (f"\n  unexpected ({len(unexpected)}):{fmt(unexpected)}" if unexpected else "")
-        + (f"\n  mis-shaped ({len(misshaped)}):{fmt(misshaped)}" if misshaped else ""))
+SPEC = register(ModelSpec("magdiff", MagDiffConfig, MagDiffUNet, example_inputs, example_kwargs))
 
 
 # --- from a text-to-video U-Net --------------------------------------------------------------------------------------
@@ -224,7 +247,8 @@ def widen_conv_in(unet_params, extra: int) -> dict:
     flat = traverse_util.flatten_dict(nn.meta.unbox(dict(unet_params)))
     key = ("conv_in", "kernel")
     if key not in flat:
-        raise _conversion_error("cannot widen conv_in: the U-Net parameters have none", missing=["conv_in/kernel"])
+        raise ConversionError(mismatch_message("cannot widen conv_in: the U-Net parameters have none",
+                                               missing=["conv_in/kernel"]))
     kernel = flat[key]
     zeros = jnp.zeros((*kernel.shape[:-2], extra, kernel.shape[-1]), kernel.dtype)
     flat[key] = jnp.concatenate([jnp.asarray(kernel), zeros], axis=-2)
@@ -239,11 +263,7 @@ def add_entity_attention(unet_params, config: UNet3DConfig, abstract: dict | Non
     if not config.entity_attention:
         raise ValueError("add_entity_attention needs a config with entity_attention=True")
     if abstract is None:
-        from magdiff_jax.convert.core import get_kind
-
-        spec = get_kind("unet3d")
-        abstract = _abstract(UNet3DConditionModel(config), *spec.example_inputs(config),
-                             **spec.example_kwargs(config))
+        abstract = unet3d.SPEC.abstract_params(UNet3DConditionModel(config))
     flat = traverse_util.flatten_dict(nn.meta.unbox(dict(unet_params)))
     copies = {"to_k_ip": "to_k", "to_v_ip": "to_v"}
     scales = {"text_scale": EntityAttention.text_scale_init, "image_scale": EntityAttention.image_scale_init}
@@ -265,8 +285,8 @@ def add_entity_attention(unet_params, config: UNet3DConfig, abstract: dict | Non
     misshaped = sorted(f"{'/'.join(p)}: {tuple(v.shape)}, expected {tuple(abstract[p].shape)}"
                        for p, v in out.items() if tuple(np.shape(v)) != tuple(abstract[p].shape))
     if missing or unexpected or misshaped:
-        raise _conversion_error("the unet3d parameters do not match the entity-attention U-Net", sorted(missing),
-                                unexpected, misshaped)
+        raise ConversionError(mismatch_message("the unet3d parameters do not match the entity-attention U-Net",
+                                               sorted(missing), unexpected, misshaped))
     return traverse_util.unflatten_dict(out)
 
 
@@ -281,7 +301,7 @@ def magdiff_params_from_unet3d(unet3d_params, module: MagDiffUNet, key: jax.Arra
         raise ValueError(f"the base U-Net's conv_in reads {kernel.shape[-2]} channels; a text-to-video U-Net with "
                          f"latent_channels={cfg.latent_channels} inputs is expected")
     kwargs = example_kwargs(cfg)
-    expected = _abstract(module, *example_inputs(cfg), **kwargs)
+    expected = SPEC.abstract_params(module)
     unet_abstract = {p[1:]: v for p, v in expected.items() if p[0] == "unet"}
     unet = add_entity_attention(widen_conv_in(unet3d_params, cfg.entity_channels), cfg.unet, unet_abstract)
     dt = compute_dtype(cfg.unet.dtype)
@@ -300,41 +320,7 @@ def magdiff_params_from_unet3d(unet3d_params, module: MagDiffUNet, key: jax.Arra
     got = traverse_util.flatten_dict(params)
     misshaped = sorted("/".join(p) for p, v in got.items() if p in expected and v.shape != expected[p].shape)
     if set(got) != set(expected) or misshaped:
-        raise _conversion_error("MagDiff parameters do not match the module", sorted(
-            "/".join(p) for p in expected if p not in got), sorted("/".join(p) for p in got if p not in expected),
-            misshaped)
+        raise ConversionError(mismatch_message(
+            "MagDiff parameters do not match the module", sorted("/".join(p) for p in expected if p not in got),
+            sorted("/".join(p) for p in got if p not in expected), misshaped))
     return params
-
-
-# --- diffusers IPAdapterPlusImageProjection state dict <-> Resampler params ------------------------------------------
-def resampler_rules(config: ResamplerConfig):
-    """The conversion table (`convert.core.Rule`s) of diffusers `IPAdapterPlusImageProjection` <-> `Resampler`."""
-    from magdiff_jax.convert.core import linear, norm, param
-
-    rules = param("latents", "latents") + linear("proj_in", "proj_in")
-    for i in range(config.depth):
-        t, f = f"layers.{i}", f"layers_{i}"
-        rules += norm(f"{t}.ln0", f"{f}/ln0") + norm(f"{t}.ln1", f"{f}/ln1")
-        for proj in ("to_q", "to_k", "to_v"):
-            rules += linear(f"{t}.attn.{proj}", f"{f}/attn/{proj}", bias=False)
-        rules += linear(f"{t}.attn.to_out.0", f"{f}/attn/to_out_0", bias=False)
-        rules += norm(f"{t}.ff.0", f"{f}/ff_0")
-        rules += linear(f"{t}.ff.1.net.0.proj", f"{f}/ff_1/net_0/proj", bias=False)
-        rules += linear(f"{t}.ff.1.net.2", f"{f}/ff_1/net_2", bias=False)
-    return rules + linear("proj_out", "proj_out") + norm("norm_out", "norm_out")
-
-
-def resampler_from_torch(state_dict: Mapping[str, np.ndarray], config: ResamplerConfig) -> dict:
-    """An `IPAdapterPlusImageProjection` state dict ({key: numpy array}) -> `Resampler` params (numpy, nested);
-    every missing, unexpected or mis-shaped key is reported (`convert.ConversionError`)."""
-    from magdiff_jax.convert.core import torch_to_flax
-
-    abstract = _abstract(Resampler(config), jnp.zeros((1, 1, config.embedding_dim)))
-    return torch_to_flax(state_dict, resampler_rules(config), abstract, "resampler")
-
-
-def resampler_to_torch(params, config: ResamplerConfig) -> dict[str, np.ndarray]:
-    """`Resampler` params -> an `IPAdapterPlusImageProjection` state dict of numpy arrays (PyTorch layouts)."""
-    from magdiff_jax.convert.core import flax_to_torch
-
-    return flax_to_torch(params, resampler_rules(config), "resampler")

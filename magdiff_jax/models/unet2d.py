@@ -23,6 +23,7 @@ from magdiff_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
 from magdiff_jax.layers.remat import checkpoint_policy, remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
+from magdiff_jax.models.registry import ModelSpec, register
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -322,3 +323,26 @@ class UNet2DConditionModel(nn.Module):
         x = conv(cfg.out_channels, (k, k), padding=(k - 1) // 2, dtype=dt, name="conv_out")(x)
         return x.astype(sample.dtype)
 
+
+# --- registry -------------------------------------------------------------------------------------------------------
+def example_inputs(cfg: UNet2DConfig) -> tuple:
+    """The smallest inputs an init takes: one latent as large as the down blocks need, a 2-token context."""
+    size = 2 ** (len(cfg.block_out_channels) - 1)
+    cross = cfg.encoder_hid_dim if cfg.encoder_hid_dim_type == "text_proj" else cfg.per_block("cross_attention_dim")[0]
+    return (jnp.zeros((1, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cross)))
+
+
+def example_kwargs(cfg: UNet2DConfig) -> dict:
+    kw = {}
+    if cfg.time_cond_proj_dim is not None:
+        kw["timestep_cond"] = jnp.zeros((1, cfg.time_cond_proj_dim))
+    if cfg.class_embed_type in ("timestep", None) and (cfg.class_embed_type or cfg.num_class_embeds):
+        kw["class_labels"] = jnp.zeros((1,), jnp.int32)
+    elif cfg.class_embed_type == "identity":
+        kw["class_labels"] = jnp.zeros((1, cfg.time_embed_dim))
+    elif cfg.class_embed_type == "projection":
+        kw["class_labels"] = jnp.zeros((1, cfg.projection_class_embeddings_input_dim))
+    return kw
+
+
+SPEC = register(ModelSpec("unet2d", UNet2DConfig, UNet2DConditionModel, example_inputs, example_kwargs))

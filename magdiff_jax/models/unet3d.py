@@ -46,6 +46,7 @@ from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.temporal import VIDEO_AXES, TemporalConvLayer, TransformerTemporalModel
 from magdiff_jax.layers.transformer import Transformer2DModel
+from magdiff_jax.models.registry import ModelSpec, register
 from magdiff_jax.models.unet2d import UNet2DConfig, check_block_layout
 from magdiff_jax.models.video import check_video_inputs, per_frame_conditioning
 from magdiff_jax.utils.magdiff_layout import IMAGE_TOKEN_MODES
@@ -434,3 +435,22 @@ class UNet3DConditionModel(nn.Module):
         x = activation("silu")(x)  # diffusers' UNet3D uses SiLU here whatever act_fn is
         x = conv(cfg.out_channels, (3, 3), padding=1, dtype=dt, name="conv_out")(x)
         return _video(x, b).astype(sample.dtype)
+
+
+# --- registry -------------------------------------------------------------------------------------------------------
+def example_inputs(cfg: UNet3DConfig) -> tuple:
+    """Two frames (a single frame bypasses the temporal layers, which an init would then not create)."""
+    size = 2 ** (len(cfg.block_out_channels) - 1)
+    return (jnp.zeros((1, 2, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cfg.cross_attention_dim)))
+
+
+def example_kwargs(cfg: UNet3DConfig) -> dict:
+    kw = {}
+    if cfg.time_cond_proj_dim is not None:
+        kw["timestep_cond"] = jnp.zeros((1, cfg.time_cond_proj_dim))
+    if cfg.entity_attention:  # one image token per frame of example_inputs' two
+        kw["image_hidden_states"] = jnp.zeros((1, 2, cfg.cross_attention_dim))
+    return kw
+
+
+SPEC = register(ModelSpec("unet3d", UNet3DConfig, UNet3DConditionModel, example_inputs, example_kwargs))

@@ -28,6 +28,7 @@ from magdiff_jax.layers.motion import AnimateDiffTransformer3D
 from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
+from magdiff_jax.models.registry import ModelSpec, register
 from magdiff_jax.models.unet2d import check_block_layout
 from magdiff_jax.models.video import check_video_inputs, per_frame_conditioning
 
@@ -347,3 +348,20 @@ class UNetMotionModel(nn.Module):
         x = activation("silu")(x)  # diffusers' UNetMotionModel: nn.SiLU whatever act_fn is
         x = conv(cfg.out_channels, (3, 3), padding=1, dtype=dt, name="conv_out")(x)
         return x.reshape(b, f, h, w, cfg.out_channels).astype(sample.dtype)
+
+
+# --- registry -------------------------------------------------------------------------------------------------------
+def example_inputs(cfg: UNetMotionConfig) -> tuple:
+    """Two frames: a single frame bypasses (and so would not create) the motion modules."""
+    size = 2 ** (len(cfg.block_out_channels) - 1)
+    cross = cfg.per_block("cross_attention_dim")[0]
+    return (jnp.zeros((1, 2, size, size, cfg.in_channels)), jnp.zeros((1,)), jnp.zeros((1, 2, cross)))
+
+
+def example_kwargs(cfg: UNetMotionConfig) -> dict:
+    if cfg.time_cond_proj_dim is not None:
+        return {"timestep_cond": jnp.zeros((1, cfg.time_cond_proj_dim))}
+    return {}
+
+
+SPEC = register(ModelSpec("unet_motion", UNetMotionConfig, UNetMotionModel, example_inputs, example_kwargs))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from magdiff_jax.layers.attention import IMPLEMENTATIONS, Attention
 from magdiff_jax.layers.common import conv, group_norm
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from magdiff_jax.models.registry import ModelSpec, register
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
 UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
@@ -380,3 +381,58 @@ class AutoencoderKL(nn.Module):
 
     sample_latent = staticmethod(sample_latent)
     kl_divergence = staticmethod(kl_divergence)
+
+
+# --- videos -------------------------------------------------------------------------------------------------------
+def _per_frame(fn, frames, frames_per_call: int):
+    """fn over (N, ...) frames, `frames_per_call` at a time when 0 < frames_per_call < N (bounded memory), else at
+    once."""
+    if 0 < frames_per_call < frames.shape[0]:
+        return jax.lax.map(lambda x: jax.tree.map(lambda a: a[0], fn(x[None])), frames, batch_size=frames_per_call)
+    return fn(frames)
+
+
+def encode_frames(vae: AutoencoderKL, params, video, frames_per_call: int = 0):
+    """Videos (B, F, H, W, 3) in [-1, 1] -> the posterior's (mean, logvar), each (B, F, h, w, latent_channels),
+    unscaled; every frame encoded alone."""
+    b, f = video.shape[:2]
+    mean, logvar = _per_frame(lambda x: vae.apply({"params": params}, x, method="encode"),
+                              video.reshape(b * f, *video.shape[2:]), frames_per_call)
+    return mean.reshape(b, f, *mean.shape[1:]), logvar.reshape(b, f, *logvar.shape[1:])
+
+
+def _latents(vae: AutoencoderKL, mean, logvar, key):
+    z = mean if key is None else sample_latent(mean, logvar, key)
+    return z * vae.config.scaling_factor
+
+
+def encode_images(vae: AutoencoderKL, params, images, key: jax.Array | None = None):
+    """Images (B, H, W, 3) in [-1, 1] -> diffusion latents (B, h, w, c), scaled by `scaling_factor`: the posterior
+    mean, or a draw from it with `key`."""
+    return _latents(vae, *vae.apply({"params": params}, images, method="encode"), key)
+
+
+def encode_video(vae: AutoencoderKL, params, video, key: jax.Array | None = None, frames_per_call: int = 0):
+    """Videos (B, F, H, W, 3) in [-1, 1] -> diffusion latents (B, F, h, w, c), as `encode_images` per frame."""
+    return _latents(vae, *encode_frames(vae, params, video, frames_per_call), key)
+
+
+def decode_video(vae: AutoencoderKL, params, latents, frames_per_call: int = 0):
+    """Diffusion latents (B, F, h, w, c) -> videos (B, F, H, W, 3) in float32, clipped to [-1, 1]."""
+    b, f = latents.shape[:2]
+    z = latents.reshape(b * f, *latents.shape[2:]) / vae.config.scaling_factor
+    images = _per_frame(lambda x: vae.apply({"params": params}, x, method="decode"), z, frames_per_call)
+    return jnp.clip(images.astype(jnp.float32), -1, 1).reshape(b, f, *images.shape[1:])
+
+
+# --- registry -------------------------------------------------------------------------------------------------------
+def example_inputs(config: AutoencoderKLConfig) -> tuple:
+    s = 2 * config.downsample_factor
+    return (jnp.zeros((1, s, s, config.in_channels), jnp.float32),)
+
+
+# The VAE's parameters are small next to its activations: they stay replicated rather than sharded over fsdp (the
+# U-Net's default), so encoding a data-parallel batch needs no parameter all-gathers.
+SHARDING_RULES = (("embed", None), ("conv_in", None), ("mlp", None), ("heads", None))
+
+SPEC = register(ModelSpec("vae", AutoencoderKLConfig, AutoencoderKL, example_inputs, sharding_rules=SHARDING_RULES))

@@ -27,52 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig
-from magdiff_jax.utils import xla_cpu
-
-
-def _frames(x):
-    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
-
-
-def encode_video(vae, vae_params, video, key=None):
-    """(B, F, H, W, 3) pixels in [-1, 1] -> scaled latents (B, F, h, w, c): the posterior mean, or a sample with
-    `key` (the released code samples)."""
-    mean, logvar = vae.apply({"params": vae_params}, _frames(video), method="encode")
-    z = mean if key is None else vae.sample_latent(mean, logvar, key)
-    z = z * vae.config.scaling_factor
-    return z.reshape(*video.shape[:2], *z.shape[1:])
-
-
-def decode_video(vae, vae_params, latents):
-    """Scaled latents (B, F, h, w, c) -> pixels (B, F, H, W, 3) clipped to [-1, 1]."""
-    images = vae.apply({"params": vae_params}, _frames(latents) / vae.config.scaling_factor, method="decode")
-    return jnp.clip(images.astype(jnp.float32), -1, 1).reshape(*latents.shape[:2], *images.shape[1:])
-
-
-def subject_keys(sizes) -> tuple[str, ...]:
-    """The batch entries of the subject for pyramid `sizes` (largest first), and the CLIP one."""
-    return (*(f"subject_{s}" for s in sizes), "subject_clip")
-
-
-def subject_condition(models, params, subject: dict, *, sizes, image_layer: int = -2, key=None) -> dict:
-    """The subject's conditioning: {"entity_latents": tuple of (B, F, h_i, w_i, c) (largest first),
-    "image_embeds": (B, F, T, E) CLIP vision hidden states of layer `image_layer` (-2: the penultimate)}."""
-    vae = models["vae"]
-    keys = jax.random.split(key, len(sizes)) if key is not None else [None] * len(sizes)
-    entity = tuple(encode_video(vae, params["vae"], subject[f"subject_{s}"], k) for s, k in zip(sizes, keys))
-    clip = subject["subject_clip"]
-    out = models["image_encoder"].apply({"params": params["image_encoder"]}, _frames(clip), output_hidden_states=True)
-    embeds = out.hidden_states[image_layer]
-    return {"entity_latents": jax.tree.map(jax.lax.stop_gradient, entity),
-            "image_embeds": jax.lax.stop_gradient(embeds.reshape(*clip.shape[:2], *embeds.shape[1:]))}
-
-
-def black_subject(subject: dict) -> dict:
-    """The dropped subject of two-scale guidance: every frame black (in the model's ranges)."""
-    from magdiff_jax.data.transforms import normalize_example
-
-    return normalize_example({k: jnp.zeros(v.shape, jnp.uint8) for k, v in subject.items()})
+from magdiff_jax import cpu
+from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig, sample_loop
+from magdiff_jax.models.magdiff import black_subject, subject_condition, subject_keys
+from magdiff_jax.models.vae import decode_video, encode_video
 
 
 def _concat(*trees):
@@ -99,7 +57,7 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
         ctx, conds = jnp.concatenate([null_ctx, null_ctx, text_ctx]), _concat(null_cond, cond, cond)
     passes = ctx.shape[0] // b
 
-    def eps(x, t, ctx=ctx, conds=conds, passes=passes):
+    def eps(x, t):
         x_in = jnp.concatenate([x] * passes)
         out = unet.apply({"params": params["unet"]}, x_in, jnp.full((x_in.shape[0],), t), ctx, **conds)
         parts = jnp.split(out, passes)
@@ -117,15 +75,7 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
                     num_steps, num_steps - start)
     else:
         x = jax.random.normal(key, shape, jnp.float32) * state.init_noise_sigma
-
-    def body(x, i):
-        t = state.timesteps[i]
-        x, _ = sampler.step(state, (), i, eps(sampler.scale_model_input(state, x, i), t), x)
-        if progress is not None:
-            jax.debug.callback(progress, i)
-        return x, None
-
-    x, _ = jax.lax.scan(body, x, jnp.arange(start, num_steps, dtype=jnp.int32))
+    x = sample_loop(sampler, state, eps, x, start=start, callback=progress)
     return decode_video(vae, params["vae"], x)
 
 
@@ -136,20 +86,17 @@ def _invert(models, params, latents, cond, null_ctx, schedule, num_steps: int, s
     inverse = DDIMInverseSampler(schedule)
     state = inverse.set_timesteps(num_steps)
 
-    def body(x, i):
-        t = state.timesteps[i]
-        e = unet.apply({"params": params["unet"]}, x, jnp.full((x.shape[0],), t), null_ctx, **cond)
-        x, _ = inverse.step(state, (), i, e, x)
-        return x, None
+    def eps(x, t):
+        return unet.apply({"params": params["unet"]}, x, jnp.full((x.shape[0],), t), null_ctx, **cond)
 
-    x, _ = jax.lax.scan(body, latents, jnp.arange(steps, dtype=jnp.int32))
-    return x
+    return sample_loop(inverse, state, eps, latents, stop=steps)
 
 
 class MagDiffPipeline:
-    """Generation and editing from a trained workdir (`magdiff-jax sample` / `magdiff-jax edit`).
+    """Generation and editing from a MagDiff stage (`magdiff-jax sample` / `magdiff-jax edit`): its export, or a
+    training workdir exported on the fly (`export.load_stage`).
 
-        pipe = MagDiffPipeline.from_workdir("/tmp/magdiff_tiny")
+        pipe = MagDiffPipeline.load("/tmp/magdiff_tiny")                       # or /tmp/magdiff_tiny/export
         ex = pipe.example(image[None], mask[None], "a red square moves left", mode="first")   # one subject image
         videos = pipe([ex, ex], seeds=[0, 1])                                 # (2, F, H, W, 3) uint8
 
@@ -158,20 +105,25 @@ class MagDiffPipeline:
     frame's (editing). A batch is split over the devices when it divides evenly.
     """
 
-    def __init__(self, trained):
-        self.trained = trained
-        self.config = trained.config
+    def __init__(self, stage):
+        missing = sorted({"unet", "vae", "text_encoder", "image_encoder"} - set(stage.modules))
+        if missing:
+            raise ValueError(f"{stage.path}: the stage has no {missing} (a MagDiff stage needs unet, vae, "
+                             "text_encoder and image_encoder)")
+        self.stage = stage
+        self.config = stage.config
         self._fns = {}
         self._bar = None
 
     @classmethod
-    def from_workdir(cls, workdir, step: int | None = None) -> MagDiffPipeline:
-        from magdiff_jax.train.restore import load_trained
+    def load(cls, path, step: int | None = None) -> MagDiffPipeline:
+        """From a stage export or a training workdir (its checkpoint at `step`, default the latest)."""
+        from magdiff_jax.export.stage import load_stage
 
-        trained = load_trained(workdir, step)
-        if trained.config.task != "magdiff":
-            raise ValueError(f"{workdir} trained task {trained.config.task!r}, not magdiff")
-        return cls(trained)
+        stage = load_stage(path, step)
+        if stage.task != "magdiff":
+            raise ValueError(f"{path} holds a {stage.task!r} stage, not magdiff")
+        return cls(stage)
 
     @property
     def num_frames(self) -> int:
@@ -198,7 +150,7 @@ class MagDiffPipeline:
             raise ValueError(f"{len(frames)} frames given; the model makes {self.num_frames}")
         data = self.config.data.copy_and_resolve_references()
         data.subject.eval_mode = mode
-        data.tokenizer = self.trained.tokenizer_folder()
+        data.tokenizer = self.stage.tokenizer_folder()
         data.normalize, data.stride = False, 1
         spec = loader_spec(data, train=False)
         record = {"key": "input", "video": frames, "mask": (masks > 0).astype(np.uint8) * 255, "caption": prompt,
@@ -213,17 +165,16 @@ class MagDiffPipeline:
         import numpy as np
 
         from magdiff_jax.data.transforms import normalize_example, tokenizer
-        from magdiff_jax.train.tasks import schedule_from
 
         cfg = self.config
         sizes = tuple(cfg.data.subject.sizes)
         keys = ("video", "tokens", *subject_keys(sizes))
         batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
-        tok = tokenizer(self.trained.tokenizer_folder(), cfg.data.max_length)
+        tok = tokenizer(self.stage.tokenizer_folder(), cfg.data.max_length)
         batch["null_tokens"] = np.asarray(tok([""] * len(examples)))
         settings = (num_steps, float(guidance), image_guidance, float(strength), bool(progress))
         if settings not in self._fns:
-            self._fns[settings] = self._compile(sizes, schedule_from(cfg).config, *settings)
+            self._fns[settings] = self._compile(sizes, self.stage.schedule, *settings)
         n, d = len(examples), jax.device_count()
         if n % d == 0 and d > 1:
             mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
@@ -234,7 +185,7 @@ class MagDiffPipeline:
 
             self._bar = tqdm(total=num_steps, desc="denoising", unit="step", initial=0)
         try:
-            out = np.asarray(self._fns[settings](self.trained.params, normalize_example(batch), keys))
+            out = np.asarray(self._fns[settings](self.stage.params, normalize_example(batch), keys))
         finally:
             if self._bar is not None:
                 self._bar.close()
@@ -247,7 +198,7 @@ class MagDiffPipeline:
             self._bar.update(int(i) + 1 - self._bar.n)
 
     def _compile(self, sizes, schedule, num_steps, guidance, image_guidance, strength, progress):
-        models, image_layer = self.trained.modules, self.config.task_options.get("image_layer", -2)
+        models, image_layer = self.stage.modules, self.config.task_options.get("image_layer", -2)
         f = models["vae"].config.downsample_factor
 
         def one(params, batch, key_data):  # one example: (1, ...) arrays
@@ -269,4 +220,4 @@ class MagDiffPipeline:
             per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
             return per(batch, keys)
 
-        return jax.jit(run, compiler_options=xla_cpu.merged(None))
+        return jax.jit(run, compiler_options=cpu.compiler_options())

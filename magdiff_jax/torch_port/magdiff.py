@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from magdiff_jax.utils.errors import ConversionError, mismatch_message
 from magdiff_jax.utils.magdiff_layout import (  # the export layout of `magdiff_jax.convert.magdiff` (no JAX)
     FORMAT,
     FORMAT_VERSION,
@@ -50,19 +51,6 @@ SPATIAL_ATTN2 = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.atten
                            r"\.attn2\.processor$")
 
 
-def _mismatch_error(what: str, missing=(), unexpected=(), misshaped=()) -> ValueError:
-    """A `convert.ConversionError` listing every missing, unexpected and mis-shaped key."""
-    from magdiff_jax.convert.core import ConversionError
-
-    fmt = lambda keys: "".join(f"\n    {k}" for k in list(keys)[:50]) + (
-        f"\n    ... and {len(keys) - 50} more" if len(keys) > 50 else "")
-    return ConversionError(
-        what
-        + (f"\n  missing keys ({len(missing)}):{fmt(missing)}" if missing else "")
-        + (f"\n  unexpected keys ({len(unexpected)}):{fmt(unexpected)}" if unexpected else "")
-        + (f"\n  mis-shaped keys ({len(misshaped)}):{fmt(misshaped)}" if misshaped else ""))
-
-
 def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, prefix: str = "") -> None:
     """`module.load_state_dict(state)`, after checking that the keys and shapes match exactly (else an error that
     names `source` and every missing, unexpected and mis-shaped key, as `prefix` + key)."""
@@ -72,7 +60,8 @@ def load_state_strict(module: nn.Module, state: Mapping[str, torch.Tensor], sour
     misshaped = sorted(f"{prefix}{k}: file has {tuple(state[k].shape)}, model expects {tuple(own[k].shape)}"
                        for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape))
     if missing or unexpected or misshaped:
-        raise _mismatch_error(f"[magdiff] {source} does not match the model", missing, unexpected, misshaped)
+        raise ConversionError(mismatch_message(f"[magdiff] {source} does not match the model", missing, unexpected,
+                                               misshaped))
     module.load_state_dict(dict(state))
 
 
@@ -295,7 +284,7 @@ def load_magdiff_torch(folder: str | os.PathLike) -> MagDiffUNetTorch:
             ip_state[k] = v.reshape(1)
     other = sorted(k for k in ip_state if not k.startswith(("image_proj.", "ip_adapter.")))
     if other:
-        raise _mismatch_error(f"[magdiff] {ip_file} does not match the model", unexpected=other)
+        raise ConversionError(mismatch_message(f"[magdiff] {ip_file} does not match the model", unexpected=other))
     load_state_strict(image_proj, part("image_proj."), str(ip_file), "image_proj.")
     modules = dict(unet.named_modules())
     processors = nn.ModuleDict()  # keyed by IP-Adapter's index 2k + 1 (convert.magdiff), as in the file

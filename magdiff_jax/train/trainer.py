@@ -1,31 +1,39 @@
-"""The one trainer: a sharded, resumable training loop for every stage (a stage is a task: tasks.py).
+"""The one trainer: a sharded, resumable training loop for every stage (a stage is a task: `train/tasks/`).
 
     magdiff-jax train --config configs/t2i.py:tiny --workdir /tmp/t2i [--config.steps=100 ...]
 
-Parameters and optimizer state are created directly sharded over the mesh (abstract shapes, then `jit` with
-`out_shardings`), never whole on one device; frozen models are split off before `jax.grad` and hold no optimizer
-state. The step is one jitted function with in/out shardings and a donated state. The step's randomness is
-`fold_in(seed key, step)`, and the data order is a function of the seed, so a run resumed from a checkpoint
-continues exactly where it stopped. Checkpoints (Orbax, async, keep-N) hold the state (step, trainable params,
-optimizer state, EMA, RNG key), the data-iterator state and the config. SIGTERM / SIGINT finish the current
-step, save, and return normally. A non-finite loss or gradient skips the update; `max_nonfinite` in a row stop
-the run with an error naming the step and the last good checkpoint.
+A task names its models, its parameter groups (each with its own optimizer, trainable mask, EMA and start step:
+`train/groups.py`) and its update (one or several losses per step); this file owns the rest, in the sections below:
+processes and mesh; data; models and parameter groups; checkpoints; the update step; the loop; the export.
 
-Process 0 writes what a person reads: `metrics.jsonl` (one JSON line per `log_every` steps: step, loss, lr,
-grad_norm, steps_per_s, examples_per_s, tflops_per_device (XLA's FLOP count of one device's compiled step),
-nonfinite_skipped), the same scalars as TensorBoard events under `tensorboard/`, a progress bar on stderr, and
-every `preview.every` steps a contact sheet of the task's samples for `preview.prompts` under `samples/` (also
-in TensorBoard). `compute_dtype` runs every model in bfloat16 (or float16) with float32 parameters, gradients and
-optimizer state.
+Parameters and optimizer state are created directly sharded over the mesh (abstract shapes, then `jit` with
+`out_shardings`), never whole on one device; each model's parameters shard by the run's logical-axis rules
+(`config.sharding_rules`) updated with the model's own (its registry entry's, then `config.model_sharding_rules.
+<model>`). Parameters no group trains are frozen: they get no gradient and no optimizer state, and are written once
+to WORKDIR/frozen when the run starts, so neither a resume nor an export needs the `init_from` folders again. The
+step is one jitted function with in/out shardings and a donated state; its randomness is `fold_in(seed key, step)`
+and the data order is a function of the seed, so a run resumed from a checkpoint continues exactly where it
+stopped. Checkpoints (Orbax, async, keep-N) hold one item per parameter group (params, optimizer state, EMA), the
+step and RNG, the data-iterator state and the config. SIGTERM / SIGINT finish the current step, save, and return
+normally. A non-finite loss or gradient leaves a group as it was; `max_nonfinite` such steps in a row stop the run
+with an error naming the step and the last good checkpoint. At the last step the stage is exported to
+WORKDIR/export (`export/stage.py`): every model its inference needs, tokenizer and scheduler.
+
+Process 0 writes what a person reads: `metrics.jsonl` (one JSON line per `log_every` steps: step, loss and the
+task's other losses, `grad_norm/<group>`, `lr/<group>`, steps_per_s, examples_per_s, tflops_per_device (XLA's
+FLOP count of one device's compiled step), nonfinite_skipped), the same scalars as TensorBoard events under
+`tensorboard/`, a progress bar on stderr, and every `preview.every` steps a contact sheet of the task's samples for
+`preview.prompts` under `samples/` (also in TensorBoard). `compute_dtype` runs every model in bfloat16 (or float16)
+with float32 parameters, gradients and optimizer state. On the CPU backend the run uses the CPU tuning
+(`magdiff_jax.cpu`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
-import re
+import shutil
 import signal
 import sys
 import time
@@ -36,16 +44,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from magdiff_jax import cpu
 from magdiff_jax import sharding as shd
 from magdiff_jax.data.transforms import normalize_example
+from magdiff_jax.export import stage as stage_files
+from magdiff_jax.models.registry import get_model
+from magdiff_jax.train import groups as grp
 from magdiff_jax.train import optim
-from magdiff_jax.train.tasks import get_task, timestep_bias
-from magdiff_jax.utils import xla_cpu
-from magdiff_jax.utils.allocator import allocator_hint
+from magdiff_jax.train.tasks import get_task
+from magdiff_jax.train.tasks.base import timestep_bias
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -64,10 +74,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.async_checkpoints = True
     c.max_nonfinite = 5  # consecutive non-finite steps that stop the run
+    c.export = True  # write WORKDIR/export at the last step
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
+    # (logical axis, mesh axes) pairs over sharding.DEFAULT_RULES for the whole run, and per model name
+    c.sharding_rules = ()
+    c.model_sharding_rules = ml_collections.ConfigDict()
     c.distributed = ml_collections.ConfigDict({"coordinator": "", "num_processes": 0, "process_id": -1})
-    c.trainable = ""  # regex over parameter paths ("": the task's default)
-    c.ema_decay = 0.0  # > 0: keep an EMA of the trainable parameters
+    c.trainable = ""  # regex over parameter paths for the task's main group ("": the task's default)
+    c.ema_decay = 0.0  # > 0: keep an EMA of the main group's parameters
+    c.groups = ml_collections.ConfigDict()  # per parameter group: trainable, ema_decay, start_step, optim.<field>
     c.init_from = ""  # a folder of converted models, one subfolder per model name (absent ones: random init)
     c.compute_dtype = "float32"  # float32 | bfloat16 | float16: the models' compute dtype (parameters stay fp32)
     c.progress = True  # a progress bar on process 0 (stderr)
@@ -87,7 +102,7 @@ def base_config() -> ml_collections.ConfigDict:
                                             "beta_start": 0.00085, "beta_end": 0.012,
                                             "prediction_type": "epsilon", "clip_sample": False,
                                             "set_alpha_to_one": False, "steps_offset": 1,
-                                            "timestep_bias": 0.0})  # tasks.sample_timesteps
+                                            "timestep_bias": 0.0})  # diffusion.losses.sample_timesteps
     return c
 
 
@@ -108,12 +123,25 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
     compute_dtype(config.compute_dtype)  # an unknown name fails here
     compiler_options(config.get("compiler_options", ""))
     timestep_bias(config)  # a negative bias fails here
+    run_rules(config)  # a malformed rule table fails here
     if config.preview.every > 0:
         n = len(config.preview.prompts) or config.preview.num
         if n > config.global_batch_size // process_count:
             raise ValueError(f"preview: {n} samples from the first batch, but each process loads "
                              f"{config.global_batch_size // process_count} examples")
     return shape
+
+
+def run_rules(config) -> shd.Rules:
+    """The run's logical-axis rules: sharding.DEFAULT_RULES updated with `config.sharding_rules`."""
+    return shd.updated_rules(shd.DEFAULT_RULES, config.get("sharding_rules", ()), "config.sharding_rules")
+
+
+def model_rules(config, name: str, kind: str) -> shd.Rules:
+    """Model `name`'s parameter rules: the run's, then its registry entry's, then `config.model_sharding_rules`."""
+    own = (config.get("model_sharding_rules") or {}).get(name, ())
+    rules = shd.updated_rules(run_rules(config), get_model(kind).sharding_rules, f"model {kind!r}")
+    return shd.updated_rules(rules, own, f"config.model_sharding_rules.{name}")
 
 
 class _Stop:
@@ -168,8 +196,7 @@ class _Log:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
         else:
-            logging.info("step %d  loss %.5f  lr %.2e  %.2f steps/s", m["step"], m["loss"], m["lr"],
-                         m["steps_per_s"])
+            logging.info("step %d  loss %.5f  %.2f steps/s", m["step"], m["loss"], m["steps_per_s"])
 
     def samples(self, step: int, videos, captions) -> None:
         if not self.enabled:
@@ -206,7 +233,7 @@ class _Preview:
         key = jax.random.key(config.preview.seed)
         self.fn = jax.jit(lambda params, batch: task.preview(modules, params, batch, key, config=config),
                           in_shardings=(params_sharding, replicated), out_shardings=replicated,
-                          compiler_options=xla_cpu.merged(None))
+                          compiler_options=cpu.compiler_options())
 
     def due(self, step: int) -> bool:
         return self.fn is not None and (step % self.config.preview.every == 0 or step == self.config.steps)
@@ -229,72 +256,6 @@ class _Preview:
 
     def __call__(self, params) -> np.ndarray:
         return np.asarray(self.fn(params, normalize_example(self.batch)))
-
-
-def _init_models(task, config, mesh, rules, key, *, restoring: str | None = None):
-    """Modules, params (directly sharded) and their shardings, per model name. `restoring`: the trainable regex of a
-    run about to restore its checkpoint; models whose every parameter it matches are left abstract
-    (ShapeDtypeStructs with their shardings): the checkpoint holds them, so they are never initialised."""
-    from magdiff_jax.convert.core import get_kind
-    from magdiff_jax.convert.flax_checkpoint import load_flax
-
-    modules, params, shardings = {}, {}, {}
-    for i, (name, (kind, model_cfg)) in enumerate(sorted(task.models(config).items())):
-        spec = get_kind(kind)
-        module = spec.build(model_cfg)
-        args, kwargs = spec.example_inputs(model_cfg), spec.example_kwargs(model_cfg)
-        folder = Path(config.init_from) / name if config.init_from else None
-        if restoring is None and not (folder and folder.exists()):  # a fresh model: traced once, to initialise it
-            p, sh = shd.init_sharded(module, jax.random.fold_in(key, i), *args, mesh=mesh, rules=rules, **kwargs)
-            modules[name], params[name], shardings[name] = module, p, sh
-            continue
-        abstract = shd.abstract_init(module, *args, **kwargs)["params"]
-        sh = shd.param_shardings(abstract, mesh, rules)
-        if restoring is not None and all(re.search(restoring, f"{name}/{k}") for k in optim.flat(nn.meta.unbox(
-                abstract))):
-            p = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             nn.meta.unbox(abstract), sh)
-        elif folder and folder.exists():
-            _, _, p = load_flax(folder, kind=kind, shardings=sh)
-        else:
-            p, _ = shd.init_sharded(module, jax.random.fold_in(key, i), *args, mesh=mesh, rules=rules, shardings=sh,
-                                    **kwargs)
-        modules[name], params[name], shardings[name] = module, p, sh
-    return modules, params, shardings
-
-
-def _initial_state(trainable, opt_state, key, ema_decay: float) -> dict:
-    """A fresh run's training state: step 0, the trainable parameters, their optimizer state, the step RNG and
-    the EMA (a copy of the parameters)."""
-    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": opt_state,
-             "rng": jax.random.key_data(jax.random.fold_in(key, 2))}
-    if ema_decay > 0:
-        state["ema"] = jax.tree.map(jnp.copy, trainable)
-    return state
-
-
-def _like_params(opt_state, param_shardings, replicated):
-    """Shardings for an optimizer state: every subtree shaped like the parameters (Adam's moments, accumulated
-    gradients) takes the parameters' shardings; everything else (step counts) is replicated."""
-    structure = jax.tree.structure(param_shardings)
-
-    def one(sub):
-        if jax.tree.structure(sub) == structure:
-            return param_shardings
-        return jax.tree.map(lambda _: replicated, sub)
-
-    return jax.tree.map(one, opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure)
-
-
-@functools.cache  # once per process (Orbax warns on every override)
-def _one_writer_per_array() -> None:
-    """On CPU devices (one host memory), let one replica write each replicated array: Orbax's replica-parallel
-    writing slices every array into a piece per replica first, one eager op each (2.6 s of a 4.8 s checkpoint of the
-    t2i micro state on 8 devices), for no I/O gain. Orbax already turns it off on GPUs; TPUs keep it."""
-    from orbax.checkpoint import type_handlers
-
-    type_handlers.register_type_handler(jax.Array, type_handlers.ArrayHandler(use_replica_parallel=False),
-                                        override=True)
 
 
 def compiler_options(text: str) -> dict[str, object]:
@@ -328,112 +289,179 @@ def _device_flops(compiled) -> float | None:
     return (cost or {}).get("flops") or None
 
 
-def tokenizer_folder(config, workdir) -> str:
-    """`data.tokenizer` as a folder: "synthetic" is the vocabulary the trainer writes to WORKDIR/tokenizer,
-    "init_from" the `tokenizer/` of the init_from folder (`magdiff-jax convert magdiff-init` copies the pipeline's),
-    anything else a folder path ("" for none)."""
+
+
+def _like_params(opt_state, param_shardings, replicated):
+    """Shardings for an optimizer state: every subtree shaped like the parameters (Adam's moments, accumulated
+    gradients) takes the parameters' shardings; everything else (step counts) is replicated."""
+    structure = jax.tree.structure(param_shardings)
+
+    def one(sub):
+        if jax.tree.structure(sub) == structure:
+            return param_shardings
+        return jax.tree.map(lambda _: replicated, sub)
+
+    return jax.tree.map(one, opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure)
+
+
+def _abstract_models(declared: dict, config, mesh):
+    """Modules, boxed abstract params and shardings per model name, nothing allocated."""
+    modules, abstract, shardings = {}, {}, {}
+    for name, (kind, model_cfg) in declared.items():
+        spec = get_model(kind)
+        modules[name] = spec.build(model_cfg)
+        abstract[name] = spec.abstract_variables(modules[name])["params"]
+        shardings[name] = shd.param_shardings(abstract[name], mesh, model_rules(config, name, kind))
+    return modules, abstract, shardings
+
+
+def _init_params(declared: dict, modules: dict, shardings: dict, config, mesh, key) -> dict:
+    """Every model's parameters, directly sharded: from `init_from/<name>` where that folder exists, else freshly
+    initialised from `fold_in(key, i)` (i: the model's place in name order)."""
+    from magdiff_jax.export.model import load_model
+
+    params = {}
+    for i, name in enumerate(sorted(declared)):
+        kind, model_cfg = declared[name]
+        folder = Path(config.init_from) / name if config.init_from else None
+        if folder is not None and folder.exists():
+            _, _, params[name] = load_model(folder, kind=kind, shardings=shardings[name])
+            continue
+        spec = get_model(kind)
+        args, kwargs = spec.example_inputs(model_cfg), spec.example_kwargs(model_cfg)
+        params[name], _ = shd.init_sharded(modules[name], jax.random.fold_in(key, i), *args, mesh=mesh,
+                                           rules=model_rules(config, name, kind), shardings=shardings[name],
+                                           **kwargs)
+    return params
+
+
+def _tokenizer(config, workdir: Path, main: bool) -> str:
+    """The run's tokenizer folder, WORKDIR/tokenizer (or "" for none): `data.tokenizer` "synthetic" writes the
+    synthetic vocabulary there, "init_from" copies the init_from folder's `tokenizer/`, a path copies that folder
+    (a workdir holds everything its stage's inference needs)."""
     tok = config.data.tokenizer
-    if tok == "synthetic":
-        return str(Path(workdir) / "tokenizer")
+    if not tok:
+        return ""
+    dst = workdir / stage_files.TOKENIZER
     if tok == "init_from":
         if not config.init_from:
             raise ValueError("data.tokenizer='init_from' needs config.init_from (a folder with tokenizer/)")
-        return str(Path(config.init_from) / "tokenizer")
-    return tok
+        tok = str(Path(config.init_from) / "tokenizer")
+    if main and not dst.exists():
+        if tok == "synthetic":
+            from magdiff_jax.data.synthetic import write_tokenizer
+
+            write_tokenizer(dst)
+        elif Path(tok).is_dir():
+            shutil.copytree(tok, dst.with_name(".tokenizer.partial"), dirs_exist_ok=True)
+            dst.with_name(".tokenizer.partial").rename(dst)
+        else:
+            raise FileNotFoundError(f"data.tokenizer: {tok} is not a tokenizer folder")
+    _sync("tokenizer")
+    return str(dst)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def train(config, workdir: str | Path) -> dict:
     """Run (or resume) training in `workdir`. Returns the last logged metrics."""
+    with cpu.tuning(cpu.enabled() or jax.default_backend() == "cpu"):
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str | Path) -> dict:
     from magdiff_jax.data.pipeline import default_report_path, make_dataset
     from magdiff_jax.train import distributed
 
+    # --- processes and mesh -------------------------------------------------------------------------------------
     distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
                            config.distributed.process_id)
     workdir = Path(workdir).absolute()
     main = jax.process_index() == 0
     check_config(config, jax.device_count(), jax.process_count())
     mesh = shd.make_mesh(dict(config.mesh))
-    rules = shd.DEFAULT_RULES
+    rules = run_rules(config)
+    replicated = NamedSharding(mesh, PartitionSpec())
     workdir.mkdir(parents=True, exist_ok=True)
     if main:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    if jax.default_backend() == "cpu":
+        cpu.one_writer_per_array()
+        if main and (hint := cpu.allocator_hint()):
+            logging.info(hint)
 
+    # --- data ---------------------------------------------------------------------------------------------------
     data_cfg = config.data.copy_and_resolve_references()
-    if data_cfg.tokenizer == "synthetic":  # the embedded default's one-token-per-word vocabulary
-        from magdiff_jax.data.synthetic import write_tokenizer
-
-        write_tokenizer(workdir / "tokenizer")
-    data_cfg.tokenizer = tokenizer_folder(config, workdir)
+    data_cfg.tokenizer = _tokenizer(config, workdir, main)
     local_batch = config.global_batch_size // jax.process_count()
     data_iter = iter(make_dataset(data_cfg, batch_size=local_batch, train=True,
                                   report_path=default_report_path(workdir)))
-
-    if jax.default_backend() == "cpu":
-        _one_writer_per_array()
-        if main and (hint := allocator_hint()):
-            logging.info(hint)
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                           enable_async_checkpointing=config.async_checkpoints)
-    mgr = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "data", "config"), options=options)
-    start = mgr.latest_step() or 0  # a run in an existing workdir resumes from its last checkpoint
-
-    task = get_task(config.task)
-    key = jax.random.key(config.seed)
-    trainable_rx = config.trainable or task.trainable
-    modules, params, shardings = _init_models(task, config, mesh, rules, jax.random.fold_in(key, 1),
-                                              restoring=trainable_rx if start else None)
-    trainable, frozen = optim.split_trainable(params, trainable_rx)
-    t_shard, f_shard = optim.split_trainable(shardings, trainable_rx)
-    tx, lr_schedule = optim.make_optimizer(config.optim, config.steps)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_shardings = _like_params(jax.eval_shape(tx.init, trainable), t_shard, replicated)
-    state_shardings = {"step": replicated, "params": t_shard, "opt_state": opt_shardings, "rng": replicated}
-    if config.ema_decay > 0:
-        state_shardings["ema"] = t_shard
-    if start:  # the checkpoint holds the whole state: its shapes and shardings suffice, nothing is initialised
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(lambda t: _initial_state(t, tx.init(t), key, config.ema_decay), trainable),
-                             state_shardings)
-    else:
-        opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-        state = jax.device_put(_initial_state(trainable, opt_state, key, config.ema_decay), state_shardings)
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
-    def train_step(state, frozen, batch):
-        batch = normalize_example(batch)  # uint8 images (data.normalize=False) are scaled here, on device
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    # --- models and parameter groups ----------------------------------------------------------------------------
+    task = get_task(config.task)
+    key = jax.random.key(config.seed)
+    declared = task.models(config)
+    groups = task.groups(config)
+    modules, abstract, shardings = _abstract_models(declared, config, mesh)
+    group_shardings, frozen_shardings = grp.split_params(shardings, groups)
+    optimizers = grp.make_optimizers(groups, config.steps)
+    opt_shardings = {g: _like_params(jax.eval_shape(optimizers[g][0].init, grp.split_params(
+        nn.meta.unbox(abstract), groups)[0][g]), group_shardings[g], replicated) for g in groups}
+    group_state_shardings = {g: {"params": group_shardings[g], "opt_state": opt_shardings[g],
+                                 **({"ema": group_shardings[g]} if groups[g].ema_decay > 0 else {})} for g in groups}
+    state_shardings = {"step": replicated, "rng": replicated, "groups": group_state_shardings}
 
-        def loss_fn(p):
-            return task.loss(modules, optim.merge(p, frozen), batch, step_key, config=config)
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                           enable_async_checkpointing=config.async_checkpoints)
+    group_items = {g: stage_files.GROUP_ITEM.format(g) for g in groups}
+    mgr = ocp.CheckpointManager(workdir / stage_files.CHECKPOINTS,
+                                item_names=("state", *group_items.values(), "data", "config"), options=options)
+    start = mgr.latest_step() or 0  # a run in an existing workdir resumes from its last checkpoint
 
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        new_params = optax.apply_updates(state["params"], updates)
+    if start:  # the checkpoint and frozen/ hold every parameter: nothing is initialised
+        frozen = stage_files.restore_frozen(workdir, frozen_shardings) if frozen_shardings else {}
+    else:
+        params = _init_params(declared, modules, shardings, config, mesh, jax.random.fold_in(key, 1))
+        group_params, frozen = grp.split_params(params, groups)
+        if main:
+            stage_files.write_workdir_models(workdir, task.name, declared, list(groups), task.export_models(config),
+                                             tokenizer=bool(data_cfg.tokenizer))
+        if frozen:  # written once: a resume or an export reads the frozen parameters from here
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(workdir / stage_files.FROZEN, frozen, force=True)
+                ckptr.wait_until_finished()
+        init_groups = jax.jit(lambda p: grp.initial_state(p, optimizers, groups),
+                              out_shardings=group_state_shardings)
+        state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.fold_in(key, 2)),
+                 "groups": init_groups(group_params)}
+        state = jax.device_put(state, state_shardings)
+        del params, group_params
 
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        new = dict(state, step=state["step"] + 1, params=keep(new_params, state["params"]),
-                   opt_state=keep(opt_state, state["opt_state"]))
-        if "ema" in state:
-            d = config.ema_decay
-            ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state["ema"], new["params"])
-            new["ema"] = keep(ema, state["ema"])
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
-                   "nonfinite": (~ok).astype(jnp.int32), **aux}
-        return new, metrics
-
-    step_fn = jax.jit(train_step, in_shardings=(state_shardings, f_shard, batch_sharding),
-                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-
+    # --- checkpoints --------------------------------------------------------------------------------------------
     import grain
 
+    def abstract_state():
+        shapes = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32),
+                                           "rng": jax.random.key_data(jax.random.fold_in(key, 2)),
+                                           "groups": grp.initial_state(p, optimizers, groups)},
+                                grp.split_params(nn.meta.unbox(abstract), groups)[0])
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                            state_shardings)
+
     if start:
-        restored = mgr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(state),
-                                                              data=grain.checkpoint.CheckpointRestore(data_iter)))
-        state = restored["state"]
+        target = abstract_state()
+        restored = mgr.restore(start, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore({"step": target["step"], "rng": target["rng"]}),
+            data=grain.checkpoint.CheckpointRestore(data_iter),
+            **{item: ocp.args.StandardRestore(target["groups"][g]) for g, item in group_items.items()}))
+        state = {"step": restored["state"]["step"], "rng": restored["state"]["rng"],
+                 "groups": {g: restored[item] for g, item in group_items.items()}}
         logging.info("resumed from step %d in %s", start, workdir)
         if main and (workdir / "metrics.jsonl").exists():  # drop lines logged after the checkpoint
             lines = (workdir / "metrics.jsonl").read_text().splitlines()
@@ -441,10 +469,29 @@ def train(config, workdir: str | Path) -> dict:
             (workdir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
 
     def save(step):
-        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                               data=grain.checkpoint.CheckpointSave(data_iter),
-                                               config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))))
+        mgr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]}),
+            data=grain.checkpoint.CheckpointSave(data_iter),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+            **{item: ocp.args.StandardSave(state["groups"][g]) for g, item in group_items.items()}))
 
+    # --- the update step ----------------------------------------------------------------------------------------
+    def train_step(state, frozen, batch):
+        batch = normalize_example(batch)  # uint8 images (data.normalize=False) are scaled here, on device
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        ctx = grp.StepContext(modules, config, state["step"], state["groups"], frozen, groups, optimizers,
+                              metrics={"nonfinite": jnp.zeros((), jnp.int32)})
+        ctx = task.update(ctx, batch, step_key)
+        return dict(state, step=state["step"] + 1, groups=ctx.state), ctx.metrics
+
+    step_fn = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+                      out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+
+    def inference_params() -> dict:
+        """Every model's parameters as inference uses them: each group's EMA where it keeps one."""
+        return grp.merge_params({g: s.get("ema", s["params"]) for g, s in state["groups"].items()}, frozen)
+
+    # --- the loop -----------------------------------------------------------------------------------------------
     log = _Log(workdir, config, start, enabled=main)
     preview = _Preview(task, modules, config, data_cfg, shardings, replicated)
     last, nonfinite_run, nonfinite_total = {}, 0, 0
@@ -460,7 +507,8 @@ def train(config, workdir: str | Path) -> dict:
                     tc = time.perf_counter()
                     lowered = step_fn.lower(state, frozen, batch)
                     tl = time.perf_counter()
-                    compiled = lowered.compile(xla_cpu.merged(compiler_options(config.get("compiler_options", ""))))
+                    compiled = lowered.compile(cpu.compiler_options(compiler_options(config.get("compiler_options",
+                                                                                                ""))))
                     flops = _device_flops(compiled)
                     logging.info("step compiled in %.1f s (traced and lowered %.1f s, XLA %.1f s; %s FLOP per step "
                                  "per device)", time.perf_counter() - tc, tl - tc, time.perf_counter() - tl,
@@ -485,17 +533,16 @@ def train(config, workdir: str | Path) -> dict:
                 if step % config.log_every == 0 or step == config.steps:
                     dt = time.perf_counter() - t0
                     steps_done = examples // config.global_batch_size
-                    last = {"step": step, "loss": float(m["loss"]), "lr": float(m["lr"]),
-                            "grad_norm": float(m["grad_norm"]), "steps_per_s": steps_done / dt,
-                            "examples_per_s": examples / dt, "nonfinite_skipped": nonfinite_total}
+                    last = {"step": step, **{k: float(v) for k, v in m.items() if k != "nonfinite"},
+                            "steps_per_s": steps_done / dt, "examples_per_s": examples / dt,
+                            "nonfinite_skipped": nonfinite_total}
                     if flops:
                         last["tflops_per_device"] = flops * steps_done / dt / 1e12
                     log.metrics(last)
                     t0, examples = time.perf_counter(), 0
                 if preview.due(step):
                     tp = time.perf_counter()
-                    log.samples(step, preview(optim.merge(state.get("ema", state["params"]), frozen)),
-                                preview.captions)
+                    log.samples(step, preview(inference_params()), preview.captions)
                     t0 += time.perf_counter() - tp  # throughput figures leave the preview out
                 if step % config.ckpt_every == 0 or step == config.steps or stop.requested:
                     save(step)
@@ -506,4 +553,14 @@ def train(config, workdir: str | Path) -> dict:
         log.close()
     mgr.wait_until_finished()
     mgr.close()
+
+    # --- the export ---------------------------------------------------------------------------------------------
+    if step == config.steps and config.get("export", True):
+        names = task.export_models(config)
+        params = inference_params()
+        stage = stage_files.Stage(task.name, step, config, {n: declared[n][0] for n in names},
+                                  {n: modules[n] for n in names}, {n: params[n] for n in names},
+                                  Path(data_cfg.tokenizer) if data_cfg.tokenizer else None, workdir)
+        stage_files.save_stage(stage, workdir / "export", overwrite=True)
+        logging.info("exported step %d to %s", step, workdir / "export")
     return last

@@ -1,4 +1,5 @@
-"""Pictures for people: contact sheets of clips with their captions, written as PNG atomically.
+"""Pictures for people: contact sheets of clips with their captions, written as PNG atomically; and CLIP's pixel
+normalisation.
 
 Used by `magdiff-jax data inspect`, the trainer's preview samples and the demo.
 """
@@ -12,6 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from magdiff_jax.utils.files import atomic_path
+
+# the pixel normalisation of every CLIP vision tower (OpenAI's and OpenCLIP's): (x / 255 - mean) / std per channel
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def contact_sheet(videos, captions=None, cell: int = 96, max_frames: int = 8, pad: int = 4) -> np.ndarray:

@@ -1,0 +1,105 @@
+"""One model on disk in our own form: an Orbax checkpoint of its parameters plus its registry name and config.
+
+    DST/
+      config.json    {"kind": "unet2d", "format": "magdiff_jax", "config": {...the model's config dataclass...}}
+      params/        Orbax (OCDBT) checkpoint of the Flax params tree
+
+`magdiff-jax convert to-flax` writes it, `init_from` folders and stage exports are made of it. A folder is written
+into a temporary sibling and renamed into place, so an interrupted write never leaves a half-written DST; an
+existing DST is replaced only when asked. Every process of a multi-host run takes part in the write (the
+parameters may be sharded over hosts); process 0 writes the JSON and renames.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+
+from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
+
+FORMAT = "magdiff_jax"
+META = "config.json"
+PARAMS = "params"
+
+
+def barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def save_model(kind: str, module, params, dst: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `params` of registered model `kind` (`module.config` its config) to DST; returns DST."""
+    dst = Path(dst).absolute()
+    get_model(kind)  # an unknown name fails before anything is written
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass overwrite")
+    tmp = dst.with_name(f".{dst.name}.partial")
+    main = jax.process_index() == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(f"save_model:{dst}:start")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS, params)
+            ckptr.wait_until_finished()
+        if main:
+            meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(module.config)}
+            (tmp / META).write_text(json.dumps(meta, indent=2))
+            if dst.exists():
+                shutil.rmtree(dst)
+            os.replace(tmp, dst)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(f"save_model:{dst}:done")
+    return dst
+
+
+def read_model_meta(src: str | os.PathLike) -> dict:
+    """config.json of a model folder, checked for our format: {"kind", "format", "config"}."""
+    src = Path(src)
+    path = src / META
+    if not path.exists():
+        raise FileNotFoundError(f"{src}: no {META}; expected a model folder written by `magdiff-jax convert to-flax` "
+                                "or a stage export")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "kind" not in meta:
+        raise ValueError(f"{path}: not a magdiff_jax model config (no format/kind); is this a PyTorch folder?")
+    return meta
+
+
+def model_from_meta(meta: dict):
+    """The Flax module a model folder's config.json describes."""
+    spec = get_model(meta["kind"])
+    return spec.build(config_from_dict(spec.config_cls, meta["config"]))
+
+
+def load_model(src: str | os.PathLike, kind: str | None = None, shardings=None):
+    """-> (kind, module, params) of a model folder. `kind`, when given, must match the stored one; `shardings` (a
+    tree like the params) places each array as it is read."""
+    src = Path(src).absolute()
+    meta = read_model_meta(src)
+    if kind is not None and meta["kind"] != kind:
+        raise ValueError(f"{src} holds a {meta['kind']!r} model, not {kind!r}")
+    module = model_from_meta(meta)
+    abstract = traverse_util.unflatten_dict(get_model(meta["kind"]).abstract_params(module))
+    if shardings is not None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    if not (src / PARAMS).is_dir():
+        raise FileNotFoundError(f"{src}: no {PARAMS}/ (the model's parameters)")
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(src / PARAMS, abstract)
+    return meta["kind"], module, params
