@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     rows = []
     for step in steps:
         t0 = time.perf_counter()
-        pipe = MagDiffPipeline.from_workdir(workdir, step=step)
+        pipe = MagDiffPipeline.load(workdir, step=step)
         held = held_out_set(pipe, pipe.config.data.synthetic, args.subjects, args.seeds, args.first_seed)
         videos = pipe(held["examples"], seeds=held["seeds"], num_steps=args.num_steps, guidance=args.guidance)
         colour, _, motion, detected = score_held_out(videos, held)

@@ -42,8 +42,8 @@ def main() -> None:
     import jax
 
     jax.config.update("jax_enable_compilation_cache", False)
-    from magdiff_jax.convert.core import get_kind
     from magdiff_jax.demo import load_config
+    from magdiff_jax.models.registry import get_model
     from magdiff_jax.train.tasks import get_task
     from magdiff_jax.utils.prng import init_key
 
@@ -52,7 +52,7 @@ def main() -> None:
     generators = {"threefry": lambda k: k, "init_key": init_key}
     rows = {}
     for model, (kind, model_cfg) in sorted(get_task(config.task).models(config).items()):
-        spec = get_kind(kind)
+        spec = get_model(kind)
         module = spec.build(model_cfg)
         inputs, kwargs = spec.example_inputs(model_cfg), spec.example_kwargs(model_cfg)
         times = {gen: [] for gen in generators}

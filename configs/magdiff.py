@@ -3,19 +3,16 @@
     magdiff-jax train --config configs/magdiff.py:tiny --workdir /tmp/magdiff_tiny [--config.init_from=DIR]
         CPU, the synthetic dataset (each clip's first and last frames, 32x32; the subject from its masks: first
         frame 80%, all frames 15%, none 5%), tiny models trained from scratch: every MagDiff U-Net parameter and the
-        text encoder train (there is no pretrained U-Net to keep, and a random frozen text encoder mixes each
-        caption into a few near-identical vectors, dominated by its first content word). A random VAE decodes to
-        noise, so start from a trained one: `magdiff-jax demo` trains configs/vae.py:tiny first and passes it as
-        init_from (subfolder `vae`). Training timesteps are drawn towards high noise (`schedule.timestep_bias`
-        16: density ~ (t/T)^16), because only there is the caption's direction needed: at lower noise the noisy
-        last frame still shows where the subject went. With uniform timesteps (10% of them above t=900) the
-        direction was read only after a plateau of ~800 steps and not reliably by 1500 (7-10 of 12 held-out motions
-        right). Held-out motions right (3 subjects x 4 motions x 3 sampling seeds; benchmarks/demo_motion.py):
-        bias 16, training seeds 0/1/2: 100/83/92% at step 400, 100/92/100% at 500, 100/100/100% at 600, colour
-        100% at 600 (results/demo_motion_bias16_seed*.json); bias 8 needed 600/750/800 steps for 100%
-        (results/demo_motion_seed*.json). The default 600 steps take about 3.5-5 minutes on 2 CPU cores (with the
-        malloc set-up `magdiff-jax` makes: magdiff_jax/utils/allocator.py). samples/ shows generations from the
-        first batch's subjects and captions. `:demo` is this config without previews (`magdiff-jax demo`'s own).
+        text encoder train (there is no pretrained U-Net to keep, and a random frozen text encoder mixes the
+        captions into near-identical vectors). A random VAE decodes to noise, so start from a trained one:
+        `magdiff-jax demo` trains configs/vae.py:tiny first and passes it as init_from (subfolder `vae`). Training
+        timesteps are drawn towards high noise (`schedule.timestep_bias` 16: density ~ (t/T)^16), where alone the
+        caption's direction is needed (at lower noise the noisy last frame shows where the subject went). Expected:
+        after the default 600 steps (about 4-5 minutes on 2 CPU cores) the demo's held-out generations have the
+        subject's colour and move the way their captions say (3 subjects x 4 motions x 3 seeds: 100% for training
+        seeds 0, 1 and 2; benchmarks/README.md, "The tiny MagDiff config", has the measurements behind these
+        settings). samples/ shows generations from the first batch's subjects and captions. `:demo` is this config
+        without previews (`magdiff-jax demo`'s own).
     magdiff-jax train --config configs/magdiff.py:base --workdir gs://bucket/magdiff \\
         --config.init_from=out/magdiff_init \\
         --config.data.source=folder --config.data.path=data/pexels --config.data.masks=true
@@ -33,7 +30,7 @@ import sys
 
 import ml_collections
 
-from magdiff_jax.train.tasks import MagDiffTask
+from magdiff_jax.train.tasks.magdiff import TRAINABLE
 from magdiff_jax.train.trainer import base_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling config files
@@ -69,16 +66,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.normalize = False  # uint8 from the loader; scaled on device
     c.optim.update(lr=5e-5, weight_decay=0.01, warmup_steps=100, grad_clip=1.0)
     if arg in ("tiny", "demo"):
-        # two frames per clip (a step is about twice as fast as on four, and the first and last frames show the
-        # whole motion); lr 4e-3 stayed on the plateau (motion at chance by step 500)
+        # two frames per clip: the first and last show the whole motion
         c.steps, c.global_batch_size, c.log_every, c.ckpt_every = 600, 8, 25, 300
         c.optim.update(lr=2e-3, warmup_steps=20)
         # v-prediction: at high noise its target is mostly the clean latent, so a few hundred steps already learn
         # where the subject goes and its colour (epsilon's loss hardly weighs the clean latent there)
         c.schedule.prediction_type = "v_prediction"
-        # most timesteps where the subject's direction is not in the noisy frames (docstring); at step 600 uniform
-        # timesteps gave 5 of 24 motions right (chance), bias 8 36-100%, bias 16 100% on each of three training
-        # seeds. It hardly trains the low-noise steps: backgrounds stay a little noisier than with bias 8
+        # most timesteps where the subject's direction is not in the noisy frames (docstring)
         c.schedule.timestep_bias = 16.0
         c.trainable = r"^(unet|text_encoder)/"  # from scratch: the whole MagDiff U-Net and the text encoder
         c.data.source = "synthetic"
@@ -92,14 +86,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.data.tokenizer, c.data.max_length = "synthetic", 16
         c.preview.update(every=300, num=3, num_steps=20, guidance=3.0)
         c.model = tiny_models()
-        # XLA's optimisation level 1: the MagDiff step runs as fast as at the default level 2 and compiles in ~40 s
-        # instead of ~55-75 s (the demo compiles its VAE stage alike)
+        # XLA's optimisation level 1: as fast a step as the default level 2, a shorter compile
         c.compiler_options = "xla_backend_optimization_level=1"
         if arg == "demo":  # `magdiff-jax demo`: its held-out generations and contact sheet stand in for previews
             c.preview.every = 0
     elif arg == "base":
         c.steps, c.global_batch_size, c.log_every, c.ckpt_every = 30000, 64, 50, 1000
-        c.trainable = MagDiffTask.trainable
+        c.trainable = TRAINABLE  # the paper code's subset (the task's default, spelled out)
         c.mesh.update(data=1, fsdp=-1)
         c.data.source = "folder"
         c.data.num_frames, c.data.resolution = 16, (256, 256)

@@ -22,10 +22,17 @@ def perturb_(module, scale: float = 0.1, seed: int = 0):
 
 
 def rel_err(ours, ref) -> float:
-    """max |ours - ref| / max |ref|."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    """max |ours - ref| / max |ref| (arrays, or PyTorch tensors)."""
+    ours, ref = (np.asarray(x.detach().numpy() if hasattr(x, "detach") else x, np.float64) for x in (ours, ref))
     assert ours.shape == ref.shape, (ours.shape, ref.shape)
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def flat_params(tree) -> dict[str, np.ndarray]:
+    """A nested parameter tree as {"a/b/c": numpy array}."""
+    from flax import traverse_util
+
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def nchw(x: np.ndarray):

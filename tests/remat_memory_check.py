@@ -23,12 +23,12 @@ import numpy as np
 from helpers import random_params
 from remat_configs import tiny_config
 
-from magdiff_jax.convert import get_kind
+from magdiff_jax.models.registry import get_model
 
 policies = sys.argv[1].split(",")
 out = {}
 for kind in sys.argv[2:]:
-    spec = get_kind(kind)
+    spec = get_model(kind)
     cfg = tiny_config(kind, sample_size=32, blocks=1)  # one cross-attention block: half the compile
     # whole-matrix attention: the blockwise form ("auto" on CPU) already recomputes its scores, whatever the policy
     cfg = dataclasses.replace(cfg, attention_impl="xla")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import rel_err
 from safetensors.torch import save_file
 
 import magdiff_jax.convert.clip as convert_clip
@@ -34,11 +35,6 @@ def perturb(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def rel_err(ours, ref) -> float:
-    ours = np.asarray(ours, dtype=np.float64)
-    ref = ref.detach().numpy().astype(np.float64) if isinstance(ref, torch.Tensor) else np.asarray(ref)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 def check(name: str, ours, ref) -> float:
@@ -464,15 +460,16 @@ def test_config_errors():
 
 def test_preset_param_tree_matches_table():
     """The mapping tables cover the full-size towers exactly (abstract init only, nothing allocated)."""
-    from magdiff_jax.convert.core import check_table, get_kind
+    from magdiff_jax.convert.core import check_table, torch_format
+    from magdiff_jax.models.registry import get_model
 
     for kind, config in (
         ("clip_text", CLIPTextConfig.sd21(with_projection=True)),
         ("clip_vision", CLIPVisionConfig.vit_h14()),
     ):
-        spec = get_kind(kind)
+        spec = get_model(kind)
         abstract = spec.abstract_params(spec.build(config))
-        check_table(spec.rules(config), abstract, kind)
+        check_table(torch_format(kind).rules(config), abstract, kind)
         n = sum(int(np.prod(v.shape)) for v in abstract.values())
         print(f"{kind} {n / 1e6:.1f}M params")
         assert n > 300e6

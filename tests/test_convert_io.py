@@ -94,7 +94,7 @@ def test_corrupt_and_missing_files_name_the_path(torch_unet, tmp_path):
         load_torch("unet2d", truncated)
     with pytest.raises(CheckpointFormatError, match=r"no config\.json"):
         load_torch("unet2d", tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="unknown model kind 'unet9d'"):
+    with pytest.raises(ValueError, match="unknown model 'unet9d'"):
         load_torch("unet9d", src)
 
 
@@ -153,8 +153,8 @@ def test_core_imports_without_torch():
     code = (
         "import sys\n"
         "import magdiff_jax.cli, magdiff_jax.diffusion, magdiff_jax.sharding\n"
-        "from magdiff_jax.convert import get_kind, load_pipeline_torch\n"
-        "[get_kind(k) for k in ('clip_text', 'clip_vision', 'vae', 'unet2d')]\n"
+        "from magdiff_jax.convert import load_pipeline_torch, torch_format\n"
+        "[torch_format(k) for k in ('clip_text', 'clip_vision', 'vae', 'unet2d')]\n"
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

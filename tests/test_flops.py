@@ -33,8 +33,7 @@ def test_unet2d_count_matches_xla_cost_analysis():
     """The in-bounds count within 5% of XLA's on a U-Net of realistic widths (XLA also counts norms and
     activations, which the convention leaves out: they matter only at toy widths); the convention's count is the
     in-bounds one plus the taps on the padding (8% of a 3x3 convolution's at 16x16, 16% at 8x8)."""
-    from magdiff_jax.convert.unet2d import example_inputs
-    from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig
+    from magdiff_jax.models.unet2d import UNet2DConditionModel, UNet2DConfig, example_inputs
 
     cfg = UNet2DConfig(sample_size=16, block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=128,
                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=(2, 4),

@@ -9,14 +9,15 @@ import pytest
 from helpers import random_params
 from remat_configs import spatial_config, tiny_config
 
-from magdiff_jax.convert import ConversionError, get_kind
+from magdiff_jax.convert import ConversionError
 from magdiff_jax.models.inflate import inflate, temporal_paths
+from magdiff_jax.models.registry import get_model
 
 KINDS = ("unet3d", "unet_motion")
 
 
 def _unet2d(kind):
-    spec, cfg = get_kind("unet2d"), spatial_config(kind)
+    spec, cfg = get_model("unet2d"), spatial_config(kind)
     module = spec.build(cfg)
     return module, random_params(module, *spec.example_inputs(cfg), seed=3)
 
@@ -24,7 +25,7 @@ def _unet2d(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_inflated_video_model_equals_unet2d_per_frame(kind):
     module_2d, params_2d = _unet2d(kind)
-    video = get_kind(kind).build(tiny_config(kind))
+    video = get_model(kind).build(tiny_config(kind))
     params = inflate(params_2d, video, jax.random.key(1))
     temporal = temporal_paths(params_2d, params)
     assert temporal, "a video model has temporal layers"
@@ -50,6 +51,6 @@ def test_inflated_video_model_equals_unet2d_per_frame(kind):
 
 def test_mismatched_spatial_layout_is_refused():
     _, params_2d = _unet2d("unet_motion")
-    wider = get_kind("unet_motion").build(dataclasses.replace(tiny_config("unet_motion"), block_out_channels=(16, 48)))
+    wider = get_model("unet_motion").build(dataclasses.replace(tiny_config("unet_motion"), block_out_channels=(16, 48)))
     with pytest.raises(ConversionError, match="mis-shaped"):
         inflate(params_2d, wider)

@@ -2,8 +2,9 @@
 MagDiff trained from it on the synthetic dataset, then generation from held-out subjects over several seeds and an
 edit of a held-out clip. It must visibly work: the generated subject's mean colour inside its region (the entity's
 first-frame mask) is nearest to the entity's own palette colour, among the six, for most samples (chance: 1/6).
-The trained workdir then goes through the rest of the round trip: `magdiff-jax sample`, and `magdiff-jax edit` with
-a DDIM-inversion start and two-scale guidance."""
+The trained stage then goes through the rest of the round trip: `magdiff-jax sample` from its export and from its
+workdir once the `init_from` folder is gone, and `magdiff-jax edit` with a DDIM-inversion start and two-scale
+guidance."""
 
 import json
 
@@ -65,8 +66,12 @@ def test_the_demo_writes_what_a_person_looks_at(demo):
     assert len(losses) == 20 and np.mean(losses[-5:]) < 0.9 * np.mean(losses[:2]), losses  # noisy: v-loss, batch 4
 
 
-def test_sample_cli_from_an_image_and_a_mask(demo, tmp_path):
-    """`magdiff-jax sample` on the demo's trained workdir, from a PNG subject and mask, two seeds."""
+def test_sample_cli_from_an_image_and_a_mask_without_init_from(demo, tmp_path):
+    """`magdiff-jax sample` from a PNG subject and mask, two seeds: from the stage export the training wrote, then
+    from the training workdir itself after the `init_from` folder it started from (the demo's `models/`, holding
+    the VAE) is deleted: the same videos. (The later tests in this file run without it too.)"""
+    import shutil
+
     from PIL import Image
 
     from magdiff_jax import cli
@@ -77,14 +82,21 @@ def test_sample_cli_from_an_image_and_a_mask(demo, tmp_path):
     clip = make_clip(500, load_demo_clip_config())
     Image.fromarray(clip.frames[0]).save(tmp_path / "subject.png")
     Image.fromarray(clip.masks[0].astype(np.uint8) * 255).save(tmp_path / "mask.png")
-    args = cli.build_parser().parse_args([
-        "sample", "--workdir", str(workdir / "magdiff"), "--subject", str(tmp_path / "subject.png"), "--mask",
-        str(tmp_path / "mask.png"), "--prompt", clip.caption, "--out", str(tmp_path / "out.mp4"),
-        "--num", "2", "--num-steps", "4", "--guidance", "3.0", "--fps", "4"])
-    cli._generate(args)
-    videos = [read_video(tmp_path / f"out_{k}.mp4") for k in range(2)]
+
+    def sample(stage, out):
+        cli._generate(cli.build_parser().parse_args([
+            "sample", "--workdir", str(stage), "--subject", str(tmp_path / "subject.png"), "--mask",
+            str(tmp_path / "mask.png"), "--prompt", clip.caption, "--out", str(tmp_path / out), "--num", "2",
+            "--num-steps", "4", "--guidance", "3.0", "--fps", "4"]))
+        return [read_video(tmp_path / out.replace(".mp4", f"_{k}.mp4")) for k in range(2)]
+
+    videos = sample(workdir / "magdiff" / "export", "export.mp4")
     assert all(v.shape == (2, 32, 32, 3) for v in videos)
     assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 1  # seeds differ
+    assert json.loads((workdir / "magdiff" / "config.json").read_text())["init_from"] == str(workdir / "models")
+    shutil.rmtree(workdir / "models")
+    again = sample(workdir / "magdiff", "workdir.mp4")
+    assert all(np.array_equal(a, b) for a, b in zip(videos, again, strict=True))
 
 
 def load_demo_clip_config():
@@ -98,7 +110,7 @@ def test_edit_cli_with_inversion_and_two_scale_guidance(demo, tmp_path):
     start (strength 0.6) and two-scale guidance: the subject stays, so the result's subject region keeps the
     source's palette colour and the edit stays nearer the source than pure noise would. (A MagDiff run resumes
     through the trainer's task-independent path, tested bitwise in test_train.py; the sample and edit commands
-    restore this workdir through `load_trained`.)"""
+    export this workdir on the fly, `export.load_stage`.)"""
     from PIL import Image
 
     from magdiff_jax import cli

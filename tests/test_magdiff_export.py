@@ -30,15 +30,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from flax import traverse_util
-from helpers import random_params, rel_err
+from helpers import flat_params, random_params, rel_err
 from remat_configs import tiny_magdiff_config
 
-from magdiff_jax.convert import ConversionError, get_kind
+from magdiff_jax.convert import ConversionError
 from magdiff_jax.convert import magdiff as export
 from magdiff_jax.convert import safetensors_io as sio
-from magdiff_jax.convert.flax_checkpoint import load_flax, save_flax
+from magdiff_jax.convert.magdiff import resampler_to_torch
+from magdiff_jax.export import load_model, save_model
 from magdiff_jax.layers.attention import EntityAttention
-from magdiff_jax.models.magdiff import EntityPyramid, MagDiffUNet, resampler_to_torch
+from magdiff_jax.models.magdiff import EntityPyramid, MagDiffUNet
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.models.unet3d import per_frame_image_context
 from magdiff_jax.torch_port import EntityPyramidTorch, MagDiffAttnProcessor, load_magdiff_torch
 from magdiff_jax.torch_port import magdiff as port
@@ -56,14 +58,12 @@ def _video(x):  # (B, F, H, W, C) -> (B, C, F, H, W)
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(x, -1, 1)))
 
 
-def _flat(tree):
-    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _random_magdiff(cfg, seed=0):
     """Every parameter N(0, 0.1^2) (norm scales 1 + that), and per layer text_scale 0.6 + 0.1k, image_scale
     1.1 + 0.1k: both branches weigh in, with weights that are neither 1.0 nor 1.5."""
-    spec = get_kind("magdiff")
+    spec = get_model("magdiff")
     module = MagDiffUNet(cfg)
     flat = traverse_util.flatten_dict(random_params(module, *spec.example_inputs(cfg), seed=seed,
                                                     **spec.example_kwargs(cfg)))
@@ -85,7 +85,7 @@ def case(tmp_path_factory):
     (a subprocess: the real entry point), and inputs."""
     module, params = _random_magdiff(tiny_magdiff_config())
     root = tmp_path_factory.mktemp("magdiff_export")
-    save_flax("magdiff", module, params, root / "flax")
+    save_model("magdiff", module, params, root / "flax")
     r = _cli("convert", "to-torch", "--kind", "magdiff", str(root / "flax"), str(root / "torch"))
     assert r.returncode == 0, r.stderr[-3000:]
     rng = np.random.RandomState(0)
@@ -103,7 +103,7 @@ def test_export_layout(case):
     the pyramid is in Conv2d layout; magdiff.json records config, resampler arguments and processor order."""
     from diffusers import UNet3DConditionModel
 
-    folder, cfg, flat = case["folder"], case["module"].config, _flat(case["params"])
+    folder, cfg, flat = case["folder"], case["module"].config, flat_params(case["params"])
     meta = json.loads((folder / "magdiff.json").read_text())
     assert meta["format"] == "magdiff_torch" and meta["format_version"] == 1
     assert meta["config"] == json.loads(json.dumps(cfg.to_dict()))
@@ -173,10 +173,10 @@ def test_round_trip_is_bitwise(case, tmp_path):
 
     cli.main(cli.build_parser().parse_args(["convert", "to-flax", "--kind", "magdiff", str(case["folder"]),
                                             str(tmp_path / "flax")]))
-    kind, module, params = load_flax(tmp_path / "flax", kind="magdiff")
+    kind, module, params = load_model(tmp_path / "flax", kind="magdiff")
     assert kind == "magdiff" and module.config == case["module"].config
-    want = _flat(case["params"])
-    got = _flat(params)
+    want = flat_params(case["params"])
+    got = flat_params(params)
     assert set(got) == set(want)
     assert all(got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]) for k in want)
 
@@ -185,7 +185,7 @@ def test_round_trip_is_bitwise(case, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["ip_adapter.safetensors", "magdiff.json", "unet"]
     back_module, back = export.magdiff_from_torch(out)
     assert back_module.config == single_module.config
-    want, got = _flat(single), _flat(back)
+    want, got = flat_params(single), flat_params(back)
     assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
     with pytest.raises(FileExistsError, match=r"holds no magdiff\.json"):
         export.magdiff_to_torch(single_module, single, case["root"])  # never replaces an unrelated folder

@@ -11,15 +11,15 @@ import json
 
 import numpy as np
 import pytest
-from flax import traverse_util
-from helpers import random_params
+from helpers import flat_params, random_params
 from remat_configs import spatial_config, tiny_config
 
 from magdiff_jax import cli
-from magdiff_jax.convert import ConversionError, get_kind, save_torch
-from magdiff_jax.convert.flax_checkpoint import load_flax, save_flax
+from magdiff_jax.convert import ConversionError, save_torch
 from magdiff_jax.data.synthetic import write_tokenizer
+from magdiff_jax.export import load_model, save_model
 from magdiff_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.models.unet2d import UNet2DConfig
 from magdiff_jax.models.unet3d import UNet3DConfig
 from magdiff_jax.models.vae import AutoencoderKLConfig
@@ -34,13 +34,11 @@ VAE = AutoencoderKLConfig(block_out_channels=(8,), down_block_types=("DownEncode
 
 
 def _random(kind, cfg, seed):
-    spec = get_kind(kind)
+    spec = get_model(kind)
     module = spec.build(cfg)
     return module, random_params(module, *spec.example_inputs(cfg), seed=seed, **spec.example_kwargs(cfg))
 
 
-def _flat(tree):
-    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +57,10 @@ def sources(tmp_path_factory):
     module, params["image_encoder"] = _random("clip_vision", VISION, 7)
     save_torch("clip_vision", module, params["image_encoder"], root / "image_encoder")
     module, params["temporal"] = _random("unet3d", tiny_config("unet3d"), 9)
-    save_flax("unet3d", module, params["temporal"], root / "t2v_unet")
+    save_model("unet3d", module, params["temporal"], root / "t2v_unet")
     module, p = _random("unet3d", tiny_config("unet3d", blocks=1), 10)  # another layout: one block
-    save_flax("unet3d", module, p, root / "t2v_one_block")
-    return root, {k: _flat(v) for k, v in params.items()}
+    save_model("unet3d", module, p, root / "t2v_one_block")
+    return root, {k: flat_params(v) for k, v in params.items()}
 
 
 def _init(root, out, *extra):
@@ -77,12 +75,12 @@ def test_init_folder_keeps_every_source_weight(sources, tmp_path):
     _init(root, out, "--temporal", str(root / "t2v_unet"), "--seed", "3")
     assert sorted(p.name for p in out.iterdir()) == ["image_encoder", "magdiff_init.json", "scheduler",
                                                      "text_encoder", "tokenizer", "unet", "vae"]
-    kind, module, params = load_flax(out / "unet")
+    kind, module, params = load_model(out / "unet")
     assert kind == "magdiff"
     cfg = module.config
     assert cfg.resampler.embedding_dim == VISION.hidden_size and cfg.resampler.output_dim == 16
     assert cfg.unet.in_channels == 8 and cfg.unet.entity_attention
-    unet = _flat(params["unet"])
+    unet = flat_params(params["unet"])
     spatial, temporal = src["unet"], src["temporal"]
     kernel = unet.pop("conv_in/kernel")
     np.testing.assert_array_equal(kernel[..., :4, :], spatial["conv_in/kernel"])
@@ -106,8 +104,8 @@ def test_init_folder_keeps_every_source_weight(sources, tmp_path):
         np.testing.assert_array_equal(rest[p], temporal[p], err_msg=p)
     assert {"image_proj", "entity_pyramid"} <= set(params)
     for name in ("vae", "text_encoder", "image_encoder"):
-        _, _, p = load_flax(out / name)
-        got = _flat(p)
+        _, _, p = load_model(out / name)
+        got = flat_params(p)
         assert got.keys() == src[name].keys()
         assert all(np.array_equal(got[k], src[name][k]) for k in got), name
     meta = json.loads((out / "magdiff_init.json").read_text())
@@ -118,7 +116,6 @@ def test_init_folder_keeps_every_source_weight(sources, tmp_path):
 
     from magdiff_jax.data.transforms import tokenizer
     from magdiff_jax.train.tasks import MagDiffTask
-    from magdiff_jax.train.trainer import tokenizer_folder
 
     config = ml_collections.ConfigDict({"init_from": str(out), "compute_dtype": "bfloat16", "model": {
         "unet": {"unet": {"remat_policy": "full"}}, "vae": {}, "text_encoder": {}, "image_encoder": {}},
@@ -126,8 +123,7 @@ def test_init_folder_keeps_every_source_weight(sources, tmp_path):
     models = MagDiffTask().models(config)
     assert models["unet"][1].unet.remat_policy == "full" and models["unet"][1].unet.dtype == "bfloat16"
     assert models["image_encoder"][1].hidden_size == VISION.hidden_size
-    assert tokenizer_folder(config, tmp_path) == str(out / "tokenizer")
-    assert np.asarray(tokenizer(tokenizer_folder(config, tmp_path), 16)(["a red square moves left"])).shape == (1, 16)
+    assert np.asarray(tokenizer(str(out / "tokenizer"), 16)(["a red square moves left"])).shape == (1, 16)
 
 
 def test_a_unet3d_base_is_used_as_it_is(sources, tmp_path):
@@ -136,9 +132,9 @@ def test_a_unet3d_base_is_used_as_it_is(sources, tmp_path):
     root, src = sources
     out = tmp_path / "init"
     _init(root, out, "--unet", str(root / "t2v_unet"), "--pyramid", "single")
-    _, module, params = load_flax(out / "unet")
+    _, module, params = load_model(out / "unet")
     assert module.config.pyramid == "single" and "entity_pyramid" not in params
-    unet = _flat(params["unet"])
+    unet = flat_params(params["unet"])
     for path, value in src["temporal"].items():
         got = unet[path][..., :4, :] if path == "conv_in/kernel" else unet[path]
         np.testing.assert_array_equal(got, value, err_msg=path)

@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
-from helpers import random_params, rel_err
+from helpers import flat_params, random_params, rel_err
 from remat_configs import tiny_config, tiny_magdiff_config
 
 from magdiff_jax import sharding
-from magdiff_jax.convert import ConversionError, get_kind
-from magdiff_jax.convert.core import config_from_dict, config_to_dict
+from magdiff_jax.convert import ConversionError, torch_format
+from magdiff_jax.convert.magdiff import resampler_from_torch, resampler_to_torch
 from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models.magdiff import (
     EntityPyramid,
@@ -32,10 +32,9 @@ from magdiff_jax.models.magdiff import (
     MagDiffUNet,
     add_entity_attention,
     magdiff_params_from_unet3d,
-    resampler_from_torch,
-    resampler_to_torch,
     widen_conv_in,
 )
+from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig, per_frame_image_context
 
 B, F, H = 2, 3, 8
@@ -48,8 +47,6 @@ def _compile(fn, *args):
     return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
 
 
-def _flat(tree):
-    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def _perturb(tree, seed, scale=0.05):
@@ -61,7 +58,7 @@ def _perturb(tree, seed, scale=0.05):
 def case():
     """A random-weight base unet3d, the MagDiff U-Net started from it (resampler and pyramid perturbed off their
     init), inputs, and the compiled base / entity-U-Net / MagDiff forwards."""
-    spec = get_kind("unet3d")
+    spec = get_model("unet3d")
     base = UNet3DConditionModel(tiny_config("unet3d"))
     base_params = random_params(base, *spec.example_inputs(base.config), seed=0)
     model = MagDiffUNet(tiny_magdiff_config())
@@ -129,7 +126,7 @@ def test_pyramid_and_resampler_shapes():
     grids = tuple(jax.ShapeDtypeStruct((B, F, s, s, 4), jnp.float32) for s in (12, 10, 8))
     out, variables = jax.eval_shape(lambda g: EntityPyramid(channels=8).init_with_output(jax.random.key(0), g), grids)
     assert out.shape == (B, F, 8, 8, 4)
-    shapes = {k: v.shape for k, v in _flat(nn.meta.unbox(variables["params"])).items()}
+    shapes = {k: v.shape for k, v in flat_params(nn.meta.unbox(variables["params"])).items()}
     assert shapes == {"scale_0/kernel": (3, 3, 4, 8), "scale_1/kernel": (3, 3, 4, 8), "scale_2/kernel": (3, 3, 4, 8),
                       "fuse/kernel": (3, 3, 8, 8), "proj_out/kernel": (1, 1, 8, 4), "scale_0/bias": (8,),
                       "scale_1/bias": (8,), "scale_2/bias": (8,), "fuse/bias": (8,), "proj_out/bias": (4,)}
@@ -146,7 +143,7 @@ def test_pyramid_and_resampler_shapes():
 def test_parameters_of_the_entity_attention(case):
     """conv_in reads 8 channels (4 new, zero); every spatial attn2, and only those, has to_k_ip/to_v_ip copied from
     to_k/to_v and text_scale 1.0 / image_scale 1.5; everything else is the base's."""
-    flat, base = _flat(case["params"]["unet"]), _flat(case["base_params"])
+    flat, base = flat_params(case["params"]["unet"]), flat_params(case["base_params"])
     kernel = flat["conv_in/kernel"]
     assert kernel.shape == (3, 3, 8, 16) and not np.any(kernel[:, :, 4:])
     np.testing.assert_array_equal(kernel[:, :, :4], base["conv_in/kernel"])
@@ -202,7 +199,7 @@ def test_gradients_reach_every_new_parameter(case):
     value, grads = loss_grad(params)
     plain = np.asarray(case["fwd"](params, i["x"], i["grids"], i["embeds"]))
     assert abs(float(value) - float(np.mean((plain - target) ** 2))) <= 1e-5 * float(value)
-    flat = _flat(grads)
+    flat = flat_params(grads)
     nonzero = lambda path: float(np.abs(flat[path]).max()) > 0
     for prefix in SPATIAL_ATTN2:
         for name in ("text_scale", "image_scale", "to_k_ip/kernel", "to_v_ip/kernel"):
@@ -218,7 +215,7 @@ def test_gradients_reach_every_new_parameter(case):
     kernel[:, :, 4:] = 0.05 * np.random.RandomState(6).randn(*kernel[:, :, 4:].shape)
     unet[("conv_in", "kernel")] = kernel
     _, grads = loss_grad({**params, "unet": traverse_util.unflatten_dict(unet)})
-    flat = _flat(grads)
+    flat = flat_params(grads)
     assert all(nonzero(p) for p in pyramid)
 
 
@@ -246,7 +243,7 @@ def test_bad_modes_and_inputs_are_refused(case):
     with pytest.raises(ValueError, match="image_token_mode"):
         UNet3DConfig(image_token_mode="own")
     cfg = tiny_config("unet3d")
-    args = get_kind("unet3d").example_inputs(cfg)
+    args = get_model("unet3d").example_inputs(cfg)
     tokens = jnp.zeros((1, 3, 16))
     with pytest.raises(ValueError, match="entity_attention=False"):
         jax.eval_shape(lambda: UNet3DConditionModel(cfg).init(jax.random.key(0), *args, image_hidden_states=tokens))
@@ -276,14 +273,14 @@ def test_config_json_registry_and_logical_axes(tmp_path):
     assert cfg.unet.in_channels == 8 and cfg.unet.entity_attention
     back = json.loads(json.dumps(cfg.to_dict()))
     assert MagDiffConfig.from_dict(back) == cfg
-    spec = get_kind("magdiff")
+    spec = get_model("magdiff")
     assert config_from_dict(spec.config_cls, config_to_dict(cfg)) == cfg
     with pytest.raises(ValueError, match="unknown config keys"):
         MagDiffConfig.from_dict({**back, "unet": {**back["unet"], "entity_prompt": 1}})
-    with pytest.raises(NotImplementedError, match="no PyTorch"):
-        spec.rules(cfg)
+    with pytest.raises(ValueError, match="'magdiff' has no single-folder PyTorch format"):
+        torch_format("magdiff")
 
-    unet3d = get_kind("unet3d")
+    unet3d = torch_format("unet3d")
     d = unet3d.config_to_torch(tiny_config("unet3d"))
     assert "entity_attention" not in d and "image_token_mode" not in d
     with pytest.raises(ValueError, match="unknown key 'entity_attention'"):
@@ -303,11 +300,11 @@ def test_config_json_registry_and_logical_axes(tmp_path):
     attn2 = abstract["params"]["unet"]["mid_block"]["attentions_0"]["transformer_blocks_0"]["attn2"]
     assert attn2["to_k_ip"]["kernel"].names == ("embed", "heads") and attn2["image_scale"].names == ()
 
-    from magdiff_jax.convert.flax_checkpoint import load_flax, save_flax
+    from magdiff_jax.export import load_model, save_model
 
     module = spec.build(cfg)
     params = random_params(module, *spec.example_inputs(cfg), **spec.example_kwargs(cfg))
-    save_flax("magdiff", module, params, tmp_path / "magdiff")
-    kind, loaded, restored = load_flax(tmp_path / "magdiff", kind="magdiff")
+    save_model("magdiff", module, params, tmp_path / "magdiff")
+    kind, loaded, restored = load_model(tmp_path / "magdiff", kind="magdiff")
     assert kind == "magdiff" and loaded.config == cfg and "entity_pyramid" not in restored
     assert all(np.array_equal(np.asarray(a), b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(params)))

@@ -105,9 +105,9 @@ def test_cli_converts_a_pipeline(sd_folder, tmp_path):
     assert CLIPTokenizer.from_folder(tmp_path / "sd" / "tokenizer")([PROMPT]).shape == (1, 77)
     assert (tmp_path / "sd" / "scheduler" / "scheduler_config.json").exists()
     from magdiff_jax.convert import load_torch
-    from magdiff_jax.convert.flax_checkpoint import load_flax
+    from magdiff_jax.export import load_model
 
-    kind, module, params = load_flax(tmp_path / "sd" / "unet")
+    kind, module, params = load_model(tmp_path / "sd" / "unet")
     assert kind == "unet2d" and module.config.cross_attention_dim == 32
     _, direct = load_torch("unet2d", folder / "unet")
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(direct)):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from remat_configs import tiny_config
 
-from magdiff_jax.convert import get_kind
+from magdiff_jax.models.registry import get_model
 
 KINDS = ("unet2d", "unet3d", "unet_motion")
 MEMORY_KINDS = ("unet3d",)  # 2 compiles each; the others remat through the same wrapper
@@ -55,7 +55,7 @@ def test_every_block_is_checkpointed_with_its_policy(kind):
     each with the policy the config string names, and none with policy "none"; the parameter tree is the same."""
     from magdiff_jax.layers.remat import checkpoint_policy
 
-    spec, cfg = get_kind(kind), tiny_config(kind, blocks=1)
+    spec, cfg = get_model(kind), tiny_config(kind, blocks=1)
     params = jax.eval_shape(lambda: spec.build(cfg).init(jax.random.key(0), *spec.example_inputs(cfg)))["params"]
     for policy in ("none", "full", "dots_saveable"):
         module = spec.build(dataclasses.replace(cfg, remat_policy=policy))

@@ -36,6 +36,35 @@ def test_logical_rules_replicate_indivisible_dims():
         sharding.logical_to_spec(("nonsense",), (4,), mesh, sharding.DEFAULT_RULES)
 
 
+def test_rule_tables_of_the_run_and_of_each_model():
+    """`config.sharding_rules` updates the default table for every model; a model's registry entry (the VAE keeps
+    its parameters replicated) and `config.model_sharding_rules.<model>` update it for that model alone; a malformed
+    pair or an unknown mesh axis is refused naming where it came from. Checked on an abstract 2 x 2 mesh."""
+    import ml_collections
+
+    from magdiff_jax.train.trainer import base_config, model_rules, run_rules
+
+    mesh = jax.sharding.AbstractMesh((1, 2, 2, 1), sharding.MESH_AXES)
+    spec = lambda rules, names, shape=(8, 8): sharding.logical_to_spec(names, shape, mesh, rules)
+    c = base_config()
+    assert spec(run_rules(c), ("embed", "mlp")) == PartitionSpec("fsdp", "tensor")
+    assert spec(model_rules(c, "unet", "unet2d"), ("conv_in", "conv_out")) == PartitionSpec("fsdp", None)
+    assert spec(model_rules(c, "vae", "vae"), ("conv_in", "conv_out")) == PartitionSpec(None, None)
+    c.sharding_rules = (("mlp", None), ("conv_out", "tensor"))
+    assert spec(run_rules(c), ("embed", "mlp")) == PartitionSpec("fsdp", None)
+    assert spec(model_rules(c, "unet", "unet2d"), ("conv_in", "conv_out")) == PartitionSpec("fsdp", "tensor")
+    c.model_sharding_rules = ml_collections.ConfigDict({"unet": (("conv_in", ("fsdp", "tensor")),)})
+    assert spec(model_rules(c, "unet", "unet2d"), ("conv_in", "conv_out"), (8, 8)) == PartitionSpec(
+        ("fsdp", "tensor"), None)
+    assert spec(model_rules(c, "text_encoder", "clip_text"), ("conv_in",), (8,)) == PartitionSpec("fsdp")
+    c.sharding_rules = (("mlp", "model"),)
+    with pytest.raises(ValueError, match=r"config.sharding_rules: 'mlp' maps to unknown mesh axes \['model'\]"):
+        run_rules(c)
+    c.sharding_rules = ("mlp",)
+    with pytest.raises(ValueError, match=r"is not a \(logical axis name, mesh axes\) pair"):
+        run_rules(c)
+
+
 def _tiny_configs():
     from magdiff_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
     from magdiff_jax.models.unet2d import UNet2DConfig
@@ -59,9 +88,9 @@ def _tiny_configs():
 @pytest.mark.parametrize("kind", ["clip_text", "clip_vision", "vae", "unet2d"])
 def test_every_parameter_has_logical_axis_names(kind):
     """Every parameter of every model kind carries logical names that the rule table knows."""
-    from magdiff_jax.convert import get_kind
+    from magdiff_jax.models.registry import get_model
 
-    spec, cfg = get_kind(kind), _tiny_configs()[kind]
+    spec, cfg = get_model(kind), _tiny_configs()[kind]
     abstract = sharding.abstract_init(spec.build(cfg), *spec.example_inputs(cfg), **spec.example_kwargs(cfg))
     leaves = jax.tree.leaves(abstract["params"], is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     unnamed = [x for x in leaves if not isinstance(x, nn.LogicallyPartitioned)]

@@ -35,7 +35,7 @@ def test_what_a_person_reads(straight):
     """metrics.jsonl carries the throughput figures, TensorBoard has the same scalars, and the preview contact
     sheet of the config's prompts is written at the last step."""
     lines = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "loss", "lr", "grad_norm", "steps_per_s", "examples_per_s", "tflops_per_device",
+    assert {"step", "loss", "lr/unet", "grad_norm/unet", "steps_per_s", "examples_per_s", "tflops_per_device",
             "nonfinite_skipped"} <= set(lines[-1])
     assert all(m["tflops_per_device"] > 0 and m["steps_per_s"] > 0 for m in lines)
     (events,) = (straight / "tensorboard").glob("events.out.tfevents.*")
@@ -122,3 +122,60 @@ def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
 
     assert th.checkpoints(tmp_path) == [4]
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(th.params(tmp_path, 4)))
+
+
+def test_the_stage_exports_itself(straight, tmp_path):
+    """Training wrote WORKDIR/export at its last step: every model the stage's inference needs (the frozen VAE and
+    text encoder included), the tokenizer and the scheduler; the workdir itself, exported on the fly, holds the
+    same parameters; `magdiff-jax export` writes any checkpoint's stage."""
+    import shutil
+
+    import jax
+
+    from magdiff_jax import cli
+    from magdiff_jax.export import load_stage
+    from magdiff_jax.models.tokenizer import CLIPTokenizer
+
+    stage = load_stage(straight / "export")
+    assert stage.task == "t2i" and stage.step == STEPS and stage.kinds == {"unet": "unet2d", "vae": "vae",
+                                                                          "text_encoder": "clip_text"}
+    assert CLIPTokenizer.from_folder(stage.tokenizer_folder(), max_length=16)(["a red square"]).shape == (1, 16)
+    scheduler = json.loads((straight / "export" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["_class_name"] == "DDIMScheduler" and scheduler["beta_schedule"] == "scaled_linear"
+    live = load_stage(straight)
+    for name in stage.params:
+        for a, b in zip(jax.tree.leaves(stage.params[name]), jax.tree.leaves(live.params[name]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(stage.params["unet"]), jax.tree.leaves(th.params(straight, STEPS)), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    args = cli.build_parser().parse_args(["export", "--workdir", str(straight), "--out", str(tmp_path / "s12"),
+                                          "--step", "12"])
+    cli._export(args)
+    early = load_stage(tmp_path / "s12")
+    assert early.step == 12
+    for a, b in zip(jax.tree.leaves(early.params["unet"]), jax.tree.leaves(th.params(straight, 12)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(FileExistsError, match="not empty"):
+        cli._export(args)
+
+    shutil.rmtree(tmp_path / "s12" / "vae")  # a missing model is an error naming it
+    with pytest.raises(FileNotFoundError, match="lists model 'vae'"):
+        load_stage(tmp_path / "s12")
+
+
+def test_a_workdir_without_its_frozen_parameters_is_refused(straight, tmp_path):
+    """The frozen models come from WORKDIR/frozen (written when the run started), never from a fresh
+    initialisation: without it the export names what is missing."""
+    import shutil
+
+    from magdiff_jax.export import load_stage
+
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.json", "models.json", "tokenizer"):
+        src = straight / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, copy / name)
+    shutil.copytree(straight / "checkpoints" / "12", copy / "checkpoints" / "12")
+    with pytest.raises(FileNotFoundError, match="no frozen/"):
+        load_stage(copy)

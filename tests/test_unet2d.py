@@ -78,10 +78,10 @@ def test_round_trip_is_exact(case, tmp_path):
 
 def test_sd_presets_translate_to_diffusers_configs():
     """The SD1.5 / SD2.1 presets carry the published head layouts and projection kinds."""
-    from magdiff_jax.convert import get_kind
+    from magdiff_jax.convert import torch_format
     from magdiff_jax.models.unet2d import UNet2DConfig
 
-    kind = get_kind("unet2d")
+    kind = torch_format("unet2d")
     sd15, sd21 = kind.config_to_torch(UNet2DConfig.sd15()), kind.config_to_torch(UNet2DConfig.sd21())
     assert sd15["attention_head_dim"] == 8 and sd15["cross_attention_dim"] == 768
     assert not sd15["use_linear_projection"]

@@ -22,10 +22,11 @@ from flax import traverse_util
 from helpers import assert_same_state_dict, perturb_, rel_err
 
 import magdiff_jax.convert.unet3d  # noqa: F401  (registers the kind)
-from magdiff_jax.convert import get_kind, load_torch, save_torch
+from magdiff_jax.convert import load_torch, save_torch, torch_format
 from magdiff_jax.convert.core import Rule, torch_to_flax
 from magdiff_jax.convert.unet3d import temp_conv_rules, temporal_transformer_rules
 from magdiff_jax.layers.temporal import TemporalConv, TemporalConvLayer, TransformerTemporalModel
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.models.unet2d import UNet2DConditionModel
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 
@@ -194,7 +195,7 @@ def test_every_parameter_has_logical_axis_names():
     """Every parameter (temporal convs included) is created with allowed logical axis names."""
     allowed = {"embed", "mlp", "heads", "conv_in", "conv_out", "conv_t", "conv_h", "conv_w", "norm", "vocab"}
     cfg = UNet3DConfig(**{**BASE, **CONFIGS["two_blocks"]})
-    args = get_kind("unet3d").example_inputs(cfg)
+    args = get_model("unet3d").example_inputs(cfg)
     boxed = jax.eval_shape(lambda: UNet3DConditionModel(cfg).init(jax.random.key(0), *args))["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
     for leaf in leaves:
@@ -207,7 +208,7 @@ def test_every_parameter_has_logical_axis_names():
 
 def test_presets_and_config_errors():
     """modelscope() / sd21_base() carry diffusers' defaults and SD2.1's head layout; bad configs fail clearly."""
-    kind = get_kind("unet3d")
+    kind = torch_format("unet3d")
     ms, sd = UNet3DConfig.modelscope(), UNet3DConfig.sd21_base()
     d = kind.config_to_torch(ms)
     assert d["_class_name"] == "UNet3DConditionModel" and d["attention_head_dim"] == 64
@@ -227,7 +228,7 @@ def test_presets_and_config_errors():
 
 
 SHARDED_CHECK = r'''
-import json, os
+import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import flax.linen as nn, jax, numpy as np
@@ -235,6 +236,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 jax.config.update("jax_default_matmul_precision", "highest")
 from magdiff_jax import sharding
 from magdiff_jax.layers.temporal import TemporalConvLayer, TransformerTemporalModel
+sys.path.insert(0, TESTS)
+from helpers import rel_err
 x = np.random.RandomState(0).randn(2, 8, 4, 4, 16).astype(np.float32)  # a shape that XLA mis-partitions as a conv
 out = {}
 for name, m in (("conv", TemporalConvLayer(16, norm_num_groups=4)),
@@ -250,7 +253,7 @@ for name, m in (("conv", TemporalConvLayer(16, norm_num_groups=4)),
         y = jax.jit(lambda p, x: m.apply({"params": p}, x))(
             jax.device_put(p, shardings), jax.device_put(x, NamedSharding(mesh, P("data", "context"))))
     spec = list(shardings["conv1_2"]["kernel"].spec) if name == "conv" else None
-    out[name] = [float(np.abs(np.asarray(y) - ref).max() / np.abs(ref).max()), len(y.sharding.device_set), spec]
+    out[name] = [rel_err(y, ref), len(y.sharding.device_set), spec]
 print(json.dumps(out))
 '''
 
@@ -265,7 +268,8 @@ def test_temporal_layers_on_a_context_and_tensor_sharded_mesh():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    run = subprocess.run([sys.executable, "-c", SHARDED_CHECK], capture_output=True, text=True, env=env, timeout=300)
+    script = SHARDED_CHECK.replace("TESTS", repr(os.path.dirname(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"temporal layers sharded vs unsharded: {result}")

@@ -22,10 +22,11 @@ from flax import traverse_util
 from helpers import assert_same_state_dict, perturb_, rel_err
 
 import magdiff_jax.convert.unet_motion  # noqa: F401  (registers the kind)
-from magdiff_jax.convert import ConversionError, get_kind, load_torch, safetensors_io, save_torch
+from magdiff_jax.convert import ConversionError, load_torch, safetensors_io, save_torch, torch_format
 from magdiff_jax.convert.core import flax_to_torch
 from magdiff_jax.convert.unet_motion import load_motion_adapter, unet_motion_rules
 from magdiff_jax.layers.motion import sinusoidal_table
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.models.unet2d import UNet2DConditionModel as FlaxUNet2D
 from magdiff_jax.models.unet2d import UNet2DConfig
 from magdiff_jax.models.unet_motion import UNetMotionConfig
@@ -65,7 +66,7 @@ def perturb_all_(model, seed=0):
 
 @functools.cache
 def _forward(config):
-    module = get_kind("unet_motion").build(config)
+    module = get_model("unet_motion").build(config)
     return jax.jit(lambda p, x, t, c, kw: module.apply({"params": p}, x, t, c, **kw))
 
 
@@ -247,7 +248,7 @@ def test_load_motion_adapter_reports_bad_adapters(adapter_case, tmp_path):
 
     from magdiff_jax.convert.unet_motion import motion_config_from_unet2d
 
-    unet = get_kind("unet2d").config_from_torch(
+    unet = torch_format("unet2d").config_from_torch(
         json.loads((root / "unet" / "config.json").read_text()))
     adapter = dict(block_out_channels=[16, 32], motion_layers_per_block=1, motion_norm_num_groups=4)
     assert motion_config_from_unet2d(unet, adapter).use_motion_mid_block
@@ -283,7 +284,7 @@ def test_asymmetric_layer_counts_map_one_to_one(tmp_path):
 def test_config_translation_and_refusals():
     """The AnimateDiff SD1.5 preset writes a config.json that UNetMotionModel's signature accepts and that reads back
     equal; unsupported options are refused naming the key; too many frames is a clear error."""
-    kind = get_kind("unet_motion")
+    kind = torch_format("unet_motion")
     preset = UNetMotionConfig.animatediff_sd15()
     d = kind.config_to_torch(preset)
     assert d["_class_name"] == "UNetMotionModel"
@@ -301,7 +302,7 @@ def test_config_translation_and_refusals():
         UNetMotionConfig(transformer_layers_per_block=((1, 1),) * 4)
 
     cfg = UNetMotionConfig(**{**BASE, **CONFIGS["conv_residuals"]})
-    module = kind.build(cfg)
+    module = get_model("unet_motion").build(cfg)
     with pytest.raises(ValueError, match="9 frames exceed the motion module's motion_max_seq_length=8"):
         jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 9, 4, 4, 4)), 1, jnp.zeros((1, 2, 8))))
 

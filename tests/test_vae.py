@@ -20,11 +20,12 @@ from diffusers.models.downsampling import Downsample2D as TorchDownsample2D
 from diffusers.models.resnet import ResnetBlock2D as TorchResnetBlock2D
 from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
 from flax import traverse_util
+from helpers import rel_err
 from safetensors.torch import save_file
 
-import magdiff_jax.convert.vae  # registers the kind
 from magdiff_jax.convert import ConversionError, load_torch, save_torch
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.models.vae import AutoencoderKLConfig, kl_divergence
 
 TOL = 1e-4
@@ -44,10 +45,6 @@ TORCH_CONFIG = dict(
 )
 
 
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
 
 
 def nchw_to_nhwc(t: torch.Tensor) -> np.ndarray:
@@ -227,7 +224,7 @@ def test_sd_preset():
     c = AutoencoderKLConfig.sd()
     assert c.block_out_channels == (128, 256, 512, 512) and c.layers_per_block == 2
     assert c.latent_channels == 4 and c.scaling_factor == 0.18215 and c.downsample_factor == 8
-    spec = magdiff_jax.convert.vae.KIND
+    spec = get_model("vae")
     n = sum(int(np.prod(s.shape)) for s in spec.abstract_params(spec.build(c)).values())
     assert n == 83_653_863  # diffusers' SD VAE
 

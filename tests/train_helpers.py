@@ -1,7 +1,7 @@
 """The trainer tests' configuration (configs/t2i.py:tiny on 24 synthetic clips, batch 4; the scale tests use
-`micro`, the same with one-block models and batch 8, which divides over 8 data-parallel devices), in-process and as
-`magdiff-jax train` arguments, so every run of a variant compiles the same step (the session's compilation cache
-serves the repeats), and readers of a workdir's metrics and checkpoints."""
+`micro`, the same with one-block models and batch 8, which divides over 8 data-parallel devices; `file="vae"` for
+configs/vae.py), in-process and as `magdiff-jax train` arguments, so every run of a variant compiles the same step
+(the session's compilation cache serves the repeats), and readers of a workdir's metrics and checkpoints."""
 
 import json
 import os
@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = f"{ROOT}/configs/t2i.py"
 # data.normalize: float images from the loader, so test_train.py's NaN batches run the same compiled step
 OVERRIDES = {"global_batch_size": 4, "log_every": 1, "ckpt_every": 6, "keep_checkpoints": 100,
              "async_checkpoints": False, "data.synthetic.num": 24, "preview.every": 0, "data.normalize": True}
@@ -26,11 +25,11 @@ def _overrides(variant, changes) -> dict:
     return {**OVERRIDES, **(MICRO if variant == "micro" else {}), **changes}
 
 
-def config(variant="tiny", **changes):
-    sys.path.insert(0, str(ROOT / "configs"))
-    import t2i
+def config(variant="tiny", file="t2i", **changes):
+    import importlib
 
-    c = t2i.get_config(variant)
+    sys.path.insert(0, str(ROOT / "configs"))
+    c = importlib.import_module(file).get_config(variant)
     for key, value in _overrides(variant, changes).items():
         *path, last = key.split(".")
         target = c
@@ -40,26 +39,27 @@ def config(variant="tiny", **changes):
     return c
 
 
-def cli_args(workdir, variant="tiny", **changes) -> list[str]:
+def cli_args(workdir, variant="tiny", file="t2i", **changes) -> list[str]:
     def fmt(v):
         return str(v).lower() if isinstance(v, bool) else str(v)
 
-    return [sys.executable, "-m", "magdiff_jax.cli", "train", "--config", f"{CONFIG}:{variant}",
+    return [sys.executable, "-m", "magdiff_jax.cli", "train", "--config", f"{ROOT}/configs/{file}.py:{variant}",
             "--workdir", str(workdir), *(f"--config.{k}={fmt(v)}" for k, v in _overrides(variant, changes).items())]
 
 
-def losses(workdir) -> dict[int, float]:
+def losses(workdir, key="loss") -> dict[int, float]:
     path = Path(workdir) / "metrics.jsonl"
     if not path.exists():
         return {}
-    return {m["step"]: m["loss"] for m in map(json.loads, path.read_text().splitlines())}
+    return {m["step"]: m[key] for m in map(json.loads, path.read_text().splitlines())}
 
 
-def params(workdir, step):
+def params(workdir, step, group="unet"):
+    """The trained parameters of parameter group `group` in the checkpoint of `step`."""
     import orbax.checkpoint as ocp
 
     with ocp.StandardCheckpointer() as ck:
-        return ck.restore(Path(workdir) / "checkpoints" / str(step) / "state")["params"]
+        return ck.restore(Path(workdir) / "checkpoints" / str(step) / f"group_{group}")["params"]
 
 
 def checkpoints(workdir) -> list[int]:

@@ -1,6 +1,9 @@
-"""Run in a subprocess with 8 fake CPU devices: a 1-device run's workdir (t2i micro, checkpoint at step 3) resumed
-on mesh fsdp=4 x tensor=2 to step 5: the checkpoint's arrays are resharded as they are restored, and the data
-iterator continues where it was. Prints one JSON line {step: loss}."""
+"""Run in a subprocess with 8 fake CPU devices: `train_helpers.config(**SPEC)` trained in WORKDIR (a fresh one, or
+one holding another mesh's checkpoint, which is resharded as it is restored and continued with the data iterator
+where it was). Prints one JSON line {metric: {step: value}} of the metrics named in SPEC's "metrics" (default loss).
+
+    python tests/train_mesh_check.py WORKDIR '{"variant": "micro", "changes": {"steps": 5, "mesh.fsdp": 4}}'
+"""
 
 import json
 import os
@@ -18,7 +21,7 @@ import train_helpers as th  # noqa: E402
 
 from magdiff_jax.train.trainer import train  # noqa: E402
 
-workdir = sys.argv[1]
+workdir, spec = sys.argv[1], json.loads(sys.argv[2])
 assert jax.device_count() == 8
-train(th.config("micro", steps=5, ckpt_every=3, **{"mesh.data": 1, "mesh.fsdp": 4, "mesh.tensor": 2}), workdir)
-print(json.dumps(th.losses(workdir)))
+train(th.config(spec.get("variant", "tiny"), spec.get("file", "t2i"), **spec.get("changes", {})), workdir)
+print(json.dumps({k: th.losses(workdir, k) for k in spec.get("metrics", ["loss"])}))

@@ -113,11 +113,13 @@ def save_stage(stage: Stage, dst: str | os.PathLike, overwrite: bool = False) ->
 
 
 def write_workdir_models(workdir: Path, task: str, models: dict[str, tuple[str, Any]], groups: list[str],
-                         export: tuple[str, ...], tokenizer: bool) -> None:
-    """WORKDIR/models.json: what `stage_from_workdir` needs besides the checkpoints (process 0 writes it)."""
+                         export: tuple[str, ...], tokenizer: bool, frozen: bool) -> None:
+    """WORKDIR/models.json: what `stage_from_workdir` needs besides the checkpoints (process 0 writes it).
+    `frozen`: whether some parameters are frozen (then WORKDIR/frozen holds them)."""
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "task": task,
             "models": {name: {"kind": kind, "config": config_to_dict(cfg)} for name, (kind, cfg) in models.items()},
-            "groups": list(groups), "export": list(export), "tokenizer": TOKENIZER if tokenizer else None}
+            "groups": list(groups), "export": list(export), "tokenizer": TOKENIZER if tokenizer else None,
+            "frozen": FROZEN if frozen else None}
     (workdir / WORKDIR_MODELS).write_text(json.dumps(meta, indent=1))
 
 
@@ -222,7 +224,7 @@ def stage_from_workdir(workdir: str | os.PathLike, step: int | None = None, use_
         raise FileNotFoundError(f"{workdir}: no checkpoint for step {step} (have {steps})")
     config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
     flat = {}
-    if (workdir / FROZEN).exists():
+    if meta.get("frozen"):
         flat.update(traverse_util.flatten_dict(restore_frozen(workdir), sep="/"))
     for group in meta["groups"]:
         item = workdir / CHECKPOINTS / str(step) / GROUP_ITEM.format(group)

@@ -335,6 +335,17 @@ def _init_params(declared: dict, modules: dict, shardings: dict, config, mesh, k
     return params
 
 
+def initial_models(config, mesh=None) -> tuple[dict, dict]:
+    """(modules, parameters), per model name, that a fresh run of `config` starts from: the `init_from` folders
+    where they exist, else initialised from the seed, exactly as `train` does (sharded over `mesh`, by default
+    the config's)."""
+    mesh = shd.make_mesh(dict(config.mesh)) if mesh is None else mesh
+    declared = get_task(config.task).models(config)
+    modules, _, shardings = _abstract_models(declared, config, mesh)
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    return modules, _init_params(declared, modules, shardings, config, mesh, key)
+
+
 def _tokenizer(config, workdir: Path, main: bool) -> str:
     """The run's tokenizer folder, WORKDIR/tokenizer (or "" for none): `data.tokenizer` "synthetic" writes the
     synthetic vocabulary there, "init_from" copies the init_from folder's `tokenizer/`, a path copies that folder
@@ -369,18 +380,20 @@ def _sync(name: str) -> None:
 
 
 def train(config, workdir: str | Path) -> dict:
-    """Run (or resume) training in `workdir`. Returns the last logged metrics."""
-    with cpu.tuning(cpu.enabled() or jax.default_backend() == "cpu"):
+    """Run (or resume) training in `workdir`, with the CPU tuning (`magdiff_jax.cpu`) on where JAX's backend is the
+    CPU. Returns the last logged metrics."""
+    from magdiff_jax.train import distributed
+
+    distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
+                           config.distributed.process_id)  # before anything starts a JAX backend
+    with cpu.tuning(jax.default_backend() == "cpu"):
         return _train(config, workdir)
 
 
 def _train(config, workdir: str | Path) -> dict:
     from magdiff_jax.data.pipeline import default_report_path, make_dataset
-    from magdiff_jax.train import distributed
 
     # --- processes and mesh -------------------------------------------------------------------------------------
-    distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
-                           config.distributed.process_id)
     workdir = Path(workdir).absolute()
     main = jax.process_index() == 0
     check_config(config, jax.device_count(), jax.process_count())
@@ -431,7 +444,7 @@ def _train(config, workdir: str | Path) -> dict:
         group_params, frozen = grp.split_params(params, groups)
         if main:
             stage_files.write_workdir_models(workdir, task.name, declared, list(groups), task.export_models(config),
-                                             tokenizer=bool(data_cfg.tokenizer))
+                                             tokenizer=bool(data_cfg.tokenizer), frozen=bool(frozen))
         if frozen:  # written once: a resume or an export reads the frozen parameters from here
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(workdir / stage_files.FROZEN, frozen, force=True)

@@ -4,16 +4,15 @@ JAX's default threefry generator is about a hundred integer ops per random word.
 parameter from its own key, and XLA's CPU backend compiles every draw as a kernel of its own: the init program of
 the tiny MagDiff U-Net (configs/magdiff.py:tiny, 511 leaves) took longer to compile than its forward pass. This
 generator hashes a 32-bit counter with two rounds of the murmur3 finaliser (`fmix32`: full avalanche, a bijection of
-the counter under each key), about a tenth of the ops per word. With the uniform default kernel init
-(layers/common.py) that program compiles in 3.3 s instead of 11.8 s with threefry (20.8 s with threefry and
-Flax's truncated normal), at XLA's optimisation level 0 on 2 cores: benchmarks/results/init_compile_cpu.json.
+the counter under each key), about a tenth of the ops per word, so init programs compile several times faster
+(`benchmarks/init_compile.py`; figures in benchmarks/results/init_compile_cpu.json).
 
     key = init_key(jax.random.key(seed))        # inside or outside jit: the same bits, another generator
     params = module.init(key, *example_inputs)
 
 Everything that initialises model parameters (the trainer, `sharding.init_sharded`, `inflate`, the MagDiff
 initialiser) draws through `init_key`, so a seed still gives the same parameters everywhere. Sampling, dropout and
-the training step's noise keep threefry. `benchmarks/init_compile.py` compares the two compile times.
+the training step's noise keep threefry.
 """
 
 from __future__ import annotations
