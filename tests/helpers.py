@@ -28,11 +28,11 @@ def rel_err(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def flat_params(tree) -> dict[str, np.ndarray]:
-    """A nested parameter tree as {"a/b/c": numpy array}."""
+def flat_params(tree) -> dict:
+    """A nested parameter tree as {"a/b/c": leaf}."""
     from flax import traverse_util
 
-    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+    return {"/".join(k): v for k, v in traverse_util.flatten_dict(tree).items()}
 
 
 def nchw(x: np.ndarray):

@@ -12,6 +12,7 @@ parameters may be sharded over hosts); process 0 writes the JSON and renames.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,10 +36,10 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def save_model(kind: str, module, params, dst: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write `params` of registered model `kind` (`module.config` its config) to DST; returns DST."""
-    dst = Path(dst).absolute()
-    get_model(kind)  # an unknown name fails before anything is written
+@contextlib.contextmanager
+def folder_written_whole(dst: Path, overwrite: bool):
+    """Yield an empty temporary folder beside `dst` for every process to write into; when the block ends, process 0
+    replaces `dst` with it (an existing non-empty `dst` is refused unless `overwrite`); on an error it is removed."""
     if dst.exists() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass overwrite")
     tmp = dst.with_name(f".{dst.name}.partial")
@@ -46,14 +47,11 @@ def save_model(kind: str, module, params, dst: str | os.PathLike, overwrite: boo
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    barrier(f"save_model:{dst}:start")
+    barrier(f"write:{dst}:start")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS, params)
-            ckptr.wait_until_finished()
+        yield tmp
+        barrier(f"write:{dst}:written")
         if main:
-            meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(module.config)}
-            (tmp / META).write_text(json.dumps(meta, indent=2))
             if dst.exists():
                 shutil.rmtree(dst)
             os.replace(tmp, dst)
@@ -61,7 +59,20 @@ def save_model(kind: str, module, params, dst: str | os.PathLike, overwrite: boo
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    barrier(f"save_model:{dst}:done")
+    barrier(f"write:{dst}:done")
+
+
+def save_model(kind: str, module, params, dst: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write `params` of registered model `kind` (`module.config` its config) to DST; returns DST."""
+    dst = Path(dst).absolute()
+    get_model(kind)  # an unknown name fails before anything is written
+    with folder_written_whole(dst, overwrite) as tmp:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / PARAMS, params)
+            ckptr.wait_until_finished()
+        if jax.process_index() == 0:
+            meta = {"kind": kind, "format": FORMAT, "config": config_to_dict(module.config)}
+            (tmp / META).write_text(json.dumps(meta, indent=2))
     return dst
 
 

@@ -34,7 +34,7 @@ import ml_collections
 from flax import traverse_util
 
 from magdiff_jax.diffusion.schedules import ScheduleConfig
-from magdiff_jax.export.model import barrier, load_model, save_model
+from magdiff_jax.export.model import folder_written_whole, load_model, save_model
 from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
 from magdiff_jax.utils.errors import ConversionError, mismatch_message
 
@@ -79,18 +79,10 @@ def save_stage(stage: Stage, dst: str | os.PathLike, overwrite: bool = False) ->
     """Write `stage` as the export folder of the module docstring (assembled beside DST, then renamed into place;
     an existing non-empty DST is replaced only with `overwrite`). Every process of a multi-host run calls it."""
     dst = Path(dst).absolute()
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass overwrite")
-    tmp = dst.with_name(f".{dst.name}.partial")
-    main = jax.process_index() == 0
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier(f"save_stage:{dst}:start")
-    try:
+    with folder_written_whole(dst, overwrite) as tmp:
         for name in sorted(stage.modules):
-            save_model(stage.kinds[name], stage.modules[name], stage.params[name], tmp / name, overwrite=True)
-        if main:
+            save_model(stage.kinds[name], stage.modules[name], stage.params[name], tmp / name)
+        if jax.process_index() == 0:
             if stage.tokenizer is not None:
                 shutil.copytree(stage.tokenizer, tmp / TOKENIZER)
             (tmp / SCHEDULER).mkdir()
@@ -101,14 +93,6 @@ def save_stage(stage: Stage, dst: str | os.PathLike, overwrite: bool = False) ->
                     "tokenizer": TOKENIZER if stage.tokenizer is not None else None,
                     "config": json.loads(stage.config.to_json_best_effort())}
             (tmp / STAGE_FILE).write_text(json.dumps(meta, indent=1))
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
-    except BaseException:
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    barrier(f"save_stage:{dst}:done")
     return dst
 
 
