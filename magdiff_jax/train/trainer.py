@@ -51,6 +51,7 @@ from magdiff_jax import cpu
 from magdiff_jax import sharding as shd
 from magdiff_jax.data.transforms import normalize_example
 from magdiff_jax.export import stage as stage_files
+from magdiff_jax.export.model import barrier
 from magdiff_jax.models.registry import get_model
 from magdiff_jax.train import groups as grp
 from magdiff_jax.train import optim
@@ -368,15 +369,8 @@ def _tokenizer(config, workdir: Path, main: bool) -> str:
             dst.with_name(".tokenizer.partial").rename(dst)
         else:
             raise FileNotFoundError(f"data.tokenizer: {tok} is not a tokenizer folder")
-    _sync("tokenizer")
+    barrier("tokenizer")
     return str(dst)
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def train(config, workdir: str | Path) -> dict:
@@ -422,13 +416,21 @@ def _train(config, workdir: str | Path) -> dict:
     declared = task.models(config)
     groups = task.groups(config)
     modules, abstract, shardings = _abstract_models(declared, config, mesh)
+    abstract_groups, _ = grp.split_params(nn.meta.unbox(abstract), groups)
     group_shardings, frozen_shardings = grp.split_params(shardings, groups)
     optimizers = grp.make_optimizers(groups, config.steps)
-    opt_shardings = {g: _like_params(jax.eval_shape(optimizers[g][0].init, grp.split_params(
-        nn.meta.unbox(abstract), groups)[0][g]), group_shardings[g], replicated) for g in groups}
-    group_state_shardings = {g: {"params": group_shardings[g], "opt_state": opt_shardings[g],
-                                 **({"ema": group_shardings[g]} if groups[g].ema_decay > 0 else {})} for g in groups}
-    state_shardings = {"step": replicated, "rng": replicated, "groups": group_state_shardings}
+
+    def fresh_state(group_params):
+        return {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.fold_in(key, 2)),
+                "groups": grp.initial_state(group_params, optimizers, groups)}
+
+    abstract_state = jax.eval_shape(fresh_state, abstract_groups)
+    state_shardings = {"step": replicated, "rng": replicated, "groups": {
+        g: {"params": group_shardings[g], "opt_state": _like_params(s["opt_state"], group_shardings[g], replicated),
+            **({"ema": group_shardings[g]} if "ema" in s else {})} for g, s in abstract_state["groups"].items()}}
+
+    # --- checkpoints: resume, or start afresh -------------------------------------------------------------------
+    import grain
 
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=config.async_checkpoints)
@@ -436,39 +438,10 @@ def _train(config, workdir: str | Path) -> dict:
     mgr = ocp.CheckpointManager(workdir / stage_files.CHECKPOINTS,
                                 item_names=("state", *group_items.values(), "data", "config"), options=options)
     start = mgr.latest_step() or 0  # a run in an existing workdir resumes from its last checkpoint
-
     if start:  # the checkpoint and frozen/ hold every parameter: nothing is initialised
         frozen = stage_files.restore_frozen(workdir, frozen_shardings) if frozen_shardings else {}
-    else:
-        params = _init_params(declared, modules, shardings, config, mesh, jax.random.fold_in(key, 1))
-        group_params, frozen = grp.split_params(params, groups)
-        if main:
-            stage_files.write_workdir_models(workdir, task.name, declared, list(groups), task.export_models(config),
-                                             tokenizer=bool(data_cfg.tokenizer), frozen=bool(frozen))
-        if frozen:  # written once: a resume or an export reads the frozen parameters from here
-            with ocp.StandardCheckpointer() as ckptr:
-                ckptr.save(workdir / stage_files.FROZEN, frozen, force=True)
-                ckptr.wait_until_finished()
-        init_groups = jax.jit(lambda p: grp.initial_state(p, optimizers, groups),
-                              out_shardings=group_state_shardings)
-        state = {"step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.fold_in(key, 2)),
-                 "groups": init_groups(group_params)}
-        state = jax.device_put(state, state_shardings)
-        del params, group_params
-
-    # --- checkpoints --------------------------------------------------------------------------------------------
-    import grain
-
-    def abstract_state():
-        shapes = jax.eval_shape(lambda p: {"step": jnp.zeros((), jnp.int32),
-                                           "rng": jax.random.key_data(jax.random.fold_in(key, 2)),
-                                           "groups": grp.initial_state(p, optimizers, groups)},
-                                grp.split_params(nn.meta.unbox(abstract), groups)[0])
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
-                            state_shardings)
-
-    if start:
-        target = abstract_state()
+        target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state,
+                              state_shardings)
         restored = mgr.restore(start, args=ocp.args.Composite(
             state=ocp.args.StandardRestore({"step": target["step"], "rng": target["rng"]}),
             data=grain.checkpoint.CheckpointRestore(data_iter),
@@ -480,6 +453,18 @@ def _train(config, workdir: str | Path) -> dict:
             lines = (workdir / "metrics.jsonl").read_text().splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
             (workdir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+    else:
+        group_params, frozen = grp.split_params(_init_params(declared, modules, shardings, config, mesh,
+                                                             jax.random.fold_in(key, 1)), groups)
+        if main:
+            stage_files.write_workdir_models(workdir, task.name, declared, list(groups), task.export_models(config),
+                                             tokenizer=bool(data_cfg.tokenizer), frozen=bool(frozen))
+        if frozen:  # written once: a resume or an export reads the frozen parameters from here
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(workdir / stage_files.FROZEN, frozen, force=True)
+                ckptr.wait_until_finished()
+        state = jax.jit(fresh_state, out_shardings=state_shardings)(group_params)
+        del group_params
 
     def save(step):
         mgr.save(step, args=ocp.args.Composite(
