@@ -14,7 +14,7 @@
         bias 16, training seeds 0/1/2: 100/83/92% at step 400, 100/92/100% at 500, 100/100/100% at 600, colour
         100% at 600 (results/demo_motion_bias16_seed*.json); bias 8 needed 600/750/800 steps for 100%
         (results/demo_motion_seed*.json). The default 600 steps take about 3.5-5 minutes on 2 CPU cores (with the
-        malloc set-up `magdiff-jax` makes: magdiff_jax/utils/allocator.py). samples/ shows generations from the
+        malloc set-up `magdiff-jax` makes: magdiff_jax/cpu/allocator.py). samples/ shows generations from the
         first batch's subjects and captions. `:demo` is this config without previews (`magdiff-jax demo`'s own).
     magdiff-jax train --config configs/magdiff.py:base --workdir gs://bucket/magdiff \\
         --config.init_from=out/magdiff_init \\

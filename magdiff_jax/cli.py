@@ -316,15 +316,12 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run() -> None:
-    """Console-script entry point. It sets XLA's CPU convolutions to Eigen (magdiff_jax/utils/xla_cpu.py) and, on
-    Linux under glibc, restarts itself with the malloc tunables that keep XLA's CPU buffers mapped from step to
-    step when they are not set, and runs CPU programs on the calling thread (magdiff_jax/utils/allocator.py:
-    1.1-1.7x faster CPU steps)."""
-    from magdiff_jax.utils import allocator, xla_cpu
+    """Console-script entry point. It first sets the process up for CPU runs (`magdiff_jax.cpu.setup_process`: XLA's
+    CPU convolutions on Eigen, a restart with the malloc tunables that keep XLA's CPU buffers mapped from step to
+    step, CPU programs on the calling thread, the CPU kernels)."""
+    from magdiff_jax import cpu
 
-    xla_cpu.add_to_xla_flags()
-    allocator.reexec_with_tunables()
-    allocator.run_cpu_programs_on_calling_thread()
+    cpu.setup_process()
     try:
         app.run(main, flags_parser=parse_flags)
     except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # one clear line, exit 1

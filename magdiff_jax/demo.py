@@ -123,11 +123,11 @@ def calibrate_scaling(vae, params, clip_config, num: int = 32):
 
     import jax
 
+    from magdiff_jax import cpu
     from magdiff_jax.data.synthetic import make_clip
-    from magdiff_jax.utils import xla_cpu
 
     frames = np.concatenate([make_clip(i, clip_config).frames for i in range(num)])
-    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"), compiler_options=xla_cpu.merged(None))
+    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"), compiler_options=cpu.compiler_options())
     mean, _ = encode(params, frames / 127.5 - 1.0)
     scale = float(1.0 / np.std(np.asarray(mean)))
     logging.info("VAE latents: std %.3f -> scaling_factor %.4f", 1.0 / scale, scale)

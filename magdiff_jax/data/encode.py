@@ -67,9 +67,9 @@ import ml_collections
 import numpy as np
 from flax.serialization import msgpack_restore, msgpack_serialize
 
+from magdiff_jax import cpu
 from magdiff_jax.data import pipeline as data_pipeline
 from magdiff_jax.data.bad_input import REPORT_NAME, BadInputReport
-from magdiff_jax.utils import xla_cpu
 
 FORMAT = "magdiff_jax.encoded"
 VERSION = 1
@@ -205,7 +205,7 @@ def _video_fn(vae_config, frames_per_call: int):
         shape = (b, f, *mean.shape[1:])
         return mean.reshape(shape).astype(jnp.float32), std.reshape(shape)
 
-    return jax.jit(fn, compiler_options=xla_cpu.merged(None))
+    return jax.jit(fn, compiler_options=cpu.compiler_options())
 
 
 @functools.lru_cache(maxsize=8)

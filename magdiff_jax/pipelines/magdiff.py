@@ -27,8 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from magdiff_jax import cpu
 from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig
-from magdiff_jax.utils import xla_cpu
 
 
 def _frames(x):
@@ -269,4 +269,4 @@ class MagDiffPipeline:
             per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
             return per(batch, keys)
 
-        return jax.jit(run, compiler_options=xla_cpu.merged(None))
+        return jax.jit(run, compiler_options=cpu.compiler_options())

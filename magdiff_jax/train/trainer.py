@@ -22,7 +22,6 @@ optimizer state.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -40,12 +39,11 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from magdiff_jax import cpu
 from magdiff_jax import sharding as shd
 from magdiff_jax.data.transforms import normalize_example
 from magdiff_jax.train import optim
 from magdiff_jax.train.tasks import get_task, timestep_bias
-from magdiff_jax.utils import xla_cpu
-from magdiff_jax.utils.allocator import allocator_hint
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -206,7 +204,7 @@ class _Preview:
         key = jax.random.key(config.preview.seed)
         self.fn = jax.jit(lambda params, batch: task.preview(modules, params, batch, key, config=config),
                           in_shardings=(params_sharding, replicated), out_shardings=replicated,
-                          compiler_options=xla_cpu.merged(None))
+                          compiler_options=cpu.compiler_options())
 
     def due(self, step: int) -> bool:
         return self.fn is not None and (step % self.config.preview.every == 0 or step == self.config.steps)
@@ -286,17 +284,6 @@ def _like_params(opt_state, param_shardings, replicated):
     return jax.tree.map(one, opt_state, is_leaf=lambda x: jax.tree.structure(x) == structure)
 
 
-@functools.cache  # once per process (Orbax warns on every override)
-def _one_writer_per_array() -> None:
-    """On CPU devices (one host memory), let one replica write each replicated array: Orbax's replica-parallel
-    writing slices every array into a piece per replica first, one eager op each (2.6 s of a 4.8 s checkpoint of the
-    t2i micro state on 8 devices), for no I/O gain. Orbax already turns it off on GPUs; TPUs keep it."""
-    from orbax.checkpoint import type_handlers
-
-    type_handlers.register_type_handler(jax.Array, type_handlers.ArrayHandler(use_replica_parallel=False),
-                                        override=True)
-
-
 def compiler_options(text: str) -> dict[str, object]:
     """ "name=value,..." -> {name: value} (ints, floats and true/false parsed) for `Lowered.compile`."""
     out = {}
@@ -343,12 +330,19 @@ def tokenizer_folder(config, workdir) -> str:
 
 
 def train(config, workdir: str | Path) -> dict:
-    """Run (or resume) training in `workdir`. Returns the last logged metrics."""
-    from magdiff_jax.data.pipeline import default_report_path, make_dataset
+    """Run (or resume) training in `workdir`, with the CPU tuning (`magdiff_jax.cpu`) on where JAX's backend is the
+    CPU. Returns the last logged metrics."""
     from magdiff_jax.train import distributed
 
     distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
                            config.distributed.process_id)
+    with cpu.tuning(jax.default_backend() == "cpu"):
+        return _train(config, workdir)
+
+
+def _train(config, workdir: str | Path) -> dict:
+    from magdiff_jax.data.pipeline import default_report_path, make_dataset
+
     workdir = Path(workdir).absolute()
     main = jax.process_index() == 0
     check_config(config, jax.device_count(), jax.process_count())
@@ -369,8 +363,8 @@ def train(config, workdir: str | Path) -> dict:
                                   report_path=default_report_path(workdir)))
 
     if jax.default_backend() == "cpu":
-        _one_writer_per_array()
-        if main and (hint := allocator_hint()):
+        cpu.one_writer_per_array()
+        if main and (hint := cpu.allocator_hint()):
             logging.info(hint)
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=config.async_checkpoints)
@@ -460,7 +454,8 @@ def train(config, workdir: str | Path) -> dict:
                     tc = time.perf_counter()
                     lowered = step_fn.lower(state, frozen, batch)
                     tl = time.perf_counter()
-                    compiled = lowered.compile(xla_cpu.merged(compiler_options(config.get("compiler_options", ""))))
+                    xla_options = cpu.compiler_options(compiler_options(config.get("compiler_options", "")))
+                    compiled = lowered.compile(xla_options)
                     flops = _device_flops(compiled)
                     logging.info("step compiled in %.1f s (traced and lowered %.1f s, XLA %.1f s; %s FLOP per step "
                                  "per device)", time.perf_counter() - tc, tl - tc, time.perf_counter() - tl,
