@@ -10,10 +10,8 @@ concatenate, while = the blockwise-attention loops: on one core the loops' whole
 again by class; on two only their launch); the top matmul shapes with their GFLOP/s; the top module paths
 (forward / backward). Writes results/<kind>_cpu_profile_<cores>core.json.
 
-results/unet3d_cpu_profile_{1,2}core.json, 2-vCPU AMD EPYC (Zen 4) VM, blockwise attention with its flash-style
-backward: one core 2.95 s a step (dots 1896 ms, most at 100-104 GFLOP/s; attention's 1024-token products ~80 in the
-loops, whose whole time is 298 ms; the weight gradients contracting the token axis at 60-88; convolutions 543 ms;
-elementwise 277), two cores 1.61 s.
+The step runs with the CPU tuning on (`magdiff_jax.cpu.enable()`), as `unet_cpu.py` times it. The figures of
+results/unet3d_cpu_profile_{1,2}core.json are in benchmarks/README.md.
 
 Profiled steps: the first traced step only settles (starting the trace leaves the process idle for seconds, and on
 a VM whose kernel takes back idle memory the next step refaults it: see unet_cpu.py), and a step slower than 1.15x
@@ -142,18 +140,19 @@ def main():
     import jax
     import optax
 
+    from magdiff_jax import cpu
     from magdiff_jax.convert import load_torch
-    from magdiff_jax.utils import xla_cpu
-    from magdiff_jax.utils.allocator import run_cpu_programs_on_calling_thread
+    from magdiff_jax.cpu.allocator import run_cpu_programs_on_calling_thread
 
     run_cpu_programs_on_calling_thread()
+    cpu.enable()
     unet_cpu.reference_model(args.kind).save_pretrained(work / "m")
     module, params = load_torch(args.kind, work / "m")
     x, t, ctx, target = unet_cpu.inputs(args.kind)
     opt = optax.adamw(1e-4)
     state = [params, opt.init(params)]
     step = jax.jit(unet_cpu.jax_train_step(module, opt), donate_argnums=(0, 1)).lower(
-        *state, x, t, ctx, target).compile(xla_cpu.merged(None))
+        *state, x, t, ctx, target).compile(cpu.compiler_options())
 
     def run():
         state[0], state[1], loss = step(*state, x, t, ctx, target)

@@ -3,6 +3,7 @@
     python benchmarks/unet_cpu.py                    # unet3d, the documented mid-size config below
     python benchmarks/unet_cpu.py --kind unet2d      # the same widths as an image U-Net (batch 2)
     python benchmarks/unet_cpu.py --kind unet_motion
+    python benchmarks/unet_cpu.py --no-tuning        # JAX without the CPU tuning (magdiff_jax.cpu): plain model code
     python benchmarks/unet_cpu.py --malloc glibc     # both with glibc's malloc as it is, JAX dispatching async
     python benchmarks/unet_cpu.py --malloc hugepages # both with glibc's transparent huge pages only
     python benchmarks/unet_cpu.py --malloc tcmalloc  # both with tcmalloc preloaded
@@ -12,92 +13,37 @@ Config (all kinds): block widths 64/128/192, cross-attention in the first two bl
 batch of 2 images. unet3d: 15.5M parameters. Reports: JAX compile time; median forward and training-step
 (forward + backward + AdamW) times for both frameworks after warm-up; the ratio JAX / PyTorch (below 1: JAX is
 faster); the analytic FLOP count (magdiff_jax.utils.flops; also with convolutions counted by their in-bounds taps,
-as XLA counts them) against XLA's cost_analysis (of the same model with
-`attention_impl="xla"`: XLA counts the body of blockwise attention's loop once); achieved GFLOP/s; each step's
-system CPU time and page faults. The models run with their configs' default `attention_impl="auto"` (blockwise
-attention on CPU for long sequences). The JAX step returns new parameters and optimizer state (PyTorch updates in
-place); with --donate it donates the old ones, as the trainer's step does.
+as XLA counts them) against XLA's cost_analysis (of the same model with `attention_impl="xla"`: XLA counts the
+body of blockwise attention's loop once); achieved GFLOP/s; each step's system CPU time and page faults. The JAX
+worker runs with the CPU tuning on (`magdiff_jax.cpu.enable()`, as `magdiff-jax` and the trainer run on CPU; off
+with --no-tuning) and the models' default `attention_impl="auto"`. The JAX step returns new parameters and optimizer
+state (PyTorch updates in place); with --donate it donates the old ones, as the trainer's step does.
 
 One process per framework. Each worker builds or loads the model, compiles and warms up, then runs one timed call
 whenever this script asks: JAX forward, PyTorch forward, JAX step, PyTorch step, repeated, so both see the same
 machine load while only one of them runs at a time, and neither allocates from the other's heap. With --settle (the
 default) each timed call follows an untimed call of the same function in the same worker (reported as settle_s), so
-it runs as the steps of a training or sampling loop do, back to back, not after 2-3 s of the other framework's run.
-On the 2-vCPU AMD VM that gap matters: its kernel (DAMON pageout, no swap) takes back memory a process has left
-idle for about 2 s, and the next call faults it in again: a JAX step after a 2.5-5 s sleep took 3.1-4.3 s (2.4-4.2 s
-of system time, ~1300 page faults, 877 of them 2 MiB pages: the step's whole 1.75 GB temp buffer), against
-1.54-1.65 s after 0-1 s. Without --settle a third of the JAX steps paid it (and the faster framework idles longest);
-the settle calls still show it. Results before --settle existed were measured without it.
+it runs as the steps of a training or sampling loop do, back to back, not after seconds of the other framework's
+run: on a VM whose kernel takes back memory a process has left idle for ~2 s, the next call would fault it in again.
 
 The allocator (--malloc, the same for both workers). XLA's CPU runtime allocates a step's intermediates afresh on
-every call: one ~2 GB buffer per unet3d training step. With glibc's malloc as it is, that buffer comes from a fresh
-mmap each call: ~650k page faults and 3-4 s of system time per JAX step on a 2-vCPU VM, more when the PyTorch step
-runs in between.
-  magdiff (default): what `magdiff-jax` runs with (magdiff_jax/utils/allocator.py): GLIBC_TUNABLES
+every call (one ~2 GB buffer per unet3d training step), which glibc's malloc as it is maps afresh each call.
+  magdiff (default): what `magdiff-jax` runs with (magdiff_jax/cpu/allocator.py): GLIBC_TUNABLES
       glibc.malloc.hugetlb=1, mmap_max=0 and trim_threshold=64 GiB, and the JAX worker runs its programs on the
       calling thread (JAX's async CPU dispatch off), so freed buffers stay in the main heap and the next step reuses
-      them (~300 faults per step).
-  glibc: glibc's malloc as it is, JAX with async dispatch (plain JAX and PyTorch as they come).
+      them.
+  glibc: glibc's malloc as it is, JAX with async dispatch.
   hugepages: glibc.malloc.hugetlb=1 only: the buffers still come from fresh mmaps, 2 MiB pages at a time.
   tcmalloc: gperftools' tcmalloc (libtcmalloc_minimal.so.4; Debian: libtcmalloc-minimal4) preloaded into both; it
       keeps freed memory in its page heap.
 In every choice but glibc the JAX worker runs its programs on the calling thread, as `magdiff-jax` does.
-Other settings measured and dropped: glibc with arena_max=1 (every thread on the main heap: no faults with async
-dispatch, but lock contention slowed the demo's small steps); jemalloc (slower than glibc here).
 Both workers are pinned to the same `--threads` cores (os.sched_setaffinity): XLA's CPU thread pool takes every core
 the process may use, PyTorch the threads it is told, so on a larger machine an unpinned JAX worker computes on more
 cores than PyTorch does.
 
-Figures (unet3d, --donate; results/unet3d_cpu*.json; seconds, JAX / PyTorch):
-  2-vCPU AMD EPYC (Zen 4) VM, magdiff, --settle, with the weight-gradient rules for in > out and in == out
-  (layers.common.weight_gradient): forward 0.534 / 0.698 (0.77x), train step 1.663 / 2.097 (0.79x) (--steps 21, the
-  committed JSON); five other runs the same hour, --steps 21: 1.710 / 2.153 (0.79x), 1.722 / 2.261 (0.76x), 1.684 /
-  2.187 (0.77x), 1.697 / 2.137 (0.79x), 1.936 / 2.468 (0.78x, the machine slower), forward 0.69-0.83x; the code before
-  that change, the same hour: 1.676 / 2.138 (0.78x), forward 0.75x. unet_motion 0.337 / 0.425 (0.79x), 1.113 / 1.362
-  (0.82x); unet2d 0.072 / 0.078 (0.92x), 0.258 / 0.265 (0.98x).
-  Where the unet3d step's CPU time goes (perf, cpu-clock samples of the JAX process, before that change; seconds per
-  step on one core / two cores): YNNPACK matmuls 1.51 / 1.51; Eigen's products on oneDNN's sgemm kernels (3x3
-  convolutions and the token-axis weight gradients) 0.71 / 0.73, plus Eigen's operand packing 0.17 / 0.22; XLA's
-  generated elementwise kernels 0.41 / 0.42; YNNPACK's elementwise, transpose and reduction kernels 0.18 / 0.18;
-  thread pool and kernel 0.00 / 0.07: 3.08 / 3.27 s of CPU time per step, and on two cores one core idles ~12% of
-  the time. Per core the work is near the matmul peak; what two cores lose is the runtime's.
-  The day before, with blockwise attention's flash-style backward (layers.attention): forward 0.490 / 0.649 (0.76x),
-  train step 1.615 / 1.989 (0.81x) (--steps 21, then the committed JSON); other runs the same hour: --steps 21 1.695 /
-  2.176 (0.78x); --steps 11 1.620 / 2.070 (0.78x), 1.900 / 2.382 (0.80x, the machine slower), 1.643 / 2.018 (0.81x);
-  forward 0.73-0.78x. JAX's step holds at 1.60-1.70 s, PyTorch's moves 1.99-2.18 s from run to run, and the ratio with
-  it. unet_motion 0.324 / 0.409 (0.79x), 1.105 / 1.380 (0.80x) (another run: 0.79x, 0.81x); unet2d 0.066 / 0.071
-  (0.93x), 0.249 / 0.243 (1.02x). The same code without --settle: train step 0.84x and 0.93x (a third of the JAX steps
-  paid the refault above).
-  Before --settle and the flash-style backward, the same VM, with the erf-form GELU (layers.common.gelu): forward
-  0.499 / 0.678 (0.73x), train step 1.793 / 2.122 (0.84x) (--steps 11, then the committed JSON; three other runs:
-  1.721 / 2.077 and 1.643 / 1.979, both 0.83x, and 1.639 / 2.018, 0.81x; PyTorch's step ran 1.98-2.12 s that day
-  against 2.12-2.21 s the day before). unet_motion 0.340 / 0.436 (0.78x), 1.138 / 1.364 (0.83x); unet2d
-  0.071 / 0.073 (0.98x), 0.253 / 0.244 (1.04x) (unet2d's 0.07 s forward moved 0.96-1.19x across runs).
-  Where the unet3d step goes (jax.profiler, the same VM): on one core 2.93-3.06 s, on two 1.64-1.79 s (1.8x);
-  per core, the plain matmuls run at the core's peak (~100 GFLOP/s), the weight gradients contracting the token
-  axis of both operands at 50-87, 3x3 convolutions (Eigen) 530 ms at ~94; on two cores an estimated ~8% of the
-  cores' time idles (XLA runs small ops, concatenations and many mid-size matmuls on one thread).
-  The same VM the day before, with dense layers' weight gradients taken from the narrower operand transposed
-  (layers.common.weight_gradient) and jax.nn.gelu: forward 0.539 / 0.746 (0.72x), train step 1.800 / 2.212 (0.81x)
-  (other runs the same hour: 0.80x, 0.84x with the machine slower). The code before the weight-gradient change,
-  the same day: forward 0.75-0.81x, train step 0.92-1.03x. Run to run, the ratio moves by a few hundredths here.
-  2-vCPU Intel Xeon VM with AVX-512, the code before the weight-gradient change (magdiff with the one-matmul
-  TemporalConv, the two-product GEGLU and auto's pair-blocked attention; the other allocators before all three):
-  magdiff    forward 0.544 / 0.542 (1.00x), train step 2.113 / 1.752 (1.21x), JAX system time 0.05 s per step
-  tcmalloc   forward 0.512 / 0.503 (1.02x), train step 2.135 / 1.532 (1.39x), 0.03 s
-  hugepages  forward 0.575 / 0.525 (1.09x), train step 3.119 / 1.618 (1.93x), 1.73 s
-  glibc      forward 0.634 / 0.545 (1.16x), train step 3.710 / 1.759 (2.11x), 2.76 s
-  There the JAX step lost on matmuls: XLA's CPU kernels ran the U-Net's thin ones 2-5x slower than MKL (a
-  (8192, 64)^T (8192, 64) weight gradient: 1.7-1.8 ms against 0.33 ms; (8192, 1024) x (1024, 256): 34-37 ms on
-  one core against 14.5 ms), whichever library XLA hands them to, and ~345 ms a step on transposed copies, most of
-  them the weight-gradient operands the change above no longer copies.
-An earlier AMD EPYC figure (train step 0.78x with tcmalloc, forward 0.55x: JAX 1.553 s, 0.378 s) came from before
-the workers were pinned. Its JAX forward ran at ~200 GFLOP/s, the matmul peak of two Zen 4 cores, and the same code
-measured 0.99x / 1.08x on a 2-vCPU Zen 4 VM later: XLA most likely computed on more cores than PyTorch's two.
-
-Writes benchmarks/results/<kind>_cpu.json (--malloc M: <kind>_cpu_malloc_<M>.json), with the CPU's model and vector
-extensions: the ratio depends on them (above).
-PERF.md targets: forward <= 1.0x, training step <= 0.8x.
+Writes benchmarks/results/<kind>_cpu.json (--malloc M: <kind>_cpu_malloc_<M>.json; --no-tuning: the name ends in
+_untuned), with the CPU's model and vector extensions: the ratio depends on them. The figures, and the settings
+measured and dropped, are in benchmarks/README.md. PERF.md targets: forward <= 1.0x, training step <= 0.8x.
 """
 
 from __future__ import annotations
@@ -114,7 +60,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from magdiff_jax.utils.allocator import HUGEPAGES, supported_tunables
+from magdiff_jax.cpu.allocator import HUGEPAGES, supported_tunables
 
 WIDTHS = dict(block_out_channels=(64, 128, 192), layers_per_block=1, norm_num_groups=32, cross_attention_dim=256)
 CONFIGS = {
@@ -147,6 +93,8 @@ def main():
                     help="the memory allocator of both workers, and with it JAX's dispatch (module docstring)")
     ap.add_argument("--donate", action="store_true",
                     help="the JAX step donates its parameters and optimizer state (module docstring)")
+    ap.add_argument("--tuning", action=argparse.BooleanOptionalAction, default=True,
+                    help="the JAX worker with the CPU tuning (magdiff_jax.cpu) on (module docstring)")
     ap.add_argument("--settle", action=argparse.BooleanOptionalAction, default=True,
                     help="before each timed call, an untimed call of the same function in the same worker "
                          "(module docstring)")
@@ -166,7 +114,8 @@ def main():
         elif args.malloc == "tcmalloc":
             env["LD_PRELOAD"] = find_tcmalloc()
         common = ["--kind", args.kind, "--threads", str(args.threads), "--dir", tmp, *(["--donate"] * args.donate),
-                  "--malloc", args.malloc, "--settle" if args.settle else "--no-settle"]
+                  "--malloc", args.malloc, "--settle" if args.settle else "--no-settle",
+                  "--tuning" if args.tuning else "--no-tuning"]
         cpus = pinned_cpus(args.threads)
         # the PyTorch worker builds the reference model and writes it (and the inputs) before the JAX one reads them
         workers = {"torch": Worker("torch", common, env, cpus=cpus)}
@@ -197,6 +146,7 @@ def main():
                    **{k: f"{k}: GLIBC_TUNABLES={v}" for k, v in GLIBC_TUNABLES.items()}}[args.malloc],
         "jax_donates": args.donate,
         "jax_async_dispatch": jax_info["async_dispatch"],
+        "jax_cpu_tuning": jax_info["cpu_tuning"],
         "machine": platform.processor() or platform.machine(),
         "cpu": cpu_description(),
         "jax_compile_s": jax_info["compile_s"],
@@ -229,7 +179,7 @@ def main():
     print(f"forward FLOPs: analytic {flops / 1e9:.2f} G, XLA {xla_flops / 1e9:.2f} G (ratio {flops / xla_flops:.3f}); "
           f"convolutions by in-bounds taps as XLA counts them {jax_info['flops_in_bounds'] / 1e9:.2f} G "
           f"(ratio {jax_info['flops_in_bounds'] / xla_flops:.3f})")
-    suffix = "" if args.malloc == "magdiff" else f"_malloc_{args.malloc}"
+    suffix = ("" if args.malloc == "magdiff" else f"_malloc_{args.malloc}") + ("" if args.tuning else "_untuned")
     out = Path(args.out or Path(__file__).parent / "results" / f"{args.kind}_cpu{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -260,7 +210,7 @@ def cpu_description() -> dict:
 
 
 def find_tcmalloc() -> str:
-    from magdiff_jax.utils.allocator import find_tcmalloc as find
+    from magdiff_jax.cpu.allocator import find_tcmalloc as find
 
     lib = find()
     if lib is None:
@@ -401,13 +351,15 @@ def jax_worker(args) -> None:
     import jax
     import optax
 
+    from magdiff_jax import cpu
     from magdiff_jax.convert import load_torch
-    from magdiff_jax.utils import xla_cpu
-    from magdiff_jax.utils.allocator import run_cpu_programs_on_calling_thread
+    from magdiff_jax.cpu.allocator import run_cpu_programs_on_calling_thread
     from magdiff_jax.utils.flops import count_flops, count_in_bounds_flops
 
     if args.malloc != "glibc":  # as `magdiff-jax` runs (module docstring)
         run_cpu_programs_on_calling_thread()
+    if args.tuning:
+        cpu.enable()
     module, params = load_torch(args.kind, args.dir)
     x, t, ctx, target = inputs(args.kind)
     fwd_fn = jax.jit(lambda p, x, t, c: module.apply({"params": p}, x, t, c))
@@ -415,7 +367,7 @@ def jax_worker(args) -> None:
     train_jit = jax.jit(jax_train_step(module, opt), donate_argnums=(0, 1) if args.donate else ())
     opt_state = opt.init(params)
     t0 = time.perf_counter()
-    options = xla_cpu.merged(None)  # the library's XLA CPU setting, as the trainer compiles its step
+    options = cpu.compiler_options()  # the CPU tuning's XLA setting, as the trainer compiles its step
     fwd_c = fwd_fn.lower(params, x, t, ctx).compile(options)
     compile_fwd = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -441,7 +393,7 @@ def jax_worker(args) -> None:
     serve({"compile_s": {"forward": compile_fwd, "train_step": compile_train}, "flops_analytic": flops,
            "flops_in_bounds": in_bounds, "flops_xla": xla_flops, "input_shape": list(x.shape),
            "versions": {"jax": jax.__version__},
-           "async_dispatch": jax.config.values["jax_cpu_enable_async_dispatch"],
+           "async_dispatch": jax.config.values["jax_cpu_enable_async_dispatch"], "cpu_tuning": cpu.enabled(),
            "compiler_options": options or {}},
           {"fwd": fwd, "train": train}, settle=args.settle)
 

@@ -336,8 +336,9 @@ def main(args: argparse.Namespace) -> None:
 
 
 def run() -> None:
-    """Console-script entry point. It sets the process up for the CPU tuning first (`magdiff_jax.cpu.setup_process`:
-    on a CPU backend it may restart itself once with the allocator settings)."""
+    """Console-script entry point. It first sets the process up for CPU runs (`magdiff_jax.cpu.setup_process`: XLA's
+    CPU convolutions on Eigen, a restart with the malloc tunables that keep XLA's CPU buffers mapped from step to
+    step, CPU programs on the calling thread, the CPU kernels)."""
     from magdiff_jax import cpu
 
     cpu.setup_process()

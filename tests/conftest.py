@@ -21,13 +21,13 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Exact fp32 matmuls, here and in every subprocess check (the setting is part of the compilation cache's key: a
 # subprocess that left it at the default would compile afresh what the test process compiled already)
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
-# glibc's malloc tuned as `magdiff-jax` runs (magdiff_jax/utils/allocator.py): glibc reads the tunables when a process
+# glibc's malloc tuned as `magdiff-jax` runs (magdiff_jax/cpu/allocator.py): glibc reads the tunables when a process
 # starts, so they reach the xdist workers and the subprocess checks (this process only collects)
-from magdiff_jax.utils.allocator import supported_tunables, with_tunables
+from magdiff_jax.cpu.allocator import supported_tunables, with_tunables
 
 os.environ.update(with_tunables(dict(os.environ), supported_tunables()))
-# XLA's CPU convolutions on Eigen, as `magdiff-jax` and the trainer run them (magdiff_jax/utils/xla_cpu.py)
-from magdiff_jax.utils.xla_cpu import FLAG, user_chose
+# XLA's CPU convolutions on Eigen, as `magdiff-jax` runs them (magdiff_jax/cpu/xla_flags.py)
+from magdiff_jax.cpu.xla_flags import FLAG, user_chose
 
 if not user_chose():
     os.environ["XLA_FLAGS"] = f"{os.environ['XLA_FLAGS']} {FLAG}"
@@ -52,8 +52,8 @@ def _torch_threads():
 
 # The slowest files, slowest first (seconds on 2 busy cores). Collected first, so that `-n 2 --dist loadfile
 # --no-loadscope-reorder` hands them out first and the short files fill in around them (longest-first scheduling).
-SLOW_FILES = ("test_train.py", "test_magdiff_demo.py", "test_train_scale.py", "test_remat.py", "test_sharding.py",
-              "test_inflate.py", "test_magdiff_model.py", "test_unet3d.py")
+SLOW_FILES = ("test_train.py", "test_magdiff_demo.py", "test_train_scale.py", "test_remat.py", "test_cpu_tuning.py",
+              "test_sharding.py", "test_inflate.py", "test_magdiff_model.py", "test_unet3d.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,4 +1,4 @@
-"""The CPU allocator set-up (magdiff_jax/utils/allocator.py): the huge-page tunable and the restart that adds it."""
+"""The CPU allocator set-up (magdiff_jax/cpu/allocator.py): the huge-page tunable and the restart that adds it."""
 
 import os
 import subprocess
@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from magdiff_jax.utils import allocator
+from magdiff_jax.cpu import allocator
 
-PRINT_TUNABLES = ("from magdiff_jax.utils.allocator import reexec_with_tunables; reexec_with_tunables(); "
+PRINT_TUNABLES = ("from magdiff_jax.cpu.allocator import reexec_with_tunables; reexec_with_tunables(); "
                   "import os; print(os.environ.get('GLIBC_TUNABLES', ''))")
 
 
@@ -68,7 +68,7 @@ def test_reexec_adds_the_tunables_once():
 FAULTS = """
 import resource, sys
 import jax, jax.numpy as jnp
-from magdiff_jax.utils import allocator
+from magdiff_jax.cpu import allocator
 if sys.argv[1] == "sync":
     allocator.run_cpu_programs_on_calling_thread()
 f = jax.jit(lambda a, b: jnp.sum((a @ b) @ b[:8].T))
@@ -106,7 +106,7 @@ def test_glibc_version_is_parsed():
     assert version is None or (len(version) == 2 and version >= (2, 0))
 
 
-HINT = ("import sys; from magdiff_jax.utils import allocator\n"
+HINT = ("import sys; from magdiff_jax.cpu import allocator\n"
         "if sys.argv[1] == 'sync': allocator.run_cpu_programs_on_calling_thread()\n"
         "print(allocator.allocator_hint())")
 

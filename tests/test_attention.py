@@ -1,4 +1,5 @@
-"""The one attention entry point and the diffusers-named `Attention` layer."""
+"""The one attention entry point and the diffusers-named `Attention` layer; xla and blockwise attention both as plain
+JAX (the CPU tuning off) and as the CPU tuning's kernels (`cpu.kernels`: hand-written backwards, auto's CPU rule)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,8 @@ import pytest
 import torch
 from helpers import rel_err
 
+from magdiff_jax import cpu
+from magdiff_jax.cpu import kernels as cpu_kernels
 from magdiff_jax.layers import attention as attn_lib
 
 
@@ -61,13 +64,24 @@ def test_implementation_switch_is_validated(qkv):
         assert rel_err(out, _reference(q, k, v)) < 1e-5
 
 
+def _custom_vjps(fn, *args) -> bool:
+    """Whether `fn` traces to a custom VJP (a CPU kernel) now."""
+    return "custom_vjp" in str(jax.make_jaxpr(fn)(*args))
+
+
+def _tuned_on_cpu(tuned: bool) -> bool:
+    return tuned and jax.default_backend() == "cpu"
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["plain", "cpu_tuning"])
 @pytest.mark.parametrize("tiling", ["pairs", "queries"])
 @pytest.mark.parametrize("mask_kind", ["none", "per_query", "shared", "full", "empty_row", "causal"])
-def test_blockwise_equals_xla_values_and_gradients(qkv, monkeypatch, mask_kind, tiling):
-    """blockwise (saved log-sum-exp, probabilities recomputed block by block in the backward) computes what xla
-    computes, gradients included, a query with no visible key too; the block size is forced down so that the 6
-    (batch, head) pairs go 2 to a block ("pairs"), or each pair's 6 queries split into 3 blocks ("queries", whose
-    key and value gradients are summed over the blocks)."""
+def test_blockwise_equals_xla_values_and_gradients(qkv, monkeypatch, mask_kind, tiling, tuned):
+    """blockwise computes what xla computes, gradients included, a query with no visible key too, both as plain JAX
+    (each block recomputed in the backward) and with the CPU tuning (saved log-sum-exp, probabilities recomputed
+    block by block in the backward); the block size is forced down so that the 6 (batch, head) pairs go 2 to a
+    block ("pairs"), or each pair's 6 queries split into 3 blocks ("queries", whose key and value gradients are
+    summed over the blocks)."""
     q, k, v = qkv
     q = np.concatenate([q, q[:, :1] * 0.5], axis=1)  # 6 queries, 7 keys, B * H = 6 pairs
     block, tiles = {"pairs": (2 * 6 * 7, (2, 1)), "queries": (2 * 7, (1, 3))}[tiling]
@@ -87,7 +101,10 @@ def test_blockwise_equals_xla_values_and_gradients(qkv, monkeypatch, mask_kind, 
             lambda q, k, v: jnp.sum(jnp.sin(attn_lib.dot_product_attention(q, k, v, implementation=impl, **kw))),
             argnums=(0, 1, 2)))
 
-    (ref, ref_grads), (out, grads) = loss("xla")(q, k, v), loss("blockwise")(q, k, v)
+    with cpu.tuning(tuned):
+        (ref, ref_grads), (out, grads) = loss("xla")(q, k, v), loss("blockwise")(q, k, v)
+        assert _custom_vjps(lambda q, k, v: attn_lib.dot_product_attention(
+            q, k, v, implementation="blockwise", **kw), q, k, v) == _tuned_on_cpu(tuned)
     assert abs(float(out) - float(ref)) < 1e-5 * abs(float(ref))
     for a, b in zip(grads, ref_grads):
         assert rel_err(a, b) < 1e-5
@@ -104,10 +121,12 @@ def _autodiff_attention(q, k, v, mask):
     return jnp.einsum("bhqk,bkhd->bqhd", w, v)
 
 
+@pytest.mark.parametrize("tuned", [False, True], ids=["plain", "cpu_tuning"])
 @pytest.mark.parametrize("mask_kind", ["none", "per_query", "shared", "empty_row"])
-def test_xla_backward_equals_autodiff(qkv, mask_kind):
-    """xla's custom VJP (saved probabilities, transposed products) gives autodiff's gradients of the same forward,
-    masks included (a query with no visible key: zero output, zero gradients), Lq != Lk, fp32, 1e-5 relative."""
+def test_xla_backward_equals_autodiff(qkv, mask_kind, tuned):
+    """xla attention, as plain JAX and as the CPU tuning's custom VJP (saved probabilities, transposed products),
+    gives autodiff's gradients of a reference forward, masks included (a query with no visible key: zero output,
+    zero gradients), Lq != Lk, fp32, 1e-5 relative."""
     q, k, v = qkv
     rng = np.random.RandomState(3)
     mask = {"none": None, "per_query": rng.rand(2, 1, 5, 7) > 0.4, "shared": rng.rand(2, 3, 1, 7) > 0.4,
@@ -122,7 +141,10 @@ def test_xla_backward_equals_autodiff(qkv, mask_kind):
         return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * g), argnums=(0, 1, 2)))(q, k, v)
 
     (ref, ref_grads) = grads(lambda q, k, v: _autodiff_attention(q, k, v, mask))
-    (out, ours) = grads(lambda q, k, v: attn_lib.dot_product_attention(q, k, v, mask=mask, implementation="xla"))
+    fn = lambda q, k, v: attn_lib.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    with cpu.tuning(tuned):
+        (out, ours) = grads(fn)
+        assert _custom_vjps(fn, q, k, v) == _tuned_on_cpu(tuned)
     assert abs(float(out) - float(ref)) < 1e-5 * abs(float(ref))
     for a, b in zip(ours, ref_grads):
         assert rel_err(a, b) < 1e-5
@@ -146,25 +168,32 @@ def test_xla_gradients_match_torch_sdpa(qkv):
 
 
 def test_auto_takes_blockwise_on_cpu_for_long_sequences(qkv, monkeypatch):
+    """auto takes blockwise by the CPU tuning's rule (many scores, or large pairs and enough of them), and never
+    with the tuning off."""
     q, k, v = qkv
     if jax.default_backend() != "cpu":
         pytest.skip("the blockwise choice of auto is made on CPU")
     uses_map = lambda: "scan" in str(jax.make_jaxpr(
         lambda q, k, v: attn_lib.dot_product_attention(q, k, v, implementation="auto"))(q, k, v))
-    assert not uses_map()
     monkeypatch.setattr(attn_lib, "BLOCK_SCORES", 2 * 3 * 7)
-    # many scores (q, k: 2 x 3 pairs of 5 x 7)
-    monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_MIN_SCORES", 2 * 3 * 5 * 7)
-    assert uses_map()
-    out = attn_lib.dot_product_attention(q, k, v, implementation="auto")
-    assert rel_err(out, _reference(q, k, v)) < 1e-5
-    # large pairs, and enough scores in all; either short of its bound keeps xla
-    monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_MIN_SCORES", 2 * 3 * 5 * 7 + 1)
-    assert not uses_map()
-    for pair, total, expected in ((5 * 7, 2 * 3 * 5 * 7, True), (5 * 7 + 1, 1, False), (1, 2 * 3 * 5 * 7 + 1, False)):
-        monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_PAIR_SCORES", pair)
-        monkeypatch.setattr(attn_lib, "AUTO_BLOCKWISE_LARGE_PAIR", total)
-        assert uses_map() == expected, (pair, total)
+    with cpu.tuning(True):
+        assert not uses_map()
+        # many scores (q, k: 2 x 3 pairs of 5 x 7)
+        monkeypatch.setattr(cpu_kernels, "AUTO_BLOCKWISE_MIN_SCORES", 2 * 3 * 5 * 7)
+        assert uses_map()
+        out = attn_lib.dot_product_attention(q, k, v, implementation="auto")
+        assert rel_err(out, _reference(q, k, v)) < 1e-5
+    with cpu.tuning(False):
+        assert not uses_map()
+    with cpu.tuning(True):
+        # large pairs, and enough scores in all; either short of its bound keeps xla
+        monkeypatch.setattr(cpu_kernels, "AUTO_BLOCKWISE_MIN_SCORES", 2 * 3 * 5 * 7 + 1)
+        assert not uses_map()
+        for pair, total, expected in ((5 * 7, 2 * 3 * 5 * 7, True), (5 * 7 + 1, 1, False),
+                                      (1, 2 * 3 * 5 * 7 + 1, False)):
+            monkeypatch.setattr(cpu_kernels, "AUTO_BLOCKWISE_PAIR_SCORES", pair)
+            monkeypatch.setattr(cpu_kernels, "AUTO_BLOCKWISE_LARGE_PAIR", total)
+            assert uses_map() == expected, (pair, total)
 
 
 def test_attention_layer_matches_diffusers_attention():

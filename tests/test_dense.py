@@ -1,5 +1,6 @@
-"""`layers.common.dense` (`nn.Dense` through `matmul`, whose CPU backward takes the weight gradient in the operand
-layout XLA's CPU matmuls run fastest) against `torch.nn.Linear`; `layers.common.gelu` against `torch.nn.GELU`."""
+"""`layers.common.dense` (`nn.Dense` through the `matmul` override point) against `torch.nn.Linear`, with the plain
+`jnp.dot` and with the CPU tuning's kernel (`cpu.kernels.matmul`, whose backward takes the weight gradient in the
+operand layout XLA's CPU matmuls run fastest); `layers.common.gelu` against `torch.nn.GELU`."""
 
 import re
 
@@ -10,14 +11,17 @@ import pytest
 import torch
 from helpers import rel_err
 
-from magdiff_jax.layers.common import activation, dense, gelu, matmul, weight_gradient
+from magdiff_jax import cpu
+from magdiff_jax.cpu.kernels import matmul, weight_gradient
+from magdiff_jax.layers.common import activation, dense, gelu
 
 
+@pytest.mark.parametrize("tuned", [False, True], ids=["plain", "cpu_tuning"])
 @pytest.mark.parametrize("shape,out", [((2, 3, 5, 8), 24), ((2, 7, 24), 8), ((6, 16), 16), ((1, 4, 5, 12), 12)])
-def test_matches_torch_linear(shape, out):
+def test_matches_torch_linear(shape, out, tuned):
     """torch.nn.Linear with random weight and bias: output and the gradients of a weighted sum with respect to the
-    input, kernel and bias, fp32, 1e-5 relative; the three weight-gradient forms (in < out, in > out, in == out)
-    and leading axes of any rank."""
+    input, kernel and bias, fp32, 1e-5 relative, with the CPU tuning off and on; the three weight-gradient forms
+    (in < out, in > out, in == out) and leading axes of any rank."""
     rng = np.random.RandomState(0)
     x = rng.randn(*shape).astype(np.float32)
     ref = torch.nn.Linear(shape[-1], out)
@@ -30,16 +34,21 @@ def test_matches_torch_linear(shape, out):
     tx = torch.from_numpy(x).requires_grad_(True)
     want = ref(tx)
     (want * torch.from_numpy(weights)).sum().backward()
-    assert rel_err(layer.apply({"params": params}, x), want.detach().numpy()) < 1e-5
-    grads = jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x) * weights), argnums=(0, 1))(params, x)
+    loss = lambda p, x: jnp.sum(layer.apply({"params": p}, x) * weights)
+    with cpu.tuning(tuned):
+        got = layer.apply({"params": params}, x)
+        grads = jax.grad(loss, argnums=(0, 1))(params, x)
+        custom = "custom_vjp" in str(jax.make_jaxpr(loss)(params, x))
+    assert custom == (tuned and jax.default_backend() == "cpu")  # the kernel the layer was traced with
+    assert rel_err(got, want.detach().numpy()) < 1e-5
     assert rel_err(grads[1], tx.grad.numpy()) < 1e-5
     assert rel_err(grads[0]["kernel"], ref.weight.grad.numpy().T) < 1e-5
     assert rel_err(grads[0]["bias"], ref.bias.grad.numpy()) < 1e-5
 
 
 def test_weight_gradient_forms_and_dtypes():
-    """`weight_gradient` equals x^T dy in each form; `matmul`'s gradients keep autodiff's dtypes in bfloat16; on the
-    CPU backend the narrow-input form transposes x behind an optimization barrier (the form XLA would not choose)."""
+    """`weight_gradient` equals x^T dy in each form; the CPU `matmul`'s gradients keep autodiff's dtypes in
+    bfloat16; the narrow-input form transposes x behind an optimization barrier (the form XLA would not choose)."""
     rng = np.random.RandomState(1)
     for n_in, n_out in ((4, 12), (12, 4), (8, 8), (256, 256)):
         x, d_y = rng.randn(3, 10, n_in).astype(np.float32), rng.randn(3, 10, n_out).astype(np.float32)

@@ -1,4 +1,5 @@
-"""`layers.common.GroupNorm` (per-channel sums, one multiply-add) against `torch.nn.GroupNorm`."""
+"""`layers.common.GroupNorm` (per-channel sums, one multiply-add) against `torch.nn.GroupNorm`, with the CPU tuning
+off and on (on, a single sample is normalised without its batch axis: `cpu.kernels.group_norm_keeps_batch`)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,15 +8,30 @@ import pytest
 import torch
 from helpers import rel_err
 
+from magdiff_jax import cpu
 from magdiff_jax.layers.common import group_norm
 
 
+def _position_sums(fn, *args) -> set[tuple[int, tuple]]:
+    """(rank, axes) of the sums over the positions in `fn`'s jaxpr (a per-channel sum reduces the second-to-last
+    axis: the positions; group sums reduce the last)."""
+    found = set()
+    for eqn in jax.make_jaxpr(fn)(*args).jaxpr.eqns:
+        if eqn.primitive.name == "reduce_sum":
+            rank = eqn.invars[0].aval.ndim
+            if eqn.params["axes"] == (rank - 2,):
+                found.add((rank, eqn.params["axes"]))
+    return found
+
+
+@pytest.mark.parametrize("tuned", [False, True], ids=["plain", "cpu_tuning"])
 @pytest.mark.parametrize("shape,groups,eps", [((2, 3, 6, 5, 16), 4, 1e-6), ((3, 7, 7, 12), 3, 1e-5),
                                               ((2, 9, 8), 8, 1e-5), ((1, 3, 6, 5, 16), 4, 1e-6)])
-def test_matches_torch_group_norm(shape, groups, eps):
+def test_matches_torch_group_norm(shape, groups, eps, tuned):
     """torch.nn.GroupNorm (channels first, statistics over every other non-batch axis), random scale and bias,
     inputs with a non-zero mean: outputs and the gradients of a weighted sum with respect to the input, scale and
-    bias, fp32, 1e-5 relative. A single sample (batch 1) takes its own code path (no batch axis)."""
+    bias, fp32, 1e-5 relative. With the CPU tuning on CPU a single sample (batch 1) takes its own code path (the
+    positions summed as the first axis of an (N, C) array); otherwise the batch axis stays ((B, N, C) arrays)."""
     rng = np.random.RandomState(0)
     x = (rng.randn(*shape) * 2.0 + 0.7).astype(np.float32)
     c = shape[-1]
@@ -26,14 +42,19 @@ def test_matches_torch_group_norm(shape, groups, eps):
         want = ref(torch.from_numpy(np.moveaxis(x, -1, 1).copy())).numpy()
     params = {"scale": ref.weight.detach().numpy(), "bias": ref.bias.detach().numpy()}
     norm = group_norm(groups, epsilon=eps)
-    got = norm.apply({"params": params}, x)
+    weights = rng.randn(*shape).astype(np.float32)
+    loss = lambda p, x: jnp.sum(norm.apply({"params": p}, x) * weights)
+    with cpu.tuning(tuned):
+        got = norm.apply({"params": params}, x)
+        grads = jax.grad(loss, argnums=(0, 1))(params, x)
+        sums = _position_sums(loss, params, x)
+    batchless = tuned and shape[0] == 1 and jax.default_backend() == "cpu"
+    assert sums == ({(2, (0,))} if batchless else {(3, (1,))}), sums
     assert got.dtype == jnp.float32
     assert rel_err(got, np.moveaxis(want, 1, -1)) < 1e-5
 
-    weights = rng.randn(*shape).astype(np.float32)
     tx = torch.from_numpy(np.moveaxis(x, -1, 1).copy()).requires_grad_(True)
     (ref(tx) * torch.from_numpy(np.moveaxis(weights, -1, 1).copy())).sum().backward()
-    grads = jax.grad(lambda p, x: jnp.sum(norm.apply({"params": p}, x) * weights), argnums=(0, 1))(params, x)
     assert rel_err(grads[1], np.moveaxis(tx.grad.numpy(), 1, -1)) < 1e-5
     assert rel_err(grads[0]["scale"], ref.weight.grad.numpy()) < 1e-5
     assert rel_err(grads[0]["bias"], ref.bias.grad.numpy()) < 1e-5

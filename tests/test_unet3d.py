@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_temporal import TransformerTempor
 from flax import traverse_util
 from helpers import assert_same_state_dict, perturb_, rel_err
 
-import magdiff_jax.convert.unet3d  # noqa: F401  (registers the kind)
+from magdiff_jax import cpu
 from magdiff_jax.convert import load_torch, save_torch, torch_format
 from magdiff_jax.convert.core import Rule, torch_to_flax
 from magdiff_jax.convert.unet3d import temp_conv_rules, temporal_transformer_rules
@@ -166,10 +166,12 @@ def test_temporal_layers_match_diffusers():
     assert err <= TOL
 
 
-def test_temporal_conv_gradients_match_torch_conv3d():
-    """TemporalConv's hand-written backward (one matmul over the shifted frames, which rebuilds them rather than
-    saving them): input, kernel and bias gradients of a weighted sum equal torch.nn.Conv3d's (3, 1, 1) autograd
-    gradients, fp32, 1e-5 relative (B=2, F=5 and F=1, 3x2 pixels, 6 -> 4 channels, random kernel and bias)."""
+@pytest.mark.parametrize("tuned", [False, True], ids=["plain", "cpu_tuning"])
+def test_temporal_conv_gradients_match_torch_conv3d(tuned):
+    """TemporalConv's backward (one matmul over the shifted frames, which rebuilds them rather than saving them:
+    `jax.checkpoint` by default, the CPU tuning's hand-written backward with it): input, kernel and bias gradients
+    of a weighted sum equal torch.nn.Conv3d's (3, 1, 1) autograd gradients, fp32, 1e-5 relative (B=2, F=5 and
+    F=1, 3x2 pixels, 6 -> 4 channels, random kernel and bias)."""
     rng = np.random.RandomState(3)
     for f in (5, 1):
         x = rng.randn(2, f, 3, 2, 6).astype(np.float32)
@@ -185,7 +187,10 @@ def test_temporal_conv_gradients_match_torch_conv3d():
         def loss(p, x, weight):
             return jnp.sum(TemporalConv(4).apply({"params": p}, x) * weight)
 
-        d_params, d_x = jax.grad(loss, argnums=(0, 1))(params, x, weight)
+        with cpu.tuning(tuned):
+            d_params, d_x = jax.grad(loss, argnums=(0, 1))(params, x, weight)
+            custom = "custom_vjp" in str(jax.make_jaxpr(loss)(params, x, weight))
+        assert custom == (tuned and jax.default_backend() == "cpu")
         assert rel_err(d_x, tx.grad.numpy().transpose(0, 2, 3, 4, 1)) <= 1e-5
         assert rel_err(d_params["kernel"], conv.weight.grad.numpy().transpose(2, 3, 4, 1, 0)) <= 1e-5
         assert rel_err(d_params["bias"], conv.bias.grad.numpy()) <= 1e-5

@@ -4,38 +4,23 @@ decoupled text/image cross-attention variant for MagDiff).
 Every attention in the project (CLIP self-attention, VAE mid-block attention, U-Net self/cross/temporal
 attention) calls `dot_product_attention`, whose `implementation` comes from the model config:
 
-  xla        two einsums around an fp32 softmax, with a hand-written backward (custom VJP) that keeps the
-             probabilities and takes every gradient product in the operand layout XLA's CPU matmuls run fastest
-             (autodiff's dV = P^T dO and dK = dS^T Q contract the major axis of both operands); any backend, any
-             dtype. A query whose keys are all masked out gets a zero output, as PyTorch's SDPA gives.
-  blockwise  the same computation a block at a time (`lax.map`), with flash attention's bookkeeping: a block
-             holds whole (batch, head) pairs, as many as fit BLOCK_SCORES scores, or, where one pair's scores do
-             not fit, a slice of one pair's queries. The forward keeps each query's output and log-sum-exp; the
-             backward recomputes a block's probabilities from them (one QK^T product, no second softmax or PV
-             product) and takes its gradients as xla's backward does. The (Lq, Lk) score matrix never exists
-             whole: activation memory O(block) instead of O(B * H * Lq * Lk), and each block's scores stay in
-             cache (4 MB in fp32). The outputs are those of xla (each query row is the same computation).
-             Against the earlier form that rematerialised each block's whole forward, forward + backward on a
-             2-vCPU AMD EPYC VM (one core / two cores): (8, 1024, 2, 32) 124 -> 103 / 70 -> 59 ms; (1, 4096, 1,
-             32) (query blocks) 126 -> 98 / 69 -> 54 ms; (2, 1024, 8, 40) 180 -> 130 / 102 -> 81 ms; the unet3d
-             training step of `benchmarks/unet_cpu.py` in one process, one core 3.00 -> 2.91 s, two 1.63 -> 1.59 s.
+  xla        two einsums around an fp32 softmax; any backend, any dtype. A query whose keys are all masked out
+             gets a zero output, as PyTorch's SDPA gives.
+  blockwise  the same computation a block at a time (`lax.map`): a block holds whole (batch, head) pairs, as many
+             as fit BLOCK_SCORES scores, or, where one pair's scores do not fit, a slice of one pair's queries.
+             Each block is recomputed in the backward rather than saved, so the (Lq, Lk) score matrix never
+             exists whole: activation memory O(block) instead of O(B * H * Lq * Lk). The outputs are those of xla
+             (each query row is the same computation). It loops over batch and heads, one block after another: it
+             suits one device; where batch or heads are sharded, name xla.
   cudnn      cuDNN flash attention on a CUDA GPU (fp16/bf16, head_dim a multiple of 8 and at most 128). Asking for
              it elsewhere is an error that says why; tests gate it on `cudnn_available()`.
   auto       (the model configs' default) cudnn where it is available and applicable and the sequence is long
-             enough to gain from it; on CPU, blockwise where the saved probabilities would pass 256 MB
-             (AUTO_BLOCKWISE_MIN_SCORES in fp32), or where each (batch, head) pair has at least 1024 x 1024 scores
-             and all of them pass 16 MB; else xla.
-             Forward + backward on a 2-vCPU Intel Xeon VM, alternating runs, q/k/v (B, L, H, D):
-               (8, 1024, 2, 32) (unet3d's 32x32 self-attention): xla 159-200 ms, blockwise 78-87 ms (blocks of
-                   queries across all pairs instead: 93-102 ms), PyTorch's SDPA (flash kernel) 48-52 ms;
-               (2, 1024, 2, 32): xla 32-38 ms, blockwise 23-26 ms, SDPA 13-15 ms;
-               smaller pairs gain little or lose: (8, 512, 2, 32) xla 24 ms, blockwise 28 ms; (16, 256, 4, 32)
-                   35 / 35 ms; (16, 256, 4, 8) 16 / 14 ms; (8, 256, 4, 32) 16 / 22 ms.
-             The unet3d training step of `benchmarks/unet_cpu.py`, in one process: 1.98 s with auto, 2.08 s with
-             xla everywhere (1.68 s with its three 1024-token attentions left out altogether). The ranking depends
-             on the machine: on a 2-vCPU AMD EPYC VM xla ran (8, 1024, 2, 32) in 37 ms, ahead of the earlier
-             query-block tiling (61 ms; the pair tiling was not measured there). blockwise loops over batch and
-             heads, one block after another: it suits one device; where batch or heads are sharded, name xla.
+             enough to gain from it; else blockwise where the override point `auto_blockwise` says so (never by
+             default; `magdiff_jax.cpu` takes it for large score matrices on CPU); else xla.
+
+xla's and blockwise's computations are the override points `attention` and `blockwise_attention`
+(`layers.kernels`): plain JAX by default, differentiated by autodiff in either mode; `magdiff_jax.cpu` replaces
+them by kernels with hand-written backwards built from the helpers here.
 """
 
 from __future__ import annotations
@@ -46,20 +31,15 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from magdiff_jax.layers import kernels
 from magdiff_jax.layers.common import dense
 from magdiff_jax.layers.remat import tag
 
 IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "auto")
 # Below this many keys the fused kernel does not pay for itself (77-token prompts, 16-frame temporal attention).
 AUTO_CUDNN_MIN_LENGTH = 256
-# auto on CPU: blockwise from this many scores (B * H * Lq * Lk) up, for memory; from AUTO_BLOCKWISE_LARGE_PAIR
-# scores up where each (batch, head) pair has at least AUTO_BLOCKWISE_PAIR_SCORES (Lq * Lk), for speed. A block
-# holds at most BLOCK_SCORES scores.
-AUTO_BLOCKWISE_MIN_SCORES = 1 << 26
-AUTO_BLOCKWISE_LARGE_PAIR = 1 << 22
-AUTO_BLOCKWISE_PAIR_SCORES = 1 << 20
+# A blockwise block holds at most this many scores (4 MB in fp32: it stays in cache).
 BLOCK_SCORES = 1 << 20
 
 
@@ -94,7 +74,7 @@ def dot_product_attention(
       mask: optional boolean mask broadcastable to (B, H, Lq, Lk); True keeps a key.
       is_causal: apply a causal (lower-triangular) mask.
       scale: logit scale, default 1/sqrt(D).
-      implementation: "xla", "cudnn" or "auto" (module docstring).
+      implementation: "xla", "blockwise", "cudnn" or "auto" (module docstring).
     Returns:
       (B, Lq, H, D), in q's dtype.
     """
@@ -115,7 +95,7 @@ def dot_product_attention(
     elif implementation == "auto":
         if cudnn_available() and _cudnn_applicable(q, k):
             impl = "cudnn" if k.shape[1] >= AUTO_CUDNN_MIN_LENGTH else "xla"
-        elif jax.default_backend() == "cpu" and _blockwise_pays(q, k):
+        elif kernels.get("auto_blockwise")(q, k):
             impl = "blockwise"
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
@@ -127,18 +107,20 @@ def dot_product_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if impl == "blockwise":
         return _blockwise_attention(q, k, v, mask, scale)
-    return _attention(q, k, v, None if mask is None else jnp.asarray(mask), scale)
+    return kernels.get("attention")(q, k, v, None if mask is None else jnp.asarray(mask), scale)
 
 
-def _num_scores(q, k) -> int:
-    return q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1]
+@kernels.default("auto_blockwise")
+def never_blockwise(q, k) -> bool:
+    return False
 
 
-def _blockwise_pays(q, k) -> bool:
-    """auto's CPU choice (module docstring): blockwise for many scores, or for large pairs and enough of them."""
-    scores = _num_scores(q, k)
-    large_pairs = q.shape[1] * k.shape[1] >= AUTO_BLOCKWISE_PAIR_SCORES and scores >= AUTO_BLOCKWISE_LARGE_PAIR
-    return scores >= AUTO_BLOCKWISE_MIN_SCORES or large_pairs
+@kernels.default("attention")
+def plain_attention(q, k, v, mask, scale):
+    """Softmax attention (B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D) under an optional boolean mask
+    (broadcastable to (B, H, Lq, Lk), True keeps a key), differentiated by autodiff."""
+    q, k, v = _heads_first(q * jnp.asarray(scale, q.dtype)), _heads_first(k), _heads_first(v)
+    return _heads_first(_softmax_attention(q, k, v, mask)[0])
 
 
 def _divisor_at_most(n: int, limit: int) -> int:
@@ -164,7 +146,8 @@ def _blockwise_attention(q, k, v, mask, scale):
     if mask is not None:  # broadcast over batch and heads, its query axis kept where it is shared (size 1)
         mask = jnp.asarray(mask).reshape((1,) * (4 - jnp.ndim(mask)) + jnp.shape(mask))
         mask = jnp.broadcast_to(mask, (b, h, *mask.shape[2:])).reshape(b * h // group, group, 1, *mask.shape[2:])
-    out = _blocks_attention(pairs(q), pairs(k), pairs(v), mask, scale, n_q)  # (pairs / group, group, 1, Lq, D)
+    # (pairs / group, group, 1, Lq, D)
+    out = kernels.get("blockwise_attention")(pairs(q), pairs(k), pairs(v), mask, scale, n_q)
     return _heads_first(out.reshape(b, h, lq, d))
 
 
@@ -183,68 +166,29 @@ def _per_query(mask) -> bool:
     return mask is not None and mask.shape[-2] != 1
 
 
-def _blocks_forward(q, k, v, mask, n_q):
-    """Output and log-sum-exp of one block of pairs (heads-first, q scaled), its queries `n_q` blocks at a time."""
+def _blocks_forward(attend, q, k, v, mask, n_q):
+    """`attend(q, k, v, mask)` (heads-first attention of scaled queries, giving arrays with the query axis second to
+    last) on one block of pairs, its queries `n_q` blocks at a time."""
     if n_q == 1:
-        out, _, lse = _softmax_attention(q, k, v, mask)
-        return out, lse
+        return attend(q, k, v, mask)
     per_query = _per_query(mask)
-    one = lambda xs: _softmax_attention(xs[0], k, v, xs[1] if per_query else mask)[::2]
-    out, lse = jax.lax.map(one, (_split_queries(q, n_q), _split_queries(mask, n_q) if per_query else None))
-    return _merge_queries(out), _merge_queries(lse)
+    one = lambda xs: attend(xs[0], k, v, xs[1] if per_query else mask)
+    out = jax.lax.map(one, (_split_queries(q, n_q), _split_queries(mask, n_q) if per_query else None))
+    return jax.tree.map(_merge_queries, out)
 
 
-def _blocks_backward(scale, q, k, v, mask, out, lse, d_out, n_q):
-    """dQ, dK^T, dV^T of one block of pairs: its probabilities recomputed from the saved log-sum-exp (no second
-    softmax, no second P V product); over query blocks dK^T and dV^T are summed in fp32."""
-
-    def one(qb, mb, ob, lb, db):
-        weights = _unseen_to_zero(jnp.exp(_logits(qb, k, mb) - lb), mb)
-        return _softmax_attention_backward(scale, qb, k, v, ob, weights.astype(v.dtype), db)
-
-    if n_q == 1:
-        return one(q, mask, out, lse, d_out)
-    per_query = _per_query(mask)
-
-    def step(acc, xs):
-        qb, mb, ob, lb, db = xs
-        d_q, d_kt, d_vt = one(qb, mb if per_query else mask, ob, lb, db)
-        return (acc[0] + d_kt.astype(jnp.float32), acc[1] + d_vt.astype(jnp.float32)), d_q
-
-    split = lambda t: _split_queries(t, n_q)
-    acc = (jnp.zeros(k.shape[:-2] + k.shape[:-3:-1], jnp.float32),) * 2  # (..., D, Lk)
-    (d_kt, d_vt), d_q = jax.lax.scan(
-        step, acc, (split(q), split(mask) if per_query else None, split(out), split(lse), split(d_out)))
-    return _merge_queries(d_q), d_kt.astype(k.dtype), d_vt.astype(v.dtype)
+@jax.checkpoint
+def _recomputed_output(q, k, v, mask):
+    """The output of `_softmax_attention`, recomputed in the backward rather than saved (its probabilities)."""
+    return _softmax_attention(q, k, v, mask)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blocks_attention(q, k, v, mask, scale, n_q):
-    """blockwise's computation on (blocks, group, 1, L, D) heads-first pairs: a loop over the blocks, flash
-    attention's bookkeeping. The forward keeps each block's output and log-sum-exp (Lq values per pair) instead
-    of its probabilities; the backward recomputes a block's probabilities from them and takes its gradients as
-    xla's backward does: five products a block in the backward instead of the six of a rematerialised forward."""
-    return _blocks_attention_fwd(q, k, v, mask, scale, n_q)[0]
-
-
-def _blocks_attention_fwd(q, k, v, mask, scale, n_q):
+@kernels.default("blockwise_attention")
+def plain_blockwise_attention(q, k, v, mask, scale, n_q):
+    """blockwise's computation on (blocks, group, 1, L, D) heads-first pairs: a loop over the blocks, each block of
+    queries recomputed in the backward, so that autodiff keeps no block's probabilities."""
     q = q * jnp.asarray(scale, q.dtype)
-    out, lse = jax.lax.map(lambda xs: _blocks_forward(*xs, n_q), (q, k, v, mask))
-    return out, (q, k, v, mask, out, lse)
-
-
-def _blocks_attention_bwd(scale, n_q, res, d_out):
-    q, k, v, mask, out, lse = res
-    d_q, d_kt, d_vt = jax.lax.map(lambda xs: _blocks_backward(scale, *xs, n_q), (q, k, v, mask, out, lse, d_out))
-    return d_q, jnp.swapaxes(d_kt, -1, -2), jnp.swapaxes(d_vt, -1, -2), _no_gradient(mask)
-
-
-_blocks_attention.defvjp(_blocks_attention_fwd, _blocks_attention_bwd)
-
-
-def _no_gradient(mask):
-    """The cotangent of a boolean mask (or None) in a custom VJP: float0 zeros."""
-    return jax.tree.map(lambda m: np.zeros(m.shape, jax.dtypes.float0), mask)
+    return jax.lax.map(lambda xs: _blocks_forward(_recomputed_output, *xs, n_q), (q, k, v, mask))
 
 
 def _heads_first(t):
@@ -268,51 +212,12 @@ def _softmax_attention(q, k, v, mask):
     """Heads-first softmax attention of scaled queries: output (B, H, Lq, D), probabilities (in v's dtype) and
     each query's log-sum-exp (B, H, Lq, 1)."""
     logits = _logits(q, k, mask)
-    top = jnp.max(logits, axis=-1, keepdims=True)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # the softmax does not depend on it
     unnormalised = jnp.exp(logits - top)
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
     weights = _unseen_to_zero(unnormalised / total, mask).astype(v.dtype)
     out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).astype(q.dtype)
     return out, weights, top + jnp.log(total)
-
-
-def _softmax_attention_backward(scale, q, k, v, out, weights, d_out):
-    """Softmax attention's gradient from the probabilities P, heads-first (q scaled), with every product in a form
-    XLA's CPU matmul library runs at full speed: dV^T = dO^T P and dK^T = Q^T dS are taken as (D, Lq) x (Lq, Lk)
-    products (their transposed forms, contracting the major query axis of both operands, ran 2-4x slower).
-    dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale. Returns dQ (B, H, Lq, D), dK^T and dV^T
-    (B, H, D, Lk)."""
-    d_vt = jnp.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(d_out, 2, 3), weights)
-    d_weights = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    d_logits = (weights.astype(jnp.float32) * (d_weights - row)).astype(q.dtype)
-    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k) * jnp.asarray(scale, q.dtype)
-    d_kt = jnp.einsum("bhdq,bhqk->bhdk", jnp.swapaxes(q, 2, 3), d_logits)
-    return d_q, d_kt, d_vt
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _attention(q, k, v, mask, scale):
-    """Softmax attention (B, Lq, H, D) x (B, Lk, H, D) -> (B, Lq, H, D) under an optional boolean mask
-    (broadcastable to (B, H, Lq, Lk), True keeps a key; it gets no gradient). The backward keeps the probabilities
-    (B * H * Lq * Lk values, as autodiff of the same forward does) instead of recomputing them."""
-    return _attention_fwd(q, k, v, mask, scale)[0]
-
-
-def _attention_fwd(q, k, v, mask, scale):
-    q, k, v = _heads_first(q * jnp.asarray(scale, q.dtype)), _heads_first(k), _heads_first(v)
-    out, weights, _ = _softmax_attention(q, k, v, mask)
-    return _heads_first(out), (q, k, v, out, weights, mask)
-
-
-def _attention_bwd(scale, res, d_out):
-    *res, mask = res
-    d_q, d_kt, d_vt = _softmax_attention_backward(scale, *res, _heads_first(d_out))
-    from_transposed = lambda t: jnp.transpose(t, (0, 3, 1, 2))  # (B, H, D, L) -> (B, L, H, D)
-    return _heads_first(d_q), from_transposed(d_kt), from_transposed(d_vt), _no_gradient(mask)
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Attention(nn.Module):

@@ -23,10 +23,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from magdiff_jax.layers import kernels
+
 Dtype = Any
 # Uniform with LeCun's variance (1 / fan_in), as Flax's default truncated normal has: a model trains from it alike, and
-# XLA compiles a uniform draw several times faster than a normal one (erf_inv per element; the tiny MagDiff U-Net's
-# init program: 8.4 s -> 3.1 s, benchmarks/init_compile.py).
+# XLA compiles a uniform draw several times faster than a normal one (benchmarks/init_compile.py).
 default_kernel_init = nn.initializers.lecun_uniform()
 
 
@@ -40,59 +41,14 @@ def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_el
 
 
 def matmul(x, kernel):
-    """x (..., in) @ kernel (in, out), the product of every dense layer. On the CPU backend its backward takes the
-    weight gradient as `weight_gradient` does; elsewhere it is `jnp.dot`, differentiated by autodiff. The values are
-    the same either way (up to summation order). Being a custom VJP on the CPU, it takes reverse-mode autodiff only
-    there (as the attention and temporal convolution of the U-Nets already do): `jax.jvp` through it raises."""
-    if jax.default_backend() != "cpu":
-        return jnp.dot(x, kernel)
-    return _cpu_matmul(x, kernel)
+    """x (..., in) @ kernel (in, out), the product of every dense layer: the override point `matmul`
+    (`layers.kernels`), `jnp.dot` by default."""
+    return kernels.get("matmul")(x, kernel)
 
 
-@jax.custom_vjp
-def _cpu_matmul(x, kernel):
+@kernels.default("matmul")
+def plain_matmul(x, kernel):
     return jnp.dot(x, kernel)
-
-
-def _matmul_fwd(x, kernel):
-    return jnp.dot(x, kernel), (x, kernel)
-
-
-def _matmul_bwd(res, d_y):
-    x, kernel = res
-    return jnp.dot(d_y, kernel.T), weight_gradient(x, d_y)
-
-
-# weight_gradient with in == out: x^T materialised from this many features up
-WEIGHT_GRADIENT_TRANSPOSE_MIN = 256
-
-
-def weight_gradient(x, d_y):
-    """x^T dy over every leading axis: x (..., in), dy (..., out) -> (in, out), the weight gradient of a product
-    x @ kernel, for the CPU backend. XLA's CPU matmul library (YNNPACK) takes its left operand with the contracted
-    axis minor; a product over the tokens (the major axis of both operands) goes to Eigen instead, which runs it
-    at 50-85% of that speed. So one operand is transposed first, the narrower one, behind an optimization barrier
-    (XLA would fold the transpose back into the product): where in < out, x^T @ dy; where in > out, (dy^T @ x)^T,
-    with a second barrier around the product, else XLA rewrites the final transpose as x^T dy again; where
-    in == out, x^T @ dy from 256 features up, and Eigen's product below (a transpose there costs what it saves).
-    On a 2-vCPU AMD EPYC VM, against Eigen's product, one core / two cores: (8192, 256)^T (8192, 1024) 37 -> 23
-    ms on two (PyTorch: 27 ms); (8192, 1024)^T (8192, 256) 64 -> 44 / 34 -> 23 ms; (2048, 512)^T (2048, 128)
-    4.8 -> 3.0 / 2.6 -> 1.6 ms; (8192, 256)^T (8192, 64) 5.0 -> 3.3 / 3.1 -> 1.8 ms; (8192, 256)^T (8192, 256)
-    12.4 -> 12.4 / 8.2 -> 6.9 ms; (8192, 64)^T (8192, 64) and (2048, 128)^T (2048, 128) equal either way. The
-    unet3d training step of `benchmarks/unet_cpu.py` in one process, alternating: 1.94 -> 1.69 s with the first
-    rule (in < out); with the in > out and in == out rules, two cores, 20 steps each of two copies of both forms:
-    fastest step 1.59 -> 1.55-1.57 s, least CPU time per step 3.02-3.05 -> 2.96-2.99 s (medians within the VM's
-    noise)."""
-    n_in, n_out = x.shape[-1], d_y.shape[-1]
-    x, d_y = x.reshape(-1, n_in), d_y.reshape(-1, n_out)
-    if n_in > n_out:
-        return jax.lax.optimization_barrier(jax.lax.optimization_barrier(d_y.T) @ x).T
-    if n_in < n_out or n_in >= WEIGHT_GRADIENT_TRANSPOSE_MIN:
-        return jax.lax.optimization_barrier(x.T) @ d_y
-    return x.T @ d_y
-
-
-_cpu_matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def _named(init, names):
@@ -158,9 +114,10 @@ class GroupNorm(nn.Module):
 
     Channels-last, it is computed as per-channel sums over the positions (contiguous along C), combined into group
     statistics, and one multiply-add per element: y = x * a + b with a = scale / sqrt(var + eps) and
-    b = bias - mean * a per (sample, channel). Statistics in float32, variance as E[x^2] - E[x]^2 (Flax's default).
-    On a 2-core CPU, (8, 32, 32, 64) with 32 groups then SiLU: forward 0.96 ms and forward + backward 2.05 ms,
-    against 4.1 ms and 4.1 ms for `flax.linen.GroupNorm` (PyTorch: 0.37 and 1.64 ms).
+    b = bias - mean * a per (sample, channel): several times faster on CPU than `flax.linen.GroupNorm`'s form
+    (benchmarks/README.md). Statistics in float32, variance as E[x^2] - E[x]^2 (Flax's default). Whether the batch
+    axis stays in the computation is the override point `group_norm_keeps_batch` (`layers.kernels`; by default it
+    stays).
     """
 
     num_groups: int = 32
@@ -175,10 +132,7 @@ class GroupNorm(nn.Module):
         if x.ndim < 2 or c % g:
             raise ValueError(f"{self.name or 'GroupNorm'}: {c} channels do not split into {g} groups "
                              f"(input shape {x.shape})")
-        # A single sample is normalised without its batch axis: XLA's CPU reduction library (YNNPACK) sums the
-        # middle axis of a (1, N, C) array ~50x slower than the first axis of the (N, C) array it equals (6.2 vs
-        # 0.09 ms at N=8192, C=64 on 2 cores), and the gradient's per-channel sums take this shape from the forward.
-        lead = () if b == 1 else (b,)
+        lead = (b,) if kernels.get("group_norm_keeps_batch")(x) else ()
         xf = x.reshape(*lead, -1, c).astype(jnp.float32)  # ([B,] N, C)
         pos = len(lead)  # the positions axis
         count = xf.shape[pos] * (c // g)
@@ -209,6 +163,11 @@ def group_norm(
 ) -> GroupNorm:
     """`GroupNorm` over the channel (last) axis; statistics in float32."""
     return GroupNorm(num_groups, epsilon, affine, dtype, param_dtype, name=name)
+
+
+@kernels.default("group_norm_keeps_batch")
+def always_keep_batch(x) -> bool:
+    return True
 
 
 def layer_norm(
@@ -255,8 +214,7 @@ def embedding(
 def gelu(x):
     """The exact GELU, x * Phi(x), in PyTorch's form 0.5 * x * (1 + erf(x / sqrt(2))). `jax.nn.gelu(x,
     approximate=False)` takes Phi from erfc instead (more accurate far in the negative tail, where GELU is ~0 anyway),
-    and XLA's CPU erfc is a piecewise expansion: on (8192, 1024) fp32 on a 2-vCPU AMD EPYC VM, h * gelu(x) forward
-    4.9 -> 2.8 ms, its gradient 14.7 -> 7.1 ms; the two agree to 2e-6."""
+    which XLA's CPU backend computes as a slower piecewise expansion (benchmarks/README.md); the two agree to 2e-6."""
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype)))
 
 

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from magdiff_jax.layers import kernels
 from magdiff_jax.layers.common import default_kernel_init, dense, group_norm
 from magdiff_jax.layers.transformer import BasicTransformerBlock
 
@@ -41,19 +42,12 @@ class TemporalConv(nn.Module):
 
     It is computed as one matmul over the three shifted copies of the frames side by side:
     y[f] = [x[f-1], x[f], x[f+1]] @ [K[0]; K[1]; K[2]] + bias (the same products as the convolution, summed in
-    another order: ~1e-6 relative in fp32), with a hand-written backward (`_frame_taps_matmul`) that keeps only x
-    and rebuilds the shifted copies, so the layer saves no more than a convolution would.
-    Why not `lax.conv`: XLA's SPMD partitioner returns wrong values for a convolution whose spatial (here: frame)
-    axis and output-feature axis are both sharded (frames over `context`, conv_out over `tensor`; on a data=2 x
-    context=2 x tensor=2 mesh the error is ~4 on unit inputs, for the 3-D and the 2-D form alike), while matmuls,
-    pads, slices and concatenations partition correctly.
-    Why one matmul: XLA's CPU kernels run thin matmuls poorly, worst their weight gradients, which contract the
-    B*F*H*W axis of both operands ((8192, 64)^T (8192, 64): 1.7 ms against PyTorch's 0.33 ms on a 2-vCPU Intel
-    VM), so one (B*F*H*W, 3C) product beats three (B*F*H*W, C) ones. Forward + backward of this layer's matmul part,
-    jitted, (1, 8, 32, 32, 64) / (1, 8, 16, 16, 128) / (1, 8, 8, 8, 192): three tap matmuls 25.2 / 13.9 / 4.0 ms,
-    one matmul 14.6 / 6.4 / 3.5 ms. Earlier measurements of other forms (AMD VM, B=2, F=8, 32x32, C=64, fwd /
-    fwd+bwd): 3-D (3,1,1) conv 13.3 / 47; 2-D (3,1) conv over (B, F, H*W, C) 4.5-5.2 / 20-30 (the fastest, but the
-    one the partitioner gets wrong); 1-D conv over (B*H*W, F, C) with transposes 4.9-5.3 / 19-24.
+    another order), the shifted copies rebuilt in the backward rather than saved, so the layer keeps no more than
+    a convolution would: the override point `frame_taps_matmul` (`layers.kernels`; by default `jax.checkpoint`
+    around the product). Not `lax.conv`: XLA's SPMD partitioner returns wrong values for a
+    convolution whose spatial (here: frame) axis and output-feature axis are both sharded (frames over `context`,
+    conv_out over `tensor`), while matmuls, pads, slices and concatenations partition correctly. One matmul rather
+    than one per tap: one wide product runs faster than three thin ones, their weight gradients above all.
     """
 
     features: int
@@ -76,7 +70,7 @@ class TemporalConv(nn.Module):
             self.param_dtype,
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        return _frame_taps_matmul(x, kernel.reshape(3 * c, self.features)) + bias
+        return kernels.get("frame_taps_matmul")(x, kernel.reshape(3 * c, self.features)) + bias
 
 
 def _shifted_frames(x):
@@ -86,25 +80,12 @@ def _shifted_frames(x):
     return jnp.concatenate([xp[:, t:t + f] for t in range(3)], axis=-1)
 
 
-@jax.custom_vjp
-def _frame_taps_matmul(x, kernel):
-    """`_shifted_frames(x) @ kernel`, kernel (3C, D): the (3, 1, 1) convolution without its bias."""
+@kernels.default("frame_taps_matmul")
+@jax.checkpoint
+def frame_taps_matmul(x, kernel):
+    """`_shifted_frames(x) @ kernel`, kernel (3C, D): the (3, 1, 1) convolution without its bias; the backward
+    rebuilds the shifted frames (3x the input's size) from x."""
     return jnp.einsum("bfhwk,kd->bfhwd", _shifted_frames(x), kernel)
-
-
-def _frame_taps_matmul_fwd(x, kernel):
-    return _frame_taps_matmul(x, kernel), (x, kernel)
-
-
-def _frame_taps_matmul_bwd(res, d_y):
-    x, kernel = res
-    shifted, shift_vjp = jax.vjp(_shifted_frames, x)  # rebuilt here rather than saved: 3x the input's size
-    d_kernel = jnp.einsum("bfhwk,bfhwd->kd", shifted, d_y)
-    (d_x,) = shift_vjp(jnp.einsum("bfhwd,kd->bfhwk", d_y, kernel))
-    return d_x, d_kernel
-
-
-_frame_taps_matmul.defvjp(_frame_taps_matmul_fwd, _frame_taps_matmul_bwd)
 
 
 class TemporalConvLayer(nn.Module):

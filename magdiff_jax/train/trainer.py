@@ -505,8 +505,8 @@ def _train(config, workdir: str | Path) -> dict:
                     tc = time.perf_counter()
                     lowered = step_fn.lower(state, frozen, batch)
                     tl = time.perf_counter()
-                    compiled = lowered.compile(cpu.compiler_options(compiler_options(config.get("compiler_options",
-                                                                                                ""))))
+                    xla_options = cpu.compiler_options(compiler_options(config.get("compiler_options", "")))
+                    compiled = lowered.compile(xla_options)
                     flops = _device_flops(compiled)
                     logging.info("step compiled in %.1f s (traced and lowered %.1f s, XLA %.1f s; %s FLOP per step "
                                  "per device)", time.perf_counter() - tc, tl - tc, time.perf_counter() - tl,

@@ -1,34 +1,22 @@
 """The host memory allocator for CPU runs.
 
-XLA's CPU runtime allocates a step's intermediates afresh on every call (one buffer of ~2 GB for the 15M-parameter
-unet3d training step of `benchmarks/unet_cpu.py`). glibc's malloc serves buffers that large from fresh mmaps and
-unmaps them on free, so every step faults its memory in again: ~100k 4 KiB faults per step of the demo's tiny
-MagDiff, ~650k for that unet3d step, 2-4 s of system time per unet3d step on a 2-vCPU VM.
-
-`magdiff-jax` therefore starts CPU runs with three glibc tunables (read only when a process starts, so it
-re-executes itself once with them added, `reexec_with_tunables`):
+XLA's CPU runtime allocates a step's intermediates afresh on every call (one buffer of ~2 GB for the unet3d
+training step of `benchmarks/unet_cpu.py`). glibc's malloc serves buffers that large from fresh mmaps and unmaps
+them on free, so every step faults its memory in again, at seconds of system time per step on a small VM. So
+`cpu.setup_process` starts CPU runs with three glibc tunables (read only when a process starts, so it re-executes
+itself once with them added, `reexec_with_tunables`):
   - `glibc.malloc.hugetlb=1` (glibc 2.35+, kernel THP mode `madvise` or `always`): what glibc maps faults in 2 MiB
-    at a time. Demo MagDiff training, 150 steps: 15.9M -> 0.63M page faults, 2.0 -> 2.7 steps/s (AMD EPYC VM).
+    at a time;
   - `glibc.malloc.mmap_max=0` and `glibc.malloc.trim_threshold=64 GiB`: large buffers come from the main heap,
-    which keeps freed memory, so the next step reuses the same pages (the process's memory stays at its peak).
+    which keeps freed memory, so the next step reuses the same pages (the process's memory stays at its peak);
 and it runs CPU programs on the thread that calls them (`run_cpu_programs_on_calling_thread`: JAX's
-`jax_cpu_enable_async_dispatch` off). That matters for the second pair: with asynchronous dispatch XLA allocates on
-a worker thread, whose glibc arena serves a buffer larger than its 64 MiB heaps from mmap whatever mmap_max says,
-and unmaps it on free (even with it off, a call now and then still runs on a worker thread when the machine is
-heavily loaded, and faults as before). Measured on a 2-vCPU Intel Xeon VM (`benchmarks/unet_cpu.py`, both
-frameworks with the same allocator, timed calls alternating; the demo's MagDiff training, 150 steps):
-
-| set-up                                  | unet3d step | its system time | its page faults | demo steps/s |
-|-----------------------------------------|-------------|-----------------|-----------------|--------------|
-| glibc as it is, async dispatch          | 3.71 s      | 2.76 s          | 656k            | -            |
-| hugetlb=1 only (the earlier default)    | 3.12 s      | 1.73 s          | 5k (2 MiB)      | 1.85         |
-| the three tunables, async dispatch      | 3.58 s      | 2.14 s          | 5k (2 MiB)      | 1.78         |
-| the three tunables, calling thread      | 2.24 s      | 0.21 s          | ~350            | 1.9-2.1      |
+`jax_cpu_enable_async_dispatch` off). The second pair needs that: with asynchronous dispatch XLA allocates on a
+worker thread, whose glibc arena serves a buffer larger than its 64 MiB heaps from mmap whatever mmap_max says.
+Measurements: benchmarks/README.md, "CPU tuning".
 
 A tunable named in GLIBC_TUNABLES already is left as it is (e.g. `glibc.malloc.hugetlb=0` opts out of huge pages);
-nothing is added when an allocator is LD_PRELOADed (gperftools' tcmalloc keeps freed memory itself:
-`benchmarks/unet_cpu.py --malloc tcmalloc`), and an interactive interpreter or notebook kernel is never restarted
-(the trainer logs a line saying what to export instead).
+nothing is added when an allocator is LD_PRELOADed (gperftools' tcmalloc keeps freed memory itself), and an
+interactive interpreter or notebook kernel is never restarted (the trainer logs a line saying what to do instead).
 """
 
 from __future__ import annotations
@@ -40,7 +28,7 @@ from pathlib import Path
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 KEEP_FREED = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}")
-TUNABLES = (HUGEPAGES, *KEEP_FREED)  # what `magdiff-jax` runs CPU programs with (module docstring)
+TUNABLES = (HUGEPAGES, *KEEP_FREED)  # what `cpu.setup_process` runs CPU programs with (module docstring)
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
@@ -139,8 +127,9 @@ def run_cpu_programs_on_calling_thread() -> None:
 
 
 def allocator_hint() -> str | None:
-    """A line for CPU runs that lack part of the set-up `magdiff-jax` makes (library use: the tunables must be in
-    the environment when Python starts, the dispatch setting made before JAX starts its CPU backend), else None."""
+    """A line for CPU runs that lack part of the set-up `cpu.setup_process` makes (library use: the tunables must
+    be in the environment when Python starts, the dispatch setting made before JAX starts its CPU backend), else
+    None."""
     import jax
 
     if preloaded_allocator() or not supported_tunables():
@@ -148,8 +137,8 @@ def allocator_hint() -> str | None:
     missing = missing_tunables()
     steps = [f"start Python with GLIBC_TUNABLES={':'.join(missing)}"] if missing else []
     if jax.config.values.get("jax_cpu_enable_async_dispatch", False):
-        steps.append("call magdiff_jax.utils.allocator.run_cpu_programs_on_calling_thread() before using JAX")
+        steps.append("call magdiff_jax.cpu.allocator.run_cpu_programs_on_calling_thread() before using JAX")
     if not steps:
         return None
     return (f"XLA's CPU buffers are mapped and faulted in afresh every step here; for faster CPU steps "
-            f"{' and '.join(steps)} (magdiff_jax/utils/allocator.py)")
+            f"{' and '.join(steps)} (magdiff_jax/cpu/allocator.py)")

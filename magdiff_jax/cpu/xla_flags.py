@@ -1,20 +1,16 @@
-"""The XLA CPU setting the project runs with: convolutions on Eigen, matmuls and reductions on YNNPACK.
+"""The XLA CPU setting the CPU tuning runs with: convolutions on Eigen, matmuls and reductions on YNNPACK.
 
 XLA's CPU backend hands dots, convolutions and reductions to the YNNPACK library by default
-(`xla_cpu_experimental_ynn_fusion_type`). Its convolutions are the slow part of that: on a 2-core AMD EPYC (Zen 4,
-AVX-512), a 3x3 convolution (8, 32, 32, 64) -> 64 channels, forward + backward, takes 8.2 ms in YNNPACK against
-6.6 ms in PyTorch, and the weight gradient alone 4.7 ms; a diffusers-style ResnetBlock2D at that size ran its
-forward + backward in 24 ms with YNNPACK convolutions and 11.5 ms with XLA's Eigen convolutions (PyTorch: 12-13
-ms). YNNPACK's matmuls and reductions stay: without them the same U-Net step ran 1.5x slower. The 15M-parameter
-unet3d training step of `benchmarks/unet_cpu.py` is ~7% faster this way.
+(`xla_cpu_experimental_ynn_fusion_type`). Its convolutions run well behind XLA's Eigen ones (a U-Net's 3x3
+convolutions with their gradients about twice as long), while its matmuls and reductions are the faster choice; so
+the setting takes convolutions off YNNPACK only. It chooses which library runs an operation: results differ only in
+summation order. Measurements: benchmarks/README.md, "CPU tuning".
 
 Two ways in, both leaving a user's own choice alone (an `XLA_FLAGS` that names the option wins):
   - `add_to_xla_flags()` appends `--xla_cpu_experimental_ynn_fusion_type=-individual_convolution` to XLA_FLAGS,
-    for every program of the process; it must run before JAX starts its backends (`magdiff-jax` does it first).
-  - `compiler_options()` gives the same setting as per-program compile options (for `jax.jit(...,
-    compiler_options=...)` or `Lowered.compile`) when JAX's default backend is the CPU: the trainer's step and the
-    pipelines' sampling loops use it, so a notebook gets the faster convolutions too.
-The setting only chooses which library runs an operation; results differ from YNNPACK's only in summation order.
+    for every program of the process; it must run before JAX starts its backends (`cpu.setup_process` does so).
+  - `convolution_options()` gives the same setting as per-program compile options (for `jax.jit(...,
+    compiler_options=...)` or `Lowered.compile`), through `cpu.compiler_options` while the tuning is on.
 """
 
 from __future__ import annotations
@@ -51,7 +47,7 @@ def add_to_xla_flags(environ=os.environ) -> bool:
 
 
 @functools.cache
-def compiler_options() -> dict[str, str]:
+def convolution_options() -> dict[str, str]:
     """{OPTION: VALUE} when JAX's default backend is the CPU, XLA_FLAGS does not choose the option, and this XLA
     accepts it (tried once on a one-line program); else {}."""
     import jax
@@ -65,8 +61,3 @@ def compiler_options() -> dict[str, str]:
     except Exception:  # an XLA without the option (or with other values): its defaults stay
         return {}
     return options
-
-
-def merged(options: dict | None) -> dict | None:
-    """`compiler_options()` updated with `options` (the caller's win); None when both are empty."""
-    return {**compiler_options(), **(options or {})} or None
