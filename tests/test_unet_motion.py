@@ -21,7 +21,6 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from flax import traverse_util
 from helpers import assert_same_state_dict, perturb_, rel_err
 
-import magdiff_jax.convert.unet_motion  # noqa: F401  (registers the kind)
 from magdiff_jax.convert import ConversionError, load_torch, safetensors_io, save_torch, torch_format
 from magdiff_jax.convert.core import flax_to_torch
 from magdiff_jax.convert.unet_motion import load_motion_adapter, unet_motion_rules
