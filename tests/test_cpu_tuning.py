@@ -80,14 +80,15 @@ def _model(kind):
 
 @pytest.fixture(scope="module", params=KINDS)
 def case(request):
-    """A tiny U-Net with random parameters, and a loss of its parameters and noisy input: the output's weighted
-    mean. `loss()` gives a new function each call, so each is traced afresh (JAX reuses a trace per function)."""
+    """A tiny U-Net with random parameters, and a loss of its parameters and noisy input: the mean squared error
+    against a random target. `loss()` gives a new function each call, so each is traced afresh (JAX reuses a trace
+    per function)."""
     module, (x, t, ctx), kw = _model(request.param)
     params = random_params(module, x, t, ctx, seed=1, scale=0.1, **kw)
-    weight = np.random.RandomState(2).randn(*x.shape).astype(np.float32)
+    target = np.random.RandomState(2).randn(*x.shape).astype(np.float32)
 
     def loss():
-        return lambda p, x: jnp.sum(module.apply({"params": p}, x, t, ctx, **kw) * weight) / weight.size
+        return lambda p, x: jnp.mean((module.apply({"params": p}, x, t, ctx, **kw) - target) ** 2)
 
     return request.param, params, x, loss
 

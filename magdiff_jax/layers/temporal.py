@@ -44,10 +44,11 @@ class TemporalConv(nn.Module):
     y[f] = [x[f-1], x[f], x[f+1]] @ [K[0]; K[1]; K[2]] + bias (the same products as the convolution, summed in
     another order), the shifted copies rebuilt in the backward rather than saved, so the layer keeps no more than
     a convolution would: the override point `frame_taps_matmul` (`layers.kernels`; by default `jax.checkpoint`
-    around the product). Not `lax.conv`: XLA's SPMD partitioner returns wrong values for a
-    convolution whose spatial (here: frame) axis and output-feature axis are both sharded (frames over `context`,
-    conv_out over `tensor`), while matmuls, pads, slices and concatenations partition correctly. One matmul rather
-    than one per tap: one wide product runs faster than three thin ones, their weight gradients above all.
+    around the product).
+    Not `lax.conv`: XLA's SPMD partitioner returns wrong values for a convolution whose spatial (here: frame) axis
+    and output-feature axis are both sharded (frames over `context`, conv_out over `tensor`), while matmuls, pads,
+    slices and concatenations partition correctly. One matmul rather than one per tap: one wide product runs faster
+    than three thin ones, their weight gradients above all (benchmarks/README.md).
     """
 
     features: int
