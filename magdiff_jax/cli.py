@@ -182,14 +182,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class UsageError(ValueError):
+    """A command line that cannot be run (an unknown config key, a bad value, a config file that fails)."""
+
+
 def parse_flags(argv: list[str]) -> argparse.Namespace:
     args, rest = build_parser().parse_known_args(argv[1:])
     if args.command == "demo" and not any(a == "--config" or a.startswith("--config=") for a in rest):
         from magdiff_jax.demo import CONFIGS
 
         rest = [f"--config={CONFIGS / 'magdiff.py'}:demo", *rest]
-    flags.FLAGS([argv[0], *rest])
+    try:
+        flags.FLAGS([argv[0], *rest])
+    except (flags.Error, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise UsageError(_flag_error(e, rest)) from None
+    if FLAGS.config is not None:
+        try:
+            _ = FLAGS.config.get  # a config file that failed to load reports it on the first access
+        except OSError as e:
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            raise UsageError(f"--config: {lines[-1] if lines else e}") from None
     return args
+
+
+def _flag_error(error: BaseException, rest: list[str]) -> str:
+    """One line for an error raised while the config flags are parsed: ml_collections and absl wrap the cause (an
+    unknown key, a value of the wrong type, an exception of the config file) in tracebacks of their own."""
+    root = error
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    if isinstance(root, (AttributeError, KeyError)):  # an override of a key the config does not have
+        key = str(root).strip("\"' ")
+        given = [a.split("=", 1)[0] for a in rest if a.startswith("--config.")]
+        arg = next((a for a in given if key in a[len("--config."):].split(".")), None)
+        return f"unknown config key {arg or key} (the config file defines every key a run may set)"
+    message = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if message.startswith("flag --") and "Traceback" not in message and "whilst parsing" not in message:
+        return message
+    first = (str(root).strip().splitlines() or [type(root).__name__])[0]
+    return f"{first}" if isinstance(root, ValueError) else f"{type(root).__name__}: {first}"
 
 
 def _convert(args) -> None:
@@ -344,7 +375,7 @@ def run() -> None:
     cpu.setup_process()
     try:
         app.run(main, flags_parser=parse_flags)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as e:  # one clear line, exit 1
+    except (ValueError, OSError, FloatingPointError) as e:  # expected failures: one clear line, exit 1
         print(f"magdiff-jax: error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -179,3 +179,32 @@ def test_a_workdir_without_its_frozen_parameters_is_refused(straight, tmp_path):
     shutil.copytree(straight / "checkpoints" / "12", copy / "checkpoints" / "12")
     with pytest.raises(FileNotFoundError, match="no frozen/"):
         load_stage(copy)
+
+
+def _truncate_largest_file(folder):
+    """Cut the largest file under `folder` to half its size (what a crash in the middle of a write leaves)."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    big = max(files, key=lambda p: p.stat().st_size)
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
+    return big
+
+
+def test_resume_survives_what_a_crash_leaves(straight, tmp_path):
+    """A torn last line in metrics.jsonl and a newest checkpoint with a truncated data file: the run names the
+    checkpoint it cannot restore, moves it aside (kept for inspection), resumes from the one before and reproduces
+    the straight run's losses; when no checkpoint restores, the error names the newest and nothing moves."""
+    train(th.config(steps=6, ckpt_every=3), tmp_path)
+    _truncate_largest_file(tmp_path / "checkpoints" / "6" / "group_unet")
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 7, "loss": 0.12')  # killed in the middle of an append
+    train(th.config(steps=8, ckpt_every=3), tmp_path)
+    assert (tmp_path / "checkpoints.unrestorable" / "6" / "group_unet").is_dir()
+    assert th.checkpoints(tmp_path) == [3, 6, 8]
+    ref, got = th.losses(straight), th.losses(tmp_path)
+    assert sorted(got) == list(range(1, 9)) and all(got[s] == ref[s] for s in got)
+
+    for step in (3, 6, 8):
+        _truncate_largest_file(tmp_path / "checkpoints" / str(step) / "group_unet")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint restores; the newest, step 8 \(.*checkpoints/8\)"):
+        train(th.config(steps=10, ckpt_every=3), tmp_path)
+    assert th.checkpoints(tmp_path) == [3, 6, 8]

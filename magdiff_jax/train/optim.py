@@ -54,6 +54,24 @@ def merge(trainable, frozen):
     return unflat({**flat(frozen), **flat(trainable)}) if frozen else trainable
 
 
+def check_optim_config(c, total_steps: int, where: str = "optim") -> list[str]:
+    """Raise ValueError naming the first value of `c` that cannot be right (`where`.field); return warnings for
+    values that are legal but likely unintended (a warmup longer than training)."""
+    checks = (("lr", c.lr >= 0, ">= 0"), ("weight_decay", c.weight_decay >= 0, ">= 0"),
+              ("grad_clip", c.grad_clip >= 0, ">= 0 (0: off)"), ("grad_accum", c.grad_accum >= 1, ">= 1"),
+              ("warmup_steps", c.warmup_steps >= 0, ">= 0"), ("eps", c.eps > 0, "> 0"),
+              ("b1", 0 <= c.b1 < 1, "in [0, 1)"), ("b2", 0 <= c.b2 < 1, "in [0, 1)"),
+              ("end_lr_factor", c.end_lr_factor >= 0, ">= 0"),
+              ("schedule", c.schedule in ("constant", "cosine"), "'constant' or 'cosine'"))
+    for name, ok, want in checks:
+        if not ok:
+            raise ValueError(f"{where}.{name} must be {want}, got {c[name]!r}")
+    if c.warmup_steps > total_steps:
+        return [f"{where}.warmup_steps={c.warmup_steps} is longer than the run ({total_steps} steps): the learning "
+                "rate never reaches its peak"]
+    return []
+
+
 def lr_schedule(c, total_steps: int) -> optax.Schedule:
     warm = max(int(c.warmup_steps), 0)
     if c.schedule == "constant":

@@ -109,6 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
 
 def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...]:
     """Errors a config would hit, raised before anything compiles. Returns the mesh shape."""
+    for name in ("steps", "global_batch_size", "log_every", "ckpt_every", "keep_checkpoints", "max_nonfinite"):
+        if not isinstance(config[name], int) or config[name] < 1:
+            raise ValueError(f"{name} must be a positive integer, got {config[name]!r}")
     shape = shd.mesh_shape(dict(config.mesh), num_devices)
     batch_shards = shape[shd.MESH_AXES.index("data")] * shape[shd.MESH_AXES.index("fsdp")]
     if config.global_batch_size % batch_shards:
@@ -117,14 +120,27 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
     if config.global_batch_size % process_count:
         raise ValueError(f"global_batch_size={config.global_batch_size} does not divide over {process_count} "
                          "processes")
-    if config.steps < 1 or config.log_every < 1 or config.ckpt_every < 1:
-        raise ValueError("steps, log_every and ckpt_every must be positive")
+
     from magdiff_jax.layers.common import compute_dtype
 
     compute_dtype(config.compute_dtype)  # an unknown name fails here
+    if not 0 <= config.ema_decay < 1:
+        raise ValueError(f"ema_decay must be in [0, 1), got {config.ema_decay!r}")
+    warnings = optim.check_optim_config(config.optim, config.steps, "optim")
+    overrides = config.get("groups") or {}
+    for name, group in get_task(config.task).groups(config).items():
+        if "optim" in (overrides.get(name) or {}):  # a group's own optimizer settings, over `optim`
+            warnings += optim.check_optim_config(group.optim, config.steps - group.start_step, f"groups.{name}.optim")
+        if not 0 <= group.ema_decay < 1:
+            raise ValueError(f"groups.{name}.ema_decay must be in [0, 1), got {group.ema_decay!r}")
+    for warning in warnings:
+        logging.warning(warning)
     compiler_options(config.get("compiler_options", ""))
     timestep_bias(config)  # a negative bias fails here
     run_rules(config)  # a malformed rule table fails here
+    if config.preview.every < 0 or config.preview.num_steps < 1:
+        raise ValueError(f"preview.every must be >= 0 and preview.num_steps >= 1, got {config.preview.every} and "
+                         f"{config.preview.num_steps}")
     if config.preview.every > 0:
         n = len(config.preview.prompts) or config.preview.num
         if n > config.global_batch_size // process_count:
@@ -373,6 +389,63 @@ def _tokenizer(config, workdir: Path, main: bool) -> str:
     return str(dst)
 
 
+UNRESTORABLE = "checkpoints.unrestorable"  # where a checkpoint that cannot be restored is moved, for inspection
+
+
+def _restore_newest(mgr, workdir: Path, args, main: bool):
+    """(step, restored items) of the newest checkpoint that restores. A newer one that cannot be restored (files
+    missing or truncated by a crash) is reported by its step and path and moved to WORKDIR/checkpoints.unrestorable/
+    (kept for inspection; left where it was, Orbax would refuse to save that step again and its keep-N would delete
+    it). When none restores, the error names the newest and nothing is moved."""
+    failures = []
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            restored = mgr.restore(step, args=args)
+        except Exception as e:  # whatever a broken checkpoint raises: reported, and the next one tried
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            failures.append((step, f"{type(e).__name__}: {first}"))
+            logging.warning("checkpoint %d (%s) cannot be restored (%s); trying the one before it", step,
+                            workdir / stage_files.CHECKPOINTS / str(step), failures[-1][1])
+            continue
+        if failures:
+            if main:
+                aside = workdir / UNRESTORABLE
+                aside.mkdir(exist_ok=True)
+                for bad, _ in failures:
+                    dst = aside / str(bad)
+                    n = 1
+                    while dst.exists():
+                        dst, n = aside / f"{bad}.{n}", n + 1
+                    shutil.move(str(workdir / stage_files.CHECKPOINTS / str(bad)), dst)
+                    logging.warning("moved the unrestorable checkpoint %d to %s", bad, dst)
+            barrier("unrestorable checkpoints moved")
+            mgr.reload()
+        return step, restored
+    step, reason = failures[0]
+    raise FileNotFoundError(f"{workdir / stage_files.CHECKPOINTS}: no checkpoint restores; the newest, step {step} "
+                            f"({workdir / stage_files.CHECKPOINTS / str(step)}): {reason}")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines of metrics.jsonl logged after `step` (the checkpoint resumed from), and any line a crash left
+    torn (a kill in the middle of an append)."""
+    if not path.exists():
+        return
+    kept = []
+    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            logged = int(entry["step"])
+        except (ValueError, KeyError, TypeError):
+            logging.warning("%s:%d: dropping a torn or malformed line", path, i)
+            continue
+        if logged <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
 def train(config, workdir: str | Path) -> dict:
     """Run (or resume) training in `workdir`, with the CPU tuning (`magdiff_jax.cpu`) on where JAX's backend is the
     CPU. Returns the last logged metrics."""
@@ -442,21 +515,21 @@ def _train(config, workdir: str | Path) -> dict:
         frozen = stage_files.restore_frozen(workdir, frozen_shardings) if frozen_shardings else {}
         target = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract_state,
                               state_shardings)
-        restored = mgr.restore(start, args=ocp.args.Composite(
+        args = ocp.args.Composite(
             state=ocp.args.StandardRestore({"step": target["step"], "rng": target["rng"]}),
             data=grain.checkpoint.CheckpointRestore(data_iter),
-            **{item: ocp.args.StandardRestore(target["groups"][g]) for g, item in group_items.items()}))
+            **{item: ocp.args.StandardRestore(target["groups"][g]) for g, item in group_items.items()})
+        start, restored = _restore_newest(mgr, workdir, args, main)
         state = {"step": restored["state"]["step"], "rng": restored["state"]["rng"],
                  "groups": {g: restored[item] for g, item in group_items.items()}}
         logging.info("resumed from step %d in %s", start, workdir)
-        if main and (workdir / "metrics.jsonl").exists():  # drop lines logged after the checkpoint
-            lines = (workdir / "metrics.jsonl").read_text().splitlines()
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= start]
-            (workdir / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+        if main:
+            _truncate_metrics(workdir / "metrics.jsonl", start)
     else:
         group_params, frozen = grp.split_params(_init_params(declared, modules, shardings, config, mesh,
                                                              jax.random.fold_in(key, 1)), groups)
         if main:
+            _truncate_metrics(workdir / "metrics.jsonl", 0)  # a run that crashed before its first checkpoint
             stage_files.write_workdir_models(workdir, task.name, declared, list(groups), task.export_models(config),
                                              tokenizer=bool(data_cfg.tokenizer), frozen=bool(frozen))
         if frozen:  # written once: a resume or an export reads the frozen parameters from here
