@@ -57,7 +57,7 @@ from tensorflow_datasets.core.utils.py_utils import classproperty
 
 from magdiff_jax.data.bad_input import DEFAULT_MAX_BAD_FRACTION, REPORT_NAME, BadInput, BadInputReport
 from magdiff_jax.data.sources import ImageCaptionFolder, VideoCaptionFolder, find_annotations
-from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VideoError, frame_files, probe, read_frames
+from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VideoError, frame_files, open_image, probe, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,6 @@ def _features() -> tfds.features.FeaturesDict:
     })
 
 
-def _open_image(data: bytes, name: str):
-    """Decode an image fully (a truncated file fails here, not in training)."""
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise VideoError(f"{name}: cannot decode image ({e})") from e
-    return img
-
-
 def _binary_png(img) -> bytes:
     """A palette / id / colour mask -> PNG of 0 (background) and 255 (any object)."""
     from PIL import Image
@@ -133,7 +121,7 @@ def _read_frames_list(files: list[Path], binarize: bool) -> tuple[list[bytes], i
             data = path.read_bytes()
         except OSError as e:
             raise VideoError(f"{path}: cannot read ({e.strerror or e})") from e
-        img = _open_image(data, str(path))
+        img = open_image(data, str(path))  # in full: a truncated file fails here, not in training
         if size is None:
             size = img.size
         elif img.size != size:

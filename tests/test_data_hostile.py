@@ -1,0 +1,164 @@
+"""Hostile and broken dataset input, crafted for real on disk: each class is skipped, counted and named in the
+bad-input report, or stops with one error line naming the culprit.
+
+- images PIL refuses or cannot decode (decompression bombs, truncated PNG/JPEG) as masks, frames, image-caption
+  images.
+"""
+
+import io
+import json
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from magdiff_jax.data.bad_input import REPORT_NAME
+from magdiff_jax.data.builders import TfdsSource, build
+from magdiff_jax.data.pipeline import data_config, make_dataset
+from magdiff_jax.data.synthetic import SyntheticConfig, make_clip, write_synthetic
+from magdiff_jax.data.video_io import write_video
+
+REPO = Path(__file__).parents[1]
+SYN = SyntheticConfig(num_frames=8, size=32, seed=3)
+LEAVES = "path leaves the dataset folder"
+
+
+def _config(**overrides):
+    c = data_config()
+    c.update(num_frames=4, resolution=(32, 32), prefetch=0, normalize=False, max_bad_fraction=0.9)
+    c.update(overrides)
+    return c
+
+
+def _load_all(config, report):
+    batches = list(make_dataset(config, batch_size=1, train=False, report_path=report))
+    reasons = {b["key"]: b["reason"] for b in json.loads(report.read_text())["bad"]}
+    return [k for b in batches for k in b["key"]], reasons
+
+
+def _append(root: Path, *lines: str, name: str = "captions.csv"):
+    with open(root / name, "a") as fh:
+        fh.write("".join(line + "\n" for line in lines))
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A valid PNG header declaring width x height 8-bit grey pixels, followed by almost no data (81 bytes)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+            + chunk(b"IEND", b""))
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "magdiff_jax.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout)
+
+
+def _error_line(r: subprocess.CompletedProcess) -> str:
+    """The one error line of a failed command (and no traceback)."""
+    assert r.returncode == 1, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("magdiff-jax: error: "), r.stderr[-3000:]
+    return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# images PIL refuses or cannot decode
+
+
+@pytest.fixture()
+def images(tmp_path, monkeypatch) -> Path:
+    """An image-caption folder of 16x16 images and masks, with PIL's pixel limit lowered to 600 (monkeypatched):
+    a normal 32x32 image (1024 pixels: between the limit and twice it, where PIL itself only warns), a crafted
+    100000x100000 PNG header (81 bytes), a truncated PNG and a truncated JPEG as images, and a truncated JPEG and a
+    32x32 image as masks of good images."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)
+    root = tmp_path / "images"
+    (root / "img").mkdir(parents=True)
+    (root / "mask").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (root / "img" / f"{i}.png").write_bytes(_png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)))
+    (root / "mask" / "ok.png").write_bytes(_png(np.full((16, 16), 255, np.uint8)))
+    (root / "img" / "big.png").write_bytes(_png(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)))
+    (root / "mask" / "big.png").write_bytes(_png(np.full((32, 32), 255, np.uint8)))
+    (root / "img" / "bomb.png").write_bytes(_bomb_png())
+    png = _png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    jpeg = _jpeg(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8))
+    (root / "img" / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "img" / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    mask_jpeg = _jpeg(np.full((16, 16), 255, np.uint8))
+    (root / "mask" / "truncated.jpg").write_bytes(mask_jpeg[: len(mask_jpeg) // 2])
+    (root / "captions.csv").write_text(
+        "image,caption,mask\n"
+        "img/0.png,good,mask/ok.png\n"
+        "img/1.png,good too,mask/ok.png\n"
+        "img/big.png,above the pixel limit,mask/big.png\n"
+        "img/bomb.png,a decompression bomb,mask/ok.png\n"
+        "img/truncated.png,half a png,mask/ok.png\n"
+        "img/truncated.jpg,half a jpeg,mask/ok.png\n"
+        "img/2.png,a truncated jpeg mask,mask/truncated.jpg\n"
+        "img/3.png,a mask above the pixel limit,mask/big.png\n")
+    return root
+
+
+BROKEN_IMAGES = {"img/big.png": "decompression bomb", "img/bomb.png": "decompression bomb",
+                 "img/truncated.png": "truncated", "img/truncated.jpg": "truncated",
+                 "img/2.png": "truncated", "img/3.png": "decompression bomb"}
+
+
+def test_broken_images_are_bad_input_in_training(images, tmp_path):
+    keys, reasons = _load_all(_config(source="images", path=str(images), num_frames=1, resolution=(16, 16),
+                                      masks=True), tmp_path / REPORT_NAME)
+    assert sorted(keys) == ["img/0.png", "img/1.png"]
+    assert set(reasons) == set(BROKEN_IMAGES)
+    for key, what in BROKEN_IMAGES.items():
+        assert what in reasons[key], (key, reasons[key])
+    assert "mask/truncated.jpg" in reasons["img/2.png"] and "mask/big.png" in reasons["img/3.png"]
+
+
+def test_broken_images_are_not_built(images, tmp_path):
+    out = build("image_caption", images, tmp_path / "out", max_bad_fraction=0.9, num_workers=2)
+    src = TfdsSource(out)
+    assert sorted(src[i]["key"] for i in range(len(src))) == ["img/0.png", "img/1.png"]
+    reasons = {b["key"]: b["reason"] for b in json.loads((out / REPORT_NAME).read_text())["bad"]}
+    assert set(reasons) == set(BROKEN_IMAGES)
+    for key, what in BROKEN_IMAGES.items():
+        assert what in reasons[key], (key, reasons[key])
+
+
+def test_broken_mask_frames_are_bad_input_in_training(tmp_path):
+    """Mask folders whose first frame is a decompression bomb or a truncated PNG (PIL's own limit)."""
+    root = write_synthetic(tmp_path / "clips", 4, SYN)
+    for name, data in (("bomb", _bomb_png()), ("truncated", _png(np.full((32, 32), 255, np.uint8))[:60])):
+        shutil.copytree(root / "masks" / "00000", root / "masks" / name)
+        (root / "masks" / name / "000.png").write_bytes(data)
+    write_video(root / "videos" / "a.mp4", make_clip(5, SYN).frames)
+    write_video(root / "videos" / "b.mp4", make_clip(6, SYN).frames)
+    _append(root, "videos/a.mp4,a bomb mask,masks/bomb", "videos/b.mp4,a truncated mask,masks/truncated")
+    keys, reasons = _load_all(_config(source="folder", path=str(root), masks=True), tmp_path / REPORT_NAME)
+    assert sorted(keys) == [f"videos/{i:05d}.mp4" for i in range(4)]
+    assert "masks/bomb/000.png: refused as a possible decompression bomb" in reasons["videos/a.mp4"]
+    assert "masks/truncated/000.png: cannot decode image" in reasons["videos/b.mp4"]
