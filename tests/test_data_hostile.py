@@ -2,9 +2,11 @@
 bad-input report, or stops with one error line naming the culprit.
 
 - images PIL refuses or cannot decode (decompression bombs, truncated PNG/JPEG) as masks, frames, image-caption
-  images.
+  images;
+- caption files with bytes that are not UTF-8.
 """
 
+import csv
 import io
 import json
 import shutil
@@ -21,6 +23,7 @@ from PIL import Image
 from magdiff_jax.data.bad_input import REPORT_NAME
 from magdiff_jax.data.builders import TfdsSource, build
 from magdiff_jax.data.pipeline import data_config, make_dataset
+from magdiff_jax.data.sources import VideoCaptionFolder
 from magdiff_jax.data.synthetic import SyntheticConfig, make_clip, write_synthetic
 from magdiff_jax.data.video_io import write_video
 
@@ -162,3 +165,36 @@ def test_broken_mask_frames_are_bad_input_in_training(tmp_path):
     assert sorted(keys) == [f"videos/{i:05d}.mp4" for i in range(4)]
     assert "masks/bomb/000.png: refused as a possible decompression bomb" in reasons["videos/a.mp4"]
     assert "masks/truncated/000.png: cannot decode image" in reasons["videos/b.mp4"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# caption files that are not UTF-8
+
+
+def test_caption_bytes_that_are_not_utf8_name_the_file_and_row(tmp_path):
+    root = write_synthetic(tmp_path / "clips", 4, SYN)
+    with open(root / "captions.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    lines = [",".join(r).encode() for r in rows]
+    lines[3] = lines[3].replace(b"moves", b"mo\xffves")  # data row 3 (line 4)
+    (root / "captions.csv").write_bytes(b"\n".join(lines) + b"\n")
+    src = VideoCaptionFolder(root)
+    assert src.bad == [("captions.csv:4", "not UTF-8 (byte 0xff in column 'caption')")]
+    keys, reasons = _load_all(_config(source="folder", path=str(root)), tmp_path / REPORT_NAME)
+    assert sorted(keys) == ["videos/00000.mp4", "videos/00001.mp4", "videos/00003.mp4"]
+    assert reasons == {"captions.csv:4": "not UTF-8 (byte 0xff in column 'caption')"}
+    out = build("video_caption", root, tmp_path / "out", max_bad_fraction=0.5)
+    assert len(TfdsSource(out)) == 3
+    assert [b["key"] for b in json.loads((out / REPORT_NAME).read_text())["bad"]] == ["captions.csv:4"]
+
+    # jsonl: the row; a csv header that is not UTF-8: the file cannot be read at all, one error naming it
+    (root / "captions.csv").unlink()
+    (root / "captions.jsonl").write_bytes(b'{"video": "videos/00000.mp4", "caption": "fine"}\n\n'
+                                          b'{"video": "videos/00001.mp4", "caption": "caf\xe9"}\n')
+    assert VideoCaptionFolder(root).bad == [("captions.jsonl:3", "not UTF-8 (byte 0xe9 at column 46)")]
+    (root / "captions.jsonl").unlink()
+    (root / "captions.csv").write_bytes(b"vid\xe9o,caption\nvideos/00000.mp4,fine\n")
+    with pytest.raises(ValueError, match=r"captions\.csv:1: the header is not UTF-8 \(byte 0xe9\)"):
+        VideoCaptionFolder(root)
+    line = _error_line(_cli("data", "inspect", str(root)))
+    assert f"{root / 'captions.csv'}:1: the header is not UTF-8" in line

@@ -36,7 +36,6 @@ previously complete one.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import inspect
 import io
@@ -56,7 +55,7 @@ from etils import epath
 from tensorflow_datasets.core.utils.py_utils import classproperty
 
 from magdiff_jax.data.bad_input import DEFAULT_MAX_BAD_FRACTION, REPORT_NAME, BadInput, BadInputReport
-from magdiff_jax.data.sources import ImageCaptionFolder, VideoCaptionFolder, find_annotations
+from magdiff_jax.data.sources import ImageCaptionFolder, VideoCaptionFolder, find_annotations, read_rows, read_utf8
 from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VideoError, frame_files, open_image, probe, read_frames
 
 log = logging.getLogger(__name__)
@@ -330,10 +329,22 @@ def _missing(manual_dir: Path, name: str, layout: str) -> FileNotFoundError:
     return FileNotFoundError(f"{manual_dir}: not a {name} folder (expected {layout})")
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """Non-empty stripped lines (CRLF-safe) with their 1-based numbers."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return [(n, line.strip()) for n, line in enumerate(fh, 1) if line.strip()]
+def _read_lines(path: Path, bad: list[tuple[str, str]] | None = None) -> list[tuple[int, str]]:
+    """Non-empty stripped lines (CRLF-safe) with their 1-based numbers. A line that is not UTF-8 goes to `bad` as
+    (`<file>:<line>`, reason); without `bad` it is an error naming the file and line."""
+    lines = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+        except UnicodeDecodeError as e:
+            reason = f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            if bad is None:
+                raise ValueError(f"{path}:{n}: {reason}") from e
+            bad.append((f"{path.name}:{n}", reason))
+            continue
+        if line:
+            lines.append((n, line))
+    return lines
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
@@ -430,7 +441,7 @@ class Ucf101(ManualBuilder, skip_registration=True):
         splits, bad = {}, []
         for split, list_name in (("train", "trainlist01.txt"), ("test", "testlist01.txt")):
             items = []
-            for n, line in _read_lines(lists / list_name):
+            for n, line in _read_lines(lists / list_name, bad):
                 rel = line.split()[0].replace("\\", "/")
                 key = f"UCF-101/{rel}"
                 cls_dir, _, file_name = rel.rpartition("/")
@@ -492,7 +503,7 @@ class Msrvtt(ManualBuilder, skip_registration=True):
         bad: list[tuple[str, str]] = []
         if ann.suffix == ".json":
             try:
-                data = json.loads(ann.read_text(encoding="utf-8"))
+                data = json.loads(read_utf8(ann))
                 order = [v["video_id"] for v in data["videos"] if v.get("split", "test") == "test"]
                 sentences = sorted(data["sentences"], key=lambda s: s.get("sen_id", 0))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -503,18 +514,18 @@ class Msrvtt(ManualBuilder, skip_registration=True):
                     captions.setdefault(s["video_id"], []).append(str(s["caption"]).strip())
         else:
             order = []
-            with open(ann, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                if not {"video_id", "sentence"} <= set(reader.fieldnames or ()):
-                    raise ValueError(f"{ann}: expected video_id and sentence columns, got {reader.fieldnames}")
-                for n, row in enumerate(reader, 2):
-                    vid, sentence = row.get("video_id"), row.get("sentence")
-                    if None in row or not vid or not sentence or not sentence.strip():
-                        bad.append((f"{ann.name}:{n}", "malformed row (no video_id or sentence, or extra fields)"))
-                        continue
-                    if vid not in captions:
-                        order.append(vid)
-                    captions.setdefault(vid, []).append(sentence.strip())
+            for label, row, error in read_rows(ann):
+                if error is None and not {"video_id", "sentence"} <= set(row):
+                    raise ValueError(f"{ann}: expected video_id and sentence columns, got {list(row)}")
+                vid, sentence = (row.get("video_id"), row.get("sentence")) if error is None else (None, None)
+                if error is None and (not vid or not sentence or not sentence.strip()):
+                    error = "malformed row (no video_id or sentence)"
+                if error is not None:
+                    bad.append((label, error))
+                    continue
+                if vid not in captions:
+                    order.append(vid)
+                captions.setdefault(vid, []).append(sentence.strip())
         items = []
         for vid in dict.fromkeys(order):
             key = f"{videos.relative_to(root).as_posix()}/{vid}.mp4"
@@ -557,7 +568,7 @@ class Davis(ManualBuilder, skip_registration=True):
             if not list_path.is_file():
                 raise FileNotFoundError(f"{list_path}: missing (expected {self.LAYOUT})")
             items = []
-            for _, seq in _read_lines(list_path):
+            for _, seq in _read_lines(list_path, bad):
                 key = f"JPEGImages/{self.RESOLUTION}/{seq}"
                 frames_dir = root / key
                 masks_dir = root / "Annotations" / self.RESOLUTION / seq
@@ -597,7 +608,7 @@ class Vimeo90k(ManualBuilder, skip_registration=True):
         splits, bad = {}, []
         for split, list_name in self.SPLITS:
             items = []
-            for n, line in _read_lines(root / list_name):
+            for n, line in _read_lines(root / list_name, bad):
                 key = f"sequences/{line}"
                 if not re.fullmatch(r"[\w.-]+/[\w.-]+", line):
                     bad.append((f"{list_name}:{n}", f"malformed line {line!r}"))
