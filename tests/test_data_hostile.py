@@ -1,6 +1,8 @@
 """Hostile and broken dataset input, crafted for real on disk: each class is skipped, counted and named in the
-bad-input report, or stops with one error line naming the culprit.
+bad-input report, or stops with one error line naming the culprit; nothing outside the dataset folder is read.
 
+- paths leaving the dataset folder (`..`, absolute, symlinks to files and folders outside): folder sources, the
+  training pipeline and every builder;
 - images PIL refuses or cannot decode (decompression bombs, truncated PNG/JPEG) as masks, frames, image-caption
   images;
 - caption files with bytes that are not UTF-8.
@@ -9,6 +11,7 @@ bad-input report, or stops with one error line naming the culprit.
 import csv
 import io
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -85,6 +88,128 @@ def _error_line(r: subprocess.CompletedProcess) -> str:
     lines = r.stderr.strip().splitlines()
     assert lines[-1].startswith("magdiff-jax: error: "), r.stderr[-3000:]
     return lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# paths that leave the dataset folder
+
+
+@pytest.fixture(scope="module")
+def escaping(tmp_path_factory) -> dict:
+    """A video-caption folder of 3 good clips (and a link to one of them, inside) whose other rows name files
+    outside it: `../outside.mp4`, the same file by its absolute path, a symlink to it, a mask folder that is a
+    symlink out, and a frame folder whose frames are symlinks out."""
+    top = tmp_path_factory.mktemp("escape")
+    root = write_synthetic(top / "data", 3, SYN)
+    outside = make_clip(40, SYN)
+    write_video(top / "outside.mp4", outside.frames)
+    (top / "outside_masks").mkdir()
+    (top / "outside_frames").mkdir()
+    for t in range(SYN.num_frames):
+        (top / "outside_masks" / f"{t:03d}.png").write_bytes(_png(np.full((32, 32), 255, np.uint8)))
+        (top / "outside_frames" / f"{t:03d}.png").write_bytes(_png(outside.frames[t]))
+    os.symlink(top / "outside.mp4", root / "videos" / "link.mp4")
+    os.symlink("00002.mp4", root / "videos" / "alias.mp4")  # a link that stays inside is fine
+    os.symlink(top / "outside_masks", root / "masks" / "linked")
+    (root / "frames").mkdir()
+    for t in range(SYN.num_frames):
+        os.symlink(top / "outside_frames" / f"{t:03d}.png", root / "frames" / f"{t:03d}.png")
+    _append(root,
+            "../outside.mp4,dots lead out,masks/00000",
+            f"{top / 'outside.mp4'},an absolute path,masks/00000",
+            "videos/link.mp4,a symlink out,masks/00000",
+            "videos/00001.mp4,a mask folder linking out,masks/linked",
+            "frames,frames linking out,masks/00000",
+            "videos/alias.mp4,a symlink inside,masks/00002")
+    secret = {(top / "outside.mp4").read_bytes(), (top / "outside_masks" / "000.png").read_bytes(),
+              (top / "outside_frames" / "000.png").read_bytes()}
+    return {"root": root, "top": top, "secret": secret}
+
+
+def test_rows_naming_files_outside_the_folder_are_bad_input_in_training(escaping, tmp_path):
+    root = escaping["root"]
+    src = VideoCaptionFolder(root)
+    bad = dict(src.bad)
+    target = os.path.realpath(escaping["top"] / "outside.mp4")
+    assert bad["captions.csv:5 (../outside.mp4)"] == f"video ../outside.mp4: {LEAVES} (it leads to {target})"
+    assert bad[f"captions.csv:6 ({escaping['top'] / 'outside.mp4'})"].endswith(
+        f"{LEAVES} (absolute paths are not allowed)")
+    assert LEAVES in bad["captions.csv:7 (videos/link.mp4)"]
+    assert LEAVES in bad["captions.csv:8 (videos/00001.mp4)"] and "mask masks/linked" in bad[
+        "captions.csv:8 (videos/00001.mp4)"]
+
+    keys, reasons = _load_all(_config(source="folder", path=str(root), masks=True), tmp_path / REPORT_NAME)
+    assert sorted(keys) == ["videos/00000.mp4", "videos/00001.mp4", "videos/00002.mp4", "videos/alias.mp4"]
+    assert len(reasons) == 5 and all(LEAVES in r for r in reasons.values()), reasons
+    assert reasons["frames"].startswith(f"{root / 'frames' / '000.png'}: {LEAVES}")
+
+
+def test_rows_naming_files_outside_the_folder_are_not_built(escaping, tmp_path):
+    out = build("video_caption", escaping["root"], tmp_path / "out", max_bad_fraction=0.9)
+    src = TfdsSource(out)
+    records = [src[i] for i in range(len(src))]
+    assert sorted(r["key"] for r in records) == ["videos/00000.mp4", "videos/00001.mp4", "videos/00002.mp4",
+                                                 "videos/alias.mp4"]
+    for r in records:
+        blobs = {r["video"]} if isinstance(r["video"], bytes) else set(r["video"])
+        blobs |= set(r["mask"] or [])
+        assert not blobs & escaping["secret"], r["key"]
+    report = json.loads((out / REPORT_NAME).read_text())
+    reasons = {b["key"]: b["reason"] for b in report["bad"]}
+    assert set(reasons) == {"captions.csv:5 (../outside.mp4)", f"captions.csv:6 ({escaping['top'] / 'outside.mp4'})",
+                            "captions.csv:7 (videos/link.mp4)", "captions.csv:8 (videos/00001.mp4)", "frames"}
+    assert all(LEAVES in r for r in reasons.values()), reasons
+
+
+def test_image_caption_rows_naming_images_outside_the_folder_are_bad_input(tmp_path):
+    root = tmp_path / "images"
+    (root / "img").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        (root / "img" / name).write_bytes(_png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)))
+    (tmp_path / "outside.png").write_bytes(_png(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)))
+    os.symlink(tmp_path / "outside.png", root / "img" / "link.png")
+    (root / "captions.csv").write_text(f"image,caption\nimg/a.png,inside\n../outside.png,dots\n"
+                                       f"{tmp_path / 'outside.png'},absolute\nimg/link.png,a link out\n"
+                                       f"img/b.png,inside too\n")
+    keys, reasons = _load_all(_config(source="images", path=str(root), num_frames=1, resolution=(16, 16)),
+                              tmp_path / REPORT_NAME)
+    assert sorted(keys) == ["img/a.png", "img/b.png"]
+    assert sorted(reasons) == ["captions.csv:3 (../outside.png)", f"captions.csv:4 ({tmp_path / 'outside.png'})",
+                               "captions.csv:5 (img/link.png)"]
+    assert all(r.startswith(f"image {k.split('(')[1][:-1]}: {LEAVES}") for k, r in reasons.items()), reasons
+
+
+def test_archive_builders_do_not_follow_paths_out(tmp_path):
+    """Vimeo-90K: a sequence whose frame is a symlink out; MSR-VTT: a video_id with `..` in its csv."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    frames = make_clip(7, SyntheticConfig(num_frames=7, size=16)).frames
+    (outside / "im1.png").write_bytes(_png(frames[0]))
+    write_video(outside / "video9.mp4", make_clip(9, SYN).frames)
+    root = tmp_path / "manual" / "vimeo_septuplet"
+    for seq in ("00001/0001", "00001/0002"):
+        for i, frame in enumerate(frames, 1):
+            (root / "sequences" / seq).mkdir(parents=True, exist_ok=True)
+            (root / "sequences" / seq / f"im{i}.png").write_bytes(_png(frame))
+    (root / "sequences" / "00001/0002" / "im1.png").unlink()
+    os.symlink(outside / "im1.png", root / "sequences" / "00001/0002" / "im1.png")
+    (root / "sep_trainlist.txt").write_text("00001/0001\n00001/0002\n")
+    (root / "sep_testlist.txt").write_text("00001/0001\n")
+    build("vimeo90k", tmp_path / "manual", tmp_path / "out", max_bad_fraction=0.9)
+    assert len(TfdsSource(tmp_path / "out", split="train")) == 1
+    (bad,) = json.loads((tmp_path / "out" / "vimeo90k" / REPORT_NAME).read_text())["bad"]
+    assert bad["key"] == "sequences/00001/0002" and LEAVES in bad["reason"]
+
+    msr = tmp_path / "msr" / "MSRVTT"
+    write_video(msr / "videos" / "all" / "video1.mp4", make_clip(1, SYN).frames)
+    (msr / "MSRVTT_JSFUSION_test.csv").write_text(
+        "key,vid_key,video_id,sentence\nret0,msr1,video1,a clip\nret1,msr2,../../../../outside/video9,a secret\n")
+    build("msrvtt", tmp_path / "msr", tmp_path / "out_msr", max_bad_fraction=0.9)
+    src = TfdsSource(tmp_path / "out_msr", split="test")
+    assert len(src) == 1 and src[0]["key"] == "videos/all/video1.mp4"
+    (bad,) = json.loads((tmp_path / "out_msr" / "msrvtt" / REPORT_NAME).read_text())["bad"]
+    assert "video9" in bad["key"] and LEAVES in bad["reason"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from tensorflow_datasets.core.utils.py_utils import classproperty
 
 from magdiff_jax.data.bad_input import DEFAULT_MAX_BAD_FRACTION, REPORT_NAME, BadInput, BadInputReport
 from magdiff_jax.data.sources import ImageCaptionFolder, VideoCaptionFolder, find_annotations, read_rows, read_utf8
-from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VideoError, frame_files, open_image, probe, read_frames
+from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VideoError, confine, frame_files, open_image, probe, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,11 @@ def _count_decoded(path: Path) -> int:
         raise VideoError(f"{path}: cannot decode ({e})") from e
 
 
-def _load(src: Path | list[Path], binarize: bool = False, full_decode: bool = False):
-    """A video file, frame folder or list of frames -> (file bytes, frame bytes, num_frames, h, w, fps)."""
+def _load(src: Path | list[Path], binarize: bool = False, full_decode: bool = False, root: Path | None = None):
+    """A video file, frame folder or list of frames -> (file bytes, frame bytes, num_frames, h, w, fps). With
+    `root`, every file must lie inside that folder once symlinks are resolved (VideoError otherwise)."""
+    if root is not None:
+        src = confine(src, root)
     if isinstance(src, Path) and src.is_dir():
         src = frame_files(src)
     if isinstance(src, list):
@@ -166,13 +169,14 @@ def _load(src: Path | list[Path], binarize: bool = False, full_decode: bool = Fa
     return data, [], info.num_frames, info.height, info.width, info.fps
 
 
-def encode_item(item: Item, full_decode: bool = False) -> dict:
-    """Probe an item and return its feature dict; raises BadInput (naming the item) when it is unusable."""
+def encode_item(item: Item, full_decode: bool = False, root: Path | None = None) -> dict:
+    """Probe an item and return its feature dict; raises BadInput (naming the item) when it is unusable, a file of
+    it outside the folder `root` included."""
     try:
-        video, video_frames, n, h, w, fps = _load(item.video, full_decode=full_decode)
+        video, video_frames, n, h, w, fps = _load(item.video, full_decode=full_decode, root=root)
         mask, mask_frames = b"", []
         if item.mask is not None:
-            mask, mask_frames, mn, mh, mw, _ = _load(item.mask, item.binarize_mask, full_decode)
+            mask, mask_frames, mn, mh, mw, _ = _load(item.mask, item.binarize_mask, full_decode, root)
             if (mn, mh, mw) != (n, h, w):
                 raise BadInput(item.key, f"mask {_rel(item.mask)} has {mn} frames of {mw}x{mh}, the video has {n} "
                                          f"of {w}x{h}")
@@ -245,8 +249,10 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     Subclasses define `locate(manual_dir)` (the dataset root inside manual_dir; FileNotFoundError naming the path
     and the expected layout when it is not there) and `list_items(root)` -> ({split: [Item]}, [(key, reason)] rows
-    rejected while indexing). The builders are not registered with TFDS by name (several names are taken by
-    TFDS's own catalog); read a built dataset with `TfdsSource` or `tfds.builder_from_directory`.
+    rejected while indexing). Every file an example reads must lie inside the root once symlinks are resolved; an
+    example with one outside is bad input ("path leaves the dataset folder"). The builders are not registered with
+    TFDS by name (several names are taken by TFDS's own catalog); read a built dataset with `TfdsSource` or
+    `tfds.builder_from_directory`.
     """
 
     VERSION = tfds.core.Version(VERSION)
@@ -299,12 +305,12 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for key, reason in index_bad:
             self.report.add(key, reason, check=False)
         self.report.check()
-        return {split: self._generate_examples(items=unique_keys(items)) for split, items in splits.items()}
+        return {split: self._generate_examples(items=unique_keys(items), root=root) for split, items in splits.items()}
 
-    def _generate_examples(self, items: list[Item]):
+    def _generate_examples(self, items: list[Item], root: Path):
         def encode(item):
             try:
-                return item.key, encode_item(item, self.full_decode), None
+                return item.key, encode_item(item, self.full_decode, root), None
             except BadInput as e:
                 return item.key, None, e.reason
 

@@ -9,6 +9,8 @@ A record is a plain picklable dict (what `source[i]` returns and the Grain pipel
     mask     VideoLike | None     the subject (MagDiff): per-frame PNG folder/list, a mask video, or (F, H, W)
     frames   list[int] | None     frame indices valid for sampling (None: all)
     fps      float | None         frame rate where the annotation gives it (otherwise the container's)
+    root     str                  (folder sources) the dataset folder: every file the record names must lie inside
+                                  it, symlinks resolved (`transforms.confined` checks before reading)
 
 Sources: `VideoCaptionFolder` (the WebVid/Pexels layout: videos or frame folders + captions.csv/.jsonl),
 `ImageCaptionFolder` (images + captions: joint image/video training and the T2I stage; an image is a one-frame
@@ -16,8 +18,9 @@ video), `SyntheticSource` (the embedded default, generated on the fly). TFDS bui
 provide sources of the same schema (`builders.py`, `encode.py`).
 
 Malformed annotation rows (no video or caption, a file that does not exist, unreadable frame lists, bytes that are
-not UTF-8) never reach the pipeline: each source lists them in `source.bad` as (key, reason), and `source.total`
-counts them, so the pipeline's bad-input report covers them.
+not UTF-8, a path that leaves the dataset folder: absolute, through `..` or through a symlink) never reach the
+pipeline: each source lists them in `source.bad` as (key, reason), and `source.total` counts them, so the
+pipeline's bad-input report covers them.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from magdiff_jax.data.synthetic import SyntheticConfig, make_clip
-from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_inside
 
 ANNOTATION_NAMES = ("captions.csv", "captions.jsonl")
 
@@ -184,8 +187,13 @@ class _RowSource:
             self.bad.append((label, error))
 
     def _resolve(self, value: str, what: str) -> Path:
-        path = Path(value)
-        path = path if path.is_absolute() else self.root / path
+        """A path of the annotations, which must lie inside the dataset folder (relative, and neither `..` nor a
+        symlink leading out of it)."""
+        if Path(value).is_absolute():
+            raise ValueError(f"{what} {value}: path leaves the dataset folder (absolute paths are not allowed)")
+        path = self.root / value
+        if not is_inside(path, self.root):
+            raise ValueError(f"{what} {value}: path leaves the dataset folder (it leads to {os.path.realpath(path)})")
         if not path.exists():
             raise ValueError(f"{what} {value} does not exist")
         return path
@@ -208,7 +216,8 @@ class _RowSource:
         except (ValueError, json.JSONDecodeError) as e:
             raise ValueError(str(e)) from e
         video = str(path) if path.is_dir() or self.media_column == "video" else [str(path)]
-        return {"key": str(media), "video": video, "caption": caption, "mask": mask, "frames": frames, "fps": fps}
+        return {"key": str(media), "video": video, "caption": caption, "mask": mask, "frames": frames, "fps": fps,
+                "root": str(self.root)}
 
     @property
     def total(self) -> int:

@@ -12,6 +12,9 @@ An image whose declared size passes `PIL.Image.MAX_IMAGE_PIXELS` (about 89 milli
 up to twice that) is refused before it is decoded, as a possible decompression bomb: no training input needs one,
 and a few of them decoded at once in the loader threads can exhaust memory. Raise `PIL.Image.MAX_IMAGE_PIXELS` (or
 set it to None) to accept larger images.
+
+`confine(src, root)` checks that every file a video-like source names lies inside the folder `root` once symlinks
+are resolved: the folder sources and builders read nothing outside the dataset folder.
 """
 
 from __future__ import annotations
@@ -91,6 +94,32 @@ def frame_files(folder: str | os.PathLike) -> list[Path]:
     if not files:
         raise VideoError(f"{folder}: no frame images ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether `path` lies inside the folder `root` once `..` and symlinks (of both) are resolved."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def _inside(path, root):
+    if not is_inside(path, root):
+        raise VideoError(f"{path}: path leaves the dataset folder {root} (it leads to {os.path.realpath(path)})")
+    return path
+
+
+def confine(src, root: str | os.PathLike):
+    """`src` (a video-like source, or None) with every file it names checked to lie inside the folder `root`; a
+    frame folder comes back as the list of its frame files, each checked (so a link inside the folder cannot lead
+    out). Bytes, arrays and None pass through. Raises VideoError naming the first path that leaves `root`."""
+    if isinstance(src, (str, os.PathLike)):
+        _inside(src, root)
+        if not Path(src).is_dir():
+            return src
+        # the folder is inside: so is each of its files that is not a symlink
+        return [_inside(p, root) if p.is_symlink() else p for p in frame_files(src)]
+    if isinstance(src, (list, tuple)):
+        return [_inside(p, root) if isinstance(p, (str, os.PathLike)) else p for p in src]
+    return src
 
 
 def _as_frame_list(src):
