@@ -100,12 +100,16 @@ def _add_data(sub):
     bu = dsub.add_parser("build", help="build a TFDS dataset (array_record) from a local folder",
                          description="Build a TFDS dataset (array_record, no TensorFlow) from MANUAL_DIR laid out as "
                                      "the official archive unpacks (or a video/image-caption folder). Bad files are "
-                                     "skipped and listed in OUT/bad_inputs.json; too many stop the build.")
+                                     "skipped and listed in OUT/bad_inputs.json; too many stop the build. An "
+                                     "existing build in OUT is reused only if it was built from the same "
+                                     "MANUAL_DIR with the same settings (OUT/<builder>/<version>/build.json).")
     bu.add_argument("--builder", required=True, choices=BUILDER_NAMES)
     bu.add_argument("--manual-dir", required=True, help="the unpacked dataset")
     bu.add_argument("--out", required=True, help="TFDS data dir to write")
     bu.add_argument("--max-bad-fraction", type=float, default=0.01,
                     help="stop when more than this fraction of the inputs is bad (default 0.01)")
+    bu.add_argument("--overwrite", action="store_true",
+                    help="rebuild an existing dataset in OUT (replaced once the new one is complete)")
     ins = dsub.add_parser("inspect", help="counts, shapes and a contact sheet of a dataset folder",
                           description="Print what a dataset folder holds (video-caption or image-caption folder, "
                                       "TFDS build, or encoded latents) and write a contact-sheet PNG of sample "
@@ -247,7 +251,8 @@ def _data(args) -> None:
     elif args.action == "build":
         from magdiff_jax.data.builders import build
 
-        out = build(args.builder, args.manual_dir, args.out, max_bad_fraction=args.max_bad_fraction)
+        out = build(args.builder, args.manual_dir, args.out, max_bad_fraction=args.max_bad_fraction,
+                    overwrite=args.overwrite)
         print(f"built {args.builder} in {out}")
     elif args.action == "inspect":
         from magdiff_jax.data.summary import format_summary, inspect_dataset

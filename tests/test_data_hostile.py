@@ -3,6 +3,7 @@ bad-input report, or stops with one error line naming the culprit; nothing outsi
 
 - paths leaving the dataset folder (`..`, absolute, symlinks to files and folders outside): folder sources, the
   training pipeline and every builder;
+- `data build` into an output built from other input: refused, rebuilt with --overwrite;
 - images PIL refuses or cannot decode (decompression bombs, truncated PNG/JPEG) as masks, frames, image-caption
   images;
 - caption files with bytes that are not UTF-8.
@@ -12,6 +13,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -210,6 +212,39 @@ def test_archive_builders_do_not_follow_paths_out(tmp_path):
     assert len(src) == 1 and src[0]["key"] == "videos/all/video1.mp4"
     (bad,) = json.loads((tmp_path / "out_msr" / "msrvtt" / REPORT_NAME).read_text())["bad"]
     assert "video9" in bad["key"] and LEAVES in bad["reason"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# building into an output built from other input
+
+
+def test_build_into_an_output_of_other_input_is_refused_then_overwritten(tmp_path):
+    first = write_synthetic(tmp_path / "first", 3, SYN)
+    second = write_synthetic(tmp_path / "second", 2, SyntheticConfig(num_frames=8, size=32, seed=9))
+    real_first, real_second = os.path.realpath(first), os.path.realpath(second)
+    out = tmp_path / "out"
+    built = build("video_caption", first, out)
+    assert build("video_caption", first, out) == built  # the same input again: reused
+    differs = re.escape(f"built from other input (manual_dir '{real_first}', not '{real_second}')")
+    with pytest.raises(FileExistsError, match=differs):
+        build("video_caption", second, out)
+    with pytest.raises(FileExistsError, match=r"full_decode False, not True"):
+        build("video_caption", first, out, full_decode=True)
+
+    r = _cli("data", "build", "--builder", "video_caption", "--manual-dir", str(second), "--out", str(out))
+    line = _error_line(r)
+    assert str(built) in line and real_second in line and "--overwrite" in line
+    assert len(TfdsSource(out)) == 3  # untouched
+    r = _cli("data", "build", "--builder", "video_caption", "--manual-dir", str(second), "--out", str(out),
+             "--overwrite")
+    assert r.returncode == 0, r.stderr[-3000:]
+    src = TfdsSource(out)
+    assert len(src) == 2 and src[0]["video"] == (second / src[0]["key"]).read_bytes()
+    assert build("video_caption", second, out) == built
+
+    (built / "build.json").unlink()  # a dataset that does not say what it was built from is not reused either
+    with pytest.raises(FileExistsError, match="no record of what it was built from"):
+        build("video_caption", second, out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ a bad one is skipped, logged and listed with its reason in `<out_dir>/<name>/bad
 dataset folder when the build succeeds), together with the annotation rows rejected while indexing. Once the bad
 fraction passes `max_bad_fraction`, the build stops with `TooManyBadInputs`. `build` writes into a staging folder
 and moves the finished dataset into place, so a failed build leaves no dataset behind and never removes a
-previously complete one.
+previously complete one. Beside the dataset, `build.json` records what it was built from (builder, version, the
+resolved manual_dir, the settings that change its content, its bad fraction): `build` reuses an existing dataset only
+when that record matches the build asked for, and otherwise refuses (FileExistsError) unless told to overwrite.
 """
 
 from __future__ import annotations
@@ -655,6 +657,39 @@ def _swap_in(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+BUILD_RECORD = "build.json"
+_NOT_SETTINGS = ("num_workers",)  # builder arguments that do not change what is built
+
+
+def _build_record(cls: type[ManualBuilder], manual_dir: Path, builder_kwargs: dict) -> dict:
+    """What a build is built from: compared with the record of an existing dataset before it is reused."""
+    settings = {"full_decode": False, **{k: v for k, v in builder_kwargs.items() if k not in _NOT_SETTINGS}}
+    return {"builder": cls.name, "version": str(cls.VERSION), "manual_dir": os.path.realpath(manual_dir),
+            **json.loads(json.dumps(settings, default=str))}
+
+
+def _check_reusable(final: Path, record: dict, max_bad_fraction: float) -> None:
+    """Raise FileExistsError (one line) unless the dataset at `final` was built as `record` asks, with no more
+    than `max_bad_fraction` of its inputs bad."""
+    rebuild = "pass overwrite=True (magdiff-jax data build --overwrite) to rebuild it"
+    try:
+        old = json.loads((final / BUILD_RECORD).read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise FileExistsError(f"{final}: holds a dataset with no record of what it was built from ({BUILD_RECORD}); "
+                              f"{rebuild} from {record['manual_dir']}") from None
+    except (OSError, ValueError) as e:
+        raise FileExistsError(f"{final}: its {BUILD_RECORD} cannot be read ({e}); {rebuild}") from e
+    differs = [f"{k} {old.get(k)!r}, not {v!r}" for k, v in record.items() if old.get(k) != v]
+    if differs:
+        raise FileExistsError(f"{final}: holds a dataset built from other input ({'; '.join(differs)}); {rebuild}")
+    bad = float(old.get("bad_fraction", 0.0))
+    if bad > max_bad_fraction:
+        raise FileExistsError(f"{final}: {bad:.1%} of the inputs of the existing dataset were bad, more than the "
+                              f"allowed {max_bad_fraction:.1%}; {rebuild}")
+
+
 def dataset_dir(out_dir: str | os.PathLike, builder: str) -> Path:
     """Where `build` puts a builder's dataset: `<out_dir>/<name>/<version>`."""
     cls = _builder_cls(builder)
@@ -670,16 +705,20 @@ def _builder_cls(builder: str) -> type[ManualBuilder]:
 def build(builder: str, manual_dir: str | os.PathLike, out_dir: str | os.PathLike,
           max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, overwrite: bool = False, **builder_kwargs) -> Path:
     """Build dataset `builder` (a `BUILDERS` name) from `manual_dir` into `<out_dir>/<name>/<version>` and return
-    that folder. An existing complete dataset there is reused unless `overwrite`; it is replaced only once the new
-    one is complete. The bad-input report goes to `<out_dir>/<name>/bad_inputs.json` (and into the dataset folder).
-    Raises FileNotFoundError / ValueError when manual_dir lacks the expected layout, TooManyBadInputs when more than
+    that folder. An existing complete dataset there is reused when its `build.json` says it was built the same way
+    (same builder and version, the same manual_dir, the same settings, few enough bad inputs); otherwise the build
+    stops with FileExistsError, unless `overwrite`: then it is replaced, once the new one is complete. The
+    bad-input report goes to `<out_dir>/<name>/bad_inputs.json` (and into the dataset folder). Raises
+    FileNotFoundError / ValueError when manual_dir lacks the expected layout, TooManyBadInputs when more than
     `max_bad_fraction` of the examples are bad."""
     cls = _builder_cls(builder)
     manual_dir = Path(manual_dir).absolute()
     out_dir = Path(out_dir).absolute()
     final = out_dir / cls.name / str(cls.VERSION)
+    record = _build_record(cls, manual_dir, builder_kwargs)
     if (final / "dataset_info.json").is_file() and not overwrite:
-        log.info("reusing the built dataset %s (pass overwrite=True to rebuild)", final)
+        _check_reusable(final, record, max_bad_fraction)
+        log.info("reusing the built dataset %s (built from the same input; pass overwrite=True to rebuild)", final)
         return final
     cls.locate(manual_dir)  # layout errors before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -692,6 +731,7 @@ def build(builder: str, manual_dir: str | os.PathLike, out_dir: str | os.PathLik
                                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
         built = staging / cls.name / str(cls.VERSION)
         shutil.copy2(report_path, built / REPORT_NAME)
+        (built / BUILD_RECORD).write_text(json.dumps({**record, "bad_fraction": b.report.fraction}, indent=1))
         _swap_in(built, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
