@@ -5,7 +5,7 @@ bad-input report, or stops with one error line naming the culprit; nothing outsi
   training pipeline and every builder;
 - `data build` into an output built from other input: refused, rebuilt with --overwrite;
 - images PIL refuses or cannot decode (decompression bombs, truncated PNG/JPEG) as masks, frames, image-caption
-  images;
+  images, and `magdiff-jax sample/edit` inputs (one line, before any model is loaded);
 - caption files with bytes that are not UTF-8.
 """
 
@@ -325,6 +325,26 @@ def test_broken_mask_frames_are_bad_input_in_training(tmp_path):
     assert sorted(keys) == [f"videos/{i:05d}.mp4" for i in range(4)]
     assert "masks/bomb/000.png: refused as a possible decompression bomb" in reasons["videos/a.mp4"]
     assert "masks/truncated/000.png: cannot decode image" in reasons["videos/b.mp4"]
+
+
+def test_sample_and_edit_name_a_broken_input_before_loading_a_model(tmp_path):
+    empty = tmp_path / "no_model"
+    empty.mkdir()
+    (tmp_path / "bomb.png").write_bytes(_bomb_png())
+    jpeg = _jpeg(np.zeros((64, 64, 3), np.uint8))
+    (tmp_path / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    common = ("--workdir", str(empty), "--prompt", "a cat", "--out", str(tmp_path / "out.mp4"))
+    line = _error_line(_cli("sample", "--subject", str(tmp_path / "bomb.png"), *common))
+    assert line.startswith(f"magdiff-jax: error: {tmp_path / 'bomb.png'}: refused as a possible decompression bomb")
+    assert str(empty) not in line
+
+    clip = write_synthetic(tmp_path / "clip", 1, SYN)
+    masks = clip / "masks" / "00000"
+    (masks / "003.png").write_bytes((masks / "003.png").read_bytes()[:50])
+    line = _error_line(_cli("edit", "--video", str(clip / "videos" / "00000.mp4"), "--masks", str(masks), *common))
+    assert line.startswith(f"magdiff-jax: error: {masks / '003.png'}: cannot decode image"), line
+    assert str(empty) not in line
+    assert not (tmp_path / "out.mp4").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
