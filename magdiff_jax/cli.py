@@ -100,12 +100,16 @@ def _add_data(sub):
     bu = dsub.add_parser("build", help="build a TFDS dataset (array_record) from a local folder",
                          description="Build a TFDS dataset (array_record, no TensorFlow) from MANUAL_DIR laid out as "
                                      "the official archive unpacks (or a video/image-caption folder). Bad files are "
-                                     "skipped and listed in OUT/bad_inputs.json; too many stop the build.")
+                                     "skipped and listed in OUT/bad_inputs.json; too many stop the build. An "
+                                     "existing build in OUT is reused only if it was built from the same "
+                                     "MANUAL_DIR with the same settings (OUT/<builder>/<version>/build.json).")
     bu.add_argument("--builder", required=True, choices=BUILDER_NAMES)
     bu.add_argument("--manual-dir", required=True, help="the unpacked dataset")
     bu.add_argument("--out", required=True, help="TFDS data dir to write")
     bu.add_argument("--max-bad-fraction", type=float, default=0.01,
                     help="stop when more than this fraction of the inputs is bad (default 0.01)")
+    bu.add_argument("--overwrite", action="store_true",
+                    help="rebuild an existing dataset in OUT (replaced once the new one is complete)")
     ins = dsub.add_parser("inspect", help="counts, shapes and a contact sheet of a dataset folder",
                           description="Print what a dataset folder holds (video-caption or image-caption folder, "
                                       "TFDS build, or encoded latents) and write a contact-sheet PNG of sample "
@@ -155,11 +159,12 @@ def _add_generation(sub):
                              "both passes)")
     common.add_argument("--fps", type=int, default=8)
     sa = sub.add_parser("sample", parents=[common], help="MagDiff generation: subject image + prompt -> video")
-    sa.add_argument("--subject", required=True, help="subject image (PNG/JPEG)")
+    sa.add_argument("--subject", required=True, help="subject image (PNG/JPEG/WebP/BMP)")
     sa.add_argument("--mask", default=None, help="subject mask (PNG, non-zero inside; default: the whole image)")
     sa.add_argument("--num", type=int, default=1, help="videos, with seeds seed .. seed+num-1 (one batch)")
     ed = sub.add_parser("edit", parents=[common], help="MagDiff editing: video + masks of the region to keep")
-    ed.add_argument("--video", required=True, help="source video (mp4, webm, mov or a frame folder)")
+    ed.add_argument("--video", required=True, help="source video (mp4, webm, mov or a frame folder; all of it is "
+                                                   "decoded, before the model loads, and its first frames edited)")
     ed.add_argument("--masks", required=True, help="per-frame masks: a folder of PNGs or a mask video")
     ed.add_argument("--strength", type=float, default=1.0,
                     help="< 1: start from the source's DDIM inversion this far along (structure kept)")
@@ -278,7 +283,8 @@ def _data(args) -> None:
     elif args.action == "build":
         from magdiff_jax.data.builders import build
 
-        out = build(args.builder, args.manual_dir, args.out, max_bad_fraction=args.max_bad_fraction)
+        out = build(args.builder, args.manual_dir, args.out, max_bad_fraction=args.max_bad_fraction,
+                    overwrite=args.overwrite)
         print(f"built {args.builder} in {out}")
     elif args.action == "inspect":
         from magdiff_jax.data.summary import format_summary, inspect_dataset
@@ -315,21 +321,27 @@ def _generate(args) -> None:
     from magdiff_jax.data.video_io import read_frames, read_image, write_video
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
 
-    pipe = MagDiffPipeline.load(args.workdir)
-    f = pipe.num_frames
+    # the inputs first: an unreadable image or video is one error naming it, before a model is loaded
     if args.command == "sample":
         image = read_image(args.subject)
         mask = read_image(args.mask, mode="L") if args.mask else None
         if mask is not None and mask.shape != image.shape[:2]:
             raise ValueError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]}, the subject "
                              f"{image.shape[1]}x{image.shape[0]}")
+    else:
+        frames = read_frames(args.video)
+        masks = read_frames(args.masks, resize=frames.shape[1:3], gray=True)
+    pipe = MagDiffPipeline.load(args.workdir)
+    f = pipe.num_frames
+    if args.command == "sample":
         ex = pipe.example(image[None], None if mask is None else mask[None], args.prompt, mode="first")
         examples, seeds = [ex] * args.num, [args.seed + k for k in range(args.num)]
         extra = {}
     else:
-        frames = read_frames(args.video, indices=range(f))
-        masks = read_frames(args.masks, indices=range(f), resize=frames.shape[1:3], gray=True)
-        ex = pipe.example(frames, masks, args.prompt, mode="all")
+        for name, got in ((args.video, frames), (args.masks, masks)):
+            if len(got) < f:
+                raise ValueError(f"{name}: has {len(got)} frames, the model makes {f}")
+        ex = pipe.example(frames[:f], masks[:f], args.prompt, mode="all")
         examples, seeds, extra = [ex], [args.seed], {"strength": args.strength}
     logging.info("%s: %d video(s) of %d frames, %d DDIM steps (compiling first)", args.command, len(examples), f,
                  args.num_steps)

@@ -30,13 +30,14 @@ a bad one is skipped, logged and listed with its reason in `<out_dir>/<name>/bad
 dataset folder when the build succeeds), together with the annotation rows rejected while indexing. Once the bad
 fraction passes `max_bad_fraction`, the build stops with `TooManyBadInputs`. `build` writes into a staging folder
 and moves the finished dataset into place, so a failed build leaves no dataset behind and never removes a
-previously complete one.
+previously complete one. Beside the dataset, `build.json` records what it was built from (builder, version, the
+resolved manual_dir, the settings that change its content, its bad fraction): `build` reuses an existing dataset only
+when that record matches the build asked for, and otherwise refuses (FileExistsError) unless told to overwrite.
 """
 
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import inspect
 import io
@@ -56,8 +57,8 @@ from etils import epath
 from tensorflow_datasets.core.utils.py_utils import classproperty
 
 from magdiff_jax.data.bad_input import DEFAULT_MAX_BAD_FRACTION, REPORT_NAME, BadInput, BadInputReport
-from magdiff_jax.data.sources import ImageCaptionFolder, VideoCaptionFolder, find_annotations
-from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VideoError, frame_files, probe, read_frames
+from magdiff_jax.data.sources import ImageCaptionFolder, VideoCaptionFolder, find_annotations, read_rows, read_utf8
+from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VideoError, confine, frame_files, open_image, probe, read_frames
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +100,6 @@ def _features() -> tfds.features.FeaturesDict:
     })
 
 
-def _open_image(data: bytes, name: str):
-    """Decode an image fully (a truncated file fails here, not in training)."""
-    from PIL import Image
-
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise VideoError(f"{name}: cannot decode image ({e})") from e
-    return img
-
-
 def _binary_png(img) -> bytes:
     """A palette / id / colour mask -> PNG of 0 (background) and 255 (any object)."""
     from PIL import Image
@@ -133,7 +122,7 @@ def _read_frames_list(files: list[Path], binarize: bool) -> tuple[list[bytes], i
             data = path.read_bytes()
         except OSError as e:
             raise VideoError(f"{path}: cannot read ({e.strerror or e})") from e
-        img = _open_image(data, str(path))
+        img = open_image(data, str(path))  # in full: a truncated file fails here, not in training
         if size is None:
             size = img.size
         elif img.size != size:
@@ -152,8 +141,11 @@ def _count_decoded(path: Path) -> int:
         raise VideoError(f"{path}: cannot decode ({e})") from e
 
 
-def _load(src: Path | list[Path], binarize: bool = False, full_decode: bool = False):
-    """A video file, frame folder or list of frames -> (file bytes, frame bytes, num_frames, h, w, fps)."""
+def _load(src: Path | list[Path], binarize: bool = False, full_decode: bool = False, root: Path | None = None):
+    """A video file, frame folder or list of frames -> (file bytes, frame bytes, num_frames, h, w, fps). With
+    `root`, every file must lie inside that folder once symlinks are resolved (VideoError otherwise)."""
+    if root is not None:
+        src = confine(src, root)
     if isinstance(src, Path) and src.is_dir():
         src = frame_files(src)
     if isinstance(src, list):
@@ -179,13 +171,14 @@ def _load(src: Path | list[Path], binarize: bool = False, full_decode: bool = Fa
     return data, [], info.num_frames, info.height, info.width, info.fps
 
 
-def encode_item(item: Item, full_decode: bool = False) -> dict:
-    """Probe an item and return its feature dict; raises BadInput (naming the item) when it is unusable."""
+def encode_item(item: Item, full_decode: bool = False, root: Path | None = None) -> dict:
+    """Probe an item and return its feature dict; raises BadInput (naming the item) when it is unusable, a file of
+    it outside the folder `root` included."""
     try:
-        video, video_frames, n, h, w, fps = _load(item.video, full_decode=full_decode)
+        video, video_frames, n, h, w, fps = _load(item.video, full_decode=full_decode, root=root)
         mask, mask_frames = b"", []
         if item.mask is not None:
-            mask, mask_frames, mn, mh, mw, _ = _load(item.mask, item.binarize_mask, full_decode)
+            mask, mask_frames, mn, mh, mw, _ = _load(item.mask, item.binarize_mask, full_decode, root)
             if (mn, mh, mw) != (n, h, w):
                 raise BadInput(item.key, f"mask {_rel(item.mask)} has {mn} frames of {mw}x{mh}, the video has {n} "
                                          f"of {w}x{h}")
@@ -258,8 +251,10 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     Subclasses define `locate(manual_dir)` (the dataset root inside manual_dir; FileNotFoundError naming the path
     and the expected layout when it is not there) and `list_items(root)` -> ({split: [Item]}, [(key, reason)] rows
-    rejected while indexing). The builders are not registered with TFDS by name (several names are taken by
-    TFDS's own catalog); read a built dataset with `TfdsSource` or `tfds.builder_from_directory`.
+    rejected while indexing). Every file an example reads must lie inside the root once symlinks are resolved; an
+    example with one outside is bad input ("path leaves the dataset folder"). The builders are not registered with
+    TFDS by name (several names are taken by TFDS's own catalog); read a built dataset with `TfdsSource` or
+    `tfds.builder_from_directory`.
     """
 
     VERSION = tfds.core.Version(VERSION)
@@ -312,12 +307,12 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for key, reason in index_bad:
             self.report.add(key, reason, check=False)
         self.report.check()
-        return {split: self._generate_examples(items=unique_keys(items)) for split, items in splits.items()}
+        return {split: self._generate_examples(items=unique_keys(items), root=root) for split, items in splits.items()}
 
-    def _generate_examples(self, items: list[Item]):
+    def _generate_examples(self, items: list[Item], root: Path):
         def encode(item):
             try:
-                return item.key, encode_item(item, self.full_decode), None
+                return item.key, encode_item(item, self.full_decode, root), None
             except BadInput as e:
                 return item.key, None, e.reason
 
@@ -342,10 +337,22 @@ def _missing(manual_dir: Path, name: str, layout: str) -> FileNotFoundError:
     return FileNotFoundError(f"{manual_dir}: not a {name} folder (expected {layout})")
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """Non-empty stripped lines (CRLF-safe) with their 1-based numbers."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return [(n, line.strip()) for n, line in enumerate(fh, 1) if line.strip()]
+def _read_lines(path: Path, bad: list[tuple[str, str]] | None = None) -> list[tuple[int, str]]:
+    """Non-empty stripped lines (CRLF-safe) with their 1-based numbers. A line that is not UTF-8 goes to `bad` as
+    (`<file>:<line>`, reason); without `bad` it is an error naming the file and line."""
+    lines = []
+    for n, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8-sig" if n == 1 else "utf-8").strip()
+        except UnicodeDecodeError as e:
+            reason = f"not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            if bad is None:
+                raise ValueError(f"{path}:{n}: {reason}") from e
+            bad.append((f"{path.name}:{n}", reason))
+            continue
+        if line:
+            lines.append((n, line))
+    return lines
 
 
 def _find_file(folder: Path, name: str) -> Path | None:
@@ -442,7 +449,7 @@ class Ucf101(ManualBuilder, skip_registration=True):
         splits, bad = {}, []
         for split, list_name in (("train", "trainlist01.txt"), ("test", "testlist01.txt")):
             items = []
-            for n, line in _read_lines(lists / list_name):
+            for n, line in _read_lines(lists / list_name, bad):
                 rel = line.split()[0].replace("\\", "/")
                 key = f"UCF-101/{rel}"
                 cls_dir, _, file_name = rel.rpartition("/")
@@ -504,7 +511,7 @@ class Msrvtt(ManualBuilder, skip_registration=True):
         bad: list[tuple[str, str]] = []
         if ann.suffix == ".json":
             try:
-                data = json.loads(ann.read_text(encoding="utf-8"))
+                data = json.loads(read_utf8(ann))
                 order = [v["video_id"] for v in data["videos"] if v.get("split", "test") == "test"]
                 sentences = sorted(data["sentences"], key=lambda s: s.get("sen_id", 0))
             except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
@@ -515,18 +522,18 @@ class Msrvtt(ManualBuilder, skip_registration=True):
                     captions.setdefault(s["video_id"], []).append(str(s["caption"]).strip())
         else:
             order = []
-            with open(ann, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                if not {"video_id", "sentence"} <= set(reader.fieldnames or ()):
-                    raise ValueError(f"{ann}: expected video_id and sentence columns, got {reader.fieldnames}")
-                for n, row in enumerate(reader, 2):
-                    vid, sentence = row.get("video_id"), row.get("sentence")
-                    if None in row or not vid or not sentence or not sentence.strip():
-                        bad.append((f"{ann.name}:{n}", "malformed row (no video_id or sentence, or extra fields)"))
-                        continue
-                    if vid not in captions:
-                        order.append(vid)
-                    captions.setdefault(vid, []).append(sentence.strip())
+            for label, row, error in read_rows(ann):
+                if error is None and not {"video_id", "sentence"} <= set(row):
+                    raise ValueError(f"{ann}: expected video_id and sentence columns, got {list(row)}")
+                vid, sentence = (row.get("video_id"), row.get("sentence")) if error is None else (None, None)
+                if error is None and (not vid or not sentence or not sentence.strip()):
+                    error = "malformed row (no video_id or sentence)"
+                if error is not None:
+                    bad.append((label, error))
+                    continue
+                if vid not in captions:
+                    order.append(vid)
+                captions.setdefault(vid, []).append(sentence.strip())
         items = []
         for vid in dict.fromkeys(order):
             key = f"{videos.relative_to(root).as_posix()}/{vid}.mp4"
@@ -569,7 +576,7 @@ class Davis(ManualBuilder, skip_registration=True):
             if not list_path.is_file():
                 raise FileNotFoundError(f"{list_path}: missing (expected {self.LAYOUT})")
             items = []
-            for _, seq in _read_lines(list_path):
+            for _, seq in _read_lines(list_path, bad):
                 key = f"JPEGImages/{self.RESOLUTION}/{seq}"
                 frames_dir = root / key
                 masks_dir = root / "Annotations" / self.RESOLUTION / seq
@@ -609,7 +616,7 @@ class Vimeo90k(ManualBuilder, skip_registration=True):
         splits, bad = {}, []
         for split, list_name in self.SPLITS:
             items = []
-            for n, line in _read_lines(root / list_name):
+            for n, line in _read_lines(root / list_name, bad):
                 key = f"sequences/{line}"
                 if not re.fullmatch(r"[\w.-]+/[\w.-]+", line):
                     bad.append((f"{list_name}:{n}", f"malformed line {line!r}"))
@@ -650,6 +657,39 @@ def _swap_in(src: Path, dst: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+BUILD_RECORD = "build.json"
+_NOT_SETTINGS = ("num_workers",)  # builder arguments that do not change what is built
+
+
+def _build_record(cls: type[ManualBuilder], manual_dir: Path, builder_kwargs: dict) -> dict:
+    """What a build is built from: compared with the record of an existing dataset before it is reused."""
+    settings = {"full_decode": False, **{k: v for k, v in builder_kwargs.items() if k not in _NOT_SETTINGS}}
+    return {"builder": cls.name, "version": str(cls.VERSION), "manual_dir": os.path.realpath(manual_dir),
+            **json.loads(json.dumps(settings, default=str))}
+
+
+def _check_reusable(final: Path, record: dict, max_bad_fraction: float) -> None:
+    """Raise FileExistsError (one line) unless the dataset at `final` was built as `record` asks, with no more
+    than `max_bad_fraction` of its inputs bad."""
+    rebuild = "pass overwrite=True (magdiff-jax data build --overwrite) to rebuild it"
+    try:
+        old = json.loads((final / BUILD_RECORD).read_text())
+        if not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except FileNotFoundError:
+        raise FileExistsError(f"{final}: holds a dataset with no record of what it was built from ({BUILD_RECORD}); "
+                              f"{rebuild} from {record['manual_dir']}") from None
+    except (OSError, ValueError) as e:
+        raise FileExistsError(f"{final}: its {BUILD_RECORD} cannot be read ({e}); {rebuild}") from e
+    differs = [f"{k} {old.get(k)!r}, not {v!r}" for k, v in record.items() if old.get(k) != v]
+    if differs:
+        raise FileExistsError(f"{final}: holds a dataset built from other input ({'; '.join(differs)}); {rebuild}")
+    bad = float(old.get("bad_fraction", 0.0))
+    if bad > max_bad_fraction:
+        raise FileExistsError(f"{final}: {bad:.1%} of the inputs of the existing dataset were bad, more than the "
+                              f"allowed {max_bad_fraction:.1%}; {rebuild}")
+
+
 def dataset_dir(out_dir: str | os.PathLike, builder: str) -> Path:
     """Where `build` puts a builder's dataset: `<out_dir>/<name>/<version>`."""
     cls = _builder_cls(builder)
@@ -665,16 +705,20 @@ def _builder_cls(builder: str) -> type[ManualBuilder]:
 def build(builder: str, manual_dir: str | os.PathLike, out_dir: str | os.PathLike,
           max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION, overwrite: bool = False, **builder_kwargs) -> Path:
     """Build dataset `builder` (a `BUILDERS` name) from `manual_dir` into `<out_dir>/<name>/<version>` and return
-    that folder. An existing complete dataset there is reused unless `overwrite`; it is replaced only once the new
-    one is complete. The bad-input report goes to `<out_dir>/<name>/bad_inputs.json` (and into the dataset folder).
-    Raises FileNotFoundError / ValueError when manual_dir lacks the expected layout, TooManyBadInputs when more than
+    that folder. An existing complete dataset there is reused when its `build.json` says it was built the same way
+    (same builder and version, the same manual_dir, the same settings, few enough bad inputs); otherwise the build
+    stops with FileExistsError, unless `overwrite`: then it is replaced, once the new one is complete. The
+    bad-input report goes to `<out_dir>/<name>/bad_inputs.json` (and into the dataset folder). Raises
+    FileNotFoundError / ValueError when manual_dir lacks the expected layout, TooManyBadInputs when more than
     `max_bad_fraction` of the examples are bad."""
     cls = _builder_cls(builder)
     manual_dir = Path(manual_dir).absolute()
     out_dir = Path(out_dir).absolute()
     final = out_dir / cls.name / str(cls.VERSION)
+    record = _build_record(cls, manual_dir, builder_kwargs)
     if (final / "dataset_info.json").is_file() and not overwrite:
-        log.info("reusing the built dataset %s (pass overwrite=True to rebuild)", final)
+        _check_reusable(final, record, max_bad_fraction)
+        log.info("reusing the built dataset %s (built from the same input; pass overwrite=True to rebuild)", final)
         return final
     cls.locate(manual_dir)  # layout errors before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -687,6 +731,7 @@ def build(builder: str, manual_dir: str | os.PathLike, out_dir: str | os.PathLik
                                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
         built = staging / cls.name / str(cls.VERSION)
         shutil.copy2(report_path, built / REPORT_NAME)
+        (built / BUILD_RECORD).write_text(json.dumps({**record, "bad_fraction": b.report.fraction}, indent=1))
         _swap_in(built, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

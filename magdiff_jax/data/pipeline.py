@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from magdiff_jax.data.bad_input import REPORT_NAME, BadInputReport
-from magdiff_jax.data.transforms import LoaderSpec, safe_load
+from magdiff_jax.data.transforms import LoaderSpec, confined, safe_load
 from magdiff_jax.data.video_io import VideoError, probe
 
 SOURCES = ("synthetic", "folder", "images", "tfds", "encoded")
@@ -307,7 +307,7 @@ def assign_buckets(source, indices, buckets: list[tuple[int, int, int]], stride:
             if all(k in record for k in ("num_frames", "height", "width")):
                 n, h, w = int(record["num_frames"]), int(record["height"]), int(record["width"])
             else:
-                info = probe(record["video"])
+                info = probe(confined(record)["video"])
                 n, h, w = info.num_frames, info.height, info.width
         except (VideoError, ValueError, OSError):
             out.append(0)

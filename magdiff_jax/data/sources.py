@@ -9,28 +9,34 @@ A record is a plain picklable dict (what `source[i]` returns and the Grain pipel
     mask     VideoLike | None     the subject (MagDiff): per-frame PNG folder/list, a mask video, or (F, H, W)
     frames   list[int] | None     frame indices valid for sampling (None: all)
     fps      float | None         frame rate where the annotation gives it (otherwise the container's)
+    root     str                  (folder sources) the dataset folder: every file the record names must lie inside
+                                  it, symlinks resolved (`transforms.confined` checks before reading)
 
 Sources: `VideoCaptionFolder` (the WebVid/Pexels layout: videos or frame folders + captions.csv/.jsonl),
 `ImageCaptionFolder` (images + captions: joint image/video training and the T2I stage; an image is a one-frame
 video), `SyntheticSource` (the embedded default, generated on the fly). TFDS builders and pre-encoded latents
 provide sources of the same schema (`builders.py`, `encode.py`).
 
-Malformed annotation rows (no video or caption, a file that does not exist, unreadable frame lists) never reach
-the pipeline: each source lists them in `source.bad` as (key, reason), and `source.total` counts them, so the
+Malformed annotation rows (no video or caption, a file that does not exist, unreadable frame lists, bytes that are
+not UTF-8, a path that leaves the dataset folder: absolute, through `..` or through a symlink) never reach the
+pipeline: each source lists them in `source.bad` as (key, reason), and `source.total` counts them, so the
 pipeline's bad-input report covers them.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from magdiff_jax.data.synthetic import SyntheticConfig, make_clip
-from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES
+from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_inside
 
 ANNOTATION_NAMES = ("captions.csv", "captions.jsonl")
 
@@ -45,38 +51,84 @@ def find_annotations(root: str | os.PathLike, names=ANNOTATION_NAMES) -> Path:
     raise FileNotFoundError(f"{root}: no annotation file (expected one of {', '.join(names)})")
 
 
+def _not_utf8(error: UnicodeDecodeError) -> str:
+    """'byte 0xff at line 3, column 7': where a UTF-8 decoding error is (what a reason or an error names)."""
+    data, at = error.object, error.start
+    line = data.count(b"\n", 0, at) + 1
+    column = at - (data.rfind(b"\n", 0, at) + 1) + 1
+    return f"byte 0x{data[at]:02x} at line {line}, column {column}"
+
+
+def read_utf8(path: str | os.PathLike) -> str:
+    """A whole text file, which must be UTF-8: ValueError naming the file, line and byte otherwise."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 ({_not_utf8(e)})") from e
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of a byte that is not UTF-8
+
+
+def _escaped_byte(text: str) -> int | None:
+    m = _ESCAPED.search(text)
+    return None if m is None else ord(m.group()) - 0xDC00
+
+
 def read_rows(path: str | os.PathLike) -> list[tuple[str, dict | None, str | None]]:
     """Rows of a .csv (with a header) or .jsonl annotation file -> [(row label, fields or None, error or None)].
-    A row that cannot be parsed comes back with fields None and the reason, never as an exception."""
+    A row that cannot be parsed (bytes that are not UTF-8 included) comes back with fields None and the reason,
+    never as an exception; a file that cannot be parsed at all (its csv header not UTF-8, a NUL byte or an endless
+    quoted field) raises ValueError naming the file and line."""
     path = Path(path)
+    data = path.read_bytes()
     rows = []
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                label = f"{path.name}:{n}"
-                try:
-                    fields = json.loads(line)
-                except json.JSONDecodeError as e:
-                    rows.append((label, None, f"not valid JSON ({e.msg})"))
-                    continue
-                if not isinstance(fields, dict):
-                    rows.append((label, None, "not a JSON object"))
-                    continue
-                rows.append((label, fields, None))
-        return rows
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        for n, fields in enumerate(reader, 2):
+        for n, line in enumerate(data.splitlines(), 1):
+            if n == 1 and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+            if not line.strip():
+                continue
             label = f"{path.name}:{n}"
-            if None in fields:
-                rows.append((label, None, f"{len(reader.fieldnames) + len(fields[None])} fields, header has "
-                                          f"{len(reader.fieldnames)}"))
+            try:
+                fields = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                rows.append((label, None, f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})"))
+                continue
+            except json.JSONDecodeError as e:
+                rows.append((label, None, f"not valid JSON ({e.msg})"))
+                continue
+            except RecursionError:
+                rows.append((label, None, "not valid JSON (nested too deeply)"))
+                continue
+            if not isinstance(fields, dict):
+                rows.append((label, None, "not a JSON object"))
+                continue
+            rows.append((label, fields, None))
+        return rows
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        byte = _escaped_byte(",".join(header))
+        if byte is not None:
+            raise ValueError(f"{path}:1: the header is not UTF-8 (byte 0x{byte:02x})")
+        for fields in reader:
+            label = f"{path.name}:{reader.line_num}"
+            bad = [(k, _escaped_byte(v if isinstance(v, str) else ",".join(map(str, v))))
+                   for k, v in fields.items() if v is not None]
+            bad = [(k, b) for k, b in bad if b is not None]
+            if bad:
+                column = "past the header's columns" if bad[0][0] is None else f"in column {bad[0][0]!r}"
+                rows.append((label, None, f"not UTF-8 (byte 0x{bad[0][1]:02x} {column})"))
+            elif None in fields:
+                rows.append((label, None, f"{len(header) + len(fields[None])} fields, header has {len(header)}"))
             elif any(v is None for v in fields.values()):
-                rows.append((label, None, f"fewer fields than the header's {len(reader.fieldnames)}"))
+                rows.append((label, None, f"fewer fields than the header's {len(header)}"))
             else:
                 rows.append((label, fields, None))
+    except csv.Error as e:  # a NUL byte, a field past csv's size limit: the rows after it cannot be trusted
+        raise ValueError(f"{path}:{reader.line_num}: cannot parse the csv ({e})") from e
     return rows
 
 
@@ -135,8 +187,13 @@ class _RowSource:
             self.bad.append((label, error))
 
     def _resolve(self, value: str, what: str) -> Path:
-        path = Path(value)
-        path = path if path.is_absolute() else self.root / path
+        """A path of the annotations, which must lie inside the dataset folder (relative, and neither `..` nor a
+        symlink leading out of it)."""
+        if Path(value).is_absolute():
+            raise ValueError(f"{what} {value}: path leaves the dataset folder (absolute paths are not allowed)")
+        path = self.root / value
+        if not is_inside(path, self.root):
+            raise ValueError(f"{what} {value}: path leaves the dataset folder (it leads to {os.path.realpath(path)})")
         if not path.exists():
             raise ValueError(f"{what} {value} does not exist")
         return path
@@ -159,7 +216,8 @@ class _RowSource:
         except (ValueError, json.JSONDecodeError) as e:
             raise ValueError(str(e)) from e
         video = str(path) if path.is_dir() or self.media_column == "video" else [str(path)]
-        return {"key": str(media), "video": video, "caption": caption, "mask": mask, "frames": frames, "fps": fps}
+        return {"key": str(media), "video": video, "caption": caption, "mask": mask, "frames": frames, "fps": fps,
+                "root": str(self.root)}
 
     @property
     def total(self) -> int:

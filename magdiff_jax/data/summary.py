@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from magdiff_jax.data.bad_input import BadInput
 from magdiff_jax.data.sources import ANNOTATION_NAMES, ImageCaptionFolder, VideoCaptionFolder, read_rows
+from magdiff_jax.data.transforms import confined
 from magdiff_jax.data.video_io import VideoError, probe, read_frames
 
 
@@ -70,11 +72,12 @@ def inspect_dataset(path: str | os.PathLike, out: str | os.PathLike | None = Non
         words.append(len(caption.split()))
         masks += rec.get("mask") is not None
         try:
-            info = probe(rec["video"])
+            video = confined(rec)["video"]  # nothing read outside a folder dataset
+            info = probe(video)
             idx = np.linspace(0, info.num_frames - 1, min(8, info.num_frames)).round().astype(int)
-            videos.append(read_frames(rec["video"], idx))
+            videos.append(read_frames(video, idx))
             captions.append(caption)
-        except VideoError as e:
+        except (VideoError, BadInput) as e:
             problems.append(f"{rec['key']}: {e}")
             continue
         frames.append(info.num_frames)

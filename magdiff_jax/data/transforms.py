@@ -16,7 +16,7 @@ import threading
 import numpy as np
 
 from magdiff_jax.data.bad_input import BadInput
-from magdiff_jax.data.video_io import VideoError, probe, read_frames
+from magdiff_jax.data.video_io import VideoError, confine, probe, read_frames
 from magdiff_jax.utils.images import CLIP_MEAN, CLIP_STD
 
 TASKS = ("video", "interp", "vsr")
@@ -180,8 +180,22 @@ def _read_masks(record: dict, info, indices, size, crop) -> np.ndarray:
     return masks[:, y:y + h, x:x + w] > 127
 
 
+def confined(record: dict) -> dict:
+    """A folder source's record (one with a `root`) with its video and mask checked to lie inside the dataset folder,
+    frame folders as lists of their (checked) frame files; other records as they are. Raises BadInput naming the
+    record when a file leaves the folder."""
+    root = record.get("root")
+    if not root:
+        return record
+    try:
+        return {**record, "video": confine(record["video"], root), "mask": confine(record.get("mask"), root)}
+    except VideoError as e:
+        raise BadInput(str(record["key"]), str(e)) from e
+
+
 def load_example(record: dict, spec: LoaderSpec, rng: np.random.Generator) -> dict:
     """One record -> one example (raises BadInput / VideoError / ValueError on unusable input)."""
+    record = confined(record)
     info = probe(record["video"])
     stride = spec.stride
     src_fps = record.get("fps") or info.fps

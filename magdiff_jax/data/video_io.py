@@ -5,6 +5,16 @@ list of frame images (paths or bytes), or an array of decoded frames.
 
 Writes go through a temporary file in the destination folder and a rename, so an interrupted write never leaves
 a half-written video behind. Read errors name the file.
+
+Images are decoded by PIL in full (a truncated file fails when read, never as grey rows), in the formats of
+`IMAGE_FORMATS` only (whatever the file's name says), and every decoder error becomes a `VideoError` naming the file.
+An image whose declared size passes `PIL.Image.MAX_IMAGE_PIXELS` (about 89 million pixels; PIL itself only warns
+up to twice that) is refused before it is decoded, as a possible decompression bomb: no training input needs one,
+and a few of them decoded at once in the loader threads can exhaust memory. Raise `PIL.Image.MAX_IMAGE_PIXELS` (or
+set it to None) to accept larger images.
+
+`confine(src, root)` checks that every file a video-like source names lies inside the folder `root` once symlinks
+are resolved: the folder sources and builders read nothing outside the dataset folder.
 """
 
 from __future__ import annotations
@@ -71,7 +81,7 @@ def _name(src) -> str:
     if isinstance(src, (str, os.PathLike)):
         return str(src)
     if isinstance(src, bytes):
-        return f"<{len(src)} bytes of video>"
+        return f"<{len(src)} bytes>"
     if isinstance(src, np.ndarray):
         return f"<array {src.shape}>"
     return f"<{len(src)} frame images>"
@@ -86,38 +96,90 @@ def frame_files(folder: str | os.PathLike) -> list[Path]:
     return files
 
 
+def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
+    """Whether `path` lies inside the folder `root` once `..` and symlinks (of both) are resolved."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
+
+
+def _inside(path, root):
+    if not is_inside(path, root):
+        raise VideoError(f"{path}: path leaves the dataset folder {root} (it leads to {os.path.realpath(path)})")
+    return path
+
+
+def confine(src, root: str | os.PathLike):
+    """`src` (a video-like source, or None) with every file it names checked to lie inside the folder `root`; a
+    frame folder comes back as the list of its frame files, each checked (so a link inside the folder cannot lead
+    out). Bytes, arrays and None pass through. Raises VideoError naming the first path that leaves `root`."""
+    if isinstance(src, (str, os.PathLike)):
+        _inside(src, root)
+        if not Path(src).is_dir():
+            return src
+        # the folder is inside: so is each of its files that is not a symlink
+        return [_inside(p, root) if p.is_symlink() else p for p in frame_files(src)]
+    if isinstance(src, (list, tuple)):
+        return [_inside(p, root) if isinstance(p, (str, os.PathLike)) else p for p in src]
+    return src
+
+
 def _as_frame_list(src):
-    """A frame folder or a list of image paths/bytes -> list of paths/bytes; None for a video file or bytes."""
+    """A frame folder, an image file or a list of image paths/bytes -> list of paths/bytes; None for a video file
+    or its bytes."""
     if isinstance(src, (list, tuple)):
         return list(src)
-    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
-        return frame_files(src)
+    if isinstance(src, (str, os.PathLike)):
+        if Path(src).suffix.lower() in IMAGE_SUFFIXES:  # one image: a one-frame video, decoded by PIL
+            return [src]
+        if Path(src).is_dir():
+            return frame_files(src)
     return None
 
 
-def _open_image(item):
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # PIL's names of the IMAGE_SUFFIXES formats
+
+
+def open_image(item, name: str | None = None):
+    """Decode an image file or its bytes in full -> PIL image. Raises VideoError naming the image (`name`, else the
+    path) for every decoder error: a truncated or corrupt file, a format outside IMAGE_FORMATS, or a declared size
+    above `PIL.Image.MAX_IMAGE_PIXELS` (refused before decoding: a possible decompression bomb)."""
     from PIL import Image
 
+    name = name or _name(item)
+    img = None
     try:
-        img = Image.open(io.BytesIO(item) if isinstance(item, bytes) else item)
+        img = Image.open(io.BytesIO(item) if isinstance(item, bytes) else item, formats=IMAGE_FORMATS)
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and img.width * img.height > limit:  # PIL only warns below twice its limit
+            raise VideoError(f"{name}: refused as a possible decompression bomb: {img.width}x{img.height} pixels, "
+                             f"more than PIL.Image.MAX_IMAGE_PIXELS ({limit})")
         img.load()
-    except (OSError, SyntaxError, ValueError) as e:
-        raise VideoError(f"{_name(item) if isinstance(item, bytes) else item}: cannot decode image ({e})") from e
+    except Exception as e:  # PIL's format plugins raise many kinds of error on crafted input: all are bad input
+        if img is not None:
+            img.close()
+        if isinstance(e, VideoError):
+            raise
+        if isinstance(e, Image.DecompressionBombError):
+            raise VideoError(f"{name}: refused as a possible decompression bomb ({e})") from e
+        raise VideoError(f"{name}: cannot decode image ({type(e).__name__}: {e})") from e
     return img
 
 
-def read_image(item, resize: tuple[int, int] | None = None, mode: str = "RGB") -> np.ndarray:
+def read_image(item, resize: tuple[int, int] | None = None, mode: str = "RGB", name: str | None = None) -> np.ndarray:
     """An image file or its bytes -> uint8 (H, W, 3) (mode RGB) or (H, W) (mode L), optionally resized to
-    (height, width) (area filter when shrinking, bicubic when growing)."""
+    (height, width) (area filter when shrinking, bicubic when growing). Raises VideoError naming the image when it
+    cannot (`open_image`)."""
     from PIL import Image
 
-    img = _open_image(item)
-    if img.mode != mode:
-        img = img.convert(mode)
-    if resize is not None and (img.height, img.width) != tuple(resize):
-        shrink = resize[0] * resize[1] < img.height * img.width
-        img = img.resize((resize[1], resize[0]), Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
-    return np.asarray(img)
+    img = open_image(item, name)
+    try:
+        if img.mode != mode:
+            img = img.convert(mode)
+        if resize is not None and (img.height, img.width) != tuple(resize):
+            shrink = resize[0] * resize[1] < img.height * img.width
+            img = img.resize((resize[1], resize[0]), Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC)
+        return np.asarray(img)
+    except (OSError, ValueError) as e:  # an image mode PIL cannot convert
+        raise VideoError(f"{name or _name(item)}: cannot convert the {img.mode} image to {mode} ({e})") from e
 
 
 def _open_container(src):
@@ -138,7 +200,7 @@ def probe(src: VideoLike) -> VideoInfo:
     if frames is not None:
         if not frames:
             raise VideoError("empty frame list")
-        img = _open_image(frames[0])
+        img = open_image(frames[0])
         return VideoInfo(len(frames), None, img.height, img.width)
     try:
         with _open_container(src) as container:
