@@ -319,6 +319,7 @@ def _generate(args) -> None:
     import numpy as np
 
     from magdiff_jax.data.video_io import read_frames, read_image, write_video
+    from magdiff_jax.export.stage import read_stage_config
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
 
     # the inputs first: an unreadable image or video is one error naming it, before a model is loaded
@@ -328,9 +329,10 @@ def _generate(args) -> None:
         if mask is not None and mask.shape != image.shape[:2]:
             raise ValueError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]}, the subject "
                              f"{image.shape[1]}x{image.shape[0]}")
-    else:
-        frames = read_frames(args.video)
-        masks = read_frames(args.masks, resize=frames.shape[1:3], gray=True)
+    else:  # as many frames as the model makes (the stage's config says how many, no model loaded yet)
+        num = int(read_stage_config(args.workdir).data.num_frames)
+        frames = read_frames(args.video, indices=range(num))
+        masks = read_frames(args.masks, indices=range(num), resize=frames.shape[1:3], gray=True)
     pipe = MagDiffPipeline.load(args.workdir)
     f = pipe.num_frames
     if args.command == "sample":

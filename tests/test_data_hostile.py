@@ -341,6 +341,10 @@ def test_sample_and_edit_name_a_broken_input_before_loading_a_model(tmp_path):
     clip = write_synthetic(tmp_path / "clip", 1, SYN)
     masks = clip / "masks" / "00000"
     (masks / "003.png").write_bytes((masks / "003.png").read_bytes()[:50])
+    # edit reads as many frames as the stage makes: its config alone, no model (a stage.json without models here)
+    (empty / "stage.json").write_text(json.dumps({"format": "magdiff_jax_stage", "format_version": 1, "task":
+                                                  "magdiff", "step": 0, "models": {}, "tokenizer": None,
+                                                  "config": {"data": {"num_frames": 4}}}))
     line = _error_line(_cli("edit", "--video", str(clip / "videos" / "00000.mp4"), "--masks", str(masks), *common))
     assert line.startswith(f"magdiff-jax: error: {masks / '003.png'}: cannot decode image"), line
     assert str(empty) not in line

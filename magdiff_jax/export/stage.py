@@ -138,6 +138,19 @@ def load_stage(path: str | os.PathLike, step: int | None = None, use_ema: bool =
                             f"{CHECKPOINTS}/)")
 
 
+def read_stage_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The training config of a stage export or workdir, read without loading a model (cheap: one JSON file)."""
+    path = Path(path).absolute()
+    if (path / STAGE_FILE).exists():
+        return ml_collections.ConfigDict(_read_json(path / STAGE_FILE, "a stage export")["config"])
+    if (path / CHECKPOINTS).exists() or (path / WORKDIR_MODELS).exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: config.json is missing (the training workdir's config)")
+        return ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
+    raise FileNotFoundError(f"{path}: neither a stage export (no {STAGE_FILE}) nor a training workdir (no "
+                            f"{CHECKPOINTS}/)")
+
+
 def _load_export(path: Path) -> Stage:
     meta = _read_json(path / STAGE_FILE, "a stage export")
     kinds, modules, params = {}, {}, {}
