@@ -340,10 +340,7 @@ def _generate(args) -> None:
         examples, seeds = [ex] * args.num, [args.seed + k for k in range(args.num)]
         extra = {}
     else:
-        for name, got in ((args.video, frames), (args.masks, masks)):
-            if len(got) < f:
-                raise ValueError(f"{name}: has {len(got)} frames, the model makes {f}")
-        ex = pipe.example(frames[:f], masks[:f], args.prompt, mode="all")
+        ex = pipe.example(frames, masks, args.prompt, mode="all")
         examples, seeds, extra = [ex], [args.seed], {"strength": args.strength}
     logging.info("%s: %d video(s) of %d frames, %d DDIM steps (compiling first)", args.command, len(examples), f,
                  args.num_steps)
