@@ -31,6 +31,7 @@ from flax import traverse_util
 from magdiff_jax.convert import safetensors_io
 from magdiff_jax.models.registry import get_model
 from magdiff_jax.utils.errors import ConversionError, key_list, mismatch_message
+from magdiff_jax.utils.files import atomic_dir, check_destination
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,16 +234,20 @@ def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=
     return module, params
 
 
-def save_torch(kind: str, module: nn.Module, params, out_dir: str | os.PathLike, max_shard_bytes=None) -> Path:
-    """Write a folder that the matching PyTorch class loads with `from_pretrained(out_dir)`."""
+def save_torch(kind: str, module: nn.Module, params, out_dir: str | os.PathLike, max_shard_bytes=None,
+               overwrite: bool = False) -> Path:
+    """Write a folder that the matching PyTorch class loads with `from_pretrained(out_dir)`. It is assembled beside
+    OUT_DIR and swapped into place, so no file of an older export survives to be preferred by a loader; a non-empty
+    OUT_DIR is refused unless `overwrite`."""
     fmt = torch_format(kind)
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()
+    check_destination(out, overwrite)
     config = module.config
     params = jax.device_get(nn.meta.unbox(params))
     state = flax_to_torch(params, fmt.rules(config), kind)
     state = {k: np.asarray(v, dtype=np.float32) if v.dtype != np.float16 else v for k, v in state.items()}
     torch_config = fmt.config_to_torch(config)
-    out.mkdir(parents=True, exist_ok=True)
-    safetensors_io.write_state_dict(state, out, fmt.weights_stem, max_shard_bytes=max_shard_bytes)
-    safetensors_io.atomic_write_bytes(out / "config.json", json.dumps(torch_config, indent=2).encode())
+    with atomic_dir(out) as tmp:
+        safetensors_io.write_state_dict(state, tmp, fmt.weights_stem, max_shard_bytes=max_shard_bytes)
+        safetensors_io.atomic_write_bytes(tmp / "config.json", json.dumps(torch_config, indent=2).encode())
     return out

@@ -36,7 +36,7 @@ from magdiff_jax.convert.core import ConversionError, load_torch, read_config, t
 from magdiff_jax.convert.pipeline import CLASS_TO_KIND
 from magdiff_jax.export.model import FORMAT, load_model, save_model
 from magdiff_jax.models.registry import get_model
-from magdiff_jax.utils.files import atomic_dir
+from magdiff_jax.utils.files import atomic_dir, check_destination
 
 INIT_META = "magdiff_init.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "image_encoder")
@@ -105,8 +105,7 @@ def build_magdiff_init(dst: str | os.PathLike, *, pipeline: str | os.PathLike | 
     from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 
     dst = Path(dst).absolute()
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass overwrite")
+    check_destination(dst, overwrite)
     folders = _resolve(pipeline, unet=unet, temporal=temporal, vae=vae, text_encoder=text_encoder,
                        image_encoder=image_encoder)
     kinds, configs = {}, {}

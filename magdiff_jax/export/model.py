@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
+from magdiff_jax.utils.files import check_destination, replace_dir
 
 FORMAT = "magdiff_jax"
 META = "config.json"
@@ -40,8 +41,7 @@ def barrier(name: str) -> None:
 def folder_written_whole(dst: Path, overwrite: bool):
     """Yield an empty temporary folder beside `dst` for every process to write into; when the block ends, process 0
     replaces `dst` with it (an existing non-empty `dst` is refused unless `overwrite`); on an error it is removed."""
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass overwrite")
+    check_destination(dst, overwrite)
     tmp = dst.with_name(f".{dst.name}.partial")
     main = jax.process_index() == 0
     if main:
@@ -52,9 +52,7 @@ def folder_written_whole(dst: Path, overwrite: bool):
         yield tmp
         barrier(f"write:{dst}:written")
         if main:
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+            replace_dir(tmp, dst)
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
