@@ -68,7 +68,7 @@ from magdiff_jax.convert.unet3d import config_to_torch as unet3d_config_to_torch
 from magdiff_jax.convert.unet3d import unet3d_rules
 from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models import magdiff
-from magdiff_jax.models.registry import get_model
+from magdiff_jax.models.registry import ConfigError, get_model
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 from magdiff_jax.utils.files import atomic_dir, check_destination
 from magdiff_jax.utils.magdiff_layout import (
@@ -255,7 +255,10 @@ def magdiff_from_torch(src: str | os.PathLike, dtype=np.float32) -> tuple[magdif
     numpy arrays of `dtype` (a float32 export reads back bit-exactly)."""
     src = Path(src).absolute()
     meta = read_meta(src)
-    cfg = magdiff.MagDiffConfig.from_dict(meta["config"])
+    try:
+        cfg = magdiff.MagDiffConfig.from_dict(meta["config"])
+    except ConfigError as e:
+        raise ConfigError(f"{src / META_FILE}: {e.within('config')}") from e
     _check_consistent(src, meta, cfg)
     module = magdiff.MagDiffUNet(cfg)
     abstract = get_model("magdiff").abstract_params(module)
