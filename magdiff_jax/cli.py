@@ -60,8 +60,10 @@ def _add_convert(sub):
                                      "write a diffusers/transformers folder that from_pretrained loads.")
     tt.add_argument("--kind", required=True, choices=_kinds())
     tt.add_argument("src", help="Flax checkpoint folder (config.json + params/)")
-    tt.add_argument("dst", help="output PyTorch model folder")
+    tt.add_argument("dst", help="output PyTorch model folder (must not exist or be empty, unless --overwrite)")
     tt.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
+    tt.add_argument("--overwrite", action="store_true", help="replace a non-empty DST whole (none of its files "
+                                                             "are kept)")
     mi = csub.add_parser("magdiff-init", help="a MagDiff init_from folder from an SD2.1 pipeline (+ temporal layers)",
                          description="Build the init_from folder of configs/magdiff.py:base: the U-Net (a UNet2D "
                                      "inflated, its temporal layers from --temporal or fresh; or a unet3d) widened "
@@ -266,9 +268,9 @@ def _convert(args) -> None:
         if args.kind == "magdiff":
             from magdiff_jax.convert.magdiff import magdiff_to_torch
 
-            out = magdiff_to_torch(module, params, args.dst, max_shard_bytes=max_bytes)
+            out = magdiff_to_torch(module, params, args.dst, max_shard_bytes=max_bytes, overwrite=args.overwrite)
         else:
-            out = save_torch(args.kind, module, params, args.dst, max_shard_bytes=max_bytes)
+            out = save_torch(args.kind, module, params, args.dst, max_shard_bytes=max_bytes, overwrite=args.overwrite)
         logging.info("wrote %s", out)
     print(f"wrote {args.dst}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, embedding, linear, norm, param
 from magdiff_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
+from magdiff_jax.models.registry import ConfigError, config_from_dict
 
 TEXT_PREFIX = "text_model."
 VISION_PREFIX = "vision_model."
@@ -67,15 +68,23 @@ def _check_model_type(d: dict, expected: str, kind: str) -> None:
     model_type = d.get("model_type", expected)
     if model_type != expected:
         hint = " (a full CLIPModel config: save its text/vision tower separately)" if model_type == "clip" else ""
-        raise ValueError(f"[{kind}] config.json has model_type {model_type!r}, expected {expected!r}{hint}")
+        raise ValueError(f"[{kind}] model_type {model_type!r}, expected {expected!r}{hint}")
 
 
-def _square(value, name: str, kind: str) -> int:
+def _architectures(d: dict) -> list[str]:
+    names = d.get("architectures") or []
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"expected a list of class names, got {names!r}", "architectures")
+    return names
+
+
+def _square(value, name: str):
+    """One side of a square size given as a number or [h, w]; the value is type-checked with the config."""
     if isinstance(value, list | tuple):
-        if len(set(value)) != 1:
-            raise ValueError(f"[{kind}] only square {name} is supported, got {value}")
+        if not value or any(v != value[0] for v in value):
+            raise ConfigError(f"only square sizes are supported, got {value}", name)
         value = value[0]
-    return int(value)
+    return value
 
 
 # --- clip_text ----------------------------------------------------------------------------------------------
@@ -85,15 +94,15 @@ def text_config_from_torch(d: dict) -> CLIPTextConfig:
     eos = d.get("eos_token_id", defaults.eos_token_id)
     if isinstance(eos, list):
         if len(eos) != 1:
-            raise ValueError(f"[clip_text] config.json eos_token_id must be a single id, got {eos}")
+            raise ConfigError(f"must be a single id, got {eos}", "eos_token_id")
         eos = eos[0]
-    with_projection = "CLIPTextModelWithProjection" in (d.get("architectures") or ())
+    with_projection = "CLIPTextModelWithProjection" in _architectures(d)
     projection_dim = d.get("projection_dim", defaults.projection_dim)
     if projection_dim is None:
         if with_projection:
             raise ValueError("[clip_text] CLIPTextModelWithProjection config.json has projection_dim null")
         projection_dim = defaults.projection_dim
-    return CLIPTextConfig(
+    return config_from_dict(CLIPTextConfig, dict(
         vocab_size=d.get("vocab_size", defaults.vocab_size),
         projection_dim=projection_dim,
         max_position_embeddings=d.get("max_position_embeddings", defaults.max_position_embeddings),
@@ -102,7 +111,7 @@ def text_config_from_torch(d: dict) -> CLIPTextConfig:
         eos_token_id=eos,
         with_projection=with_projection,
         **_torch_common(d, CLIPTextConfig),
-    )
+    ))
 
 
 def text_torch_class(config: CLIPTextConfig) -> str:
@@ -161,14 +170,14 @@ CLIP_TEXT = attach("clip_text", TorchFormat(
 def vision_config_from_torch(d: dict) -> CLIPVisionConfig:
     _check_model_type(d, "clip_vision_model", "clip_vision")
     defaults = CLIPVisionConfig()
-    return CLIPVisionConfig(
+    return config_from_dict(CLIPVisionConfig, dict(
         projection_dim=d.get("projection_dim", defaults.projection_dim),
-        image_size=_square(d.get("image_size", defaults.image_size), "image_size", "clip_vision"),
-        patch_size=_square(d.get("patch_size", defaults.patch_size), "patch_size", "clip_vision"),
+        image_size=_square(d.get("image_size", defaults.image_size), "image_size"),
+        patch_size=_square(d.get("patch_size", defaults.patch_size), "patch_size"),
         num_channels=d.get("num_channels", defaults.num_channels),
-        with_projection="CLIPVisionModelWithProjection" in (d.get("architectures") or ()),
+        with_projection="CLIPVisionModelWithProjection" in _architectures(d),
         **_torch_common(d, CLIPVisionConfig),
-    )
+    ))
 
 
 def vision_torch_class(config: CLIPVisionConfig) -> str:

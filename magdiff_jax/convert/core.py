@@ -29,8 +29,9 @@ import numpy as np
 from flax import traverse_util
 
 from magdiff_jax.convert import safetensors_io
-from magdiff_jax.models.registry import get_model
+from magdiff_jax.models.registry import ConfigError, get_model
 from magdiff_jax.utils.errors import ConversionError, key_list, mismatch_message
+from magdiff_jax.utils.files import atomic_dir, check_destination
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,14 +205,31 @@ def torch_formats() -> dict[str, TorchFormat]:
 
 
 def read_config(folder: Path) -> dict:
+    """The JSON object in FOLDER/config.json."""
     path = folder / "config.json"
     if not path.exists():
         raise safetensors_io.CheckpointFormatError(f"{folder}: no config.json (expected a diffusers/transformers "
                                                    "model folder)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise safetensors_io.CheckpointFormatError(f"{path}: not valid JSON ({e})") from e
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise safetensors_io.CheckpointFormatError(f"{path}: not valid JSON ({str(e) or type(e).__name__})") from e
+    if not isinstance(config, dict):
+        raise safetensors_io.CheckpointFormatError(f"{path}: expected a JSON object of config fields, got "
+                                                   f"{type(config).__name__}")
+    return config
+
+
+def torch_config(kind: str, folder: str | os.PathLike):
+    """The config dataclass of the diffusers/transformers model folder FOLDER (its config.json) of registered model
+    `kind`, checked before any model is built: a field of the wrong type or value is an error naming the file and
+    the field (`/path/config.json: block_out_channels: expected a list of integers, got "8"`)."""
+    folder = Path(folder)
+    d = read_config(folder)
+    try:
+        return torch_format(kind).config_from_torch(d)
+    except ValueError as e:
+        raise ConfigError(f"{folder / 'config.json'}: {e}") from e
 
 
 def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=None):
@@ -222,7 +240,7 @@ def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=
     """
     spec, fmt = get_model(kind), torch_format(kind)
     folder = Path(path)
-    config = fmt.config_from_torch(read_config(folder))
+    config = torch_config(kind, folder)
     module = spec.build(config)
     state = fmt.normalise_keys(safetensors_io.read_state_dict(folder, fmt.weights_stem))
     params = torch_to_flax(state, fmt.rules(config), spec.abstract_params(module), kind, source=str(folder))
@@ -233,16 +251,20 @@ def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=
     return module, params
 
 
-def save_torch(kind: str, module: nn.Module, params, out_dir: str | os.PathLike, max_shard_bytes=None) -> Path:
-    """Write a folder that the matching PyTorch class loads with `from_pretrained(out_dir)`."""
+def save_torch(kind: str, module: nn.Module, params, out_dir: str | os.PathLike, max_shard_bytes=None,
+               overwrite: bool = False) -> Path:
+    """Write a folder that the matching PyTorch class loads with `from_pretrained(out_dir)`. It is assembled beside
+    OUT_DIR and swapped into place, so no file of an older export survives to be preferred by a loader; a non-empty
+    OUT_DIR is refused unless `overwrite`."""
     fmt = torch_format(kind)
-    out = Path(out_dir)
+    out = Path(out_dir).absolute()
+    check_destination(out, overwrite)
     config = module.config
     params = jax.device_get(nn.meta.unbox(params))
     state = flax_to_torch(params, fmt.rules(config), kind)
     state = {k: np.asarray(v, dtype=np.float32) if v.dtype != np.float16 else v for k, v in state.items()}
     torch_config = fmt.config_to_torch(config)
-    out.mkdir(parents=True, exist_ok=True)
-    safetensors_io.write_state_dict(state, out, fmt.weights_stem, max_shard_bytes=max_shard_bytes)
-    safetensors_io.atomic_write_bytes(out / "config.json", json.dumps(torch_config, indent=2).encode())
+    with atomic_dir(out) as tmp:
+        safetensors_io.write_state_dict(state, tmp, fmt.weights_stem, max_shard_bytes=max_shard_bytes)
+        safetensors_io.atomic_write_bytes(tmp / "config.json", json.dumps(torch_config, indent=2).encode())
     return out

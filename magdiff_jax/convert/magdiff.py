@@ -68,9 +68,9 @@ from magdiff_jax.convert.unet3d import config_to_torch as unet3d_config_to_torch
 from magdiff_jax.convert.unet3d import unet3d_rules
 from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models import magdiff
-from magdiff_jax.models.registry import get_model
+from magdiff_jax.models.registry import ConfigError, get_model
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
-from magdiff_jax.utils.files import atomic_dir
+from magdiff_jax.utils.files import atomic_dir, check_destination
 from magdiff_jax.utils.magdiff_layout import (
     FORMAT,
     FORMAT_VERSION,
@@ -189,14 +189,12 @@ def resampler_to_torch(params, config: ResamplerConfig) -> dict[str, np.ndarray]
 
 # --- Flax -> PyTorch folder ------------------------------------------------------------------------------------------
 def magdiff_to_torch(module: magdiff.MagDiffUNet, params, dst: str | os.PathLike,
-                     max_shard_bytes: int | None = None) -> Path:
+                     max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
     """Write `module`'s params as the folder of the module docstring. It is assembled in a temporary sibling and
-    renamed into place; an existing DST is replaced only when it is empty or a previous export (has magdiff.json)."""
+    swapped into place; a non-empty DST (an older export included) is refused unless `overwrite`."""
     cfg = module.config
     dst = Path(dst).absolute()
-    if dst.exists() and any(dst.iterdir()) and not (dst / META_FILE).exists():
-        raise FileExistsError(f"{dst} exists, is not empty and holds no {META_FILE}: not replacing it with a "
-                              "MagDiff export; choose another destination")
+    check_destination(dst, overwrite)
     flat = traverse_util.flatten_dict(nn.meta.unbox(dict(jax.device_get(params))))
     tables = magdiff_rules(cfg)
     check_table([r for rules in tables.values() for r in rules], flat, "magdiff")
@@ -257,7 +255,10 @@ def magdiff_from_torch(src: str | os.PathLike, dtype=np.float32) -> tuple[magdif
     numpy arrays of `dtype` (a float32 export reads back bit-exactly)."""
     src = Path(src).absolute()
     meta = read_meta(src)
-    cfg = magdiff.MagDiffConfig.from_dict(meta["config"])
+    try:
+        cfg = magdiff.MagDiffConfig.from_dict(meta["config"])
+    except ConfigError as e:
+        raise ConfigError(f"{src / META_FILE}: {e.within('config')}") from e
     _check_consistent(src, meta, cfg)
     module = magdiff.MagDiffUNet(cfg)
     abstract = get_model("magdiff").abstract_params(module)

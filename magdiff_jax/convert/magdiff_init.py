@@ -32,11 +32,10 @@ from pathlib import Path
 
 import jax
 
-from magdiff_jax.convert.core import ConversionError, load_torch, read_config, torch_format
+from magdiff_jax.convert.core import ConversionError, load_torch, read_config, torch_config
 from magdiff_jax.convert.pipeline import CLASS_TO_KIND
-from magdiff_jax.export.model import FORMAT, load_model, save_model
-from magdiff_jax.models.registry import get_model
-from magdiff_jax.utils.files import atomic_dir
+from magdiff_jax.export.model import FORMAT, load_model, model_config, read_model_meta, save_model
+from magdiff_jax.utils.files import atomic_dir, check_destination
 
 INIT_META = "magdiff_init.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "image_encoder")
@@ -60,9 +59,10 @@ def source_kind(folder: str | os.PathLike) -> tuple[str, str]:
 
 
 def _model_config(folder: Path, kind: str, form: str):
-    """The config dataclass of a model folder, without loading its weights."""
-    d = read_config(folder)
-    return get_model(kind).config_from_dict(d["config"]) if form == "flax" else torch_format(kind).config_from_torch(d)
+    """The config dataclass of a model folder, without loading its weights (errors name its config.json)."""
+    if form == "flax":
+        return model_config(read_model_meta(folder), folder / "config.json")[1]
+    return torch_config(kind, folder)
 
 
 def _load(folder: Path, kind: str, form: str):
@@ -105,8 +105,7 @@ def build_magdiff_init(dst: str | os.PathLike, *, pipeline: str | os.PathLike | 
     from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 
     dst = Path(dst).absolute()
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass overwrite")
+    check_destination(dst, overwrite)
     folders = _resolve(pipeline, unet=unet, temporal=temporal, vae=vae, text_encoder=text_encoder,
                        image_encoder=image_encoder)
     kinds, configs = {}, {}

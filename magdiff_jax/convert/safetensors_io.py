@@ -8,6 +8,7 @@ name to its dtype, shape and byte range, then the raw bytes. Owning it gives bfl
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import tempfile
@@ -32,6 +33,7 @@ _DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+MAX_HEADER_BYTES = 100_000_000  # the reference library's limit: larger headers are refused unread
 
 
 class CheckpointFormatError(ValueError):
@@ -48,60 +50,189 @@ def refuse_pickle(path: Path) -> None:
 
 
 def read_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file, as (memory-mapped) numpy arrays."""
+    """All tensors of one .safetensors file, as (memory-mapped) numpy arrays. The header is checked whole before
+    any tensor is read (`_tensor_layout`)."""
     path = Path(path)
     if path.suffix in PICKLE_SUFFIXES:
         refuse_pickle(path)
     if path.suffix != ".safetensors":
         raise CheckpointFormatError(f"{path}: not a .safetensors file")
-    size = path.stat().st_size
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER_BYTES:
+                raise CheckpointFormatError(f"{path}: header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit "
+                                            "(corrupt, or not a safetensors file)")
             if n > size - 8:
                 raise CheckpointFormatError(f"{path}: not a safetensors file (header length {n} exceeds the file "
                                             f"size {size}; corrupt or truncated)")
-            header = json.loads(f.read(n))
-        if not isinstance(header, dict):
-            raise CheckpointFormatError(f"{path}: not a safetensors file (header is not a JSON object)")
+            header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_unique_keys)
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointFormatError(f"{path}: not a readable safetensors file ({e})") from e
-    header.pop("__metadata__", None)
+    except _DuplicateKey as e:
+        raise CheckpointFormatError(f"{path}: the header names {e.args[0]!r} twice") from e
+    except RecursionError as e:
+        raise CheckpointFormatError(f"{path}: not a safetensors file (the header nests too deeply)") from e
+    if not isinstance(header, dict):
+        raise CheckpointFormatError(f"{path}: not a safetensors file (header is not a JSON object)")
+    layout = _tensor_layout(path, header, size - 8 - n)
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else b""
+    return {name: np.frombuffer(data[start:end], dtype=_DTYPES[dtype]).reshape(shape)
+            for name, dtype, shape, (start, end) in layout}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     out = {}
-    for name, info in header.items():
-        try:
-            dtype_name, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointFormatError(f"{path}: malformed header entry for tensor {name!r}") from e
-        if dtype_name not in _DTYPES:
-            raise CheckpointFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype_name}")
-        if end > len(data):
-            raise CheckpointFormatError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
-        try:
-            out[name] = np.frombuffer(data[start:end], dtype=_DTYPES[dtype_name]).reshape(shape)
-        except ValueError as e:
-            raise CheckpointFormatError(f"{path}: tensor {name!r}: byte range does not match shape {shape}") from e
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
     return out
 
 
-def _pick_stem_file(folder: Path, stem: str | None) -> list[Path]:
-    index = sorted(folder.glob("*.safetensors.index.json"))
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor_layout(path: Path, header: dict, data_bytes: int) -> list[tuple[str, str, tuple, tuple[int, int]]]:
+    """(name, dtype, shape, (start, end)) of every tensor, in file order, after the reference library's checks:
+    each entry well-typed, each byte range exactly prod(shape) * itemsize long, and the ranges, in order, tiling
+    the data from its first byte to its last with no gap or overlap."""
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointFormatError(f"{path}: __metadata__ must be an object of strings, got {_short(metadata)}")
+    layout = []
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointFormatError(f"{where}: malformed header entry {_short(info)} (expected an object with "
+                                        "dtype, shape and data_offsets)")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str):
+            raise CheckpointFormatError(f"{where}: dtype must be a string, got {_short(dtype)}")
+        if dtype not in _DTYPES:
+            raise CheckpointFormatError(f"{where}: unsupported dtype {dtype} (supported: {sorted(_DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+            raise CheckpointFormatError(f"{where}: shape must be a list of integers, got {_short(shape)}")
+        if any(d < 0 for d in shape):
+            raise CheckpointFormatError(f"{where}: shape {shape} has a negative dimension")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise CheckpointFormatError(f"{where}: data_offsets must be two integers [begin, end], got "
+                                        f"{_short(offsets)}")
+        start, end = offsets
+        if start < 0 or end < start:
+            raise CheckpointFormatError(f"{where}: data_offsets {offsets} are negative or reversed")
+        need = math.prod(shape) * _DTYPES[dtype].itemsize
+        if end - start != need:
+            raise CheckpointFormatError(f"{where}: data_offsets {offsets} span {end - start} bytes, but {dtype} of "
+                                        f"shape {shape} takes {need}")
+        layout.append((name, dtype, tuple(shape), (start, end)))
+    layout.sort(key=lambda t: t[3])
+    covered, previous = 0, None
+    for name, _, _, (start, end) in layout:
+        if start < covered:
+            raise CheckpointFormatError(f"{path}: tensor {name!r} data_offsets {[start, end]} overlap those of "
+                                        f"tensor {previous!r}")
+        if start > covered:
+            raise CheckpointFormatError(f"{path}: tensor {name!r} data_offsets {[start, end]} leave bytes "
+                                        f"{covered}..{start} unused (the tensors must tile the data)")
+        covered, previous = end, name
+    if covered > data_bytes:
+        raise CheckpointFormatError(f"{path}: tensor {previous!r} runs past the end of the data ({covered} > "
+                                    f"{data_bytes} bytes; truncated?)")
+    if covered < data_bytes:
+        raise CheckpointFormatError(f"{path}: the tensors cover {covered} of the {data_bytes} data bytes (bytes past "
+                                    "the last tensor; corrupt?)")
+    return layout
+
+
+def _short(value, limit: int = 80) -> str:
+    """A JSON value as the header spells it, cut to `limit` characters."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _inside(folder: Path, target: Path) -> bool:
+    """Whether `target` (resolved) lies in `folder`, or, for a Hugging Face hub cache snapshot
+    (`<repo>/snapshots/<revision>/...`), in that repository's `blobs/`, where the hub links a snapshot's files."""
+    root = folder.resolve()
+    if target.is_relative_to(root):
+        return True
+    for parent in (root, *root.parents):
+        if parent.parent.name == "snapshots":
+            blobs = parent.parent.parent / "blobs"
+            return blobs.is_dir() and target.is_relative_to(blobs.resolve())
+    return False
+
+
+def _read_index(index: Path) -> dict[Path, set[str]]:
+    """{shard file: the tensor names the index puts in it} of an `*.safetensors.index.json`; every shard must lie
+    in the index's folder (symlinks included: a hub cache snapshot's may lead to its blobs/)."""
+    folder = index.parent
+    try:
+        content = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise CheckpointFormatError(f"{index}: not valid JSON ({str(e) or type(e).__name__})") from e
+    if not isinstance(content, dict):
+        raise CheckpointFormatError(f"{index}: expected a JSON object, got {type(content).__name__}")
+    if "weight_map" not in content:
+        raise CheckpointFormatError(f"{index}: no weight_map (the table of tensor name -> shard file)")
+    weight_map = content["weight_map"]
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointFormatError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file, "
+                                    f"got {type(weight_map).__name__} {_short(weight_map)}")
+    shards: dict[Path, set[str]] = {}
+    for name, file in weight_map.items():
+        if not isinstance(file, str) or not file:
+            raise CheckpointFormatError(f"{index}: weight_map[{name!r}] must be a shard file name, got {_short(file)}")
+        rel = Path(file)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise CheckpointFormatError(f"{index}: weight_map[{name!r}] is {file!r}, which leaves the model folder "
+                                        f"{folder}")
+        shards.setdefault(folder / rel, set()).add(name)
+    missing = [str(f) for f in sorted(shards) if not f.is_file()]
+    if missing:
+        raise CheckpointFormatError(f"{index} names shard files that do not exist: {missing}")
+    for shard in sorted(shards):
+        target = shard.resolve()
+        if not _inside(folder, target):
+            raise CheckpointFormatError(f"{index}: shard {str(shard.relative_to(folder))!r} is a link to {target}, "
+                                        f"outside the model folder {folder}")
+    return shards
+
+
+def _pick_files(folder: Path, stem: str | None) -> tuple[Path | None, dict[Path, set[str] | None]]:
+    """(the index json or None, {weight file: the tensor names the index puts in it, or None without an index}) of
+    a model folder. A stem's index wins over other indexes, and its single file over other indexes; a folder holding
+    both a single file and its index is ambiguous."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    single = folder / f"{stem}.safetensors" if stem else None
     if stem:
-        preferred = [p for p in index if p.name == f"{stem}.safetensors.index.json"]
-        index = preferred or index
-    if index:
-        weight_map = json.loads(index[0].read_text())["weight_map"]
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise CheckpointFormatError(f"{index[0]} names shard files that do not exist: {missing}")
-        return files
+        preferred = [p for p in indexes if p.name == f"{stem}.safetensors.index.json"]
+        indexes = preferred or ([] if single.exists() else indexes)
+    if len(indexes) > 1:
+        raise CheckpointFormatError(f"{folder}: several index json files; cannot tell which describes the model: "
+                                    f"{[p.name for p in indexes]}")
+    if indexes:
+        index = indexes[0]
+        own = folder / index.name.removesuffix(".index.json")
+        if own.exists():
+            raise CheckpointFormatError(f"{folder}: holds both {own.name} and {index.name}; cannot tell which is the "
+                                        "model (one of them is left from an older export: remove it)")
+        return index, _read_index(index)
     files = sorted(folder.glob("*.safetensors"))
-    if stem and (folder / f"{stem}.safetensors").exists():
-        return [folder / f"{stem}.safetensors"]
+    if single is not None and single.exists():
+        return None, {single: None}
     if len(files) == 1:
-        return files
+        return None, {files[0]: None}
     if len(files) > 1:
         raise CheckpointFormatError(
             f"{folder}: several .safetensors files and no index json; cannot tell which holds the model: "
@@ -116,19 +247,37 @@ def _pick_stem_file(folder: Path, stem: str | None) -> list[Path]:
 def read_state_dict(path: str | os.PathLike, stem: str | None = None) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file, or of a folder holding one file or index-json-sharded files.
 
-    `stem` ("model", "diffusion_pytorch_model") picks the file when a folder holds several.
+    `stem` ("model", "diffusion_pytorch_model") picks the file when a folder holds several. Each shard must hold
+    exactly the tensors its index puts in it.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointFormatError(f"{path}: no such file or folder")
-    files = [path] if path.is_file() else _pick_stem_file(path, stem)
+    if path.is_file():
+        return read_file(path)
+    index, files = _pick_files(path, stem)
     state: dict[str, np.ndarray] = {}
-    for f in files:
-        for k, v in read_file(f).items():
+    for f, expected in sorted(files.items()):
+        tensors = read_file(f)
+        if expected is not None:
+            absent = sorted(expected - set(tensors))
+            unlisted = sorted(set(tensors) - expected)
+            if absent or unlisted:
+                raise CheckpointFormatError(
+                    f"{index}: disagrees with shard {f.name}: "
+                    + "; ".join(part for part in (
+                        f"{_names(absent)} mapped to it but absent" if absent else "",
+                        f"{_names(unlisted)} in it but not mapped to it" if unlisted else "") if part))
+        for k, v in tensors.items():
             if k in state:
                 raise CheckpointFormatError(f"{f}: tensor {k!r} appears in more than one shard")
             state[k] = v
     return state
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"tensors {shown}" + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _serialise(tensors: Mapping[str, np.ndarray]) -> bytes:

@@ -10,6 +10,7 @@ import dataclasses
 
 from magdiff_jax.convert.blocks import resnet_rules, transformer_rules
 from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, embedding, linear, norm
+from magdiff_jax.models.registry import ConfigError, config_from_dict
 from magdiff_jax.models.unet2d import UNet2DConfig
 
 OURS_ONLY = ("attention_impl", "dtype", "remat_policy", "remat_save_names")
@@ -38,10 +39,10 @@ def config_from_diffusers(d: dict, cls=UNet2DConfig, accepted=ACCEPTED_DEFAULTS)
             kw[k] = tuple(v) if isinstance(v, list) else v
         elif k in accepted:
             if v != accepted[k]:
-                raise ValueError(f"config.json: {k}={v!r} is not supported (only {accepted[k]!r})")
+                raise ConfigError(f"{v!r} is not supported (only {accepted[k]!r})", k)
         else:
-            raise ValueError(f"config.json: unknown key {k!r} for {cls.__name__}")
-    return cls(**kw)
+            raise ConfigError(f"unknown key {k!r} for {cls.__name__}")
+    return config_from_dict(cls, kw)
 
 
 def config_to_diffusers(config, class_name: str, accepted=ACCEPTED_DEFAULTS) -> dict:

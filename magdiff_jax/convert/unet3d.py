@@ -52,7 +52,7 @@ def unet3d_rules(cfg: UNet3DConfig) -> list[Rule]:
 def config_from_torch(d: dict) -> UNet3DConfig:
     ours = sorted(k for k in d if k in OURS_ONLY_3D)
     if ours:
-        raise ValueError(f"config.json: unknown key {ours[0]!r} for UNet3DConfig (not a diffusers key)")
+        raise ValueError(f"unknown key {ours[0]!r} for UNet3DConfig (not a diffusers key)")
     return config_from_diffusers(d, cls=UNet3DConfig, accepted={})
 
 

@@ -31,11 +31,12 @@ from magdiff_jax.convert.core import (
     norm,
     param,
     read_config,
+    torch_config,
     torch_format,
     torch_to_flax,
 )
 from magdiff_jax.convert.unet2d import config_from_diffusers, config_to_diffusers
-from magdiff_jax.models.registry import get_model
+from magdiff_jax.models.registry import ConfigError, config_from_dict, get_model
 from magdiff_jax.models.unet2d import UNet2DConfig
 from magdiff_jax.models.unet_motion import UNetMotionConfig, UNetMotionModel
 
@@ -213,7 +214,10 @@ def motion_config_from_unet2d(unet: UNet2DConfig, adapter: dict, adapter_source:
         temporal_transformer_layers_per_block=adapter["motion_transformer_layers_per_block"],
         temporal_transformer_layers_per_mid_block=adapter["motion_transformer_layers_per_mid_block"],
     )
-    return UNetMotionConfig(**kw)
+    try:
+        return config_from_dict(UNetMotionConfig, kw)
+    except ConfigError as e:
+        raise ConfigError(f"{adapter_source}: {e}") from e
 
 
 def load_motion_adapter(unet2d_folder: str | os.PathLike, adapter_folder: str | os.PathLike, dtype=jnp.float32):
@@ -226,8 +230,8 @@ def load_motion_adapter(unet2d_folder: str | os.PathLike, adapter_folder: str | 
     """
     unet_dir, adapter_dir = Path(unet2d_folder), Path(adapter_folder)
     unet_format = torch_format("unet2d")
-    unet_cfg = unet_format.config_from_torch(read_config(unet_dir))
-    config = motion_config_from_unet2d(unet_cfg, read_config(adapter_dir), str(adapter_dir))
+    unet_cfg = torch_config("unet2d", unet_dir)
+    config = motion_config_from_unet2d(unet_cfg, read_config(adapter_dir), str(adapter_dir / "config.json"))
     module = UNetMotionModel(config)
     abstract = get_model(KIND_NAME).abstract_params(module)
     rules = unet_motion_rules(config)

@@ -13,6 +13,7 @@ import warnings
 
 from magdiff_jax.convert.blocks import attention_rules, resnet_rules
 from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, norm
+from magdiff_jax.models.registry import config_from_dict
 from magdiff_jax.models.vae import AutoencoderKLConfig
 
 DIFFUSERS_VERSION = "0.42.1"
@@ -38,7 +39,7 @@ def config_from_torch(d: dict) -> AutoencoderKLConfig:
     for k, v in d.items():
         if k in names:
             kw[k] = tuple(v) if k in _TUPLE_FIELDS and isinstance(v, list) else v
-    return AutoencoderKLConfig(**kw)
+    return config_from_dict(AutoencoderKLConfig, kw)
 
 
 def config_to_torch(config: AutoencoderKLConfig) -> dict:

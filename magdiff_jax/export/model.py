@@ -22,7 +22,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
+from magdiff_jax.models.registry import ConfigError, config_from_dict, config_to_dict, get_model
+from magdiff_jax.utils.files import check_destination, replace_dir
 
 FORMAT = "magdiff_jax"
 META = "config.json"
@@ -40,8 +41,7 @@ def barrier(name: str) -> None:
 def folder_written_whole(dst: Path, overwrite: bool):
     """Yield an empty temporary folder beside `dst` for every process to write into; when the block ends, process 0
     replaces `dst` with it (an existing non-empty `dst` is refused unless `overwrite`); on an error it is removed."""
-    if dst.exists() and any(dst.iterdir()) and not overwrite:
-        raise FileExistsError(f"{dst} exists and is not empty; choose another destination or pass overwrite")
+    check_destination(dst, overwrite)
     tmp = dst.with_name(f".{dst.name}.partial")
     main = jax.process_index() == 0
     if main:
@@ -52,9 +52,7 @@ def folder_written_whole(dst: Path, overwrite: bool):
         yield tmp
         barrier(f"write:{dst}:written")
         if main:
-            if dst.exists():
-                shutil.rmtree(dst)
-            os.replace(tmp, dst)
+            replace_dir(tmp, dst)
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -85,17 +83,33 @@ def read_model_meta(src: str | os.PathLike) -> dict:
                                 "or a stage export")
     try:
         meta = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "kind" not in meta:
-        raise ValueError(f"{path}: not a magdiff_jax model config (no format/kind); is this a PyTorch folder?")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({str(e) or type(e).__name__})") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "kind" not in meta or "config" not in meta:
+        raise ValueError(f"{path}: not a magdiff_jax model config (no format/kind/config); is this a PyTorch folder?")
     return meta
 
 
-def model_from_meta(meta: dict):
-    """The Flax module a model folder's config.json describes."""
-    spec = get_model(meta["kind"])
-    return spec.build(config_from_dict(spec.config_cls, meta["config"]))
+def model_config(meta: dict, path: str | os.PathLike | None = None):
+    """(kind, config dataclass) of a model folder's config.json `meta`, checked field by field before any model is
+    built: an unknown kind or a field of the wrong type or value is an error naming `path` (the file) and the field
+    (`/path/config.json: config.block_out_channels: expected a list of integers, got "8"`)."""
+    try:
+        spec = get_model(meta["kind"])
+        try:
+            return meta["kind"], config_from_dict(spec.config_cls, meta["config"])
+        except ConfigError as e:
+            raise e.within("config") from None
+    except ValueError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def model_from_meta(meta: dict, path: str | os.PathLike | None = None):
+    """The Flax module a model folder's config.json describes (`path`: that file, named by errors)."""
+    kind, config = model_config(meta, path)
+    return get_model(kind).build(config)
 
 
 def load_model(src: str | os.PathLike, kind: str | None = None, shardings=None):
@@ -105,7 +119,7 @@ def load_model(src: str | os.PathLike, kind: str | None = None, shardings=None):
     meta = read_model_meta(src)
     if kind is not None and meta["kind"] != kind:
         raise ValueError(f"{src} holds a {meta['kind']!r} model, not {kind!r}")
-    module = model_from_meta(meta)
+    module = model_from_meta(meta, src / META)
     abstract = traverse_util.unflatten_dict(get_model(meta["kind"]).abstract_params(module))
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

@@ -34,8 +34,8 @@ import ml_collections
 from flax import traverse_util
 
 from magdiff_jax.diffusion.schedules import ScheduleConfig
-from magdiff_jax.export.model import folder_written_whole, load_model, save_model
-from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
+from magdiff_jax.export.model import folder_written_whole, load_model, model_config, save_model
+from magdiff_jax.models.registry import ConfigError, config_to_dict, get_model
 from magdiff_jax.utils.errors import ConversionError, mismatch_message
 
 FORMAT = "magdiff_jax_stage"
@@ -234,7 +234,10 @@ def stage_from_workdir(workdir: str | os.PathLike, step: int | None = None, use_
     for name in meta["export"]:
         entry = meta["models"][name]
         spec = get_model(entry["kind"])
-        module = spec.build(config_from_dict(spec.config_cls, entry["config"]))
+        try:
+            module = spec.build(model_config(entry)[1])
+        except ConfigError as e:
+            raise ConfigError(f"{workdir / WORKDIR_MODELS}: {e.within(f'models.{name}')}") from e
         expected = {"/".join(p): a for p, a in spec.abstract_params(module).items()}
         own = {p[len(name) + 1:]: v for p, v in flat.items() if p.startswith(f"{name}/")}
         missing = sorted(p for p in expected if p not in own)

@@ -28,7 +28,7 @@ from flax import struct
 
 from magdiff_jax.layers.attention import dot_product_attention
 from magdiff_jax.layers.common import activation, conv, dense, embedding, layer_norm
-from magdiff_jax.models.registry import ModelSpec, register
+from magdiff_jax.models.registry import ConfigError, ModelSpec, check_names, check_positive, register
 
 _ACT_AXES = ("activation_batch", "activation_length", None)
 
@@ -57,6 +57,9 @@ class CLIPTextConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        check_positive(self, "vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                       "num_attention_heads", "max_position_embeddings")
+        check_names(self)
         _check_heads(self)
         if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
             raise ValueError(f"CLIPTextConfig.eos_token_id must be one integer, got {self.eos_token_id!r}")
@@ -124,11 +127,13 @@ class CLIPVisionConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        check_positive(self, "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
+                       "num_attention_heads", "image_size", "patch_size", "num_channels")
+        check_names(self)
         _check_heads(self)
         if self.image_size % self.patch_size:
-            raise ValueError(
-                f"CLIPVisionConfig: image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
+            raise ConfigError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}",
+                              "patch_size")
 
     @property
     def num_patches(self) -> int:
@@ -174,10 +179,8 @@ class CLIPVisionConfig:
 
 def _check_heads(config) -> None:
     if config.hidden_size % config.num_attention_heads:
-        raise ValueError(
-            f"{type(config).__name__}: hidden_size {config.hidden_size} is not a multiple of "
-            f"num_attention_heads {config.num_attention_heads}"
-        )
+        raise ConfigError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                          f"{config.num_attention_heads}", "num_attention_heads")
 
 
 # --- outputs ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from magdiff_jax.layers.common import compute_dtype, conv, group_norm
-from magdiff_jax.models.registry import ModelSpec, register
+from magdiff_jax.models.registry import ModelSpec, check_names, check_positive, register
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,9 +31,8 @@ class PatchDiscriminatorConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
-        if self.num_layers < 1 or self.channels < 1 or self.in_channels < 1:
-            raise ValueError(f"PatchDiscriminatorConfig: channels, in_channels and num_layers must be positive, got "
-                             f"{self}")
+        check_positive(self, "in_channels", "channels", "num_layers", "norm_num_groups")
+        check_names(self)
         if self.channels % self.norm_num_groups:
             raise ValueError(f"PatchDiscriminatorConfig: channels={self.channels} do not split into "
                              f"norm_num_groups={self.norm_num_groups}")

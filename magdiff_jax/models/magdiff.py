@@ -41,7 +41,7 @@ from magdiff_jax.layers.attention import EntityAttention
 from magdiff_jax.layers.common import compute_dtype, conv
 from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models import unet3d
-from magdiff_jax.models.registry import ModelSpec, config_from_dict, register
+from magdiff_jax.models.registry import ModelSpec, check_positive, config_from_dict, register
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 from magdiff_jax.models.vae import encode_video
 from magdiff_jax.utils.errors import ConversionError, mismatch_message
@@ -67,6 +67,7 @@ class MagDiffConfig:
     latent_channels: int = 4
 
     def __post_init__(self):
+        check_positive(self, "pyramid_channels", "entity_channels", "latent_channels")
         unet = self.unet if isinstance(self.unet, UNet3DConfig) else config_from_dict(UNet3DConfig, self.unet)
         resampler = self.resampler
         if not isinstance(resampler, ResamplerConfig):

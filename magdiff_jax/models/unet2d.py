@@ -23,7 +23,7 @@ from magdiff_jax.layers.embeddings import TimestepEmbedding, timestep_embedding
 from magdiff_jax.layers.remat import checkpoint_policy, remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
-from magdiff_jax.models.registry import ModelSpec, register
+from magdiff_jax.models.registry import ConfigError, ModelSpec, check_names, check_positive, register
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -45,10 +45,17 @@ def check_block_layout(cfg, down_blocks: tuple, up_blocks: tuple) -> None:
         checkpoint_policy(cfg.remat_policy, cfg.remat_save_names)  # raises on an unknown policy or name
 
 
+def check_groups(groups: int, channels) -> None:
+    """GroupNorm splits every block's channels into `groups` groups: each width must be a multiple of it."""
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise ConfigError(f"{groups} groups do not divide block_out_channels {bad}", "norm_num_groups")
+
+
 def _per_block(value, n: int, name: str) -> tuple:
     if isinstance(value, (tuple, list)):
         if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries but there are {n} down blocks")
+            raise ConfigError(f"has {len(value)} entries but there are {n} down blocks", name)
         return tuple(value)
     return (value,) * n
 
@@ -114,7 +121,17 @@ class UNet2DConfig:
         return cls(**{**base, **kw})
 
     def __post_init__(self):
+        check_positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                       "norm_num_groups", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim",
+                       "num_attention_heads", "sample_size", "conv_in_kernel", "conv_out_kernel", "encoder_hid_dim",
+                       "time_embedding_dim", "num_class_embeds", "projection_class_embeddings_input_dim",
+                       "time_cond_proj_dim")
+        check_names(self)
         check_block_layout(self, DOWN_BLOCKS, UP_BLOCKS)
+        for name in ("only_cross_attention", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block"):
+            self.per_block(name)  # a per-block value of the wrong length fails here, not when the model is built
+        if self.norm_num_groups is not None:
+            check_groups(self.norm_num_groups, self.block_out_channels)
         if self.mid_block_type not in MID_BLOCKS:
             raise ValueError(f"mid block type {self.mid_block_type!r} is not supported; supported: {MID_BLOCKS}")
         if self.time_embedding_type != "positional":
@@ -125,9 +142,10 @@ class UNet2DConfig:
             raise ValueError(f"encoder_hid_dim_type {self.encoder_hid_dim_type!r} is not supported")
         if self.class_embed_type not in (None, "timestep", "identity", "projection"):
             raise ValueError(f"class_embed_type {self.class_embed_type!r} is not supported")
+        heads = "num_attention_heads" if self.num_attention_heads is not None else "attention_head_dim"
         for h, c in zip(self.heads_per_block, self.block_out_channels):
             if c % h:
-                raise ValueError(f"block width {c} is not divisible by its {h} attention heads")
+                raise ConfigError(f"block width {c} is not divisible by its {h} attention heads", heads)
 
     @property
     def heads_per_block(self) -> tuple[int, ...]:

@@ -46,8 +46,8 @@ from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.temporal import VIDEO_AXES, TemporalConvLayer, TransformerTemporalModel
 from magdiff_jax.layers.transformer import Transformer2DModel
-from magdiff_jax.models.registry import ModelSpec, register
-from magdiff_jax.models.unet2d import UNet2DConfig, check_block_layout
+from magdiff_jax.models.registry import ConfigError, ModelSpec, check_names, check_positive, register
+from magdiff_jax.models.unet2d import UNet2DConfig, check_block_layout, check_groups
 from magdiff_jax.models.video import check_video_inputs, per_frame_conditioning
 from magdiff_jax.utils.magdiff_layout import IMAGE_TOKEN_MODES
 
@@ -110,12 +110,15 @@ class UNet3DConfig:
         if not isinstance(self.norm_num_groups, int):
             raise ValueError(f"norm_num_groups must be an int (every resnet and temporal layer normalises), got "
                              f"{self.norm_num_groups!r}")
+        check_positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                       "norm_num_groups", "cross_attention_dim", "attention_head_dim", "sample_size",
+                       "time_cond_proj_dim")
         for c in self.block_out_channels:
             if c % self.attention_head_dim:
-                raise ValueError(f"block width {c} is not divisible by attention_head_dim={self.attention_head_dim}")
-            if c % self.norm_num_groups:
-                raise ValueError(f"block width {c} is not divisible by norm_num_groups={self.norm_num_groups}")
-        activation(self.act_fn)  # unknown names fail here
+                raise ConfigError(f"block width {c} is not divisible by attention_head_dim={self.attention_head_dim}",
+                                  "attention_head_dim")
+        check_groups(self.norm_num_groups, self.block_out_channels)
+        check_names(self)
         if self.image_token_mode not in IMAGE_TOKEN_MODES:
             raise ValueError(f"image_token_mode must be one of {IMAGE_TOKEN_MODES}, got {self.image_token_mode!r}")
 

@@ -28,8 +28,8 @@ from magdiff_jax.layers.motion import AnimateDiffTransformer3D
 from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
-from magdiff_jax.models.registry import ModelSpec, register
-from magdiff_jax.models.unet2d import check_block_layout
+from magdiff_jax.models.registry import ConfigError, ModelSpec, check_names, check_positive, register
+from magdiff_jax.models.unet2d import check_block_layout, check_groups
 from magdiff_jax.models.video import check_video_inputs, per_frame_conditioning
 
 DOWN_BLOCKS = ("CrossAttnDownBlockMotion", "DownBlockMotion")
@@ -43,7 +43,7 @@ def _tuplify(x):
 def _expand(value, n: int, name: str) -> tuple:
     if isinstance(value, tuple):
         if len(value) != n:
-            raise ValueError(f"{name} has {len(value)} entries, expected {n}")
+            raise ConfigError(f"has {len(value)} entries, expected {n}", name)
         return value
     return (value,) * n
 
@@ -52,7 +52,7 @@ def _layer(value, j: int, n_layers: int, name: str) -> int:
     """`value` is an int for every layer of a block, or a tuple with one int per layer."""
     if isinstance(value, tuple):
         if len(value) != n_layers:
-            raise ValueError(f"{name}: {value} has {len(value)} entries but the block has {n_layers} layers")
+            raise ConfigError(f"{list(value)} has {len(value)} entries but the block has {n_layers} layers", name)
         return value[j]
     return value
 
@@ -118,6 +118,11 @@ class UNetMotionConfig:
         check_block_layout(self, DOWN_BLOCKS, UP_BLOCKS)
         if not isinstance(self.norm_num_groups, int):
             raise ValueError(f"norm_num_groups must be an int, got {self.norm_num_groups!r}")
+        check_positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                       "norm_num_groups", "cross_attention_dim", "num_attention_heads", "motion_num_attention_heads",
+                       "motion_max_seq_length", "mid_block_layers", "sample_size", "time_cond_proj_dim")
+        check_groups(self.norm_num_groups, self.block_out_channels)
+        check_names(self)
         for name in ("transformer_layers_per_block", "temporal_transformer_layers_per_block"):
             value = getattr(self, name)
             if (isinstance(value, tuple) and any(isinstance(v, tuple) for v in value)
@@ -131,7 +136,10 @@ class UNetMotionConfig:
                 self.up_transformer_layers(i, j), self.up_temporal_layers(i, j)
         for k in range(self.mid_block_layers):
             self.mid_transformer_layers(k), self.mid_temporal_layers(k)
-        self.per_block("num_attention_heads"), self.per_block("motion_num_attention_heads")
+        for name in ("num_attention_heads", "motion_num_attention_heads"):
+            for h, c in zip(self.per_block(name), self.block_out_channels):
+                if c % h:
+                    raise ConfigError(f"block width {c} is not divisible by its {h} heads", name)
         self.per_block("cross_attention_dim")
 
     @property

@@ -23,10 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax.layers.attention import IMPLEMENTATIONS, Attention
+from magdiff_jax.layers.attention import Attention
 from magdiff_jax.layers.common import conv, group_norm
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-from magdiff_jax.models.registry import ModelSpec, register
+from magdiff_jax.models.registry import ConfigError, ModelSpec, check_names, check_positive, register
 
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
 UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
@@ -61,6 +61,8 @@ class AutoencoderKLConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        check_positive(self, "in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                       "latent_channels", "norm_num_groups", "sample_size")
         n = len(self.block_out_channels)
         if n == 0:
             raise ValueError("AutoencoderKLConfig: block_out_channels is empty")
@@ -81,17 +83,11 @@ class AutoencoderKLConfig:
                 )
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(
-                f"AutoencoderKLConfig: block_out_channels {bad} are not divisible by "
-                f"norm_num_groups={self.norm_num_groups}"
-            )
+            raise ConfigError(f"{self.norm_num_groups} groups do not divide block_out_channels {bad}",
+                              "norm_num_groups")
         if self.layers_per_block < 1:
             raise ValueError("AutoencoderKLConfig: layers_per_block must be >= 1")
-        if self.attention_impl not in IMPLEMENTATIONS:
-            raise ValueError(
-                f"AutoencoderKLConfig: attention_impl {self.attention_impl!r} is not one of {IMPLEMENTATIONS}"
-            )
-        jnp.dtype(self.dtype)  # raises on an unknown dtype name
+        check_names(self, dtype=jnp.dtype)  # the VAE computes in any dtype jnp.dtype knows
 
     @property
     def downsample_factor(self) -> int:

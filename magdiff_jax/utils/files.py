@@ -26,19 +26,53 @@ def atomic_path(path: str | os.PathLike):
         raise
 
 
+def check_destination(path: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse to write a folder at `path` over a file, or over a non-empty folder unless `overwrite` (whatever is
+    there then goes in one piece when the new folder replaces it: `replace_dir`)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a folder; choose another destination")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; choose another destination or pass overwrite "
+                              "(--overwrite) to replace it")
+
+
+def replace_dir(new: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Move the finished folder `new` to `path`. An existing `path` is first renamed aside (`.<name>.old`) and
+    removed only once `new` is in place, so no failure leaves `path` missing or mixes old files with new ones."""
+    new, path = Path(new), Path(path)
+    old = path.with_name(f".{path.name}.old")
+    _remove(old)
+    if path.is_symlink() or path.exists():
+        os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except BaseException:
+        if old.exists() or old.is_symlink():
+            os.replace(old, path)
+        raise
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
-    """Yield an empty temporary folder beside `path` (`.<name>.partial`); on success it replaces `path` (an existing
-    `path` is removed first: callers decide beforehand whether that is allowed), on any error it is removed."""
+    """Yield an empty temporary folder beside `path` (`.<name>.partial`); on success it replaces `path`
+    (`replace_dir`: callers decide beforehand whether an existing `path` may go, e.g. with `check_destination`), on
+    any error it is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
