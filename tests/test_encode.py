@@ -274,3 +274,20 @@ def test_frames_per_call_bounds_the_vae_batch_without_changing_results(models, v
         np.testing.assert_allclose(a, b.astype(np.float32), rtol=2e-3, atol=2e-3)
     mean, _ = vae_encode(video[1].astype(np.float32) / 127.5 - 1.0)
     np.testing.assert_allclose(whole[0][1], mean, atol=1e-5, rtol=1e-5)
+
+
+def test_models_that_do_not_fit_are_refused_before_their_weights_load(models, tmp_path, monkeypatch):
+    """A text encoder given as the VAE, or a resolution the VAE cannot take, fails from the config files alone."""
+    from magdiff_jax.export import model as model_io
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("a model's weights were read")
+
+    monkeypatch.setattr(model_io, "load_model", no_weights)
+    dirs = dict(models["dirs"], vae_dir=models["root"] / "text_encoder")
+    with pytest.raises(ValueError, match="text_encoder holds a 'clip_text' model, not 'vae'"):
+        encode.encode_dataset(small_config(), out_dir=tmp_path / "a", **dirs)
+    odd = small_config()
+    odd.resolution = (SIZE + 1, SIZE)
+    with pytest.raises(ValueError, match="does not divide by the VAE's downsampling factor"):
+        encode.encode_dataset(odd, out_dir=tmp_path / "b", **models["dirs"])

@@ -249,6 +249,16 @@ class _Placement:
 # writing
 
 
+def _model_config(folder, kind: str):
+    """The config of the model folder `folder` (`export.model`), which must hold a `kind` model; no weight read."""
+    from magdiff_jax.export.model import model_config, read_model_meta
+
+    meta = read_model_meta(folder)
+    if meta["kind"] != kind:
+        raise ValueError(f"{folder} holds a {meta['kind']!r} model, not {kind!r}")
+    return model_config(meta, Path(folder) / "config.json")[1]
+
+
 def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_dir, batch_size: int = 4,
                    process_index: int | None = None, process_count: int | None = None, overwrite: bool = False,
                    dtype: str = "float32", text_layer: str = "last", frames_per_call: int = 0,
@@ -286,16 +296,19 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     cfg.crop, cfg.caption_dropout, cfg.masks = "center", 0.0, False
     cfg.subject.enabled = False
 
-    _, vae, vae_params = load_model(vae_dir, kind="vae")
-    _, text, text_params = load_model(text_encoder_dir, kind="clip_text")
+    # the models' configs first (one JSON file each): a setting they cannot take fails before a weight is read
+    vae_cfg, text_cfg = (_model_config(folder, kind) for folder, kind in ((vae_dir, "vae"),
+                                                                          (text_encoder_dir, "clip_text")))
     res = cfg.resolution
     height, width = (res, res) if isinstance(res, int) else tuple(res)
-    factor = vae.config.downsample_factor
+    factor = vae_cfg.downsample_factor
     if height % factor or width % factor:
         raise ValueError(f"resolution {height}x{width} does not divide by the VAE's downsampling factor {factor}")
-    if cfg.max_length > text.config.max_position_embeddings:
+    if cfg.max_length > text_cfg.max_position_embeddings:
         raise ValueError(f"data.max_length {cfg.max_length} exceeds the text encoder's "
-                         f"max_position_embeddings {text.config.max_position_embeddings}")
+                         f"max_position_embeddings {text_cfg.max_position_embeddings}")
+    _, vae, vae_params = load_model(vae_dir, kind="vae")
+    _, text, text_params = load_model(text_encoder_dir, kind="clip_text")
     latent_shape = [int(cfg.num_frames), height // factor, width // factor, vae.config.latent_channels]
     text_shape = [int(cfg.max_length), text.config.hidden_size]
 
