@@ -1,10 +1,9 @@
 """The host memory allocator for CPU runs.
 
-XLA's CPU runtime allocates a step's intermediates afresh on every call (one buffer of ~2 GB for the unet3d
-training step of `benchmarks/unet_cpu.py`). glibc's malloc serves buffers that large from fresh mmaps and unmaps
-them on free, so every step faults its memory in again, at seconds of system time per step on a small VM. So
-`cpu.setup_process` starts CPU runs with three glibc tunables (read only when a process starts, so it re-executes
-itself once with them added, `reexec_with_tunables`):
+XLA's CPU runtime allocates a step's intermediates afresh on every call, in one large buffer. glibc's malloc
+serves buffers that large from fresh mmaps and unmaps them on free, so every step faults its memory in again
+(benchmarks/README.md has the system time this costs). So `cpu.setup_process` starts CPU runs with three glibc
+tunables (read only when a process starts, so it re-executes itself once with them added, `reexec_with_tunables`):
   - `glibc.malloc.hugetlb=1` (glibc 2.35+, kernel THP mode `madvise` or `always`): what glibc maps faults in 2 MiB
     at a time;
   - `glibc.malloc.mmap_max=0` and `glibc.malloc.trim_threshold=64 GiB`: large buffers come from the main heap,
