@@ -18,6 +18,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from magdiff_jax.utils.errors import json_excerpt
+
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 _DTYPES = {
@@ -105,25 +107,25 @@ def _tensor_layout(path: Path, header: dict, data_bytes: int) -> list[tuple[str,
     the data from its first byte to its last with no gap or overlap."""
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise CheckpointFormatError(f"{path}: __metadata__ must be an object of strings, got {_short(metadata)}")
+        raise CheckpointFormatError(f"{path}: __metadata__ must be an object of strings, got {json_excerpt(metadata)}")
     layout = []
     for name, info in header.items():
         where = f"{path}: tensor {name!r}"
         if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
-            raise CheckpointFormatError(f"{where}: malformed header entry {_short(info)} (expected an object with "
-                                        "dtype, shape and data_offsets)")
+            raise CheckpointFormatError(f"{where}: malformed header entry {json_excerpt(info)} (expected an object "
+                                        "with dtype, shape and data_offsets)")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str):
-            raise CheckpointFormatError(f"{where}: dtype must be a string, got {_short(dtype)}")
+            raise CheckpointFormatError(f"{where}: dtype must be a string, got {json_excerpt(dtype)}")
         if dtype not in _DTYPES:
             raise CheckpointFormatError(f"{where}: unsupported dtype {dtype} (supported: {sorted(_DTYPES)})")
         if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
-            raise CheckpointFormatError(f"{where}: shape must be a list of integers, got {_short(shape)}")
+            raise CheckpointFormatError(f"{where}: shape must be a list of integers, got {json_excerpt(shape)}")
         if any(d < 0 for d in shape):
             raise CheckpointFormatError(f"{where}: shape {shape} has a negative dimension")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
             raise CheckpointFormatError(f"{where}: data_offsets must be two integers [begin, end], got "
-                                        f"{_short(offsets)}")
+                                        f"{json_excerpt(offsets)}")
         start, end = offsets
         if start < 0 or end < start:
             raise CheckpointFormatError(f"{where}: data_offsets {offsets} are negative or reversed")
@@ -149,15 +151,6 @@ def _tensor_layout(path: Path, header: dict, data_bytes: int) -> list[tuple[str,
         raise CheckpointFormatError(f"{path}: the tensors cover {covered} of the {data_bytes} data bytes (bytes past "
                                     "the last tensor; corrupt?)")
     return layout
-
-
-def _short(value, limit: int = 80) -> str:
-    """A JSON value as the header spells it, cut to `limit` characters."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _inside(folder: Path, target: Path) -> bool:
@@ -188,11 +181,12 @@ def _read_index(index: Path) -> dict[Path, set[str]]:
     weight_map = content["weight_map"]
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointFormatError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file, "
-                                    f"got {type(weight_map).__name__} {_short(weight_map)}")
+                                    f"got {type(weight_map).__name__} {json_excerpt(weight_map)}")
     shards: dict[Path, set[str]] = {}
     for name, file in weight_map.items():
         if not isinstance(file, str) or not file:
-            raise CheckpointFormatError(f"{index}: weight_map[{name!r}] must be a shard file name, got {_short(file)}")
+            raise CheckpointFormatError(f"{index}: weight_map[{name!r}] must be a shard file name, got "
+                                        f"{json_excerpt(file)}")
         rel = Path(file)
         if rel.is_absolute() or ".." in rel.parts:
             raise CheckpointFormatError(f"{index}: weight_map[{name!r}] is {file!r}, which leaves the model folder "

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-import json
 import math
 import numbers
 import types
@@ -30,6 +29,7 @@ from flax import traverse_util
 
 from magdiff_jax.layers.attention import IMPLEMENTATIONS
 from magdiff_jax.layers.common import activation, compute_dtype
+from magdiff_jax.utils.errors import json_excerpt
 
 # the modules that register models (imported on the first lookup, so importing the package registers nothing)
 MODEL_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "magdiff", "discriminator")
@@ -128,7 +128,7 @@ def config_from_dict(cls, d: Mapping):
     that do not fit a field's annotation are refused before the dataclass is built, then its own `__post_init__`
     checks the values; every error is a `ConfigError` naming the field."""
     if not isinstance(d, Mapping):
-        raise ConfigError(f"expected an object of {cls.__name__} fields, got {_json(d)}")
+        raise ConfigError(f"expected an object of {cls.__name__} fields, got {json_excerpt(d)}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -145,7 +145,7 @@ def config_from_dict(cls, d: Mapping):
                 raise e.within(name) from None
             continue
         if not _fits(value, hint):
-            raise ConfigError(f"expected {_describe(hint)}, got {_json(value)}", name)
+            raise ConfigError(f"expected {_describe(hint)}, got {json_excerpt(value)}", name)
         kw[name] = _tuplify(value)
     try:
         return cls(**kw)
@@ -163,7 +163,7 @@ def check_positive(config, *names: str) -> None:
         for v in _leaves(value):
             if v is not None and (not _is_int(v) or v < 1):
                 what = "every entry must be" if isinstance(value, (tuple, list)) else "must be"
-                raise ConfigError(f"{what} a positive integer, got {_json(value)}", name)
+                raise ConfigError(f"{what} a positive integer, got {json_excerpt(value)}", name)
 
 
 def check_names(config, dtype=compute_dtype) -> None:
@@ -180,7 +180,7 @@ def check_names(config, dtype=compute_dtype) -> None:
                 raise ConfigError(str(e), name) from None
     impl = getattr(config, "attention_impl", None)
     if impl is not None and impl not in IMPLEMENTATIONS:
-        raise ConfigError(f"{_json(impl)} is not one of {list(IMPLEMENTATIONS)}", "attention_impl")
+        raise ConfigError(f"{json_excerpt(impl)} is not one of {list(IMPLEMENTATIONS)}", "attention_impl")
 
 
 def _leaves(value):
@@ -261,10 +261,3 @@ def _describe(hint) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _json(value, limit: int = 80) -> str:
-    """`value` as JSON spells it (true, null, "8"), cut to `limit` characters."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."

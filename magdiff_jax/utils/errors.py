@@ -9,6 +9,7 @@ in this form. Plain Python: the PyTorch port uses it without importing JAX.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 LIMIT = 50  # keys listed per kind of mismatch
@@ -35,3 +36,12 @@ def mismatch_message(what: str, missing: Iterable[str] = (), unexpected: Iterabl
         if keys:
             parts.append(f"\n  {label} ({len(keys)}):{key_list(keys)}")
     return "".join(parts)
+
+
+def json_excerpt(value, limit: int = 80) -> str:
+    """`value` as JSON spells it (true, null, "8"), cut to `limit` characters: how an error quotes a bad value."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
