@@ -34,7 +34,7 @@ import jax
 
 from magdiff_jax.convert.core import ConversionError, load_torch, read_config, torch_config
 from magdiff_jax.convert.pipeline import CLASS_TO_KIND
-from magdiff_jax.export.model import FORMAT, load_model, model_config, read_model_meta, save_model
+from magdiff_jax.export.model import FORMAT, load_model, read_model_config, save_model
 from magdiff_jax.utils.files import atomic_dir, check_destination
 
 INIT_META = "magdiff_init.json"
@@ -61,7 +61,7 @@ def source_kind(folder: str | os.PathLike) -> tuple[str, str]:
 def _model_config(folder: Path, kind: str, form: str):
     """The config dataclass of a model folder, without loading its weights (errors name its config.json)."""
     if form == "flax":
-        return model_config(read_model_meta(folder), folder / "config.json")[1]
+        return read_model_config(folder, kind)[1]
     return torch_config(kind, folder)
 
 

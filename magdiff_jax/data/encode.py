@@ -249,16 +249,6 @@ class _Placement:
 # writing
 
 
-def _model_config(folder, kind: str):
-    """The config of the model folder `folder` (`export.model`), which must hold a `kind` model; no weight read."""
-    from magdiff_jax.export.model import model_config, read_model_meta
-
-    meta = read_model_meta(folder)
-    if meta["kind"] != kind:
-        raise ValueError(f"{folder} holds a {meta['kind']!r} model, not {kind!r}")
-    return model_config(meta, Path(folder) / "config.json")[1]
-
-
 def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_dir, batch_size: int = 4,
                    process_index: int | None = None, process_count: int | None = None, overwrite: bool = False,
                    dtype: str = "float32", text_layer: str = "last", frames_per_call: int = 0,
@@ -271,7 +261,7 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     `frames_per_call` > 0 bounds the frames per VAE call (memory at high resolution). `source` replaces the
     source the config names. Returns `out_dir`.
     """
-    from magdiff_jax.export.model import load_model
+    from magdiff_jax.export.model import load_model, read_model_config
     from magdiff_jax.models.tokenizer import CLIPTokenizer, resolve_tokenizer_folder
 
     index = jax.process_index() if process_index is None else int(process_index)
@@ -297,8 +287,8 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     cfg.subject.enabled = False
 
     # the models' configs first (one JSON file each): a setting they cannot take fails before a weight is read
-    vae_cfg, text_cfg = (_model_config(folder, kind) for folder, kind in ((vae_dir, "vae"),
-                                                                          (text_encoder_dir, "clip_text")))
+    vae_cfg = read_model_config(vae_dir, "vae")[1]
+    text_cfg = read_model_config(text_encoder_dir, "clip_text")[1]
     res = cfg.resolution
     height, width = (res, res) if isinstance(res, int) else tuple(res)
     factor = vae_cfg.downsample_factor

@@ -106,25 +106,27 @@ def model_config(meta: dict, path: str | os.PathLike | None = None):
         raise ConfigError(f"{path}: {e}") from e
 
 
-def model_from_meta(meta: dict, path: str | os.PathLike | None = None):
-    """The Flax module a model folder's config.json describes (`path`: that file, named by errors)."""
-    kind, config = model_config(meta, path)
-    return get_model(kind).build(config)
+def read_model_config(src: str | os.PathLike, kind: str | None = None):
+    """(kind, config dataclass) of a model folder from its config.json alone, no weight read; `kind`, when given,
+    must be the stored one."""
+    src = Path(src).absolute()
+    meta = read_model_meta(src)
+    if kind is not None and meta["kind"] != kind:
+        raise ValueError(f"{src} holds a {meta['kind']!r} model, not {kind!r}")
+    return model_config(meta, src / META)
 
 
 def load_model(src: str | os.PathLike, kind: str | None = None, shardings=None):
     """-> (kind, module, params) of a model folder. `kind`, when given, must match the stored one; `shardings` (a
     tree like the params) places each array as it is read."""
     src = Path(src).absolute()
-    meta = read_model_meta(src)
-    if kind is not None and meta["kind"] != kind:
-        raise ValueError(f"{src} holds a {meta['kind']!r} model, not {kind!r}")
-    module = model_from_meta(meta, src / META)
-    abstract = traverse_util.unflatten_dict(get_model(meta["kind"]).abstract_params(module))
+    kind, config = read_model_config(src, kind)
+    module = get_model(kind).build(config)
+    abstract = traverse_util.unflatten_dict(get_model(kind).abstract_params(module))
     if shardings is not None:
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     if not (src / PARAMS).is_dir():
         raise FileNotFoundError(f"{src}: no {PARAMS}/ (the model's parameters)")
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(src / PARAMS, abstract)
-    return meta["kind"], module, params
+    return kind, module, params

@@ -200,10 +200,10 @@ def restore_frozen(workdir: Path, shardings=None):
     if not folder.exists():
         raise FileNotFoundError(f"{workdir}: no {FROZEN}/ (the run's frozen parameters, written when it started)")
     with ocp.StandardCheckpointer() as ckptr:
+        meta = ckptr.metadata(folder).item_metadata.tree
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            shardings = jax.tree.map(lambda _: device, ckptr.metadata(folder).item_metadata.tree)
-        meta = ckptr.metadata(folder).item_metadata.tree
+            shardings = jax.tree.map(lambda _: device, meta)
         target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), meta, shardings)
         return ckptr.restore(folder, target)
 
