@@ -28,6 +28,7 @@ CORE = [
     "imageio-ffmpeg==0.7.0",
     "mediapy==1.2.7",
     "absl-py",
+    "etils[epath]==1.15.0",  # local and cloud-storage paths (gs://...), as Orbax and TFDS reach them
 ]
 
 TEST = [

@@ -1,4 +1,4 @@
-"""Files written whole or not at all."""
+"""Paths that may be local or in cloud storage, and files written whole or not at all."""
 
 from __future__ import annotations
 
@@ -7,6 +7,23 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from etils import epath
+
+URI_SCHEMES = ("gs://", "s3://", "az://", "hf://")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether `path` is a cloud-storage URI (gs://, s3://, ...) rather than a local path."""
+    return os.fspath(path).startswith(URI_SCHEMES)
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+    """Any path a user gives, local or a cloud URI, as an `etils.epath.Path` (local ones made absolute, `~`
+    expanded). `pathlib.Path("gs://b/run")` would be the local folder `gs:/b/run`; this keeps the URI."""
+    if is_remote(path):
+        return epath.Path(os.fspath(path))
+    return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
 @contextlib.contextmanager
