@@ -7,7 +7,6 @@ import dataclasses
 import json
 import os
 
-import grain
 import numpy as np
 import pytest
 
@@ -314,25 +313,65 @@ def test_bad_configs_are_named():
 
 
 def test_iterator_state_restores_through_orbax(tmp_path):
-    """A pipeline resumed from an Orbax checkpoint (Grain's handler) yields exactly the batches the uninterrupted
-    one does, across an epoch boundary and with the thread prefetch on."""
+    """A training stream resumed from its state in an Orbax checkpoint (a JSON item: the global batch position and
+    the bad inputs seen) yields exactly the batches the uninterrupted one does, across an epoch boundary and with
+    the thread prefetch on."""
     import orbax.checkpoint as ocp
 
     c = _config(prefetch=2)
     it = iter(make_dataset(c, batch_size=2))
     for _ in range(2):
         next(it)
+    assert it.get_state() == {"batch": 2, "bad": {}}
     mgr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",))
-    mgr.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    mgr.save(2, args=ocp.args.Composite(data=ocp.args.JsonSave(it.get_state())))
     mgr.wait_until_finished()
     expected = [next(it) for _ in range(4)]  # crosses into the second epoch (6 clips, batches of 2)
 
     fresh = iter(make_dataset(c, batch_size=2))
-    mgr.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    fresh.set_state(mgr.restore(2, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"])
     for want in expected:
         got = next(fresh)
         assert list(got["key"]) == list(want["key"])
         np.testing.assert_array_equal(got["video"], want["video"])
+
+
+def test_a_position_saved_by_two_processes_resumes_on_one_and_four():
+    """The state is a global batch position: two processes' halves of batches 3.. after restoring it are the
+    batches one process (or four quarters) reads from there."""
+    c = _config(caption_dropout=0.0)
+    halves = [iter(make_dataset(c, batch_size=2, process_index=i, process_count=2)) for i in range(2)]
+    for h in halves:
+        for _ in range(3):
+            next(h)
+    (state,) = {json.dumps(h.get_state()) for h in halves}
+    ref = [next(h) for h in halves]
+    for count in (1, 4):
+        parts = [iter(make_dataset(c, batch_size=4 // count, process_index=i, process_count=count))
+                 for i in range(count)]
+        for p in parts:
+            p.set_state(json.loads(state))
+        got = [next(p) for p in parts]
+        assert [k for b in got for k in b["key"]] == [k for b in ref for k in b["key"]]
+        np.testing.assert_array_equal(np.concatenate([b["video"] for b in got]),
+                                      np.concatenate([b["video"] for b in ref]))
+
+
+def test_rows_shared_by_processes_are_the_same_rows():
+    """A model axis spanning processes: both processes hold all rows of each global batch (process_rows of a
+    sharding that replicates the batch across them) and read the same examples as one process does."""
+    c = _config(caption_dropout=0.0)
+    one = next(iter(make_dataset(c, batch_size=4, process_index=0, process_count=1)))
+    for i in range(2):
+        both = next(iter(make_dataset(c, batch_size=4, process_index=i, process_count=2, global_batch=4,
+                                      first_row=0)))
+        assert list(both["key"]) == list(one["key"])
+        np.testing.assert_array_equal(both["video"], one["video"])
+    upper = next(iter(make_dataset(c, batch_size=2, process_index=0, process_count=1, global_batch=4,
+                                   first_row=2)))
+    assert list(upper["key"]) == list(one["key"])[2:]
+    with pytest.raises(ValueError, match=r"rows \[3, 5\) are not rows of a global batch of 4"):
+        make_dataset(c, batch_size=2, global_batch=4, first_row=3)
 
 
 def test_worker_processes_give_the_same_batches():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from pathlib import Path
 
 import grain
@@ -28,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from magdiff_jax.data.bad_input import REPORT_NAME, BadInputReport
+from magdiff_jax.data.bad_input import REPORT_NAME, BadInput, BadInputReport
 from magdiff_jax.data.transforms import LoaderSpec, confined, safe_load
 from magdiff_jax.data.video_io import VideoError, probe
 
@@ -164,135 +165,286 @@ class DropBad(grain.IterDataset):
 
 def make_dataset(config, *, batch_size: int, train: bool = True, process_index: int | None = None,
                  process_count: int | None = None, report_path: str | os.PathLike | None = None,
-                 source=None) -> grain.IterDataset:
+                 source=None, global_batch: int | None = None, first_row: int | None = None):
     """Batches (dicts of numpy arrays, plus `key` and `caption` strings) for this process.
 
-    `batch_size` is per process. `report_path` is where bad inputs are reported as JSON (default: none written;
-    the trainer passes its workdir). With `config.buckets`, each batch comes from one (frames, height, width)
-    bucket (`assign_buckets`), buckets drawn in proportion to their size. Raises ValueError naming the problem
-    for a config it cannot serve.
+    `batch_size` is this process's rows of each batch. In training, the process holds rows
+    [first_row, first_row + batch_size) of every global batch of `global_batch` rows (default: process i of n holds
+    the i-th of n equal parts, `global_batch = n * batch_size`); the trainer passes the rows the batch sharding
+    gives this process's devices (`process_rows`), which may overlap another process's when a model axis spans
+    processes. `report_path` is where bad inputs are reported as JSON (default: none written; the trainer passes
+    its workdir). With `config.buckets`, each batch comes from one (frames, height, width) bucket
+    (`assign_buckets`), buckets drawn in proportion to their size. Raises ValueError naming the problem for a
+    config it cannot serve.
+
+    Training yields a `TrainBatches` iterable (its iterator's state is the global batch position and the bad
+    inputs seen: the same on every process, so a run resumes on any number of processes); evaluation a Grain
+    IterDataset reading records p, p + n, ... once.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    global_batch = batch_size * process_count if global_batch is None else global_batch
+    first_row = process_index * batch_size if first_row is None else first_row
+    if train and not 0 <= first_row <= first_row + batch_size <= global_batch:
+        raise ValueError(f"rows [{first_row}, {first_row + batch_size}) are not rows of a global batch of "
+                         f"{global_batch}")
     spec = loader_spec(config, train)
     if spec.tokenizer:  # a missing or broken tokenizer folder fails here, before any worker starts
         from magdiff_jax.data.transforms import tokenizer
 
         tokenizer(spec.tokenizer, spec.max_length)
     source = make_source(config) if source is None else source
-    # Training: every process walks the same seeded order of the whole dataset and takes its slice of each global
+    # Training: every process walks the same seeded order of the whole dataset and takes its rows of each global
     # batch (so a global batch is the same on 1 process x 8 devices and 2 x 4). Evaluation: records p::n.
-    records = list(range(len(source))) if train else list(range(process_index, len(source), process_count))
+    records = range(len(source)) if train else range(process_index, len(source), process_count)
     if not records:
         raise ValueError(f"{source!r} has no records for process {process_index} of {process_count}")
     source_bad = list(getattr(source, "bad", [])) if process_index == 0 else []
-    share = len(records) // process_count if train else len(records)
+    share = len(records) * batch_size // global_batch if train else len(records)
     report = BadInputReport(total=max(share, 1) + len(source_bad), max_bad_fraction=config.max_bad_fraction,
                             path=report_path)
     for key, reason in source_bad:
         report.add(key, reason)
 
-    global_batch = batch_size * process_count if train else batch_size
     if not config.get("buckets"):
         groups = [(records, spec)]
     else:
         if config.source == "encoded":
             raise ValueError("data.buckets: pre-encoded latents have one shape already; drop the buckets")
         buckets = [tuple(int(v) for v in b) for b in config.buckets]
-        assignment = assign_buckets(source, records, buckets, spec.stride)
+        assignment = np.asarray(assign_buckets(source, records, buckets, spec.stride))
         groups = []
         for b, (frames, height, width) in enumerate(buckets):
-            members = [i for i, a in zip(records, assignment, strict=True) if a == b]
+            members = np.asarray(records)[assignment == b]
             if train and len(members) < global_batch:  # too few to fill a batch: they are not used
-                if members:
+                if len(members):
                     logging.warning("bucket %s has %d records, fewer than a batch; skipped", buckets[b], len(members))
                 continue
-            if members:
+            if len(members):
                 groups.append((members, dataclasses.replace(spec, num_frames=frames, height=height, width=width)))
-    streams, weights = [], []
+    if train:
+        for members, _ in groups:
+            if len(members) < global_batch:
+                raise ValueError(f"{len(members)} records, fewer than a global batch of {global_batch} "
+                                 f"({batch_size} per process x {process_count})")
+        if not groups:
+            raise ValueError(f"no bucket of {list(config.buckets)} holds a batch of {global_batch} records")
+        streams = [_example_stream(source, members, group_spec, config, True, seed=config.seed + b)
+                   for b, (members, group_spec) in enumerate(groups)]
+        batches = _GlobalBatches(streams, [len(m) for m, _ in groups], global_batch,
+                                 range(first_row, first_row + batch_size), config)
+        return TrainBatches(batches, config, report)
+    streams = []
     for members, group_spec in groups:
-        if train and len(members) < global_batch:
-            raise ValueError(f"{len(members)} records, fewer than a global batch of {global_batch} "
-                             f"({batch_size} per process x {process_count})")
-        stream = _example_stream(source, members, group_spec, config, train, seed=config.seed + len(streams),
-                                 slice_of=(process_index, process_count, batch_size) if train else None)
-        streams.append(DropBad(stream, report).batch(batch_size, drop_remainder=train))
-        weights.append(len(members))
-    if not streams:
-        raise ValueError(f"no bucket of {list(config.buckets)} holds a batch of {global_batch} records")
-    if len(streams) == 1:
-        it = streams[0]
-    elif train:
-        it = grain.IterDataset.mix(streams, weights=[w / sum(weights) for w in weights])
-    else:
-        it = grain.experimental.InterleaveIterDataset(streams, cycle_length=1)
+        stream = _example_stream(source, members, group_spec, config, False, seed=config.seed + len(streams))
+        stream = stream.to_iter_dataset(read_options=_read_options(config))
+        if config.worker_count > 0:
+            stream = stream.mp_prefetch(_mp_options(config))
+        streams.append(DropBad(stream, report).batch(batch_size, drop_remainder=False))
+    it = streams[0] if len(streams) == 1 else grain.experimental.InterleaveIterDataset(streams, cycle_length=1)
     if config.prefetch > 0:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=config.prefetch)
     return it
 
 
+def _read_options(config) -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_prefetch)
+
+
+def _mp_options(config) -> grain.MultiprocessingOptions:
+    return grain.MultiprocessingOptions(num_workers=config.worker_count,
+                                        per_worker_buffer_size=config.worker_buffer_size)
+
+
+def process_rows(sharding, global_batch: int, process_index: int | None = None) -> tuple[int, int]:
+    """[start, stop): the rows of a global batch (dimension 0 sharded by `sharding`) that `process_index`'s devices
+    hold. Processes whose devices share a batch shard (a model axis spanning processes) get the same rows; a layout
+    where one process's rows are not one contiguous range is refused, naming the mesh."""
+    process_index = jax.process_index() if process_index is None else process_index
+    rows = set()
+    for device, index in sharding.devices_indices_map((global_batch,)).items():
+        if device.process_index == process_index:
+            rows.update(range(*index[0].indices(global_batch)))
+    if not rows:
+        raise ValueError(f"process {process_index} holds no device of the batch sharding {sharding}")
+    start, stop = min(rows), max(rows) + 1
+    if len(rows) != stop - start:
+        raise ValueError(f"process {process_index}'s devices hold rows {sorted(rows)} of the global batch, not one "
+                         f"contiguous range: order the mesh so that each process's devices are adjacent on the "
+                         f"batch axes ({sharding})")
+    return start, stop
+
+
 class _Subset:
-    """Records `indices` of `source` (a process's shard, or one bucket of it)."""
+    """Records `indices` of `source` (a process's shard, or one bucket of it); `indices` a range or an int array,
+    so a copy for each worker process holds no list of Python ints."""
 
     def __init__(self, source, indices):
-        self.source, self.indices = source, list(indices)
+        self.source = source
+        self.indices = indices if isinstance(indices, range) else np.asarray(indices, np.int64)
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, i):
-        return self.source[self.indices[i]]
+        return self.source[int(self.indices[i])]
 
 
-class _BatchSlice(grain.MapDataset):
-    """Process `index` of `count`'s part of each global batch: elements [index * local, (index + 1) * local) of
-    every run of `count * local` consecutive elements of the parent."""
-
-    def __init__(self, parent: grain.MapDataset, index: int, count: int, local: int):
-        super().__init__(parent)
-        self._index, self._count, self._local = index, count, local
-
-    def __len__(self):
-        return len(self._parent) // (self._count * self._local) * self._local
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return self.slice(i)
-        batch, j = divmod(i, self._local)
-        return self._parent[(batch * self._count + self._index) * self._local + j]
-
-    def __str__(self):
-        return f"_BatchSlice(process={self._index}/{self._count}, local={self._local})"
-
-
-def _example_stream(source, indices, spec: LoaderSpec, config, train: bool, seed: int,
-                    slice_of: tuple[int, int, int] | None = None) -> grain.IterDataset:
-    """Shuffled (each epoch anew), repeated, loaded examples of `source[indices]`, bad ones still marked.
-    `slice_of` = (process index, process count, local batch): keep this process's part of each global batch (the
-    random map sits before the slice, so an example's randomness follows its global position)."""
+def _example_stream(source, indices, spec: LoaderSpec, config, train: bool, seed: int) -> grain.MapDataset:
+    """Loaded examples of `source[indices]` by position, bad ones still marked: in training shuffled (each epoch
+    anew) and repeated, each example's randomness a function of its position in this order alone."""
     ds = grain.MapDataset.source(_Subset(source, indices))
     if train and config.shuffle:
         ds = ds.shuffle(seed=seed)
-    epochs = config.num_epochs if train else 1
-    if epochs != 1:
-        ds = ds.repeat(None if epochs < 0 else epochs)
+    if train:
+        ds = ds.repeat(None)
     if config.source == "encoded":  # latents and text embeddings already computed (`magdiff-jax data encode`)
         from magdiff_jax.data.encoded import encoded_loader
 
         loader = encoded_loader(config, train)
     else:
         loader = _Loader(spec)
-    ds = ds.random_map(loader, seed=seed + 1)
-    if slice_of is not None and slice_of[1] > 1:
-        ds = _BatchSlice(ds, *slice_of)
-    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.read_prefetch)
-    it = ds.to_iter_dataset(read_options=read)
-    if config.worker_count > 0:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
-                                                         per_worker_buffer_size=config.worker_buffer_size))
-    return it
+    return ds.random_map(loader, seed=seed + 1)
+
+
+class _BucketSchedule:
+    """Which bucket global batch k comes from, and how many batches of that bucket came before it: one seeded draw
+    per batch, in proportion to the buckets' sizes. Random access by k (draws are made in blocks, each block's
+    counts kept), so a stream can start at any batch."""
+
+    BLOCK = 4096
+
+    def __init__(self, sizes: list[int], seed: int):
+        self.p = np.asarray(sizes, np.float64) / sum(sizes)
+        self.seed = seed
+        self.before = [np.zeros(len(sizes), np.int64)]  # per block: each bucket's batches in the blocks before it
+        self.cached = (-1, None)
+
+    def _draws(self, block: int) -> np.ndarray:
+        if self.cached[0] != block:
+            rng = np.random.default_rng([self.seed, block])
+            self.cached = (block, rng.choice(len(self.p), self.BLOCK, p=self.p))
+        return self.cached[1]
+
+    def __call__(self, k: int) -> tuple[int, int]:
+        if len(self.p) == 1:
+            return 0, k
+        block, r = divmod(k, self.BLOCK)
+        while len(self.before) <= block:
+            self.before.append(self.before[-1] + np.bincount(self._draws(len(self.before) - 1),
+                                                             minlength=len(self.p)))
+        draws = self._draws(block)
+        b = int(draws[r])
+        return b, int(self.before[block][b] + np.count_nonzero(draws[:r] == b))
+
+
+class _GlobalBatches(grain.MapDataset):
+    """Global batch k, the rows `rows` of it: random access by k. Batch k draws a bucket (`_BucketSchedule`) and
+    is elements [i * G, (i + 1) * G) of that bucket's example stream (its i-th batch, G the global batch). A bad
+    example is replaced by the next good one among this process's rows of the batch (then of the bucket's
+    following batches), so the batch keeps its shape and no later batch shifts; the bad ones travel with the batch
+    (`_bad`) for the main process to count."""
+
+    LOOKAHEAD = 8  # batches searched for a good example when every row of one is bad
+
+    def __init__(self, streams: list, sizes: list[int], global_batch: int, rows: range, config):
+        super().__init__()
+        self.streams, self.global_batch, self.rows = streams, global_batch, rows
+        self.schedule = _BucketSchedule(sizes, config.seed)
+        # training repeats forever; num_epochs > 0: that many epochs' worth of batches
+        self.length = sys.maxsize if config.num_epochs < 0 else max(config.num_epochs * sum(sizes) // global_batch, 1)
+
+    def __len__(self):
+        return self.length
+
+    def __str__(self):
+        return f"_GlobalBatches(rows={self.rows.start}:{self.rows.stop} of {self.global_batch})"
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return self.slice(k)
+        b, i = self.schedule(k)
+        stream = self.streams[b]
+        examples = [stream[i * self.global_batch + r] for r in self.rows]
+        bad = [(ex["_bad"], ex["_reason"]) for ex in examples if "_bad" in ex]
+        good = [ex for ex in examples if "_bad" not in ex]
+        ahead = 1
+        while not good and ahead <= self.LOOKAHEAD:
+            for r in self.rows:
+                ex = stream[(i + ahead) * self.global_batch + r]
+                if "_bad" in ex:
+                    bad.append((ex["_bad"], ex["_reason"]))
+                else:
+                    good.append(ex)
+            ahead += 1
+        if not good:
+            first = "; ".join(f"{key}: {reason}" for key, reason in bad[:5])
+            raise BadInput(f"batch {k}", f"all {len(self.rows)} rows of this process in it and in the next "
+                           f"{self.LOOKAHEAD} batches are bad input; first: {first}")
+        filled, n = [], 0
+        for ex in examples:
+            if "_bad" in ex:
+                ex, n = good[n % len(good)], n + 1
+            filled.append(ex)
+        batch = {key: np.stack([np.asarray(ex[key]) for ex in filled]) for key in filled[0]}
+        batch["_bad"] = bad
+        return batch
+
+
+class TrainBatches:
+    """The training stream of one process: iterate for batches. Its iterator's `get_state()` is
+    {"batch": global batch position, "bad": {key: reason}} (JSON), the same whatever the number of processes, and
+    `set_state` restarts the stream at that batch, so a run saved by 2 processes resumes on 1 or 4 with the same
+    global batches."""
+
+    def __init__(self, batches: _GlobalBatches, config, report: BadInputReport):
+        self.batches, self.config, self.report = batches, config, report
+
+    def __iter__(self):
+        return _TrainIterator(self)
+
+    def from_batch(self, k: int):
+        """A Grain iterator over batches k, k + 1, ... (read threads, worker processes and a thread prefetch)."""
+        ds = self.batches[k:].to_iter_dataset(read_options=grain.ReadOptions(
+            num_threads=self.config.read_threads,
+            prefetch_buffer_size=max(1, self.config.read_prefetch // len(self.batches.rows))))
+        if self.config.worker_count > 0:
+            ds = ds.mp_prefetch(_mp_options(self.config))
+        if self.config.prefetch > 0:
+            ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self.config.prefetch)
+        return iter(ds)
+
+
+class _TrainIterator:
+    def __init__(self, stream: TrainBatches):
+        self.stream, self.batch, self._it = stream, 0, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._it = self.stream.from_batch(self.batch)
+        out = next(self._it)
+        self.batch += 1
+        for key, reason in out.pop("_bad"):
+            self.stream.report.add(key, reason)
+        return out
+
+    def get_state(self) -> dict:
+        return {"batch": self.batch, "bad": dict(self.stream.report.bad)}
+
+    def set_state(self, state: dict) -> None:
+        self.close()
+        self.batch = int(state["batch"])
+        self.stream.report.bad = dict(state.get("bad", {}))
+
+    def close(self) -> None:
+        if self._it is not None and hasattr(self._it, "close"):
+            self._it.close()
+        self._it = None
 
 
 def assign_buckets(source, indices, buckets: list[tuple[int, int, int]], stride: int = 1) -> list[int]:

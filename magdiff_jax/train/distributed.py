@@ -327,6 +327,60 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+class StopVote:
+    """The step at which every process stops after a signal (SIGTERM, Ctrl-C) reached one of them, or several at
+    different times, agreed through the coordination service's key-value store (host to host: no device is waited
+    for, and the processes that did not get the signal learn of it).
+
+    `poll(done, requested)` runs at the start of every step, on every process, before the step is dispatched
+    (`done`: the steps finished so far; `requested`: this process got a signal). It returns None until a stop is
+    requested somewhere; then the process posts its `done`, waits for every other process's, and from then on
+    returns the largest: each process trains on to that step, saves it, and stops. A process cannot be waiting
+    here while another waits on its device for a step it has not dispatched: each posts the step it reached before
+    dispatching more, and the slowest one's post decides. In one process, the signal's step."""
+
+    PREFIX = "magdiff_jax/stop"
+
+    def __init__(self, timeout_s: float = 600.0):
+        self.count, self.index = jax.process_count(), jax.process_index()
+        self.timeout_ms = int(timeout_s * 1000)
+        self.client = None
+        if self.count > 1:
+            from jax._src import distributed as jax_distributed
+
+            self.client = jax_distributed.global_state.client
+        self.stop_at: int | None = None
+
+    def _requested_elsewhere(self) -> bool:
+        try:
+            self.client.key_value_try_get(f"{self.PREFIX}/requested")
+        except Exception:  # NOT_FOUND (JAX raises its runtime error type): no request yet
+            return False
+        return True
+
+    def poll(self, done: int, requested: bool) -> int | None:
+        if self.stop_at is not None:
+            return self.stop_at
+        if self.client is None:
+            self.stop_at = done if requested else None
+            return self.stop_at
+        if requested:
+            self.client.key_value_set(f"{self.PREFIX}/requested", str(self.index), allow_overwrite=True)
+        elif not self._requested_elsewhere():
+            return None
+        self.client.key_value_set(f"{self.PREFIX}/step/{self.index}", str(done), allow_overwrite=True)
+        steps = []
+        for q in range(self.count):
+            try:
+                steps.append(int(self.client.blocking_key_value_get(f"{self.PREFIX}/step/{q}", self.timeout_ms)))
+            except Exception as e:
+                raise RuntimeError(f"stopping: process {q} did not post its step within "
+                                   f"{self.timeout_ms / 1000:.0f} s ({e})") from e
+        self.stop_at = max(steps)
+        log.info("stop requested: every process stops after step %d (steps reached: %s)", self.stop_at, steps)
+        return self.stop_at
+
+
 def exit_multiprocess(status: int = 0) -> None:
     """In a multi-process job, exit now with `status` after the normal clean-up but without the interpreter's last
     garbage collection; in one process, return (the interpreter exits as usual).

@@ -117,9 +117,6 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
     if config.global_batch_size % batch_shards:
         raise ValueError(f"global_batch_size={config.global_batch_size} does not divide over the "
                          f"{batch_shards} data-parallel devices (mesh data x fsdp)")
-    if config.global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={config.global_batch_size} does not divide over {process_count} "
-                         "processes")
 
     from magdiff_jax.layers.common import compute_dtype
 
@@ -143,9 +140,9 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
                          f"{config.preview.num_steps}")
     if config.preview.every > 0:
         n = len(config.preview.prompts) or config.preview.num
-        if n > config.global_batch_size // process_count:
-            raise ValueError(f"preview: {n} samples from the first batch, but each process loads "
-                             f"{config.global_batch_size // process_count} examples")
+        if n > config.global_batch_size:
+            raise ValueError(f"preview: {n} samples from the first batch, but a batch holds "
+                             f"{config.global_batch_size} examples")
     return shape
 
 
@@ -233,12 +230,12 @@ class _Log:
 
 
 class _Preview:
-    """The task's preview samples, every `preview.every` steps: a jitted `params -> videos` on the first `num`
-    examples of process 0's first batch (all processes hold the same copy), the prompts replacing their captions
-    when the config gives some."""
+    """The task's preview samples, every `preview.every` steps: a jitted `params -> videos` on the first `num` rows
+    of the first global batch (gathered from the processes that hold them, kept replicated), the prompts replacing
+    their captions when the config gives some."""
 
     def __init__(self, task, modules, config, data_cfg, params_sharding, replicated):
-        self.config = config
+        self.config, self.replicated = config, replicated
         self.batch = self.captions = None
         if config.preview.every <= 0:
             self.fn = None
@@ -247,32 +244,56 @@ class _Preview:
 
         self.tok = tokenizer(data_cfg.tokenizer, data_cfg.max_length) if data_cfg.tokenizer else None
         self.keys = task.batch_keys(config)
+        self.n = len(config.preview.prompts) or config.preview.num
         key = jax.random.key(config.preview.seed)
-        self.fn = jax.jit(lambda params, batch: task.preview(modules, params, batch, key, config=config),
+        self.fn = jax.jit(lambda params, batch: task.preview(modules, params, normalize_example(batch), key,
+                                                             config=config),
                           in_shardings=(params_sharding, replicated), out_shardings=replicated,
                           compiler_options=cpu.compiler_options())
 
     def due(self, step: int) -> bool:
         return self.fn is not None and (step % self.config.preview.every == 0 or step == self.config.steps)
 
-    def take(self, host: dict) -> None:
-        """Keep the examples to sample for, from the first batch (process 0's, broadcast to every process)."""
+    def take(self, host: dict, batch: dict, first_row: int) -> None:
+        """Keep the examples to sample for: rows [0, num) of the first global batch (`batch`, sharded) and their
+        captions (`host`: this process's rows, from `first_row`)."""
         if self.fn is None or self.batch is not None:
             return
-        from jax.experimental import multihost_utils
-
-        prompts = list(self.config.preview.prompts)
-        n = len(prompts) or self.config.preview.num
-        batch = {k: np.asarray(host[k][:n]) for k in self.keys}
-        self.captions = prompts or [str(c) for c in np.asarray(host.get("caption", [""] * n))[:n]]
+        n, prompts = self.n, list(self.config.preview.prompts)
+        self.batch = jax.jit(lambda b: {k: b[k][:n] for k in self.keys}, out_shardings=self.replicated)(batch)
+        self.captions = prompts or _gather_strings(list(host.get("caption", [""] * len(host["key"]))),
+                                                   first_row)[:n]
+        extra = {}
         if self.tok is not None:
             if prompts:
-                batch["tokens"] = np.asarray(self.tok(prompts))
-            batch["null_tokens"] = np.asarray(self.tok([""] * n))
-        self.batch = multihost_utils.broadcast_one_to_all(batch) if jax.process_count() > 1 else batch
+                extra["tokens"] = np.asarray(self.tok(prompts))
+            extra["null_tokens"] = np.asarray(self.tok([""] * n))
+        for k, v in extra.items():  # the same on every process: a replicated global array
+            self.batch[k] = jax.make_array_from_process_local_data(self.replicated, v, v.shape)
 
     def __call__(self, params) -> np.ndarray:
-        return np.asarray(self.fn(params, normalize_example(self.batch)))
+        return np.asarray(self.fn(params, self.batch))  # replicated: every process holds all of it
+
+
+def _gather_strings(local: list[str], first_row: int) -> list[str]:
+    """The rows of a global batch's strings (captions) in order, from every process's rows [first_row, ...): the
+    processes hold equal numbers of rows (possibly the same ones, when a model axis spans processes)."""
+    if jax.process_count() == 1:
+        return [str(c) for c in local]
+    from jax.experimental import multihost_utils
+
+    encoded = [str(c).encode() for c in local]
+    width = int(np.max(multihost_utils.process_allgather(np.asarray(max(map(len, encoded), default=0)))))
+    table = np.zeros((len(encoded), max(width, 1)), np.uint8)
+    for i, b in enumerate(encoded):
+        table[i, :len(b)] = np.frombuffer(b, np.uint8)
+    tables = multihost_utils.process_allgather(table)  # (processes, rows, width)
+    firsts = multihost_utils.process_allgather(np.asarray(first_row))
+    rows = {}
+    for t, f in zip(tables, np.asarray(firsts).reshape(-1)):
+        for i, r in enumerate(t):
+            rows.setdefault(int(f) + i, bytes(r).rstrip(b"\0").decode())
+    return [rows[r] for r in range(len(rows))]
 
 
 def compiler_options(text: str) -> dict[str, object]:
@@ -458,7 +479,8 @@ def train(config, workdir: str | Path) -> dict:
 
 
 def _train(config, workdir: str | Path) -> dict:
-    from magdiff_jax.data.pipeline import default_report_path, make_dataset
+    from magdiff_jax.data.pipeline import default_report_path, make_dataset, process_rows
+    from magdiff_jax.train import distributed
 
     # --- processes and mesh -------------------------------------------------------------------------------------
     workdir = Path(workdir).absolute()
@@ -478,10 +500,12 @@ def _train(config, workdir: str | Path) -> dict:
     # --- data ---------------------------------------------------------------------------------------------------
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.tokenizer = _tokenizer(config, workdir, main)
-    local_batch = config.global_batch_size // jax.process_count()
-    data_iter = iter(make_dataset(data_cfg, batch_size=local_batch, train=True,
-                                  report_path=default_report_path(workdir)))
+    # this process loads the rows of each global batch that the batch sharding puts on its devices (all of them
+    # when no batch axis crosses processes but a model axis does)
     batch_sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    first_row, stop_row = process_rows(batch_sharding, config.global_batch_size)
+    data_iter = iter(make_dataset(data_cfg, batch_size=stop_row - first_row, global_batch=config.global_batch_size,
+                                  first_row=first_row, train=True, report_path=default_report_path(workdir)))
 
     # --- models and parameter groups ----------------------------------------------------------------------------
     task = get_task(config.task)
@@ -503,8 +527,8 @@ def _train(config, workdir: str | Path) -> dict:
             **({"ema": group_shardings[g]} if "ema" in s else {})} for g, s in abstract_state["groups"].items()}}
 
     # --- checkpoints: resume, or start afresh -------------------------------------------------------------------
-    import grain
-
+    # the data item is the stream's global position (JSON, written by the main process): a run resumes on any
+    # number of processes
     options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                            enable_async_checkpointing=config.async_checkpoints)
     group_items = {g: stage_files.GROUP_ITEM.format(g) for g in groups}
@@ -517,9 +541,11 @@ def _train(config, workdir: str | Path) -> dict:
                               state_shardings)
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore({"step": target["step"], "rng": target["rng"]}),
-            data=grain.checkpoint.CheckpointRestore(data_iter),
+            data=ocp.args.JsonRestore(),
             **{item: ocp.args.StandardRestore(target["groups"][g]) for g, item in group_items.items()})
         start, restored = _restore_newest(mgr, workdir, args, main)
+        # the bad inputs seen are the main process's (its report); the others' reports start afresh
+        data_iter.set_state({**restored["data"], **({} if main else {"bad": {}})})
         state = {"step": restored["state"]["step"], "rng": restored["state"]["rng"],
                  "groups": {g: restored[item] for g, item in group_items.items()}}
         logging.info("resumed from step %d in %s", start, workdir)
@@ -542,7 +568,7 @@ def _train(config, workdir: str | Path) -> dict:
     def save(step):
         mgr.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"step": state["step"], "rng": state["rng"]}),
-            data=grain.checkpoint.CheckpointSave(data_iter),
+            data=ocp.args.JsonSave(data_iter.get_state()),
             config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
             **{item: ocp.args.StandardSave(state["groups"][g]) for g, item in group_items.items()}))
 
@@ -563,63 +589,100 @@ def _train(config, workdir: str | Path) -> dict:
         return grp.merge_params({g: s.get("ema", s["params"]) for g, s in state["groups"].items()}, frozen)
 
     # --- the loop -----------------------------------------------------------------------------------------------
+    # The host runs a step ahead of the devices: a step's metrics are fetched once the next step is dispatched (the
+    # next batch's loading and transfer overlap the step). Each batch shape (buckets) compiles its own step. A stop
+    # signal is agreed across processes (`distributed.StopVote`): every process saves the same step and returns.
     log = _Log(workdir, config, start, enabled=main)
     preview = _Preview(task, modules, config, data_cfg, shardings, replicated)
-    last, nonfinite_run, nonfinite_total = {}, 0, 0
-    step, compiled, flops = start, None, None
+    vote = distributed.StopVote()
+    last, nonfinite = {}, {"run": 0, "total": 0}
+    step, saved, compiled, pending = start, start, {}, None
+    clock = {"t0": None, "examples": 0}
+
+    def finish(done: int, m) -> None:
+        """A dispatched step's metrics, once fetched: the non-finite count, and the log line every log_every."""
+        nonlocal last
+        m = jax.device_get(m)
+        clock["examples"] += config.global_batch_size
+        if m["nonfinite"]:
+            nonfinite["run"] += 1
+            nonfinite["total"] += 1
+            logging.warning("step %d: non-finite loss or gradient; update skipped", done)
+            if nonfinite["run"] >= config.max_nonfinite:
+                mgr.wait_until_finished()
+                good = mgr.latest_step()
+                where = f"step {good} in {workdir / 'checkpoints'}" if good is not None else "none yet"
+                raise FloatingPointError(f"{nonfinite['run']} non-finite steps in a row (max_nonfinite), the last "
+                                         f"at step {done}; last good checkpoint: {where}")
+        else:
+            nonfinite["run"] = 0
+        if done % config.log_every == 0 or done == config.steps:
+            dt = time.perf_counter() - clock["t0"]
+            steps_done = clock["examples"] // config.global_batch_size
+            last = {"step": done, **{k: float(v) for k, v in m.items() if k != "nonfinite"},
+                    "steps_per_s": steps_done / dt, "examples_per_s": clock["examples"] / dt,
+                    "nonfinite_skipped": nonfinite["total"]}
+            flops = compiled.get("flops")
+            if flops:
+                last["tflops_per_device"] = flops * steps_done / dt / 1e12
+            log.metrics(last)
+            clock.update(t0=time.perf_counter(), examples=0)
+
+    def compile_for(batch) -> object:
+        """The compiled step for this batch's shapes (ahead of time: XLA's FLOP count, the compile time)."""
+        signature = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if signature not in compiled:
+            tc = time.perf_counter()
+            lowered = step_fn.lower(state, frozen, batch)
+            tl = time.perf_counter()
+            xla_options = cpu.compiler_options(compiler_options(config.get("compiler_options", "")))
+            compiled[signature] = lowered.compile(xla_options)
+            flops = _device_flops(compiled[signature])
+            compiled.setdefault("flops", flops)  # the first shape's count stands for the throughput figures
+            logging.info("step compiled for %s in %.1f s (traced and lowered %.1f s, XLA %.1f s; %s FLOP per step "
+                         "per device)", ", ".join(f"{k} {tuple(v.shape)}" for k, v in sorted(batch.items())),
+                         time.perf_counter() - tc, tl - tc, time.perf_counter() - tl,
+                         f"{flops:.3g}" if flops else "unknown")
+            if clock["t0"] is not None:  # throughput figures leave compiles out
+                clock["t0"] += time.perf_counter() - tc
+        return compiled[signature]
+
     try:
         with _Stop() as stop, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             while step < config.steps:
+                stop_at = vote.poll(step, stop.requested is not None)
+                if stop_at is not None and step >= stop_at:
+                    if step > saved:
+                        save(step)
+                        saved = step
+                    logging.info("%s: saved step %d, stopping", stop.requested or "stop requested by another "
+                                 "process", step)
+                    break
                 host = next(data_iter)
-                batch = {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(host[k]))
-                         for k in task.batch_keys(config)}
-                preview.take(host)
-                if compiled is None:  # compile ahead of time: XLA's FLOP count of the step, the compile time
-                    tc = time.perf_counter()
-                    lowered = step_fn.lower(state, frozen, batch)
-                    tl = time.perf_counter()
-                    xla_options = cpu.compiler_options(compiler_options(config.get("compiler_options", "")))
-                    compiled = lowered.compile(xla_options)
-                    flops = _device_flops(compiled)
-                    logging.info("step compiled in %.1f s (traced and lowered %.1f s, XLA %.1f s; %s FLOP per step "
-                                 "per device)", time.perf_counter() - tc, tl - tc, time.perf_counter() - tl,
-                                 f"{flops:.3g}" if flops else "unknown")
-                    t0, examples = time.perf_counter(), 0
-                state, m = compiled(state, frozen, batch)
+                batch = {k: jax.make_array_from_process_local_data(
+                    batch_sharding, np.asarray(host[k]), (config.global_batch_size, *np.shape(host[k])[1:]))
+                    for k in task.batch_keys(config)}
+                preview.take(host, batch, first_row)
+                step_compiled = compile_for(batch)
+                if clock["t0"] is None:
+                    clock["t0"] = time.perf_counter()
+                state, m = step_compiled(state, frozen, batch)
                 step += 1
-                examples += config.global_batch_size
-                m = jax.device_get(m)
                 log.step()
-                if m["nonfinite"]:
-                    nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
-                    logging.warning("step %d: non-finite loss or gradient; update skipped", step)
-                    if nonfinite_run >= config.max_nonfinite:
-                        mgr.wait_until_finished()
-                        good = mgr.latest_step()
-                        where = f"step {good} in {workdir / 'checkpoints'}" if good is not None else "none yet"
-                        raise FloatingPointError(f"{nonfinite_run} non-finite steps in a row (max_nonfinite), the "
-                                                 f"last at step {step}; last good checkpoint: {where}")
-                else:
-                    nonfinite_run = 0
-                if step % config.log_every == 0 or step == config.steps:
-                    dt = time.perf_counter() - t0
-                    steps_done = examples // config.global_batch_size
-                    last = {"step": step, **{k: float(v) for k, v in m.items() if k != "nonfinite"},
-                            "steps_per_s": steps_done / dt, "examples_per_s": examples / dt,
-                            "nonfinite_skipped": nonfinite_total}
-                    if flops:
-                        last["tflops_per_device"] = flops * steps_done / dt / 1e12
-                    log.metrics(last)
-                    t0, examples = time.perf_counter(), 0
+                if pending is not None:
+                    finish(*pending)
+                pending = (step, m)
                 if preview.due(step):
+                    finish(*pending)
+                    pending = None
                     tp = time.perf_counter()
                     log.samples(step, preview(inference_params()), preview.captions)
-                    t0 += time.perf_counter() - tp  # throughput figures leave the preview out
-                if step % config.ckpt_every == 0 or step == config.steps or stop.requested:
+                    clock["t0"] += time.perf_counter() - tp  # throughput figures leave the preview out
+                if step % config.ckpt_every == 0 or step == config.steps:
                     save(step)
-                if stop.requested:
-                    logging.info("%s: saved step %d, stopping", stop.requested, step)
-                    break
+                    saved = step
+            if pending is not None:
+                finish(*pending)
     finally:
         log.close()
     mgr.wait_until_finished()
