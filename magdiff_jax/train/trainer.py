@@ -462,8 +462,12 @@ def train(config, workdir: str | Path) -> dict:
 
     distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
                            config.distributed.process_id)  # before anything starts a JAX backend
-    if config.compilation_cache_dir:  # before the first compile
-        jax.config.update("jax_compilation_cache_dir", str(config.compilation_cache_dir))
+    cache_dir = str(config.compilation_cache_dir)
+    if cache_dir and cache_dir != jax.config.values.get("jax_compilation_cache_dir"):  # before the first compile
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        compilation_cache.reset_cache()  # a cache an earlier compile in this process opened elsewhere is dropped
     with cpu.tuning(jax.default_backend() == "cpu"):
         return _train(config, workdir)
 
