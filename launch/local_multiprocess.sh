@@ -11,6 +11,7 @@
 #   -g G     G GPUs per process: process i gets GPUs i*G .. i*G+G-1 (of CUDA_VISIBLE_DEVICES when it is set)
 #   -p PORT  coordinator port on localhost (default: a free one)
 #   -h       this help
+#   DRY_RUN=1  print each process's command line (with its MAGDIFF_* variables) instead, and exit 0
 #
 # Process i runs COMMAND with MAGDIFF_COORDINATOR=localhost:PORT, MAGDIFF_NUM_PROCESSES=N and
 # MAGDIFF_PROCESS_ID=i (magdiff_jax.train.distributed.initialize reads them). Its output goes to stdout, each
@@ -102,6 +103,19 @@ if [[ -n $gpus ]]; then
     fi
     ((${#gpu_pool[@]} >= num * gpus)) ||
         die "-g $gpus with $num processes needs $((num * gpus)) GPUs; CUDA_VISIBLE_DEVICES has ${#gpu_pool[@]}"
+fi
+
+if [[ ${DRY_RUN:-0} == 1 ]]; then  # each process's command line with its environment, then exit
+    for ((i = 0; i < num; i++)); do
+        line=(MAGDIFF_COORDINATOR="localhost:$port" MAGDIFF_NUM_PROCESSES="$num" MAGDIFF_PROCESS_ID="$i")
+        [[ -z $devices ]] || line+=(XLA_FLAGS="$XLA_FLAGS")
+        if [[ -n $gpus ]]; then
+            line+=(CUDA_VISIBLE_DEVICES="$(IFS=,; echo "${gpu_pool[*]:i * gpus:gpus}")")
+        fi
+        printf '%q ' "${line[@]}" "$@"
+        echo
+    done
+    exit 0
 fi
 
 if [[ -n ${LOG_DIR:-} ]]; then

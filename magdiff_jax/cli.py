@@ -370,9 +370,20 @@ COMMANDS = {"convert": _convert, "data": _data, "train": _train, "export": _expo
             "demo": _demo}
 
 
-def main(args: argparse.Namespace) -> None:
+def setup_logging() -> None:
+    """INFO and above to stderr; on processes other than 0 of a multi-process job, WARNING and above only (from
+    `distributed.initialize` on, when the process index is known: `distributed.MainProcessInfo`)."""
+    from magdiff_jax.train import distributed
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, distributed.MainProcessInfo) for f in handler.filters):
+            handler.addFilter(distributed.MainProcessInfo())
+
+
+def main(args: argparse.Namespace) -> None:
+    setup_logging()
     COMMANDS[args.command](args)
     from magdiff_jax.train import distributed
 

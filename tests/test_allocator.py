@@ -123,3 +123,58 @@ def test_allocator_hint_names_what_is_missing():
     assert "run_cpu_programs_on_calling_thread" in only_dispatch and "GLIBC_TUNABLES" not in only_dispatch
     both = hint("async", GLIBC_TUNABLES="glibc.malloc.hugetlb=0")
     assert f"GLIBC_TUNABLES={':'.join(allocator.KEEP_FREED)} " in both and "run_cpu_programs" in both
+
+
+def _no_files():
+    return []
+
+
+@pytest.mark.parametrize("env, files, expected", [
+    ({}, [], None),
+    ({"JAX_PLATFORMS": "cpu"}, ["/dev/nvidiactl", "/dev/nvidia0"], None),  # cpu forces the CPU path
+    ({"JAX_PLATFORMS": "cpu", "TPU_ACCELERATOR_TYPE": "v5litepod-8"}, ["/dev/vfio/0"], None),
+    ({"JAX_PLATFORMS": "cuda"}, [], "JAX_PLATFORMS=cuda"),
+    ({"JAX_PLATFORMS": "tpu,cpu"}, [], "JAX_PLATFORMS=tpu,cpu"),
+    ({}, ["/dev/nvidiactl", "/dev/nvidia0"], "/dev/nvidiactl"),
+    ({}, ["/dev/accel0"], "/dev/accel0"),
+    ({}, ["/dev/vfio/0"], "/dev/vfio/0"),
+    ({"TPU_WORKER_HOSTNAMES": "t1,t2"}, [], "TPU_WORKER_HOSTNAMES"),
+    ({"TPU_ACCELERATOR_TYPE": "v4-8"}, [], "TPU_ACCELERATOR_TYPE"),
+    ({"TPU_ACCELERATOR_TYPE": " "}, [], None),
+    ({"CUDA_VISIBLE_DEVICES": "-1"}, ["/dev/nvidiactl", "/dev/nvidia0"], None),  # every GPU hidden
+    ({"CUDA_VISIBLE_DEVICES": ""}, ["/dev/nvidia0", "/dev/accel0"], "/dev/accel0"),
+])
+def test_accelerator_host(env, files, expected):
+    """Detected from JAX_PLATFORMS, TPU variables and device files alone: no JAX backend is started."""
+    assert allocator.accelerator_host(env, files=lambda: files) == expected
+
+
+def test_no_restart_on_an_accelerator_host(monkeypatch):
+    """`reexec_with_tunables` (called by cpu.setup_process) replaces the process on a CPU host only."""
+    calls = []
+    monkeypatch.setattr(allocator, "missing_tunables", lambda: list(allocator.KEEP_FREED))
+    monkeypatch.setattr(allocator.os, "execve", lambda *args: calls.append(args))
+    monkeypatch.setattr(allocator, "accelerator_files", lambda: ["/dev/nvidiactl"])
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    allocator.reexec_with_tunables()
+    assert calls == []
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")  # a CPU run forced on the GPU host: restarts
+    allocator.reexec_with_tunables()
+    assert len(calls) == 1 and "glibc.malloc.mmap_max=0" in calls[0][2]["GLIBC_TUNABLES"]
+    calls.clear()
+    monkeypatch.setattr(allocator, "accelerator_files", _no_files)
+    monkeypatch.delenv("JAX_PLATFORMS")
+    for name, value in (("TPU_WORKER_HOSTNAMES", "w0,w1"), ("JAX_PLATFORMS", "tpu")):
+        monkeypatch.setenv(name, value)
+        allocator.reexec_with_tunables()
+    assert calls == []
+
+
+def test_tpu_variable_stops_the_restart_in_a_real_process():
+    """A child process started without the tunables on a 'TPU host' (its variable set, JAX_PLATFORMS unset) runs
+    on without restarting."""
+    env = _clean_env(TPU_ACCELERATOR_TYPE="v5litepod-8")
+    env.pop("JAX_PLATFORMS", None)
+    out = subprocess.run([sys.executable, "-c", PRINT_TUNABLES], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [""]

@@ -56,6 +56,68 @@ def test_two_processes_sum_across_processes():
         assert r["ok"] is True
 
 
+# Under absl.app as `magdiff-jax` runs: its logging set-up, then distributed.initialize, then the default mesh
+MESH_AND_LOGS = """
+import json, logging
+from absl import app
+
+def body(argv):
+    import jax
+    from magdiff_jax import cli, sharding
+    from magdiff_jax.train import distributed
+    cli.setup_logging()
+    logging.info("info before initialize")
+    distributed.initialize()
+    logging.info("info after initialize")
+    logging.warning("warning after initialize")
+    mesh = sharding.make_mesh({"data": -1, "tensor": 2})
+    devices = mesh.devices  # MESH_AXES order: data, fsdp, tensor, context
+    report = {"process": jax.process_index(), "shape": dict(mesh.shape),
+              "data": [sorted({d.process_index for d in devices[i].flat}) for i in range(devices.shape[0])],
+              "tensor": [sorted({d.process_index for d in devices[i, 0, :, 0]}) for i in range(devices.shape[0])]}
+    print("MESH " + json.dumps(report), flush=True)
+    distributed.exit_multiprocess(0)
+
+app.run(body)
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh_and_logs():
+    """2 processes x 2 CPU devices: stdout (each line prefixed by its process, stderr merged)."""
+    proc = _launch("-n", "2", "-d", "2", "--", sys.executable, "-c", MESH_AND_LOGS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_hybrid_mesh_spans_processes_with_data_and_keeps_tensor_local(mesh_and_logs):
+    """The default mesh_dcn (data over the processes, CPU devices: processes are the granules): each index of the
+    data axis lies within one process, the two data halves in different processes, each tensor pair within one."""
+    reports = {}
+    for line in mesh_and_logs.splitlines():
+        tag, _, rest = line.partition(" ")
+        if rest.startswith("MESH "):
+            reports[int(tag.strip("[]"))] = json.JSONDecoder().raw_decode(rest[5:])[0]
+    assert sorted(reports) == [0, 1], mesh_and_logs
+    for r in reports.values():
+        assert r["shape"] == {"data": 2, "fsdp": 1, "tensor": 2, "context": 1}
+        assert r["data"] == [[0], [1]]
+        assert r["tensor"] == [[0], [1]]
+
+
+def test_info_logs_from_process_0_only(mesh_and_logs):
+    """After distributed.initialize, INFO lines appear from process 0 alone; warnings from every process (before
+    it the process index is unknown, and both log)."""
+    lines = mesh_and_logs.splitlines()
+
+    def logged(process, text):
+        return any(line.startswith(f"[{process}] ") and line.endswith(text) for line in lines)
+
+    assert logged(0, "info after initialize") and not logged(1, "info after initialize"), mesh_and_logs
+    assert logged(0, "warning after initialize") and logged(1, "warning after initialize")
+    assert logged(0, "info before initialize") and logged(1, "info before initialize")
+
+
 def test_one_failure_stops_the_others_and_fails_the_launch(tmp_path):
     command = ("import os, sys, time\n"
                "print('started', os.environ['MAGDIFF_PROCESS_ID'], flush=True)\n"

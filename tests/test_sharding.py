@@ -1,6 +1,8 @@
 """Mesh construction, logical-axis rules, and a unet2d initialised directly sharded on 8 fake CPU devices."""
 
+import dataclasses
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import flax.linen as nn
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
@@ -26,6 +29,105 @@ def test_mesh_shape_fills_and_validates():
         sharding.mesh_shape({"model": 2}, 8)
     with pytest.raises(ValueError, match="not divisible"):
         sharding.mesh_shape({"data": 3, "fsdp": -1}, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeGPU:  # what the mesh code reads of a device
+    id: int
+    process_index: int
+    platform: str = "gpu"
+    device_kind: str = "fake"
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeTPU:
+    id: int
+    process_index: int
+    slice_index: int
+    coords: tuple
+    core_on_chip: int = 0
+    platform: str = "tpu"
+    device_kind: str = "TPU v4"
+
+
+def _layout(arr, axis=0):
+    """For each index along `axis` of a device array (MESH_AXES order): the sorted set of (process or slice) keys."""
+    return [sorted({getattr(d, "slice_index", d.process_index) for d in np.take(arr, i, axis).flat})
+            for i in range(arr.shape[axis])]
+
+
+def test_dcn_sizes_resolve_and_fail_naming_the_key():
+    """mesh_dcn: a -1 takes the largest value that divides the slices/processes and its mesh axis (1 on one host);
+    sizes that do not divide the granule count or their mesh axis are refused naming `mesh_dcn.<axis>`."""
+    assert sharding.dcn_shape({"data": -1}, (4, 1, 2, 1), 2) == (2, 1, 1, 1)
+    assert sharding.dcn_shape({"data": -1}, (8, 1, 1, 1), 1) == (1, 1, 1, 1)
+    assert sharding.dcn_shape({"data": -1}, (2, 1, 8, 1), 16) == (2, 1, 1, 1)  # 2 nodes of 8 one-GPU processes
+    assert sharding.dcn_shape({"data": 2, "fsdp": -1}, (2, 8, 1, 1), 4) == (2, 2, 1, 1)
+    assert sharding.dcn_shape({"data": 1}, (8, 1, 1, 1), 4) == (1, 1, 1, 1)  # no DCN split: one plain mesh
+    with pytest.raises(ValueError, match=r"mesh_dcn.data=2 does not divide the 1 slice of this run"):
+        sharding.dcn_shape({"data": 2}, (8, 1, 1, 1), 1)
+    with pytest.raises(ValueError, match=r"mesh_dcn.data=2 x mesh_dcn.fsdp=2 = 4 does not divide the "
+                                         r"6 processes"):
+        sharding.dcn_shape({"data": 2, "fsdp": 2}, (4, 4, 1, 1), 6, "process")
+    with pytest.raises(ValueError, match=r"mesh_dcn.tensor=2 does not divide the mesh's tensor axis of 1"):
+        sharding.dcn_shape({"tensor": 2}, (8, 1, 1, 1), 2)
+    with pytest.raises(ValueError, match=r"mesh_dcn: unknown axes \['model'\]"):
+        sharding.dcn_shape({"model": 2}, (8, 1, 1, 1), 2)
+    with pytest.raises(ValueError, match="mesh_dcn: only one axis may be -1"):
+        sharding.check_dcn_sizes({"data": -1, "fsdp": -1}, {"data": -1})
+    with pytest.raises(ValueError, match=r"mesh_dcn.fsdp=3 does not divide mesh.fsdp=4"):
+        sharding.check_dcn_sizes({"fsdp": 3}, {"data": -1, "fsdp": 4})
+    sharding.check_dcn_sizes({"data": 4, "fsdp": 2}, {"data": -1, "fsdp": 4})
+
+
+def test_check_config_refuses_bad_mesh_dcn():
+    import train_helpers as th
+
+    from magdiff_jax.train.trainer import base_config, check_config
+
+    assert dict(base_config().mesh_dcn) == {"data": -1, "fsdp": 1, "tensor": 1, "context": 1}
+    c = th.config()
+    c.mesh.update(data=2)
+    c.mesh_dcn.update(data=3)
+    with pytest.raises(ValueError, match=r"mesh_dcn.data=3 does not divide mesh.data=2"):
+        check_config(c, num_devices=2, process_count=1)
+    c.mesh_dcn.update(data=0)
+    with pytest.raises(ValueError, match="mesh_dcn: sizes must be positive or -1"):
+        check_config(c, num_devices=2, process_count=1)
+
+
+def test_hybrid_layout_keeps_model_axes_within_a_host_or_slice(caplog):
+    """GPU processes (no slice_index): the data axis goes across processes, tensor stays within one; one-GPU
+    processes group consecutively when the tensor axis needs more devices than one holds; TPU slices are the
+    granules where devices carry several slice indices. A mesh util that fails is logged once, naming why."""
+    gpus = [FakeGPU(i, i // 4) for i in range(8)]  # 2 hosts x 4 GPUs
+    arr = sharding.device_array({"data": -1, "tensor": 2}, gpus)
+    assert arr.shape == (4, 1, 2, 1)
+    assert _layout(arr) == [[0], [0], [1], [1]]
+    assert all(len(keys) == 1 for keys in _layout(arr.transpose(0, 2, 1, 3).reshape(4, 2), 0))
+    one_gpu = [FakeGPU(i, i) for i in range(8)]  # 2 nodes of 4 one-GPU processes
+    arr = sharding.device_array({"data": -1, "tensor": 4}, one_gpu)
+    assert [[d.id for d in row.flat] for row in arr] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    with pytest.raises(ValueError, match=r"mesh_dcn.data=3 .* the 8 processes"):
+        sharding.device_array({"data": -1}, one_gpu, {"data": 3})
+
+    tpus = [FakeTPU(i, i // 2, i // 4, (i % 2, (i % 4) // 2, 0)) for i in range(8)]  # 2 slices of 2x2 chips
+    arr = sharding.device_array({"data": -1, "tensor": 2}, tpus)
+    assert _layout(arr) == [[0], [0], [1], [1]]
+    # one slice, several hosts: ICI spans the hosts, so no DCN split
+    arr = sharding.device_array({"data": -1, "tensor": 2}, [FakeTPU(i, i // 2, 0, (i % 2, i // 2, 0))
+                                                            for i in range(4)])
+    assert arr.shape == (2, 1, 2, 1)
+
+    broken = [FakeTPU(i, i // 2, i // 4, ((i % 4) if i % 4 != 3 else 5, 0, 0)) for i in range(8)]  # a gap
+    caplog.set_level(logging.WARNING, logger="magdiff_jax.sharding")
+    sharding._fallbacks_logged.clear()
+    for _ in range(2):
+        arr = sharding.device_array({"data": -1, "tensor": 2}, broken)
+        assert _layout(arr) == [[0], [0], [1], [1]]  # the slices still group, in plain order within each
+    warnings = [r for r in caplog.records if "create_hybrid_device_mesh" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "laid out in plain order" in warnings[0].getMessage()
 
 
 def test_logical_rules_replicate_indivisible_dims():

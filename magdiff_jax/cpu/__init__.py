@@ -80,7 +80,8 @@ def compiler_options(extra: dict | None = None) -> dict | None:
 
 def setup_process() -> None:
     """What `magdiff-jax` does first thing: XLA's CPU convolutions on Eigen for every program (XLA_FLAGS), a
-    restart with the glibc malloc tunables when they are missing (`allocator`), CPU programs run on the calling
+    restart with the glibc malloc tunables when they are missing (`allocator`; never on a GPU or TPU host, see
+    `allocator.accelerator_host`), CPU programs run on the calling
     thread, then `enable()`. Call it before JAX starts a backend; the restart replaces the process, so call it
     before any other work."""
     xla_flags.add_to_xla_flags()

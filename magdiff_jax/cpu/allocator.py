@@ -16,19 +16,56 @@ Measurements: benchmarks/README.md, "CPU tuning".
 A tunable named in GLIBC_TUNABLES already is left as it is (e.g. `glibc.malloc.hugetlb=0` opts out of huge pages);
 nothing is added when an allocator is LD_PRELOADed (gperftools' tcmalloc keeps freed memory itself), and an
 interactive interpreter or notebook kernel is never restarted (the trainer logs a line saying what to do instead).
+Nor is a process on a GPU or TPU host (`accelerator_host`): JAX runs there on the accelerator, and the restart would
+only cost start-up time; JAX_PLATFORMS=cpu makes it a CPU run again.
 """
 
 from __future__ import annotations
 
 import ctypes.util
+import glob
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 HUGEPAGES = "glibc.malloc.hugetlb=1"
 KEEP_FREED = ("glibc.malloc.mmap_max=0", f"glibc.malloc.trim_threshold={64 << 30}")
 TUNABLES = (HUGEPAGES, *KEEP_FREED)  # what `cpu.setup_process` runs CPU programs with (module docstring)
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# NVIDIA GPUs; TPUs (older generations: /dev/accelN; v5e and later: VFIO groups /dev/vfio/N)
+ACCELERATOR_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/accel0", "/dev/vfio/[0-9]*")
+# set on Cloud TPU VMs and in TPU containers (GKE, multislice)
+TPU_VARIABLES = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_PROCESS_ADDRESSES",
+                 "TPU_CHIPS_PER_HOST_BOUNDS", "TPU_HOST_BOUNDS", "TPU_SKIP_MDS_QUERY", "CLOUD_TPU_TASK_ID",
+                 "MEGASCALE_COORDINATOR_ADDRESS")
+
+
+def accelerator_files() -> list[str]:
+    """The GPU or TPU device files this host has (ACCELERATOR_FILES)."""
+    return [found for pattern in ACCELERATOR_FILES for found in sorted(glob.glob(pattern))]
+
+
+def accelerator_host(env: Mapping[str, str] | None = None, files=accelerator_files) -> str | None:
+    """Why JAX would run on a GPU or TPU here (a short reason), or None for a CPU host; starts no JAX backend.
+
+    JAX_PLATFORMS decides when set: "cpu" alone is a CPU run whatever the host has, any other platform named is an
+    accelerator run. Otherwise a TPU variable (TPU_VARIABLES) or a device file (`files()`: NVIDIA, /dev/accelN,
+    VFIO groups) makes it an accelerator host; NVIDIA files do not count with CUDA_VISIBLE_DEVICES hiding every GPU
+    ("" or -1)."""
+    env = os.environ if env is None else env
+    platforms = [p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms:
+        others = [p for p in platforms if p != "cpu"]
+        return f"JAX_PLATFORMS={env['JAX_PLATFORMS']}" if others else None
+    for name in TPU_VARIABLES:
+        if env.get(name, "").strip():
+            return name
+    gpus_hidden = env.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
+    for path in files():
+        if not (gpus_hidden and path.startswith("/dev/nvidia")):
+            return path
+    return None
 
 
 def find_tcmalloc() -> str | None:
@@ -103,11 +140,14 @@ def missing_tunables() -> list[str]:
 
 
 def reexec_with_tunables() -> None:
-    """Replace this process by the same command line with `missing_tunables()` added, when there are any.
-    Call it first thing, before any work: nothing of this process survives (the new one has them all and does not
-    restart again). An interactive interpreter or a notebook kernel is never replaced."""
+    """Replace this process by the same command line with `missing_tunables()` added, when there are any and this
+    is not a GPU or TPU host (`accelerator_host`). Call it first thing, before any work: nothing of this process
+    survives (the new one has them all and does not restart again). An interactive interpreter or a notebook
+    kernel is never replaced."""
     interactive = hasattr(sys, "ps1") or sys.flags.interactive or "ipykernel" in sys.modules
     if interactive or not sys.executable or not getattr(sys, "orig_argv", None) or not missing_tunables():
+        return
+    if accelerator_host() is not None:  # JAX runs on the accelerator: nothing to gain
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -314,6 +314,16 @@ def initialize(coordinator: str = "", num_processes: int | None = 0, process_id:
         return dict(_state)
 
 
+class MainProcessInfo(logging.Filter):
+    """A log-handler filter: records below WARNING pass on process 0 only, once `initialize` has run (before it the
+    process index is unknown, and asking JAX for it would start a backend: every process passes them). WARNING and
+    above always pass. `magdiff-jax` puts it on the root logger's handlers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        state = _state
+        return record.levelno >= logging.WARNING or state is None or state["process_index"] == 0
+
+
 def is_main_process() -> bool:
     """True on process 0, the one that writes logs, summaries and other single-copy files."""
     return jax.process_index() == 0

@@ -76,11 +76,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.async_checkpoints = True
     c.max_nonfinite = 5  # consecutive non-finite steps that stop the run
     c.export = True  # write WORKDIR/export at the last step
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})  # totals, all devices
+    # How much of each mesh axis goes across TPU slices or GPU/CPU hosts (the data-centre network); the rest of each
+    # axis stays within one. -1: as many as the slices or hosts allow (1 on one of them). Must divide `mesh`, and the
+    # sizes multiply to a divisor of the number of slices (multislice TPU) or processes (GPU/CPU; consecutive
+    # processes group, e.g. data=2 for 2 nodes of 8 one-GPU processes). sharding.make_mesh has the details.
+    c.mesh_dcn = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "context": 1})
     # (logical axis, mesh axes) pairs over sharding.DEFAULT_RULES for the whole run, and per model name
     c.sharding_rules = ()
     c.model_sharding_rules = ml_collections.ConfigDict()
     c.distributed = ml_collections.ConfigDict({"coordinator": "", "num_processes": 0, "process_id": -1})
+    # JAX's persistent compilation cache (a local folder or gs://...), set before the first compile; "": JAX's own
+    # setting (JAX_COMPILATION_CACHE_DIR) is left as it is
+    c.compilation_cache_dir = ""
     c.trainable = ""  # regex over parameter paths for the task's main group ("": the task's default)
     c.ema_decay = 0.0  # > 0: keep an EMA of the main group's parameters
     c.groups = ml_collections.ConfigDict()  # per parameter group: trainable, ema_decay, start_step, optim.<field>
@@ -113,6 +121,7 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
         if not isinstance(config[name], int) or config[name] < 1:
             raise ValueError(f"{name} must be a positive integer, got {config[name]!r}")
     shape = shd.mesh_shape(dict(config.mesh), num_devices)
+    shd.check_dcn_sizes(dict(config.mesh_dcn), dict(config.mesh))  # the granule count is make_mesh's to check
     batch_shards = shape[shd.MESH_AXES.index("data")] * shape[shd.MESH_AXES.index("fsdp")]
     if config.global_batch_size % batch_shards:
         raise ValueError(f"global_batch_size={config.global_batch_size} does not divide over the "
@@ -474,6 +483,12 @@ def train(config, workdir: str | Path) -> dict:
 
     distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
                            config.distributed.process_id)  # before anything starts a JAX backend
+    cache_dir = str(config.compilation_cache_dir)
+    if cache_dir and cache_dir != jax.config.values.get("jax_compilation_cache_dir"):  # before the first compile
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        compilation_cache.reset_cache()  # a cache an earlier compile in this process opened elsewhere is dropped
     with cpu.tuning(jax.default_backend() == "cpu"):
         return _train(config, workdir)
 
@@ -486,7 +501,7 @@ def _train(config, workdir: str | Path) -> dict:
     workdir = Path(workdir).absolute()
     main = jax.process_index() == 0
     check_config(config, jax.device_count(), jax.process_count())
-    mesh = shd.make_mesh(dict(config.mesh))
+    mesh = shd.make_mesh(dict(config.mesh), dcn_sizes=dict(config.mesh_dcn))
     rules = run_rules(config)
     replicated = NamedSharding(mesh, PartitionSpec())
     workdir.mkdir(parents=True, exist_ok=True)
