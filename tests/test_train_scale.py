@@ -56,6 +56,68 @@ def test_two_processes_log_the_losses_of_one(one_device, tmp_path):
     assert th.checkpoints(tmp_path / "run") == [3]
 
 
+def _launch(n, d, args, timeout=900):
+    launch = th.ROOT / "launch" / "local_multiprocess.sh"
+    r = subprocess.run(["bash", str(launch), "-n", str(n), "-d", str(d), "--", *args], capture_output=True, text=True,
+                       timeout=timeout, cwd=th.ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_a_model_axis_across_processes_then_a_resume_on_four(one_device, tmp_path):
+    """2 processes x 2 devices with mesh tensor=4: the tensor axis spans both processes and the batch is replicated
+    over it, so both load every row of each global batch (rows from the batch sharding): the losses of 1 device
+    (each process loading its own half made them differ by 3%). Its step-3 checkpoint (data position saved by 2
+    processes) resumed by 4 processes x 1 device (data=4: 2 rows each) continues the same curve at steps 4-5."""
+    run = tmp_path / "run"
+    _launch(2, 2, th.cli_args(run, "micro", steps=3, **{"mesh.data": 1, "mesh.tensor": 4}))
+    _close(th.losses(run), one_device[1], range(1, 4))
+    assert th.checkpoints(run) == [3]
+    _launch(4, 1, th.cli_args(run, "micro", steps=5))
+    _close(th.losses(run), one_device[1], range(1, 6))
+    assert th.checkpoints(run) == [3, 5]
+
+
+def _pids_of_process(index: int, marker: str) -> list[int]:
+    """PIDs of the launched processes whose MAGDIFF_PROCESS_ID is `index` and whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"MAGDIFF_PROCESS_ID={index}".encode() in environ and marker in cmdline and "magdiff_jax.cli" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """SIGTERM reaches process 1 of 2 alone: both agree on the step to stop at (distributed.StopVote), both save
+    it (one checkpoint) and exit 0, and the launch succeeds."""
+    import signal
+
+    run = tmp_path / "run"
+    args = th.cli_args(run, "micro", steps=1000, ckpt_every=1000, progress=False)
+    launch = th.ROOT / "launch" / "local_multiprocess.sh"
+    proc = th.start(["bash", str(launch), "-n", "2", "-d", "1", "--", *args], tmp_path / "log.txt")
+    th.wait_for_step(proc, run, 2, timeout=600)
+    pids = _pids_of_process(1, str(run))
+    assert pids, th.output(proc)[-3000:]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, th.output(proc)[-3000:]
+    out = th.output(proc)
+    stopped = {line.split("]")[0] + "]": line for line in out.splitlines() if "stopping" in line}
+    assert set(stopped) == {"[0]", "[1]"}, out[-3000:]
+    (saved,) = th.checkpoints(run)
+    assert all(f"saved step {saved}, stopping" in line for line in stopped.values()), stopped
+    assert "SIGTERM" in stopped["[1]"] and "another process" in stopped["[0]"], stopped
+    assert 2 <= saved < 1000 and max(th.losses(run)) == saved
+
+
 def test_restore_on_another_mesh(one_device, tmp_path):
     """The 1-device run's step-3 checkpoint, resumed by 1 process x 8 devices on fsdp=4 x tensor=2: steps 4-5
     continue the same curve."""

@@ -386,7 +386,7 @@ def initial_models(config, mesh=None) -> tuple[dict, dict]:
     """(modules, parameters), per model name, that a fresh run of `config` starts from: the `init_from` folders
     where they exist, else initialised from the seed, exactly as `train` does (sharded over `mesh`, by default
     the config's)."""
-    mesh = shd.make_mesh(dict(config.mesh)) if mesh is None else mesh
+    mesh = shd.make_mesh(dict(config.mesh), dcn_sizes=dict(config.mesh_dcn)) if mesh is None else mesh
     declared = get_task(config.task).models(config)
     modules, _, shardings = _abstract_models(declared, config, mesh)
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -670,8 +670,8 @@ def _train(config, workdir: str | Path) -> dict:
                     if step > saved:
                         save(step)
                         saved = step
-                    logging.info("%s: saved step %d, stopping", stop.requested or "stop requested by another "
-                                 "process", step)
+                    logging.warning("%s: saved step %d, stopping", stop.requested or "stop requested by another "
+                                    "process", step)
                     break
                 host = next(data_iter)
                 batch = {k: jax.make_array_from_process_local_data(
