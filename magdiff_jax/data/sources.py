@@ -422,6 +422,14 @@ def _has_column(annotations, name: str) -> bool:
     return False
 
 
+def copy_to(local: str | os.PathLike, dst) -> None:
+    """Copy a local file to `dst` (local or a cloud URI), streamed (shards can be large)."""
+    import shutil
+
+    with open(local, "rb") as src, as_path(dst).open("wb") as out:
+        shutil.copyfileobj(src, out, 16 << 20)
+
+
 def write_text_whole(path, text: str) -> None:
     """Write a text file whole: locally through a temporary file and a rename; in cloud storage as one object
     (an object upload is all or nothing)."""
