@@ -87,6 +87,7 @@ class BadInputReport:
         path = path if path is not None else self.path
         if is_remote(path):
             path = as_path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self.to_dict(), indent=1))
             return path
         path = Path(path)
