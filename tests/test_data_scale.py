@@ -302,15 +302,24 @@ def test_encode_on_two_processes_reads_back_like_one(models, clips, tmp_path):
     assert reports[0]["bad"] == [] and [x["key"] for x in reports[1]["bad"]] == ["videos/missing.mp4"]
 
 
-def test_a_process_without_records_writes_an_empty_shard(models, tmp_path):
+def test_a_process_without_records_writes_an_empty_shard_on_gcs(models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     data = write_synthetic(tmp_path / "one_clip", 1, SYN)
-    out = tmp_path / "out"
+    bucket = tmp_path / "gcs"
     parser = encode.add_encode_arguments(argparse.ArgumentParser())
-    cfg = encode.encode_config_from_args(parser.parse_args(_encode_args(data, models, out)))
+    cfg = encode.encode_config_from_args(parser.parse_args(_encode_args(data, models, "gs://bucket/enc")))
     dirs = dict(vae_dir=models / "vae", text_encoder_dir=models / "text_encoder", tokenizer_dir=models / "tokenizer")
-    for index in (1, 0):  # process 1 of 2 has no record: not an error
-        encode.encode_dataset(cfg, out_dir=out, batch_size=2, process_index=index, process_count=2, **dirs)
+    with fake_gcs(bucket), array_record_on(bucket):
+        for index in (1, 0):  # process 1 of 2 has no record: not an error
+            encode.encode_dataset(cfg, out_dir="gs://bucket/enc", batch_size=2, process_index=index,
+                                  process_count=2, **dirs)
+        src = EncodedSource("gs://bucket/enc")
+        assert len(src) == 1 and src[0]["key"] == "videos/00000.mp4"
+        assert len(pickle.dumps(src)) < 10_000
+    out = bucket / "bucket" / "enc"
     shard1 = json.loads((out / "encoded-00001-of-00002.json").read_text())
     assert shard1["count"] == 0 and (out / "encoded-00001-of-00002.array_record").is_file()
-    src = EncodedSource(out)
-    assert len(src) == 1 and src[0]["key"] == "videos/00000.mp4"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bad_inputs.json", "encoded-00000-of-00002.array_record", "encoded-00000-of-00002.json",
+        "encoded-00001-of-00002.array_record", "encoded-00001-of-00002.json", "encoded.json", "null_text.msgpack"]
+    assert not (tmp_path / "gs:").exists()
