@@ -178,9 +178,12 @@ def test_a_source_is_made_without_touching_its_files_and_pickles_small(tmp_path)
     blob = pickle.dumps(src)
     assert len(blob) < 10_000, len(blob)
     copy = pickle.loads(blob)
-    assert copy._index is None  # the index is parsed again in the process that unpickles it
+    assert copy._index is None and Path(copy._cache).is_file()  # read on first access: from this host's cache
     assert copy[1999] == src[1999] and copy[1999]["frames"] == list(range(8)) and len(copy) == 2000
     assert copy[5]["video"] == str(root / "videos" / "0000005.mp4")
+    Path(copy._cache).unlink()
+    again = pickle.loads(blob)  # no cache on this host: the annotations are parsed again
+    assert again[1999] == src[1999] and again.bad == []
 
 
 def test_a_missing_file_is_a_bad_input_when_loaded(clips, tmp_path):

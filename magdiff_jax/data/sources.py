@@ -211,7 +211,9 @@ class _RowSource:
     files exist and stay inside the folder once symlinks are resolved is checked when the record is loaded
     (`transforms.confined`: a missing file is then a bad input, reported by the pipeline). The rows are held
     packed (`RowIndex`), not as a dict each. A pickled source (Grain sends it to every worker process) carries only
-    its paths and counts; it parses its annotation file again on first access in the new process.
+    its paths and counts (under 1 kB): on first access in the new process it loads the index from this host's
+    cache (written when the source is pickled: `$MAGDIFF_DATA_CACHE`, default `<tmp>/magdiff_data_cache`, a file
+    named by a digest of its content), or parses the annotation file again where that cache is not there.
 
     `root` may be a cloud-storage URI (gs://...): the annotations, and later each file, are read through epath.
     """
@@ -233,7 +235,10 @@ class _RowSource:
         if self._index is None:
             with self._lock:
                 if self._index is None:
-                    self._index = self._parse()
+                    cache = getattr(self, "_cache", None)
+                    self._index = _load_index(cache) if cache else None
+                    if self._index is None:
+                        self._index = self._parse()
         return self._index
 
     def _parse(self) -> RowIndex:
@@ -343,6 +348,8 @@ class _RowSource:
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        if self._index is not None and state.get("_cache") is None:
+            state["_cache"] = self._cache = _save_index(self._index)
         state["_index"], state["_lock"] = None, None
         state["root"], state["annotations"] = os.fspath(self.root), os.fspath(self.annotations)
         return state
@@ -354,6 +361,48 @@ class _RowSource:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.root}, {self._len} records, {self._num_bad} bad rows)"
+
+
+def _index_cache_dir() -> Path:
+    import tempfile
+
+    return Path(os.environ.get("MAGDIFF_DATA_CACHE") or Path(tempfile.gettempdir()) / "magdiff_data_cache")
+
+
+def _save_index(index: RowIndex) -> str | None:
+    """Write a parsed index to this host's cache (named by a digest of its content) for the processes a pickled
+    source goes to (Grain workers, on this host): they map it rather than parse the annotations again. None when
+    it cannot be written (they parse then)."""
+    import hashlib
+
+    bad = PackedStrings(json.dumps(b) for b in index.bad)
+    digest = hashlib.sha1(index.rows.data)
+    for a in (index.rows.offsets, index.sizes, index.valid, bad.offsets):
+        digest.update(a.tobytes())
+    digest.update(bad.data)
+    path = _index_cache_dir() / f"rows-{digest.hexdigest()}.npz"
+    if path.is_file():
+        return str(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, data=np.frombuffer(index.rows.data, np.uint8), offsets=index.rows.offsets,
+                     sizes=index.sizes, valid=index.valid, bad_data=np.frombuffer(bad.data, np.uint8),
+                     bad_offsets=bad.offsets)
+    except OSError:
+        return None
+    return str(path)
+
+
+def _load_index(path: str) -> RowIndex | None:
+    try:
+        with np.load(path) as z:
+            rows, bad = PackedStrings(()), PackedStrings(())
+            rows.data, rows.offsets = z["data"].tobytes(), z["offsets"]
+            bad.data, bad.offsets = z["bad_data"].tobytes(), z["bad_offsets"]
+            return RowIndex(rows, z["sizes"], z["valid"], [tuple(json.loads(bad[i])) for i in range(len(bad))])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _stored_size(fields: dict) -> tuple[int, int, int]:
