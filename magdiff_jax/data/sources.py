@@ -226,6 +226,7 @@ class _RowSource:
         self.annotations = as_path(annotations) if annotations is not None else find_annotations(self.root)
         self._lock = threading.Lock()
         self._index: RowIndex | None = None
+        self._cache: str | None = None  # this host's copy of the parsed index, for unpickled copies
         index = self.index
         self._len, self._num_bad = len(index.rows), len(index.bad)
 
@@ -235,8 +236,7 @@ class _RowSource:
         if self._index is None:
             with self._lock:
                 if self._index is None:
-                    cache = getattr(self, "_cache", None)
-                    self._index = _load_index(cache) if cache else None
+                    self._index = _load_index(self._cache) if self._cache else None
                     if self._index is None:
                         self._index = self._parse()
         return self._index
@@ -348,7 +348,7 @@ class _RowSource:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        if self._index is not None and state.get("_cache") is None:
+        if self._index is not None and self._cache is None:
             state["_cache"] = self._cache = _save_index(self._index)
         state["_index"], state["_lock"] = None, None
         state["root"], state["annotations"] = os.fspath(self.root), os.fspath(self.annotations)
