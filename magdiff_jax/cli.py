@@ -89,7 +89,7 @@ BUILDER_NAMES = ("video_caption", "image_caption", "ucf101", "msrvtt", "davis", 
 def _add_data(sub):
     p = sub.add_parser("data", help="datasets: synthesize, build (TFDS), inspect, pre-encode",
                        description="Dataset tools.")
-    dsub = p.add_subparsers(dest="action", required=True, metavar="{synth,build,inspect,encode}")
+    dsub = p.add_subparsers(dest="action", required=True, metavar="{synth,build,index,inspect,encode}")
     sy = dsub.add_parser("synth", help="write the synthetic dataset (coloured shapes moving over textures)",
                          description="Write N synthetic clips (mp4 + per-frame masks + captions.csv) to OUT in the "
                                      "video-caption folder layout; deterministic from --seed.")
@@ -112,6 +112,13 @@ def _add_data(sub):
                     help="stop when more than this fraction of the inputs is bad (default 0.01)")
     bu.add_argument("--overwrite", action="store_true",
                     help="rebuild an existing dataset in OUT (replaced once the new one is complete)")
+    ix = dsub.add_parser("index", help="store the size of every video of a folder dataset (for bucketing)",
+                         description="Probe every file a video/image-caption folder names once and write "
+                                     "DIR/sizes.csv (media,num_frames,height,width): data.buckets then reads the "
+                                     "sizes from it on every host instead of probing each video. DIR may be a "
+                                     "gs:// URI.")
+    ix.add_argument("dir", help="dataset folder (captions.csv / captions.jsonl)")
+    ix.add_argument("--workers", type=int, default=8, help="files probed at once")
     ins = dsub.add_parser("inspect", help="counts, shapes and a contact sheet of a dataset folder",
                           description="Print what a dataset folder holds (video-caption or image-caption folder, "
                                       "TFDS build, or encoded latents) and write a contact-sheet PNG of sample "
@@ -288,6 +295,14 @@ def _data(args) -> None:
         out = build(args.builder, args.manual_dir, args.out, max_bad_fraction=args.max_bad_fraction,
                     overwrite=args.overwrite)
         print(f"built {args.builder} in {out}")
+    elif args.action == "index":
+        from magdiff_jax.data.sources import write_size_index
+
+        path, count, failed = write_size_index(args.dir, workers=args.workers)
+        for media, reason in failed[:5]:
+            logging.warning("not indexed: %s: %s", media, reason)
+        print(f"wrote the sizes of {count} files to {path}" + (f" ({len(failed)} could not be read)" if failed
+                                                                else ""))
     elif args.action == "inspect":
         from magdiff_jax.data.summary import format_summary, inspect_dataset
 

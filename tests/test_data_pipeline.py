@@ -89,10 +89,10 @@ def test_folder_source_keeps_malformed_rows_out_and_names_them(folder):
     src = VideoCaptionFolder(folder)
     bad = dict(src.bad)
     assert src.total == len(_rows(folder)) == GOOD + 8
-    assert bad["captions.csv:13 (videos/missing.mp4)"] == "video videos/missing.mp4 does not exist"
+    assert "captions.csv:13 (videos/missing.mp4)" not in bad  # files are checked when loaded (not at start)
     assert any("no caption" in r for r in bad.values())
     assert any("fields, header has 3" in r for r in bad.values())
-    assert len(src) == GOOD + 5  # the broken files themselves are only found when decoded
+    assert len(src) == GOOD + 6  # the missing and broken files themselves are only found when loaded
     rec = src[0]
     assert rec["key"] == "videos/00000.mp4" and rec["mask"].endswith("masks/00000") and rec["frames"] is None
 
@@ -139,13 +139,14 @@ def test_bad_files_are_skipped_counted_and_reported(folder, tmp_path):
     assert set(reasons) >= BAD_FILES
     assert "videos/00001.mp4" in reasons and "mask is 16x16, video is 32x32" in reasons["videos/00001.mp4"]
     assert "3 usable frames" in reasons["videos/short.mp4"]
-    assert "captions.csv:13 (videos/missing.mp4)" in reasons and "captions.csv:14 (videos/00002.mp4)" in reasons
-    assert data["num_bad"] == len(reasons) == 8 and data["total"] == GOOD + 5 + 3
+    assert reasons["videos/missing.mp4"] == "video videos/missing.mp4 does not exist"  # found when loaded
+    assert "captions.csv:14 (videos/00002.mp4)" in reasons
+    assert data["num_bad"] == len(reasons) == 8 and data["total"] == GOOD + 6 + 2
 
 
 def test_too_many_bad_inputs_stop_naming_the_first(folder, tmp_path):
     c = _config(source="folder", path=str(folder), masks=True)  # default threshold: 1%
-    with pytest.raises(TooManyBadInputs, match=r"videos/missing\.mp4.*does not exist"):
+    with pytest.raises(TooManyBadInputs, match=r"captions\.csv:14 \(videos/00002\.mp4\): no caption"):
         _all(make_dataset(c, batch_size=2, train=False, report_path=tmp_path / "r.json"))
     assert json.loads((tmp_path / "r.json").read_text())["num_bad"] == 1
 
@@ -419,16 +420,17 @@ def test_inspect_counts_and_draws_a_contact_sheet(folder, tmp_path):
 
     from magdiff_jax.data.summary import inspect_dataset
 
-    s = inspect_dataset(folder, out=tmp_path / "sheet.png", num=GOOD + 5, seed=1)
-    assert s["kind"] == "VideoCaptionFolder" and s["records"] == GOOD + 5 and s["bad_rows"] == 3
+    s = inspect_dataset(folder, out=tmp_path / "sheet.png", num=GOOD + 6, seed=1)
+    assert s["kind"] == "VideoCaptionFolder" and s["records"] == GOOD + 6 and s["bad_rows"] == 2
     assert sorted(p.split(":")[0].split("/")[-1] for p in s["undecodable"]) == [
-        "empty.mp4", "noise.mp4", "truncated.mp4"]
+        "empty.mp4", "missing.mp4", "noise.mp4", "truncated.mp4"]
     assert s["sizes"] == {"32x32": GOOD + 2} and s["frames"]["min"] == 3 and s["frames"]["max"] == 8
     import imageio.v3 as iio
 
     sheet = iio.imread(tmp_path / "sheet.png")
     assert sheet.shape[0] > (GOOD + 2) * 96 and sheet.shape[2] == 3  # a row (frames + caption) per clip
     r = subprocess.run([sys.executable, "-m", "magdiff_jax.cli", "data", "inspect", str(folder), "--num", "3",
+                        "--seed", "1",
                         "--out", str(tmp_path / "cli.png")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["sampled"] == 3 and (tmp_path / "cli.png").is_file()

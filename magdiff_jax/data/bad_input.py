@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from magdiff_jax.utils.files import as_path, is_remote
+
 DEFAULT_MAX_BAD_FRACTION = 0.01
 REPORT_NAME = "bad_inputs.json"
 
@@ -37,7 +39,8 @@ class BadInputReport:
 
     total: int
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION
-    path: str | os.PathLike | None = None  # where the JSON report is (re)written on every new bad example
+    path: str | os.PathLike | None = None  # where the JSON report is (re)written on every new bad example (local or
+    # a cloud URI)
     bad: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> reason, in order of discovery
 
     def __post_init__(self):
@@ -78,9 +81,16 @@ class BadInputReport:
             "bad": [{"key": k, "reason": r} for k, r in self.bad.items()],
         }
 
-    def write(self, path: str | os.PathLike | None = None) -> Path:
-        """Write the JSON report atomically (a rename: never half-written)."""
-        path = Path(path if path is not None else self.path)
+    def write(self, path: str | os.PathLike | None = None):
+        """Write the JSON report whole (locally a temporary file and a rename; in cloud storage, gs://..., one
+        object upload): never half-written."""
+        path = path if path is not None else self.path
+        if is_remote(path):
+            path = as_path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self.to_dict(), indent=1))
+            return path
+        path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         with os.fdopen(fd, "w") as fh:

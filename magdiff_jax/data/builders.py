@@ -33,6 +33,14 @@ and moves the finished dataset into place, so a failed build leaves no dataset b
 previously complete one. Beside the dataset, `build.json` records what it was built from (builder, version, the
 resolved manual_dir, the settings that change its content, its bad fraction): `build` reuses an existing dataset only
 when that record matches the build asked for, and otherwise refuses (FileExistsError) unless told to overwrite.
+
+`sizes.<split>.npy` beside the dataset holds (usable frames, height, width) int32 per example in the split's
+order, so bucketing (`pipeline.assign_buckets`, through `TfdsSource.sizes`) reads no example.
+
+The output may be in cloud storage (gs://...): the dataset is built in a local staging folder, then uploaded
+(`dataset_info.json` last: a folder without it is not read as a dataset, so an interrupted upload is never taken
+for a complete one). `TfdsSource` reads a dataset there directly (metadata through epath, the array_record files
+through array_record's own cloud-storage reader).
 """
 
 from __future__ import annotations
@@ -57,8 +65,16 @@ from etils import epath
 from tensorflow_datasets.core.utils.py_utils import classproperty
 
 from magdiff_jax.data.bad_input import DEFAULT_MAX_BAD_FRACTION, REPORT_NAME, BadInput, BadInputReport
-from magdiff_jax.data.sources import ImageCaptionFolder, VideoCaptionFolder, find_annotations, read_rows, read_utf8
+from magdiff_jax.data.sources import (
+    ImageCaptionFolder,
+    VideoCaptionFolder,
+    copy_to,
+    find_annotations,
+    read_rows,
+    read_utf8,
+)
 from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VideoError, confine, frame_files, open_image, probe, read_frames
+from magdiff_jax.utils.files import as_path, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +284,7 @@ class ManualBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         decode every video in full and check the frame count against the header (slow). `num_workers`: threads
         probing examples (default min(8, cpus))."""
         self.max_bad_fraction = max_bad_fraction
-        self.report_path = Path(report_path) if report_path is not None else None
+        self.report_path = report_path  # local or a cloud URI
         self.full_decode = full_decode
         self.num_workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
         self.report: BadInputReport | None = None
@@ -661,6 +677,35 @@ BUILD_RECORD = "build.json"
 _NOT_SETTINGS = ("num_workers",)  # builder arguments that do not change what is built
 
 
+SIZES_NAME = "sizes.{split}.npy"
+
+
+def _write_sizes(dataset: Path) -> None:
+    """`sizes.<split>.npy` of a finished dataset folder: (usable frames, height, width) per example (one read pass)."""
+    b = tfds.builder_from_directory(os.fspath(dataset))
+    for split in b.info.splits:
+        source = b.as_data_source(split=split)
+        sizes = np.zeros((len(source), 3), np.int32)
+        for i in range(len(source)):
+            ex = source[i]
+            n = len(ex["frames"]) or int(ex["num_frames"])
+            sizes[i] = (n, int(ex["height"]), int(ex["width"]))
+        np.save(dataset / SIZES_NAME.format(split=split), sizes)
+
+
+def _upload(local: Path, remote) -> None:
+    """Copy a finished dataset folder to cloud storage, replacing what is there, `dataset_info.json` last."""
+    remote = as_path(remote)
+    if remote.exists():
+        remote.rmtree()
+    remote.mkdir(parents=True, exist_ok=True)
+    files = sorted((p for p in local.rglob("*") if p.is_file()), key=lambda p: p.name == "dataset_info.json")
+    for path in files:
+        dst = remote / path.relative_to(local).as_posix()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        copy_to(path, dst)
+
+
 def _build_record(cls: type[ManualBuilder], manual_dir: Path, builder_kwargs: dict) -> dict:
     """What a build is built from: compared with the record of an existing dataset before it is reused."""
     settings = {"full_decode": False, **{k: v for k, v in builder_kwargs.items() if k not in _NOT_SETTINGS}}
@@ -690,10 +735,10 @@ def _check_reusable(final: Path, record: dict, max_bad_fraction: float) -> None:
                               f"allowed {max_bad_fraction:.1%}; {rebuild}")
 
 
-def dataset_dir(out_dir: str | os.PathLike, builder: str) -> Path:
-    """Where `build` puts a builder's dataset: `<out_dir>/<name>/<version>`."""
+def dataset_dir(out_dir: str | os.PathLike, builder: str):
+    """Where `build` puts a builder's dataset: `<out_dir>/<name>/<version>` (local, or a cloud URI)."""
     cls = _builder_cls(builder)
-    return Path(out_dir).absolute() / cls.name / str(cls.VERSION)
+    return as_path(out_dir) / cls.name / str(cls.VERSION)
 
 
 def _builder_cls(builder: str) -> type[ManualBuilder]:
@@ -713,7 +758,8 @@ def build(builder: str, manual_dir: str | os.PathLike, out_dir: str | os.PathLik
     `max_bad_fraction` of the examples are bad."""
     cls = _builder_cls(builder)
     manual_dir = Path(manual_dir).absolute()
-    out_dir = Path(out_dir).absolute()
+    remote = is_remote(out_dir)
+    out_dir = as_path(out_dir) if remote else Path(out_dir).absolute()
     final = out_dir / cls.name / str(cls.VERSION)
     record = _build_record(cls, manual_dir, builder_kwargs)
     if (final / "dataset_info.json").is_file() and not overwrite:
@@ -723,16 +769,21 @@ def build(builder: str, manual_dir: str | os.PathLike, out_dir: str | os.PathLik
     cls.locate(manual_dir)  # layout errors before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / cls.name / REPORT_NAME
-    staging = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{cls.name}.building."))
+    # cloud storage: built in a local staging folder, uploaded when complete
+    staging = Path(tempfile.mkdtemp(prefix=f".{cls.name}.building.", **({} if remote else {"dir": out_dir})))
     try:
         b = cls(data_dir=staging, file_format="array_record", max_bad_fraction=max_bad_fraction,
                 report_path=report_path, **builder_kwargs)
         b.download_and_prepare(download_dir=staging / "downloads",
                                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir)))
         built = staging / cls.name / str(cls.VERSION)
-        shutil.copy2(report_path, built / REPORT_NAME)
+        (built / REPORT_NAME).write_bytes(as_path(report_path).read_bytes())
         (built / BUILD_RECORD).write_text(json.dumps({**record, "bad_fraction": b.report.fraction}, indent=1))
-        _swap_in(built, final)
+        _write_sizes(built)
+        if remote:
+            _upload(built, final)
+        else:
+            _swap_in(built, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report = b.report
@@ -748,13 +799,14 @@ def build(builder: str, manual_dir: str | os.PathLike, out_dir: str | os.PathLik
 _VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
 
 
-def find_dataset_dir(path: str | os.PathLike, builder: str | None = None) -> Path:
-    """A built dataset folder from itself, `<data_dir>/<name>[/<version>]`, or a data_dir holding one dataset."""
-    path = Path(path).absolute()
+def find_dataset_dir(path: str | os.PathLike, builder: str | None = None):
+    """A built dataset folder from itself, `<data_dir>/<name>[/<version>]`, or a data_dir holding one dataset (local
+    or a cloud URI; an epath path)."""
+    path = as_path(path)
     if (path / "dataset_info.json").is_file():
         return path
 
-    def latest(folder: Path) -> Path | None:
+    def latest(folder):
         versions = [p for p in folder.iterdir() if _VERSION_RE.match(p.name) and (p / "dataset_info.json").is_file()]
         return max(versions, key=lambda p: tuple(int(x) for x in p.name.split("."))) if versions else None
 
@@ -802,6 +854,9 @@ def example_to_record(ex: dict) -> dict:
     }
     if int(ex.get("label", -1)) >= 0:
         record["label"] = int(ex["label"])
+    for k in ("num_frames", "height", "width"):  # probed at build time
+        if k in ex:
+            record[k] = int(ex[k])
     return record
 
 
@@ -810,7 +865,7 @@ class TfdsSource:
 
     `path`: the dataset folder (`<data_dir>/<name>/<version>`), `<data_dir>/<name>`, or a data_dir (with
     `builder` naming the dataset when it holds several). The array_record files are opened on first access, in
-    each process, so the source pickles small (Grain workers)."""
+    each process, so the source pickles small (Grain workers). `path` may be a cloud URI (gs://...)."""
 
     def __init__(self, path: str | os.PathLike, builder: str | None = None, split: str = "train"):
         self.dataset_dir = find_dataset_dir(path, builder)
@@ -823,9 +878,20 @@ class TfdsSource:
         self._len = lengths[split]
         self.bad: list[tuple[str, str]] = []  # bad inputs were dropped at build time (see build_report)
         self._source = None
+        self._sizes = None
+
+    def sizes(self, indices=None) -> np.ndarray | None:
+        """(len(indices), 3) int32 (usable frames, height, width) from the build's `sizes.<split>.npy` (None for
+        a build without one: then each record says its size)."""
+        path = self.dataset_dir / SIZES_NAME.format(split=self.split)
+        if self._sizes is None:
+            if not path.exists():
+                return None
+            self._sizes = np.load(io.BytesIO(path.read_bytes()))
+        return self._sizes if indices is None else self._sizes[np.asarray(list(indices), np.int64)]
 
     @property
-    def build_report(self) -> Path | None:
+    def build_report(self):
         """The bad-input report of the build, if it was written with the dataset."""
         path = self.dataset_dir / REPORT_NAME
         return path if path.is_file() else None
@@ -855,8 +921,13 @@ class TfdsSource:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_source"] = None
+        state["_source"], state["_sizes"] = None, None
+        state["dataset_dir"] = os.fspath(self.dataset_dir)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.dataset_dir = as_path(self.dataset_dir)
 
     def __repr__(self) -> str:
         return f"TfdsSource({self.dataset_dir}, split={self.split!r}, {self._len} records)"

@@ -36,10 +36,16 @@ Latents and embeddings are stored as float32 or float16 (`dtype`). `text_layer` 
 already has its last layer removed); "penultimate" is the second-to-last layer's output passed through the
 final layer norm, as diffusers' `clip_skip=1` for a full-depth encoder.
 
-Every file is written under a temporary name and renamed into place. Processes write only their own files, so
-N processes can encode into one shared folder; process 0 writes `encoded.json` when its shard is done, and
-`EncodedSource` checks that every shard it lists is there. A process refuses a folder holding anything but the
-other processes' files of the same encoding unless `overwrite`, which replaces its own earlier files.
+Every file is written under a temporary name and renamed into place (in cloud storage, gs://...: written whole as
+one object; a shard is written to a local temporary file and then copied up). Processes write only their own files,
+so N processes can encode into one shared folder: process p encodes records p, p + N, ... into its shard (an empty
+shard when it has none); once every process has written its shard (a barrier across the processes of a
+multi-process job) process 0 writes `encoded.json`, and `EncodedSource` checks that every shard it lists is there.
+A process refuses a folder holding anything but the other processes' files of the same encoding unless
+`overwrite`, which replaces its own earlier files.
+
+`magdiff-jax data encode` starts multi-process JAX from the environment first (`train.distributed.initialize`, as
+the trainer does: `launch/local_multiprocess.sh`, TPU pods, SLURM, MPI), so each process knows its index.
 
 Reading is `data/encoded.py`'s (`EncodedSource`, `encoded_loader`).
 """
@@ -74,6 +80,7 @@ from magdiff_jax.data.encoded import (
     VERSION,
     shard_stem,
 )
+from magdiff_jax.utils.files import as_path, is_remote
 
 _SHARD_RE = re.compile(r"encoded-(\d{5})-of-(\d{5})\.(array_record|json)")
 _REPORT_RE = re.compile(re.escape(REPORT_NAME).replace(r"\.json", r"(\.\d+)?\.json"))
@@ -83,7 +90,10 @@ _REPORT_RE = re.compile(re.escape(REPORT_NAME).replace(r"\.json", r"(\.\d+)?\.js
 # small helpers
 
 
-def _write_atomic(path: Path, data: bytes) -> Path:
+def _write_atomic(path, data: bytes):
+    if is_remote(path):  # one object upload: whole or not at all
+        as_path(path).write_bytes(data)
+        return path
     tmp = path.with_name(f".{path.name}.partial")
     try:
         tmp.write_bytes(data)
@@ -94,7 +104,7 @@ def _write_atomic(path: Path, data: bytes) -> Path:
     return path
 
 
-def _write_json(path: Path, obj) -> Path:
+def _write_json(path, obj):
     return _write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
@@ -117,7 +127,7 @@ def _is_encoding_output(name: str) -> bool:
     return bool(_SHARD_RE.fullmatch(name) or _REPORT_RE.fullmatch(name)) or name in (META_NAME, NULL_TEXT_NAME)
 
 
-def _prepare_out_dir(out: Path, index: int, count: int, overwrite: bool) -> None:
+def _prepare_out_dir(out, index: int, count: int, overwrite: bool) -> None:
     """Refuse a folder holding anything besides the other processes' shards of this same encoding, unless
     `overwrite`; then remove this process's previous outputs (process 0 also removes shards of an encoding
     with another shard count). Files that an encoding never writes are left alone."""
@@ -302,12 +312,17 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     latent_shape = [int(cfg.num_frames), height // factor, width // factor, vae.config.latent_channels]
     text_shape = [int(cfg.max_length), text.config.hidden_size]
 
-    out = Path(out_dir).absolute()
+    out = as_path(out_dir)
+    remote = is_remote(out)
     _prepare_out_dir(out, index, count, overwrite)
     stem = shard_stem(index, count)
-    report_path = data_pipeline.default_report_path(out, index)
-    ds = data_pipeline.make_dataset(cfg, batch_size=batch_size, train=False, process_index=index,
-                                    process_count=count, report_path=report_path, source=source)
+    report_path = out / data_pipeline.default_report_path(".", index).name
+    source = data_pipeline.make_source(cfg) if source is None else source
+    # records index, index + count, ...: a process past the last record writes an empty shard
+    ds = None
+    if index < len(source):
+        ds = data_pipeline.make_dataset(cfg, batch_size=batch_size, train=False, process_index=index,
+                                        process_count=count, report_path=report_path, source=source)
 
     place = _Placement(batch_size)
     vae_params, text_params = place.params(vae_params), place.params(text_params)
@@ -317,7 +332,13 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     from array_record.python.array_record_module import ArrayRecordWriter
 
     final = out / f"{stem}.array_record"
-    tmp = out / f".{final.name}.partial"
+    if remote:  # array_record writes local files: a temporary one here, copied up when complete
+        import tempfile
+
+        tmp_dir = Path(tempfile.mkdtemp(prefix="magdiff-encode-"))
+        tmp = tmp_dir / final.name
+    else:
+        tmp = out / f".{final.name}.partial"
     writer = ArrayRecordWriter(str(tmp), "group_size:1")
     num_written = 0
 
@@ -334,7 +355,7 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
 
     try:
         pending = None
-        for num_batches, batch in enumerate(ds, 1):
+        for num_batches, batch in enumerate(ds if ds is not None else (), 1):
             latents = video_fn(vae_params, place.batch_array(np.asarray(batch["video"])))
             emb = text_fn(text_params, place.batch_array(np.asarray(batch["tokens"], np.int32)))
             small = {k: batch[k] for k in ("key", "caption", "tokens")}
@@ -348,11 +369,22 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     except BaseException:
         writer.close()
         tmp.unlink(missing_ok=True)
+        if remote:
+            tmp_dir.rmdir()
         raise
     writer.close()
-    os.replace(tmp, final)
+    if remote:
+        try:
+            from magdiff_jax.data.sources import copy_to
 
-    report = _find_report(ds)
+            copy_to(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+            tmp_dir.rmdir()
+    else:
+        os.replace(tmp, final)
+
+    report = _find_report(ds) if ds is not None else None
     num_bad = len(report.bad) if report is not None else 0
     if report is not None:
         report.write(report_path)
@@ -368,6 +400,9 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     _write_json(out / f"{stem}.json", shard_meta)
     logging.info("encode: process %d wrote %d examples (%d bad) to %s", index, num_written, num_bad, final)
 
+    from magdiff_jax.train import distributed
+
+    distributed.sync("magdiff_data_encode_shards_written")  # the index only once every shard is there
     if index == 0:
         tokenizer = CLIPTokenizer.from_folder(tok_folder, max_length=cfg.max_length)
         null_tokens = tokenizer([""])
@@ -434,7 +469,7 @@ def add_encode_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def _folder_kind(path: Path) -> str:
+def _folder_kind(path) -> str:
     """'images' for an image-caption folder (annotations with an `image` and no `video` column), else 'folder'."""
     from magdiff_jax.data.sources import find_annotations, read_rows
 
@@ -459,15 +494,19 @@ def encode_config_from_args(args):
         size = max(cfg.synthetic.size, height, width)
         cfg.synthetic.size = size + size % 2
     else:
-        cfg.source = _folder_kind(Path(args.data))
-        cfg.path = str(Path(args.data).absolute())
+        cfg.source = _folder_kind(as_path(args.data))
+        cfg.path = os.fspath(as_path(args.data))
         if cfg.source == "images":
             cfg.num_frames = 1
     return cfg
 
 
 def run_encode_cli(args: argparse.Namespace) -> Path:
-    """`magdiff-jax data encode`: this process (jax.process_index() of jax.process_count()) encodes its shard."""
+    """`magdiff-jax data encode`: this process (jax.process_index() of jax.process_count(), after
+    `train.distributed.initialize()` from the environment) encodes its shard."""
+    from magdiff_jax.train import distributed
+
+    distributed.initialize()  # before anything touches JAX: every process learns its index
     root = Path(args.pipeline) if args.pipeline else None
     vae = args.vae or (root / "vae" if root else None)
     text = args.text_encoder or (root / "text_encoder" if root else None)

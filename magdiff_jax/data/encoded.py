@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import threading
-from pathlib import Path
 
 import grain
 import numpy as np
 from flax.serialization import msgpack_restore
+
+from magdiff_jax.utils.files import as_path
 
 FORMAT = "magdiff_jax.encoded"
 VERSION = 1
@@ -31,16 +32,17 @@ def shard_stem(index: int, count: int) -> str:
     return f"encoded-{index:05d}-of-{count:05d}"
 
 
-def read_msgpack(path: Path) -> dict:
-    return msgpack_restore(Path(path).read_bytes())
+def read_msgpack(path) -> dict:
+    return msgpack_restore(as_path(path).read_bytes())
 
 
 class EncodedSource:
     """Random access to every record of an encoded folder (all shards, in shard order); records as in the module
-    doc. Picklable: the array_record readers open on first access in each process."""
+    doc. Picklable: the array_record readers open on first access in each process. `path` may be a cloud URI
+    (gs://...): metadata through epath, shards through array_record's own cloud-storage reader."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).absolute()
+        self.path = as_path(path)
         meta_path = self.path / META_NAME
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.path}: no {META_NAME}; expected a folder written by `magdiff-jax data "
@@ -110,10 +112,12 @@ class EncodedSource:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_source"], state["_lock"] = None, None
+        state["path"], state["files"] = os.fspath(self.path), [os.fspath(f) for f in self.files]
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.path, self.files = as_path(self.path), [as_path(f) for f in self.files]
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -134,7 +138,7 @@ class EncodedLoader(grain.transforms.RandomMap):
 
     def null_text(self) -> dict:
         if self._null is None:
-            self._null = read_msgpack(Path(self.path) / NULL_TEXT_NAME)
+            self._null = read_msgpack(as_path(self.path) / NULL_TEXT_NAME)
         return self._null
 
     def random_map(self, record, rng: np.random.Generator):

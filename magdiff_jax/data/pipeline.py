@@ -449,23 +449,37 @@ class _TrainIterator:
 
 def assign_buckets(source, indices, buckets: list[tuple[int, int, int]], stride: int = 1) -> list[int]:
     """The (frames, height, width) bucket of each record: among the buckets whose frame count the clip can fill
-    (at `stride`), the closest in aspect ratio, then the longest. Records say their size through `num_frames`,
-    `height`, `width` keys where a builder stored them; otherwise the video is probed (its header only, for
-    most containers). A record that cannot be probed goes to bucket 0, where the loader reports it as bad."""
+    (at `stride`), the closest in aspect ratio, then the longest.
+
+    Sizes come from what is stored, so that no host probes every video at start: a source's `sizes(indices)`
+    ((usable frames, height, width) per record, -1 unknown: folder sources read them from annotation columns or
+    the folder's size index written by `magdiff-jax data index`, TFDS builds from the size index written at build
+    time), else a record's `num_frames`, `height`, `width` keys. Only a record with no stored size is probed
+    (its header only, for most containers; logged once with the count). A record that cannot be probed goes to
+    bucket 0, where the loader reports it as bad."""
+    indices = list(indices)
+    stored = source.sizes(indices) if hasattr(source, "sizes") else None
+    if stored is not None and (stored[:, 0] < 0).any():
+        logging.warning("data.buckets: %d of %d records have no stored size and are probed (for a folder dataset, "
+                        "`magdiff-jax data index %s` stores them once)", int((stored[:, 0] < 0).sum()), len(indices),
+                        getattr(source, "root", "DIR"))
     out = []
-    for i in indices:
-        record = source[i]
-        try:
-            if all(k in record for k in ("num_frames", "height", "width")):
-                n, h, w = int(record["num_frames"]), int(record["height"]), int(record["width"])
-            else:
-                info = probe(confined(record)["video"])
-                n, h, w = info.num_frames, info.height, info.width
-        except (VideoError, ValueError, OSError):
-            out.append(0)
-            continue
-        if record.get("frames") is not None:
-            n = len(record["frames"])
+    for j, i in enumerate(indices):
+        if stored is not None and stored[j, 0] > 0:
+            n, h, w = (int(v) for v in stored[j])
+        else:
+            record = source[i]
+            try:
+                if all(k in record for k in ("num_frames", "height", "width")):
+                    n, h, w = int(record["num_frames"]), int(record["height"]), int(record["width"])
+                else:
+                    info = probe(confined(record)["video"])
+                    n, h, w = info.num_frames, info.height, info.width
+            except (VideoError, ValueError, OSError):
+                out.append(0)
+                continue
+            if record.get("frames") is not None:
+                n = len(record["frames"])
         fits = [b for b, (f, _, _) in enumerate(buckets) if (f - 1) * stride + 1 <= n] or list(range(len(buckets)))
         ratio = np.log(h / w)
         out.append(min(fits, key=lambda b: (round(abs(np.log(buckets[b][1] / buckets[b][2]) - ratio), 6),

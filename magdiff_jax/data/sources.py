@@ -27,22 +27,30 @@ from __future__ import annotations
 
 import codecs
 import csv
+import dataclasses
 import io
 import json
 import os
+import posixpath
 import re
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from magdiff_jax.data.synthetic import SyntheticConfig, make_clip
-from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, is_inside
+from magdiff_jax.data.video_io import IMAGE_SUFFIXES, VIDEO_SUFFIXES, resolved
+from magdiff_jax.utils.files import as_path, atomic_path, is_remote
+
+KNOWN_SUFFIXES = IMAGE_SUFFIXES + VIDEO_SUFFIXES
 
 ANNOTATION_NAMES = ("captions.csv", "captions.jsonl")
 
 
-def find_annotations(root: str | os.PathLike, names=ANNOTATION_NAMES) -> Path:
-    root = Path(root)
+def find_annotations(root: str | os.PathLike, names=ANNOTATION_NAMES):
+    """The annotation file of a folder dataset (local or a cloud URI, as an epath path)."""
+    root = as_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset folder does not exist")
     for name in names:
@@ -62,7 +70,7 @@ def _not_utf8(error: UnicodeDecodeError) -> str:
 def read_utf8(path: str | os.PathLike) -> str:
     """A whole text file, which must be UTF-8: ValueError naming the file, line and byte otherwise."""
     try:
-        return Path(path).read_bytes().decode("utf-8-sig")
+        return as_path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 ({_not_utf8(e)})") from e
 
@@ -80,7 +88,7 @@ def read_rows(path: str | os.PathLike) -> list[tuple[str, dict | None, str | Non
     A row that cannot be parsed (bytes that are not UTF-8 included) comes back with fields None and the reason,
     never as an exception; a file that cannot be parsed at all (its csv header not UTF-8, a NUL byte or an endless
     quoted field) raises ValueError naming the file and line."""
-    path = Path(path)
+    path = as_path(path)
     data = path.read_bytes()
     rows = []
     if path.suffix == ".jsonl":
@@ -164,74 +172,321 @@ def _caption(value):
     return str(value) if value is not None and str(value).strip() else None
 
 
+class PackedStrings:
+    """Many strings held as one UTF-8 buffer and an offset array (two objects, not one per string)."""
+
+    def __init__(self, items: Iterable[str]):
+        encoded = [s.encode("utf-8", "surrogatepass") for s in items]
+        self.offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.data = b"".join(encoded)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> str:
+        return self.data[self.offsets[index]:self.offsets[index + 1]].decode("utf-8", "surrogatepass")
+
+
+SIZE_INDEX = "sizes.csv"  # media,num_frames,height,width of a folder dataset (`magdiff-jax data index`)
+SIZE_COLUMNS = ("num_frames", "height", "width")
+
+
+@dataclasses.dataclass
+class RowIndex:
+    """The parsed annotations of a folder source: good rows packed as JSON `[media, caption, mask, frames, fps]`,
+    the stored sizes (num_frames, height, width; -1 unknown) from annotation columns, and the bad rows."""
+
+    rows: PackedStrings
+    sizes: np.ndarray  # (len(rows), 3) int32
+    valid: np.ndarray  # (len(rows),) int32: length of the row's `frames` list, -1 where it has none
+    bad: list[tuple[str, str]]
+
+
 class _RowSource:
-    """Shared parsing of folder annotations into records; subclasses say which column holds the media."""
+    """Shared parsing of folder annotations into records; subclasses say which column holds the media.
+
+    Nothing but the annotation file is read when the source is made: each row is checked as text (the media
+    named, its kind by suffix, no absolute path or `..` leading out, caption, frame list, fps), and whether its
+    files exist and stay inside the folder once symlinks are resolved is checked when the record is loaded
+    (`transforms.confined`: a missing file is then a bad input, reported by the pipeline). The rows are held
+    packed (`RowIndex`), not as a dict each. A pickled source (Grain sends it to every worker process) carries only
+    its paths and counts (under 1 kB): on first access in the new process it loads the index from this host's
+    cache (written when the source is pickled: `$MAGDIFF_DATA_CACHE`, default `<tmp>/magdiff_data_cache`, a file
+    named by a digest of its content), or parses the annotation file again where that cache is not there.
+
+    `root` may be a cloud-storage URI (gs://...): the annotations, and later each file, are read through epath.
+    """
 
     media_column = "video"
     media_suffixes: tuple[str, ...] = ()
 
     def __init__(self, root: str | os.PathLike, annotations: str | os.PathLike | None = None):
-        self.root = Path(root).absolute()
-        self.annotations = Path(annotations) if annotations is not None else find_annotations(self.root)
-        self.records: list[dict] = []
-        self.bad: list[tuple[str, str]] = []
+        self.root = as_path(root)
+        self.annotations = as_path(annotations) if annotations is not None else find_annotations(self.root)
+        self._lock = threading.Lock()
+        self._index: RowIndex | None = None
+        self._cache: str | None = None  # this host's copy of the parsed index, for unpickled copies
+        index = self.index
+        self._len, self._num_bad = len(index.rows), len(index.bad)
+
+    @property
+    def index(self) -> RowIndex:
+        """The parsed annotations (parsed on first use in each process)."""
+        if self._index is None:
+            with self._lock:
+                if self._index is None:
+                    self._index = _load_index(self._cache) if self._cache else None
+                    if self._index is None:
+                        self._index = self._parse()
+        return self._index
+
+    def _parse(self) -> RowIndex:
+        rows, sizes, valid, bad = [], [], [], []
         for label, fields, error in read_rows(self.annotations):
             if error is None:
                 try:
-                    self.records.append(self._record(fields))
+                    row = self._row(fields)
+                    rows.append(json.dumps(row, ensure_ascii=False))
+                    sizes.append(_stored_size(fields))
+                    valid.append(-1 if row[3] is None else len(row[3]))
                     continue
                 except (ValueError, TypeError) as e:
                     error = str(e)
                 media = fields.get(self.media_column)
                 label = f"{label} ({media})" if media else label
-            self.bad.append((label, error))
+            bad.append((label, error))
+        return RowIndex(PackedStrings(rows), np.asarray(sizes, np.int32).reshape(-1, 3), np.asarray(valid, np.int32),
+                        bad)
 
-    def _resolve(self, value: str, what: str) -> Path:
-        """A path of the annotations, which must lie inside the dataset folder (relative, and neither `..` nor a
-        symlink leading out of it)."""
-        if Path(value).is_absolute():
+    @property
+    def bad(self) -> list[tuple[str, str]]:
+        """Rows rejected as text, as (row label, reason)."""
+        return self.index.bad
+
+    @property
+    def records(self) -> list[dict]:
+        """Every record (built on the fly: for small folders and tools, not for the pipeline)."""
+        return [self[i] for i in range(len(self))]
+
+    def _check(self, value: str, what: str) -> str:
+        """A path of the annotations, checked as text: relative, and not leading out of the folder through `..`."""
+        if Path(value).is_absolute() or is_remote(value):
             raise ValueError(f"{what} {value}: path leaves the dataset folder (absolute paths are not allowed)")
-        path = self.root / value
-        if not is_inside(path, self.root):
-            raise ValueError(f"{what} {value}: path leaves the dataset folder (it leads to {os.path.realpath(path)})")
-        if not path.exists():
-            raise ValueError(f"{what} {value} does not exist")
-        return path
+        norm = posixpath.normpath(value)
+        if norm == ".." or norm.startswith("../"):
+            raise ValueError(f"{what} {value}: path leaves the dataset folder (it leads to "
+                             f"{resolved(self.root / value)})")
+        return value
 
-    def _record(self, fields: dict) -> dict:
+    def _row(self, fields: dict) -> list:
         media = fields.get(self.media_column)
         if media is None or not str(media).strip():
             raise ValueError(f"no '{self.media_column}' value")
-        path = self._resolve(str(media), self.media_column)
-        if path.is_file() and path.suffix.lower() not in self.media_suffixes:
+        media = self._check(str(media), self.media_column)
+        suffix = Path(media).suffix.lower()
+        if suffix in KNOWN_SUFFIXES and suffix not in self.media_suffixes:
             raise ValueError(f"{media}: not a {'/'.join(s[1:] for s in self.media_suffixes)} file")
         caption = _caption(fields.get("caption"))
         if caption is None:
             raise ValueError("no caption")
         mask = fields.get("mask")
-        mask = str(self._resolve(str(mask), "mask")) if mask not in (None, "") else None
+        mask = self._check(str(mask), "mask") if mask not in (None, "") else None
         try:
             frames = parse_frames(fields.get("frames"))
             fps = float(fields["fps"]) if fields.get("fps") not in (None, "") else None
         except (ValueError, json.JSONDecodeError) as e:
             raise ValueError(str(e)) from e
-        video = str(path) if path.is_dir() or self.media_column == "video" else [str(path)]
-        return {"key": str(media), "video": video, "caption": caption, "mask": mask, "frames": frames, "fps": fps,
+        return [media, caption, mask, frames, fps]
+
+    def _record(self, row: list) -> dict:
+        media, caption, mask, frames, fps = row
+        path = str(self.root / media)
+        # an image is a one-frame list; any other image-column path is a frame folder (checked when loaded)
+        single_image = self.media_column != "video" and Path(media).suffix.lower() in self.media_suffixes
+        return {"key": media, "video": [path] if single_image else path, "caption": caption,
+                "mask": str(self.root / mask) if mask is not None else None, "frames": frames, "fps": fps,
                 "root": str(self.root)}
+
+    def sizes(self, indices=None) -> np.ndarray | None:
+        """(len(indices), 3) int32 (usable frames, height, width) of records `indices` (all when None), -1 where
+        unknown, from the annotations' `num_frames,height,width` columns or the folder's size index
+        (`SIZE_INDEX`, written once by `magdiff-jax data index`; never probed here). "Usable frames" is the
+        length of a record's `frames` list where it has one."""
+        index = self.index
+        indices = np.arange(len(self)) if indices is None else np.asarray(list(indices), np.int64)
+        out = index.sizes[indices].copy()
+        unknown = np.flatnonzero(out[:, 0] < 0)
+        if len(unknown) and (table := self._size_table()):
+            for j in unknown:
+                media = json.loads(index.rows[int(indices[j])])[0]
+                if media in table:
+                    out[j] = table[media]
+        valid = index.valid[indices]
+        listed = (valid >= 0) & (out[:, 0] >= 0)
+        out[listed, 0] = valid[listed]
+        return out
+
+    def _size_table(self) -> dict[str, tuple[int, int, int]]:
+        return read_size_index(self.root)
 
     @property
     def total(self) -> int:
         """Rows in the annotation file, good and bad."""
-        return len(self.records) + len(self.bad)
+        return self._len + self._num_bad
 
     def __len__(self) -> int:
-        return len(self.records)
+        return self._len
 
     def __getitem__(self, index: int) -> dict:
-        return self.records[index]
+        index = int(index)
+        if index < 0:
+            index += self._len
+        if not 0 <= index < self._len:
+            raise IndexError(f"record {index} of {self._len}")
+        return self._record(json.loads(self.index.rows[index]))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self._index is not None and self._cache is None:
+            state["_cache"] = self._cache = _save_index(self._index)
+        state["_index"], state["_lock"] = None, None
+        state["root"], state["annotations"] = os.fspath(self.root), os.fspath(self.annotations)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.root, self.annotations = as_path(self.root), as_path(self.annotations)
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.root}, {len(self)} records, {len(self.bad)} bad rows)"
+        return f"{type(self).__name__}({self.root}, {self._len} records, {self._num_bad} bad rows)"
+
+
+def _index_cache_dir() -> Path:
+    import tempfile
+
+    return Path(os.environ.get("MAGDIFF_DATA_CACHE") or Path(tempfile.gettempdir()) / "magdiff_data_cache")
+
+
+def _save_index(index: RowIndex) -> str | None:
+    """Write a parsed index to this host's cache (named by a digest of its content) for the processes a pickled
+    source goes to (Grain workers, on this host): they map it rather than parse the annotations again. None when
+    it cannot be written (they parse then)."""
+    import hashlib
+
+    bad = PackedStrings(json.dumps(b) for b in index.bad)
+    digest = hashlib.sha1(index.rows.data)
+    for a in (index.rows.offsets, index.sizes, index.valid, bad.offsets):
+        digest.update(a.tobytes())
+    digest.update(bad.data)
+    path = _index_cache_dir() / f"rows-{digest.hexdigest()}.npz"
+    if path.is_file():
+        return str(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            np.savez(tmp, data=np.frombuffer(index.rows.data, np.uint8), offsets=index.rows.offsets,
+                     sizes=index.sizes, valid=index.valid, bad_data=np.frombuffer(bad.data, np.uint8),
+                     bad_offsets=bad.offsets)
+    except OSError:
+        return None
+    return str(path)
+
+
+def _load_index(path: str) -> RowIndex | None:
+    try:
+        with np.load(path) as z:
+            rows, bad = PackedStrings(()), PackedStrings(())
+            rows.data, rows.offsets = z["data"].tobytes(), z["offsets"]
+            bad.data, bad.offsets = z["bad_data"].tobytes(), z["bad_offsets"]
+            return RowIndex(rows, z["sizes"], z["valid"], [tuple(json.loads(bad[i])) for i in range(len(bad))])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _stored_size(fields: dict) -> tuple[int, int, int]:
+    """(num_frames, height, width) from annotation columns of those names, (-1, -1, -1) when absent."""
+    try:
+        n, h, w = (int(str(fields[k]).strip()) for k in SIZE_COLUMNS)
+    except (KeyError, ValueError, TypeError):
+        return (-1, -1, -1)
+    return (n, h, w) if min(n, h, w) > 0 else (-1, -1, -1)
+
+
+def read_size_index(root: str | os.PathLike) -> dict[str, tuple[int, int, int]]:
+    """The size index of a folder dataset ({media: (num_frames, height, width)}; empty when it has none)."""
+    path = as_path(root) / SIZE_INDEX
+    if not path.exists():
+        return {}
+    table = {}
+    for _, fields, error in read_rows(path):
+        if error is None and fields.get("media"):
+            size = _stored_size(fields)
+            if size[0] > 0:
+                table[fields["media"]] = size
+    return table
+
+
+def write_size_index(root: str | os.PathLike, workers: int = 8) -> tuple[Path, int, list[tuple[str, str]]]:
+    """Probe every file a folder dataset's annotations name (video header, or first frame image) once and write
+    `<root>/sizes.csv` (media,num_frames,height,width), which every host then reads instead of probing (bucketing).
+    Returns (its path, rows written, [(media, reason)] that could not be probed)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from magdiff_jax.data.transforms import confined
+    from magdiff_jax.data.video_io import VideoError, probe
+
+    root = as_path(root)
+    kind = ImageCaptionFolder if _has_column(find_annotations(root), "image") else VideoCaptionFolder
+    source = kind(root)
+    media = sorted({json.loads(source.index.rows[i])[0] for i in range(len(source))})
+
+    def one(m):
+        try:
+            record = source._record([m, "", None, None, None])
+            info = probe(confined(record)["video"])
+            return m, (info.num_frames, info.height, info.width), None
+        except (VideoError, ValueError, OSError) as e:
+            return m, None, str(e)
+
+    lines, failed = ["media,num_frames,height,width"], []
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for m, size, error in pool.map(one, media):
+            if size is None:
+                failed.append((m, error))
+            else:
+                buf = io.StringIO()
+                csv.writer(buf, lineterminator="").writerow([m, *size])
+                lines.append(buf.getvalue())
+    path = root / SIZE_INDEX
+    write_text_whole(path, "\n".join(lines) + "\n")
+    return path, len(lines) - 1, failed
+
+
+def _has_column(annotations, name: str) -> bool:
+    for _, fields, error in read_rows(annotations):
+        if error is None:
+            return name in fields and "video" not in fields
+    return False
+
+
+def copy_to(local: str | os.PathLike, dst) -> None:
+    """Copy a local file to `dst` (local or a cloud URI), streamed (shards can be large)."""
+    import shutil
+
+    with open(local, "rb") as src, as_path(dst).open("wb") as out:
+        shutil.copyfileobj(src, out, 16 << 20)
+
+
+def write_text_whole(path, text: str) -> None:
+    """Write a text file whole: locally through a temporary file and a rename; in cloud storage as one object
+    (an object upload is all or nothing)."""
+    if is_remote(path):
+        as_path(path).write_text(text)
+        return
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
 
 
 class VideoCaptionFolder(_RowSource):

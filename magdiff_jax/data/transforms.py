@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import threading
 
 import numpy as np
@@ -180,17 +181,39 @@ def _read_masks(record: dict, info, indices, size, crop) -> np.ndarray:
     return masks[:, y:y + h, x:x + w] > 127
 
 
+def _relative(path: str, root: str) -> str:
+    """`path` as the annotations named it (relative to the dataset folder `root`), for reasons in reports."""
+    prefix = root.rstrip("/") + "/"
+    return path[len(prefix):] if path.startswith(prefix) else path
+
+
+def _check_exists(record: dict, field: str) -> None:
+    """A folder record's file (or each listed file) must exist: checked when the record is loaded, not when the
+    source is built (so a source over millions of rows touches no file at start)."""
+    from magdiff_jax.data.video_io import fs_path
+
+    value, root = record.get(field), str(record["root"])
+    for path in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(path, (str, os.PathLike)) and not fs_path(path).exists():
+            raise BadInput(str(record["key"]), f"{field} {_relative(os.fspath(path), root)} does not exist")
+
+
 def confined(record: dict) -> dict:
-    """A folder source's record (one with a `root`) with its video and mask checked to lie inside the dataset folder,
-    frame folders as lists of their (checked) frame files; other records as they are. Raises BadInput naming the
-    record when a file leaves the folder."""
+    """A folder source's record (one with a `root`) with its video and mask checked to exist and to lie inside the
+    dataset folder (symlinks resolved; in cloud storage, by the normalised path), frame folders as lists of their
+    (checked) frame files; other records as they are. Raises BadInput naming the record when a file is missing or
+    leaves the folder."""
     root = record.get("root")
     if not root:
         return record
     try:
-        return {**record, "video": confine(record["video"], root), "mask": confine(record.get("mask"), root)}
+        video = confine(record["video"], root)
+        mask = confine(record.get("mask"), root)
     except VideoError as e:
         raise BadInput(str(record["key"]), str(e)) from e
+    _check_exists(record, "video")
+    _check_exists(record, "mask")
+    return {**record, "video": video, "mask": mask}
 
 
 def load_example(record: dict, spec: LoaderSpec, rng: np.random.Generator) -> dict:

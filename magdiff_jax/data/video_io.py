@@ -15,6 +15,9 @@ set it to None) to accept larger images.
 
 `confine(src, root)` checks that every file a video-like source names lies inside the folder `root` once symlinks
 are resolved: the folder sources and builders read nothing outside the dataset folder.
+
+Paths may be cloud-storage URIs (gs://, s3://, ...): such files are read whole through `etils.epath` and decoded from
+their bytes, frame folders listed through it, and `confine` checks them by their normalised path (no symlinks there).
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import posixpath
 from pathlib import Path
 
 import av
 import numpy as np
 
-from magdiff_jax.utils.files import atomic_path
+from magdiff_jax.utils.files import as_path, atomic_path, is_remote
 
 
 class VideoError(ValueError):
@@ -87,23 +91,50 @@ def _name(src) -> str:
     return f"<{len(src)} frame images>"
 
 
+def _remote(src) -> bool:
+    return isinstance(src, (str, os.PathLike)) and is_remote(src)
+
+
+def fs_path(path: str | os.PathLike):
+    """`path` as a path object that reaches its storage: an `etils.epath.Path` for a cloud URI, else a `Path`."""
+    return as_path(path) if is_remote(path) else Path(path)
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """A whole file, local or in cloud storage."""
+    return fs_path(path).read_bytes()
+
+
 def frame_files(folder: str | os.PathLike) -> list[Path]:
     """The image files of a frame folder, in name order."""
-    folder = Path(folder)
+    folder = fs_path(folder)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise VideoError(f"{folder}: no frame images ({', '.join(IMAGE_SUFFIXES)})")
     return files
 
 
+def resolved(path: str | os.PathLike) -> str:
+    """`path` with `..` (and, locally, symlinks) resolved: a cloud URI is normalised as text (it has no links)."""
+    s = os.fspath(path)
+    if is_remote(s):
+        scheme, rest = s.split("://", 1)
+        return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+    return os.path.realpath(s)
+
+
 def is_inside(path: str | os.PathLike, root: str | os.PathLike) -> bool:
-    """Whether `path` lies inside the folder `root` once `..` and symlinks (of both) are resolved."""
+    """Whether `path` lies inside the folder `root` once `..` and symlinks (of both) are resolved; a cloud URI by
+    its normalised text (same scheme and bucket, then a prefix of whole path components)."""
+    if is_remote(path) or is_remote(root):
+        p, r = resolved(path), resolved(root).rstrip("/")
+        return p == r or p.startswith(r + "/")
     return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
 def _inside(path, root):
     if not is_inside(path, root):
-        raise VideoError(f"{path}: path leaves the dataset folder {root} (it leads to {os.path.realpath(path)})")
+        raise VideoError(f"{path}: path leaves the dataset folder {root} (it leads to {resolved(path)})")
     return path
 
 
@@ -113,9 +144,11 @@ def confine(src, root: str | os.PathLike):
     out). Bytes, arrays and None pass through. Raises VideoError naming the first path that leaves `root`."""
     if isinstance(src, (str, os.PathLike)):
         _inside(src, root)
-        if not Path(src).is_dir():
+        if not fs_path(src).is_dir():
             return src
-        # the folder is inside: so is each of its files that is not a symlink
+        # the folder is inside: so is each of its files that is not a symlink (cloud storage has none)
+        if _remote(src):
+            return [str(p) for p in frame_files(src)]
         return [_inside(p, root) if p.is_symlink() else p for p in frame_files(src)]
     if isinstance(src, (list, tuple)):
         return [_inside(p, root) if isinstance(p, (str, os.PathLike)) else p for p in src]
@@ -130,7 +163,7 @@ def _as_frame_list(src):
     if isinstance(src, (str, os.PathLike)):
         if Path(src).suffix.lower() in IMAGE_SUFFIXES:  # one image: a one-frame video, decoded by PIL
             return [src]
-        if Path(src).is_dir():
+        if fs_path(src).is_dir():
             return frame_files(src)
     return None
 
@@ -147,6 +180,11 @@ def open_image(item, name: str | None = None):
     name = name or _name(item)
     img = None
     try:
+        if _remote(item):
+            try:
+                item = read_bytes(item)
+            except OSError as e:
+                raise VideoError(f"{name}: cannot read ({e})") from e
         img = Image.open(io.BytesIO(item) if isinstance(item, bytes) else item, formats=IMAGE_FORMATS)
         limit = Image.MAX_IMAGE_PIXELS
         if limit and img.width * img.height > limit:  # PIL only warns below twice its limit
@@ -184,6 +222,8 @@ def read_image(item, resize: tuple[int, int] | None = None, mode: str = "RGB", n
 
 def _open_container(src):
     try:
+        if _remote(src):  # read whole through epath, decoded from memory
+            return av.open(io.BytesIO(read_bytes(src)))
         return av.open(io.BytesIO(src) if isinstance(src, bytes) else str(src))
     except (av.FFmpegError, OSError, ValueError) as e:
         raise VideoError(f"{_name(src)}: cannot open ({e})") from e
