@@ -358,6 +358,23 @@ def test_a_position_saved_by_two_processes_resumes_on_one_and_four():
                                       np.concatenate([b["video"] for b in ref]))
 
 
+def test_bad_examples_in_training_are_replaced_within_their_batch(tmp_path):
+    """Training: a bad example is counted and reported, and its row takes a good example of the same batch, so
+    every batch keeps its shape and the batches after it are those of the same data without the bad example."""
+    rng = np.random.default_rng(0)
+    good = [{"key": f"clip{i}", "video": rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), "caption": "c"}
+            for i in range(6)]
+    broken = {"key": "broken", "video": np.zeros((4, 32), np.uint8), "caption": "c"}  # not (F, H, W, 3)
+    c = _config(shuffle=False, max_bad_fraction=0.5, caption_dropout=0.0)
+    it = iter(make_dataset(c, batch_size=2, source=[*good[:3], broken, *good[3:5]],
+                           report_path=tmp_path / "bad.json"))
+    batches = [next(it) for _ in range(3)]
+    assert [list(b["key"]) for b in batches] == [["clip0", "clip1"], ["clip2", "clip2"], ["clip3", "clip4"]]
+    assert all(b["video"].shape == (2, 4, 32, 32, 3) for b in batches)
+    assert list(it.get_state()["bad"]) == ["broken"]
+    assert [b["key"] for b in json.loads((tmp_path / "bad.json").read_text())["bad"]] == ["broken"]
+
+
 def test_rows_shared_by_processes_are_the_same_rows():
     """A model axis spanning processes: both processes hold all rows of each global batch (process_rows of a
     sharding that replicates the batch across them) and read the same examples as one process does."""

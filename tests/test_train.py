@@ -121,6 +121,35 @@ def test_nonfinite_batches_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(th.params(tmp_path, 4)))
 
 
+class _HalfSizeAt(_NaNAt):
+    """A data pipeline whose batches at the given positions are cropped to half their height and width (another
+    bucket's shape)."""
+
+    def __next__(self):
+        batch = next(self.it)
+        self.n += 1
+        if self.n in self.positions:
+            h, w = batch["video"].shape[2:4]
+            batch = dict(batch, video=np.ascontiguousarray(batch["video"][:, :, :h // 2, :w // 2]))
+        return batch
+
+
+def test_each_batch_shape_compiles_its_own_step(tmp_path, monkeypatch, caplog):
+    """Buckets: a batch of another shape gets its own compiled step (the first step's compiled program would refuse
+    its arguments), and later batches of a known shape reuse theirs."""
+    import logging
+
+    from magdiff_jax.data import pipeline
+
+    real = pipeline.make_dataset
+    monkeypatch.setattr(pipeline, "make_dataset", lambda *a, **k: _HalfSizeAt(real(*a, **k), {2, 4}))
+    caplog.set_level(logging.INFO)
+    train(th.config("micro", steps=4, ckpt_every=4, export=False), tmp_path)
+    compiles = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step compiled for")]
+    assert len(compiles) == 2 and "(8, 1, 32, 32, 3)" in compiles[0] and "(8, 1, 16, 16, 3)" in compiles[1]
+    assert sorted(th.losses(tmp_path)) == [1, 2, 3, 4] and th.checkpoints(tmp_path) == [4]
+
+
 def test_the_stage_exports_itself(straight, tmp_path):
     """Training wrote WORKDIR/export at its last step: every model the stage's inference needs (the frozen VAE and
     text encoder included), the tokenizer and the scheduler; the workdir itself, exported on the fly, holds the

@@ -46,14 +46,17 @@ def _close(got: dict, ref: dict, steps):
 def test_two_processes_log_the_losses_of_one(one_device, tmp_path):
     """2 processes x 4 devices, mesh data=2 x fsdp=2 x tensor=2 (8 fake devices, parameters split over fsdp and
     tensor, batch over data and fsdp): the losses of 1 device over 3 steps (two updates; each step
-    takes ~3 s on 2 processes x 4 fake devices)."""
+    takes ~3 s on 2 processes x 4 fake devices), and a preview of more examples than one process loads."""
     launch = th.ROOT / "launch" / "local_multiprocess.sh"
-    args = th.cli_args(tmp_path / "run", "micro", steps=3, **D2F2T2)
+    # a preview of 6 examples at step 3: more than a process's 4 rows, gathered from both
+    args = th.cli_args(tmp_path / "run", "micro", steps=3, **D2F2T2, **{"preview.every": 3, "preview.num": 6,
+                                                                         "preview.num_steps": 2})
     r = subprocess.run(["bash", str(launch), "-n", "2", "-d", "4", "--", *args], capture_output=True, text=True,
                        timeout=900, cwd=th.ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     _close(th.losses(tmp_path / "run"), one_device[1], range(1, 4))
     assert th.checkpoints(tmp_path / "run") == [3]
+    assert (tmp_path / "run" / "samples" / "step_0000003.png").is_file()
 
 
 def _launch(n, d, args, timeout=900):

@@ -1,19 +1,19 @@
 """Grain input pipelines for every stage, from one data config.
 
     config = data_config()                       # the embedded default: synthetic clips, 16 frames at 64x64
-    ds = make_dataset(config, batch_size=8)      # grain.IterDataset of batches (dicts of numpy arrays)
-    it = iter(ds); batch = next(it)              # it.get_state() / it.set_state(...), or Orbax (below)
+    ds = make_dataset(config, batch_size=8)      # batches (dicts of numpy arrays)
+    it = iter(ds); batch = next(it)              # it.get_state() / it.set_state(...): JSON (training)
 
-Per process (multi-host): in training every process follows the same seeded order of the whole dataset (shuffled
-again every epoch) and reads only its slice of each global batch, so the global batch does not depend on how many
-processes share it; in evaluation process p reads records p, p + n, ... Records become examples in
-`worker_count` worker processes (`transforms.load_example`); bad records come back as markers that the main
-process drops, counts and reports (`bad_input.py`), stopping with a clear error when too many are bad. Then
-batching and a thread prefetch.
-
-The iterator state (including the bad-input counts) saves and restores through Orbax with
-`grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`: a resumed run sees exactly the
-batches it would have seen.
+Per process (multi-host): in training, global batch k is a function of k alone (`_GlobalBatches`: a seeded bucket
+draw, then the k-th run of global-batch-many examples of that bucket's shuffled, repeated order), and a process
+loads its rows of it: the rows its devices hold in the batch sharding (`process_rows`; all of them when a model
+axis spans processes and the batch is replicated over it). So a global batch does not depend on how many
+processes share it, and the training iterator's state is the global position {"batch": k, "bad": ...}, the same on
+every process: the trainer saves it as one JSON item and a run resumes on any number of processes. A bad example is
+replaced by a good one of the same batch (counted and reported by `bad_input.py`, stopping with a clear error when
+too many are bad), so no later batch shifts. In evaluation process p reads records p, p + n, ... once, bad ones
+dropped. Examples load in `read_threads` threads and `worker_count` worker processes (`transforms.load_example`),
+then a thread prefetch.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import dataclasses
 import logging
 import os
 import sys
-from pathlib import Path
 
 import grain
 import jax
@@ -487,8 +486,11 @@ def assign_buckets(source, indices, buckets: list[tuple[int, int, int]], stride:
     return out
 
 
-def default_report_path(out_dir: str | os.PathLike, process_index: int | None = None) -> Path:
-    """`<out_dir>/bad_inputs.json` (process 0) or `bad_inputs.<i>.json`: one report per process."""
+def default_report_path(out_dir: str | os.PathLike, process_index: int | None = None):
+    """`<out_dir>/bad_inputs.json` (process 0) or `bad_inputs.<i>.json`: one report per process (local or a cloud
+    URI, `utils.files.as_path`)."""
+    from magdiff_jax.utils.files import as_path
+
     i = jax.process_index() if process_index is None else process_index
     name = REPORT_NAME if i == 0 else REPORT_NAME.replace(".json", f".{i}.json")
-    return Path(out_dir) / name
+    return as_path(out_dir) / name
