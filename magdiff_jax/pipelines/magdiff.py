@@ -176,16 +176,23 @@ class MagDiffPipeline:
         if settings not in self._fns:
             self._fns[settings] = self._compile(sizes, self.stage.schedule, *settings)
         n, d = len(examples), jax.device_count()
-        if n % d == 0 and d > 1:
+        if n % d == 0 and d > 1:  # every process holds every example: each gives its devices their rows
             mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
-            batch = jax.device_put(batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch")))
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+            batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
+                     for k, v in batch.items()}
         keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
         if progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=num_steps, desc="denoising", unit="step", initial=0)
         try:
-            out = np.asarray(self._fns[settings](self.stage.params, normalize_example(batch), keys))
+            out = self._fns[settings](self.stage.params, normalize_example(batch), keys)
+            if not out.is_fully_addressable:  # rows on other processes' devices: gathered, every process gets all
+                from jax.experimental import multihost_utils
+
+                out = multihost_utils.process_allgather(out, tiled=True)
+            out = np.asarray(out)
         finally:
             if self._bar is not None:
                 self._bar.close()

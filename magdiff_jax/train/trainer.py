@@ -14,10 +14,19 @@ to WORKDIR/frozen when the run starts, so neither a resume nor an export needs t
 step is one jitted function with in/out shardings and a donated state; its randomness is `fold_in(seed key, step)`
 and the data order is a function of the seed, so a run resumed from a checkpoint continues exactly where it
 stopped. Checkpoints (Orbax, async, keep-N) hold one item per parameter group (params, optimizer state, EMA), the
-step and RNG, the data-iterator state and the config. SIGTERM / SIGINT finish the current step, save, and return
-normally. A non-finite loss or gradient leaves a group as it was; `max_nonfinite` such steps in a row stop the run
-with an error naming the step and the last good checkpoint. At the last step the stage is exported to
-WORKDIR/export (`export/stage.py`): every model its inference needs, tokenizer and scheduler.
+step and RNG, the data stream's global position and the config; parameters reshard on restore and the data position
+does not depend on the number of processes, so a run resumes on another mesh or process count. SIGTERM / SIGINT
+(on any process: the processes agree on the step, `distributed.StopVote`) finish the steps up to it, save it on
+every process, and return normally.
+
+Multi-host: each process loads the rows of each global batch that the batch sharding puts on its devices
+(`data.pipeline.process_rows`), so a model axis that spans processes sees the same rows on each. The host runs one
+step ahead of the devices (a step's metrics are fetched once the next is dispatched); each batch shape (buckets)
+compiles its own step.
+
+A non-finite loss or gradient leaves a group as it was; `max_nonfinite` such steps in a row stop the run with an
+error naming the step and the last good checkpoint. At the last step the stage is exported to WORKDIR/export
+(`export/stage.py`): every model its inference needs, tokenizer and scheduler.
 
 Process 0 writes what a person reads: `metrics.jsonl` (one JSON line per `log_every` steps: step, loss and the
 task's other losses, `grad_norm/<group>`, `lr/<group>`, steps_per_s, examples_per_s, tflops_per_device (XLA's
