@@ -2,13 +2,15 @@
 local folder; a plain `open`/`os`/`pathlib` call on a URI escapes the mapping and leaves a relative `gs:` folder,
 which every test checks is absent from its working directory):
 
-- a tiny t2i run (configs/t2i.py:tiny) with its workdir in the bucket, stopped at step 3 and resumed to step 6,
+- a tiny t2i run (configs/t2i.py:tiny) with its workdir in the bucket, stopped at step 2 and resumed to step 4,
   logs the same losses and ends with bitwise the same parameters as an uninterrupted local run; metrics.jsonl,
   TensorBoard events, checkpoints, frozen/ and the export (with its completion marker) are in the bucket;
 - the export loads from the bucket (parameters equal to the local run's, tokenizer copied down) and samples;
 - `magdiff-jax convert to-torch` / `to-flax` read and write the bucket, round trip bit-exact, sharded too;
 - a bucket export or model folder without its completion marker is refused as incomplete (a local one is not);
-- metrics.jsonl / event files grow by whole-object rewrites, PNGs upload whole.
+- metrics.jsonl / event files grow by whole-object rewrites, PNGs upload whole;
+- a resume's own files in a bucket (metrics cut back, an unrestorable checkpoint moved aside), and the CLI's
+  sample/edit inputs copied down from one.
 """
 
 import json
