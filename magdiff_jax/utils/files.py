@@ -207,10 +207,10 @@ def clear_remote_dir(path: epath.Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike):
     """Yield an empty folder to write `path` into (module docstring). Locally a temporary folder beside `path`
-    (`.<name>.partial`) that replaces `path` on success (`replace_dir`: callers decide beforehand whether an
-    existing `path` may go, e.g. with `check_destination`) and is removed on any error; in an object store `path`
-    itself, an existing one removed first, its completion marker written on success, its objects removed on an
-    error."""
+    (`.<name>.partial`, a `pathlib.Path`) that replaces `path` on success (`replace_dir`: callers decide
+    beforehand whether an existing `path` may go, e.g. with `check_destination`) and is removed on any error; in an
+    object store `path` itself (an `epath.Path`), an existing one removed first, its completion marker written on
+    success, its objects removed on an error."""
     if is_remote(path):
         path = as_path(path)
         clear_remote_dir(path)
@@ -227,7 +227,7 @@ def atomic_dir(path: str | os.PathLike):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        yield as_path(tmp)
+        yield tmp
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
