@@ -3,7 +3,8 @@
 Install:  pip install -e .            (core: JAX on CPU, no torch)
           pip install -e ".[test]"    (adds the PyTorch parity peers and the test runners)
           pip install -e ".[cuda]"    (JAX for CUDA 13 GPUs)
-          pip install -e ".[tpu]"     (JAX for TPU VMs)
+          pip install -e ".[tpu]"     (JAX for TPU VMs; includes the gcs extra)
+          pip install -e ".[gcs]"     (gs:// workdirs, datasets and exports, through etils.epath)
 """
 
 from setuptools import find_packages, setup
@@ -45,6 +46,12 @@ TEST = [
     "papermill==2.7.0",
 ]
 
+# etils.epath reaches gs:// through fsspec's gcsfs (no TensorFlow here); gcsfs 2026.10.1 needs fsspec>=2026.9.0
+GCS = [
+    "gcsfs==2026.10.1",
+    "google-cloud-storage==3.17.2",
+]
+
 setup(
     name="magdiff_jax",
     version="0.1.0",
@@ -55,7 +62,8 @@ setup(
     extras_require={
         "test": TEST,
         "cuda": ["jax[cuda13]==0.10.2"],
-        "tpu": ["jax[tpu]==0.10.2"],
+        "tpu": ["jax[tpu]==0.10.2", *GCS],
+        "gcs": GCS,
     },
     entry_points={"console_scripts": ["magdiff-jax=magdiff_jax.cli:run"]},
 )

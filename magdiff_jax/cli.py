@@ -17,7 +17,8 @@
     magdiff-jax edit --workdir DIR --video in.mp4 --masks masks/ --prompt "..." --out out.mp4 [--strength 0.8]
 
 Runs under `absl.app` (Grain and the ml_collections config flags need parsed absl flags): argparse takes the
-subcommand and its arguments, everything it does not know (`--config.lr=...`) goes to absl.
+subcommand and its arguments, everything it does not know (`--config.lr=...`) goes to absl. Every path argument
+may be local or a cloud URI (gs://...; `magdiff_jax.utils.files`).
 """
 
 from __future__ import annotations
@@ -238,10 +239,9 @@ def _flag_error(error: BaseException, rest: list[str]) -> str:
 
 
 def _convert(args) -> None:
-    from pathlib import Path
-
     from magdiff_jax.convert import load_torch, save_torch
     from magdiff_jax.export import load_model, save_model
+    from magdiff_jax.utils.files import as_path
 
     if args.direction == "magdiff-init":
         from magdiff_jax.convert.magdiff_init import build_magdiff_init
@@ -257,7 +257,7 @@ def _convert(args) -> None:
 
             pipe = load_pipeline_torch(args.src)
             for name, (kind, module, params) in pipe.models.items():
-                out = save_model(kind, module, params, Path(args.dst) / name, overwrite=args.overwrite)
+                out = save_model(kind, module, params, as_path(args.dst) / name, overwrite=args.overwrite)
                 logging.info("wrote %s (%s)", out, kind)
             pipe.save_extras(args.dst)
         else:
@@ -329,15 +329,47 @@ def _train(args) -> None:
     print(f"trained to step {last.get('step')} in {args.workdir}: loss {last.get('loss')}")
 
 
+def _local_input(path: str, stack) -> str:
+    """A local copy of an input file or folder in an object store (the video and image readers read local files),
+    removed when `stack` closes; a local path as given."""
+    import tempfile
+
+    from magdiff_jax.utils.files import as_path, copy_tree, is_remote
+
+    if not is_remote(path):
+        return path
+    src = as_path(path)
+    if src.is_dir():
+        local = stack.enter_context(tempfile.TemporaryDirectory(prefix="magdiff-input-"))
+        copy_tree(src, local)
+        return local
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file")
+    local = stack.enter_context(tempfile.TemporaryDirectory(prefix="magdiff-input-"))
+    target = as_path(local) / src.name
+    target.write_bytes(src.read_bytes())
+    return str(target)
+
+
 def _generate(args) -> None:
+    import contextlib
+
+    with contextlib.ExitStack() as stack:
+        for name in ("subject", "mask", "video", "masks"):
+            if getattr(args, name, None):
+                setattr(args, name, _local_input(getattr(args, name), stack))
+        _generate_local_inputs(args)
+
+
+def _generate_local_inputs(args) -> None:
     import time
-    from pathlib import Path
 
     import numpy as np
 
     from magdiff_jax.data.video_io import read_frames, read_image, write_video
     from magdiff_jax.export.stage import read_stage_config
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
+    from magdiff_jax.utils.files import atomic_path, is_remote, user_path
 
     # the inputs first: an unreadable image or video is one error naming it, before a model is loaded
     if args.command == "sample":
@@ -364,10 +396,14 @@ def _generate(args) -> None:
     t0 = time.perf_counter()
     videos = pipe(examples, seeds, num_steps=args.num_steps, guidance=args.guidance,
                   image_guidance=args.image_guidance, progress=True, **extra)
-    out = Path(args.out)
+    out = user_path(args.out)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(videos))]
     for path, video in zip(paths, videos):
-        write_video(path, np.asarray(video), fps=args.fps)
+        if is_remote(path):  # written locally, then uploaded as one object
+            with atomic_path(path) as tmp:
+                write_video(tmp, np.asarray(video), fps=args.fps)
+        else:
+            write_video(path, np.asarray(video), fps=args.fps)
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - t0:.1f} s")
 
 

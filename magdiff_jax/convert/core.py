@@ -19,19 +19,19 @@ import importlib
 import json
 import os
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 from magdiff_jax.convert import safetensors_io
 from magdiff_jax.models.registry import ConfigError, get_model
 from magdiff_jax.utils.errors import ConversionError, key_list, mismatch_message
-from magdiff_jax.utils.files import atomic_dir, check_destination
+from magdiff_jax.utils.files import as_path, atomic_dir, check_destination, user_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,8 +204,9 @@ def torch_formats() -> dict[str, TorchFormat]:
     return dict(_FORMATS)
 
 
-def read_config(folder: Path) -> dict:
-    """The JSON object in FOLDER/config.json."""
+def read_config(folder: str | os.PathLike) -> dict:
+    """The JSON object in FOLDER/config.json (FOLDER local or in an object store)."""
+    folder = user_path(folder)
     path = folder / "config.json"
     if not path.exists():
         raise safetensors_io.CheckpointFormatError(f"{folder}: no config.json (expected a diffusers/transformers "
@@ -224,7 +225,7 @@ def torch_config(kind: str, folder: str | os.PathLike):
     """The config dataclass of the diffusers/transformers model folder FOLDER (its config.json) of registered model
     `kind`, checked before any model is built: a field of the wrong type or value is an error naming the file and
     the field (`/path/config.json: block_out_channels: expected a list of integers, got "8"`)."""
-    folder = Path(folder)
+    folder = user_path(folder)
     d = read_config(folder)
     try:
         return torch_format(kind).config_from_torch(d)
@@ -239,7 +240,7 @@ def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=
     sharding as it is converted (never whole on one device).
     """
     spec, fmt = get_model(kind), torch_format(kind)
-    folder = Path(path)
+    folder = user_path(path)
     config = torch_config(kind, folder)
     module = spec.build(config)
     state = fmt.normalise_keys(safetensors_io.read_state_dict(folder, fmt.weights_stem))
@@ -252,12 +253,12 @@ def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=
 
 
 def save_torch(kind: str, module: nn.Module, params, out_dir: str | os.PathLike, max_shard_bytes=None,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False) -> epath.Path:
     """Write a folder that the matching PyTorch class loads with `from_pretrained(out_dir)`. It is assembled beside
     OUT_DIR and swapped into place, so no file of an older export survives to be preferred by a loader; a non-empty
     OUT_DIR is refused unless `overwrite`."""
     fmt = torch_format(kind)
-    out = Path(out_dir).absolute()
+    out = as_path(out_dir)
     check_destination(out, overwrite)
     config = module.config
     params = jax.device_get(nn.meta.unbox(params))

@@ -42,12 +42,12 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
 from magdiff_jax.convert import safetensors_io
@@ -70,7 +70,7 @@ from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models import magdiff
 from magdiff_jax.models.registry import ConfigError, get_model
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
-from magdiff_jax.utils.files import atomic_dir, check_destination
+from magdiff_jax.utils.files import as_path, atomic_dir, check_destination, user_path
 from magdiff_jax.utils.magdiff_layout import (
     FORMAT,
     FORMAT_VERSION,
@@ -189,11 +189,11 @@ def resampler_to_torch(params, config: ResamplerConfig) -> dict[str, np.ndarray]
 
 # --- Flax -> PyTorch folder ------------------------------------------------------------------------------------------
 def magdiff_to_torch(module: magdiff.MagDiffUNet, params, dst: str | os.PathLike,
-                     max_shard_bytes: int | None = None, overwrite: bool = False) -> Path:
+                     max_shard_bytes: int | None = None, overwrite: bool = False) -> epath.Path:
     """Write `module`'s params as the folder of the module docstring. It is assembled in a temporary sibling and
     swapped into place; a non-empty DST (an older export included) is refused unless `overwrite`."""
     cfg = module.config
-    dst = Path(dst).absolute()
+    dst = as_path(dst)
     check_destination(dst, overwrite)
     flat = traverse_util.flatten_dict(nn.meta.unbox(dict(jax.device_get(params))))
     tables = magdiff_rules(cfg)
@@ -216,9 +216,9 @@ def magdiff_to_torch(module: magdiff.MagDiffUNet, params, dst: str | os.PathLike
 # --- PyTorch folder -> Flax ------------------------------------------------------------------------------------------
 def read_meta(src: str | os.PathLike) -> dict:
     """magdiff.json of an export, checked for its format and version."""
-    path = Path(src) / META_FILE
+    path = user_path(src) / META_FILE
     if not path.exists():
-        raise safetensors_io.CheckpointFormatError(f"{Path(src)}: no {META_FILE}; expected a folder written by "
+        raise safetensors_io.CheckpointFormatError(f"{user_path(src)}: no {META_FILE}; expected a folder written by "
                                                    "`magdiff-jax convert to-torch --kind magdiff`")
     try:
         meta = json.loads(path.read_text())
@@ -235,7 +235,7 @@ def read_meta(src: str | os.PathLike) -> dict:
     return meta
 
 
-def _check_consistent(src: Path, meta: dict, cfg: magdiff.MagDiffConfig) -> None:
+def _check_consistent(src: epath.Path, meta: dict, cfg: magdiff.MagDiffConfig) -> None:
     """magdiff.json's resampler and processors, and unet/config.json, must be what the config implies."""
     expected = _meta(cfg)
     problems = [f"{META_FILE} {key}: {meta[key]!r}, the config implies {expected[key]!r}"
@@ -253,7 +253,7 @@ def _check_consistent(src: Path, meta: dict, cfg: magdiff.MagDiffConfig) -> None
 def magdiff_from_torch(src: str | os.PathLike, dtype=np.float32) -> tuple[magdiff.MagDiffUNet, dict]:
     """Read a folder written by `magdiff_to_torch` (or by anyone in its layout) -> (module, params), params as
     numpy arrays of `dtype` (a float32 export reads back bit-exactly)."""
-    src = Path(src).absolute()
+    src = as_path(src)
     meta = read_meta(src)
     try:
         cfg = magdiff.MagDiffConfig.from_dict(meta["config"])

@@ -18,7 +18,9 @@ Every source may be a PyTorch folder (diffusers/transformers: config.json + safe
 `magdiff-jax convert to-flax`; its kind is read from its config. `--pipeline` names a whole pipeline folder (either
 form) whose `unet`, `vae` and `text_encoder` subfolders are used unless given one by one. Everything is checked
 before anything is computed (missing folders, wrong kinds, a text encoder whose width is not the U-Net's
-cross-attention width, temporal layers of another layout), and DST is written whole or not at all.
+cross-attention width, temporal layers of another layout), and DST is written whole or not at all
+(`utils.files.atomic_dir`: a local rename, or in an object store a completion marker written last). Sources and DST
+may be local or in an object store (gs://...).
 """
 
 from __future__ import annotations
@@ -27,15 +29,14 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-from pathlib import Path
 
 import jax
+from etils import epath
 
 from magdiff_jax.convert.core import ConversionError, load_torch, read_config, torch_config
 from magdiff_jax.convert.pipeline import CLASS_TO_KIND
 from magdiff_jax.export.model import FORMAT, load_model, read_model_config, save_model
-from magdiff_jax.utils.files import atomic_dir, check_destination
+from magdiff_jax.utils.files import as_path, atomic_dir, check_destination, copy_tree, user_path
 
 INIT_META = "magdiff_init.json"
 COMPONENTS = ("unet", "vae", "text_encoder", "image_encoder")
@@ -46,7 +47,7 @@ TORCH_CLASS_TO_KIND = {**CLASS_TO_KIND, "UNet3DConditionModel": "unet3d"}
 
 def source_kind(folder: str | os.PathLike) -> tuple[str, str]:
     """(kind, "flax" | "torch") of a model folder, from its config.json alone (nothing loaded)."""
-    folder = Path(folder)
+    folder = user_path(folder)
     d = read_config(folder)  # a missing folder or config.json is reported with its path
     if d.get("format") == FORMAT and "kind" in d:
         return d["kind"], "flax"
@@ -58,14 +59,14 @@ def source_kind(folder: str | os.PathLike) -> tuple[str, str]:
                           f"(class {[n for n in names if n]}; known: {sorted(TORCH_CLASS_TO_KIND)})")
 
 
-def _model_config(folder: Path, kind: str, form: str):
+def _model_config(folder: epath.Path, kind: str, form: str):
     """The config dataclass of a model folder, without loading its weights (errors name its config.json)."""
     if form == "flax":
         return read_model_config(folder, kind)[1]
     return torch_config(kind, folder)
 
 
-def _load(folder: Path, kind: str, form: str):
+def _load(folder: epath.Path, kind: str, form: str):
     """-> (module, params) of a model folder of either form."""
     if form == "flax":
         _, module, params = load_model(folder, kind=kind)
@@ -79,14 +80,14 @@ def _layout(cfg):
                                remat_save_names=())
 
 
-def _resolve(pipeline, **given) -> dict[str, Path]:
+def _resolve(pipeline, **given) -> dict[str, epath.Path]:
     """Each component's folder: given one by one, else the pipeline's subfolder."""
     out = {}
     for name in (*COMPONENTS, "temporal"):
         if given.get(name):
-            out[name] = Path(given[name])
+            out[name] = as_path(given[name])
         elif pipeline is not None and name in COMPONENTS[:3]:
-            out[name] = Path(pipeline) / name
+            out[name] = as_path(pipeline) / name
     missing = [n for n in COMPONENTS if n not in out]
     if missing:
         raise ValueError(f"magdiff-init: no source for {missing} (pass --{missing[0].replace('_', '-')} or a "
@@ -97,14 +98,14 @@ def _resolve(pipeline, **given) -> dict[str, Path]:
 def build_magdiff_init(dst: str | os.PathLike, *, pipeline: str | os.PathLike | None = None, unet=None,
                        temporal=None, vae=None, text_encoder=None, image_encoder=None, resampler: dict | None = None,
                        pyramid: str = "multi", pyramid_channels: int = 64, seed: int = 0,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False) -> epath.Path:
     """Write the MagDiff init folder described in the module docstring; returns DST."""
     from magdiff_jax.layers.resampler import ResamplerConfig
     from magdiff_jax.models.inflate import inflate, temporal_paths
     from magdiff_jax.models.magdiff import MagDiffConfig, MagDiffUNet, magdiff_params_from_unet3d
     from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 
-    dst = Path(dst).absolute()
+    dst = as_path(dst)
     check_destination(dst, overwrite)
     folders = _resolve(pipeline, unet=unet, temporal=temporal, vae=vae, text_encoder=text_encoder,
                        image_encoder=image_encoder)
@@ -155,14 +156,14 @@ def build_magdiff_init(dst: str | os.PathLike, *, pipeline: str | os.PathLike | 
         for name in COMPONENTS[1:]:
             kind, form = kinds[name]
             if form == "flax":
-                shutil.copytree(folders[name], tmp / name)
+                copy_tree(folders[name], tmp / name)
             else:
                 module, p = load_torch(kind, folders[name])
                 save_model(kind, module, p, tmp / name)
         for extra in ("tokenizer", "scheduler"):
-            if pipeline is not None and (Path(pipeline) / extra).is_dir():
-                shutil.copytree(Path(pipeline) / extra, tmp / extra)
-        meta = {"sources": {k: str(v.absolute()) for k, v in folders.items()}, "pipeline": str(pipeline or ""),
+            if pipeline is not None and (as_path(pipeline) / extra).is_dir():
+                copy_tree(as_path(pipeline) / extra, tmp / extra)
+        meta = {"sources": {k: str(v) for k, v in folders.items()}, "pipeline": str(pipeline or ""),
                 "seed": seed, "fresh": fresh, "config": cfg.to_dict()}
         (tmp / INIT_META).write_text(json.dumps(meta, indent=1))
     logging.info("magdiff-init: wrote %s (U-Net from %s%s)", dst, folders["unet"],

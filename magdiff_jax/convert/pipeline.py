@@ -8,7 +8,8 @@
 
 Each model component goes through `load_torch` with the kind its class maps to; the tokenizer becomes our
 `CLIPTokenizer` and the scheduler config our `ScheduleConfig`. Components we do not convert (a safety checker, a
-feature extractor) are listed in `skipped`, never silently dropped.
+feature extractor) are listed in `skipped`, never silently dropped. The folder, and the destination of
+`save_extras`, may be local or in an object store (gs://...).
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-from pathlib import Path
 from typing import Any
+
+from etils import epath
 
 from magdiff_jax.convert.core import load_torch
 from magdiff_jax.convert.safetensors_io import CheckpointFormatError
+from magdiff_jax.utils.files import as_path, copy_tree, user_path
 
 CLASS_TO_KIND = {
     "UNet2DConditionModel": "unet2d",
@@ -39,7 +41,7 @@ TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
 class Pipeline:
     """A converted pipeline: `models[name] = (kind, module, params)`, plus tokenizer and scheduler config."""
 
-    path: Path
+    path: epath.Path
     models: dict[str, tuple[str, Any, Any]]
     tokenizer: Any = None
     schedule_config: Any = None
@@ -51,18 +53,18 @@ class Pipeline:
 
     def save_extras(self, dst: str | os.PathLike) -> None:
         """Copy the tokenizer and scheduler folders and write model_index.json beside converted components."""
-        dst = Path(dst)
+        dst = as_path(dst)
         dst.mkdir(parents=True, exist_ok=True)
         for name in ("tokenizer", "scheduler"):
             if (self.path / name).is_dir():
-                shutil.copytree(self.path / name, dst / name, dirs_exist_ok=True)
+                copy_tree(self.path / name, dst / name)
         index = {name: kind for name, (kind, _, _) in self.models.items()}
         (dst / "model_index.json").write_text(json.dumps({"format": "magdiff_jax", "components": index}, indent=2))
 
 
 def load_pipeline_torch(path: str | os.PathLike, components: tuple[str, ...] | None = None) -> Pipeline:
     """Convert every model component of a diffusers pipeline folder (or only `components`)."""
-    root = Path(path)
+    root = user_path(path)
     index_path = root / "model_index.json"
     if not index_path.exists():
         raise CheckpointFormatError(f"{root}: no model_index.json (expected a diffusers pipeline folder)")

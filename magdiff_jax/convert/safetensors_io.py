@@ -3,15 +3,19 @@
 The format is small enough to own: an 8-byte little-endian header length, a JSON header mapping each tensor
 name to its dtype, shape and byte range, then the raw bytes. Owning it gives bfloat16 support through
 `ml_dtypes` and memory-mapped reads of multi-GB checkpoints.
+
+Files and folders may be local or in an object store (gs://..., through `etils.epath`): a remote file is read
+whole into memory (no memory map) and checked exactly as a local one; a file is written whole
+(`utils.files.write_bytes_whole`: a local rename, or one object).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from magdiff_jax.utils.errors import json_excerpt
+from magdiff_jax.utils.files import is_remote, user_path, write_bytes_whole
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
@@ -53,15 +58,21 @@ def refuse_pickle(path: Path) -> None:
 
 def read_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of one .safetensors file, as (memory-mapped) numpy arrays. The header is checked whole before
-    any tensor is read (`_tensor_layout`)."""
-    path = Path(path)
+    any tensor is read (`_tensor_layout`). A file in an object store is read whole into memory."""
+    path = user_path(path)
+    remote = is_remote(path)
     if path.suffix in PICKLE_SUFFIXES:
         refuse_pickle(path)
     if path.suffix != ".safetensors":
         raise CheckpointFormatError(f"{path}: not a .safetensors file")
+    blob = None
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        if remote:
+            blob = path.read_bytes()
+            size = len(blob)
+        else:
+            size = path.stat().st_size
+        with io.BytesIO(blob) if remote else open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
             if n > MAX_HEADER_BYTES:
                 raise CheckpointFormatError(f"{path}: header of {n} bytes exceeds the {MAX_HEADER_BYTES}-byte limit "
@@ -79,7 +90,10 @@ def read_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not isinstance(header, dict):
         raise CheckpointFormatError(f"{path}: not a safetensors file (header is not a JSON object)")
     layout = _tensor_layout(path, header, size - 8 - n)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else b""
+    if remote:
+        data = np.frombuffer(blob, dtype=np.uint8, offset=8 + n)
+    else:
+        data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else b""
     return {name: np.frombuffer(data[start:end], dtype=_DTYPES[dtype]).reshape(shape)
             for name, dtype, shape, (start, end) in layout}
 
@@ -155,7 +169,10 @@ def _tensor_layout(path: Path, header: dict, data_bytes: int) -> list[tuple[str,
 
 def _inside(folder: Path, target: Path) -> bool:
     """Whether `target` (resolved) lies in `folder`, or, for a Hugging Face hub cache snapshot
-    (`<repo>/snapshots/<revision>/...`), in that repository's `blobs/`, where the hub links a snapshot's files."""
+    (`<repo>/snapshots/<revision>/...`), in that repository's `blobs/`, where the hub links a snapshot's files.
+    Object stores have no links."""
+    if is_remote(folder):
+        return True
     root = folder.resolve()
     if target.is_relative_to(root):
         return True
@@ -191,11 +208,11 @@ def _read_index(index: Path) -> dict[Path, set[str]]:
         if rel.is_absolute() or ".." in rel.parts:
             raise CheckpointFormatError(f"{index}: weight_map[{name!r}] is {file!r}, which leaves the model folder "
                                         f"{folder}")
-        shards.setdefault(folder / rel, set()).add(name)
+        shards.setdefault(folder / rel.as_posix(), set()).add(name)
     missing = [str(f) for f in sorted(shards) if not f.is_file()]
     if missing:
         raise CheckpointFormatError(f"{index} names shard files that do not exist: {missing}")
-    for shard in sorted(shards):
+    for shard in sorted(shards) if not is_remote(folder) else ():
         target = shard.resolve()
         if not _inside(folder, target):
             raise CheckpointFormatError(f"{index}: shard {str(shard.relative_to(folder))!r} is a link to {target}, "
@@ -242,9 +259,9 @@ def read_state_dict(path: str | os.PathLike, stem: str | None = None) -> dict[st
     """Every tensor of a safetensors file, or of a folder holding one file or index-json-sharded files.
 
     `stem` ("model", "diffusion_pytorch_model") picks the file when a folder holds several. Each shard must hold
-    exactly the tensors its index puts in it.
+    exactly the tensors its index puts in it. `path` local or in an object store.
     """
-    path = Path(path)
+    path = user_path(path)
     if not path.exists():
         raise CheckpointFormatError(f"{path}: no such file or folder")
     if path.is_file():
@@ -291,25 +308,18 @@ def _serialise(tensors: Mapping[str, np.ndarray]) -> bytes:
     return struct.pack("<Q", len(h)) + h + b"".join(blobs)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` through a temporary file in the same folder and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `path` never half-written: locally through a temporary file in the same folder and a rename, in an
+    object store as one object (`utils.files.write_bytes_whole`)."""
+    write_bytes_whole(path, data)
 
 
 def write_state_dict(
     tensors: Mapping[str, np.ndarray], folder: str | os.PathLike, stem: str, max_shard_bytes: int | None = None
 ) -> list[Path]:
-    """Write `{stem}.safetensors`, or `{stem}-0000i-of-0000n.safetensors` shards plus the index json."""
-    folder = Path(folder)
+    """Write `{stem}.safetensors`, or `{stem}-0000i-of-0000n.safetensors` shards plus the index json (`folder` local
+    or in an object store)."""
+    folder = user_path(folder)
     sizes = {k: np.asarray(v).nbytes for k, v in tensors.items()}
     total = sum(sizes.values())
     if max_shard_bytes is None or total <= max_shard_bytes:

@@ -13,7 +13,6 @@ diffusers, a parameter here), norm1-3, the two self-attentions and the GEGLU fee
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +38,7 @@ from magdiff_jax.convert.unet2d import config_from_diffusers, config_to_diffuser
 from magdiff_jax.models.registry import ConfigError, config_from_dict, get_model
 from magdiff_jax.models.unet2d import UNet2DConfig
 from magdiff_jax.models.unet_motion import UNetMotionConfig, UNetMotionModel
+from magdiff_jax.utils.files import user_path
 
 KIND_NAME = "unet_motion"
 # diffusers UNetMotionModel config keys we read past when they hold these (default) values; others are refused.
@@ -228,7 +228,7 @@ def load_motion_adapter(unet2d_folder: str | os.PathLike, adapter_folder: str | 
     `mid_block.motion_modules.k`, `up_blocks.i.motion_modules.j`) from the adapter's; any missing, unexpected or
     mis-shaped key is reported, naming the folder it belongs to.
     """
-    unet_dir, adapter_dir = Path(unet2d_folder), Path(adapter_folder)
+    unet_dir, adapter_dir = user_path(unet2d_folder), user_path(adapter_folder)
     unet_format = torch_format("unet2d")
     unet_cfg = torch_config("unet2d", unet_dir)
     config = motion_config_from_unet2d(unet_cfg, read_config(adapter_dir), str(adapter_dir / "config.json"))

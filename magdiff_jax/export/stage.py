@@ -16,7 +16,9 @@ the parameter groups), `frozen/` (the parameters no group trains, written once w
 and the checkpoints (each group's parameters and EMA). `stage_from_workdir` assembles them without the `init_from`
 folders the run started from; a model parameter found nowhere is an error naming it, never a fresh initialisation.
 The trainer writes `WORKDIR/export/` at the end of training; `magdiff-jax export --workdir W --out DIR` writes one
-from any checkpoint.
+from any checkpoint. Exports and workdirs may be local or in an object store (gs://...); an export is written whole
+(`export.model.folder_written_whole`: a local rename, or in an object store a completion marker written last), and
+an object-store export without its marker is refused as incomplete.
 """
 
 from __future__ import annotations
@@ -24,19 +26,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import ml_collections
+from etils import epath
 from flax import traverse_util
 
 from magdiff_jax.diffusion.schedules import ScheduleConfig
 from magdiff_jax.export.model import folder_written_whole, load_model, model_config, save_model
 from magdiff_jax.models.registry import ConfigError, config_to_dict, get_model
 from magdiff_jax.utils.errors import ConversionError, mismatch_message
+from magdiff_jax.utils.files import as_path, check_complete, copy_tree
 
 FORMAT = "magdiff_jax_stage"
 FORMAT_VERSION = 1
@@ -60,8 +62,8 @@ class Stage:
     kinds: dict[str, str]
     modules: dict[str, nn.Module]
     params: dict[str, Any]
-    tokenizer: Path | None
-    path: Path
+    tokenizer: epath.Path | None
+    path: epath.Path
 
     @property
     def schedule(self) -> ScheduleConfig:
@@ -75,17 +77,17 @@ class Stage:
 
 
 # --- writing ----------------------------------------------------------------------------------------------------
-def save_stage(stage: Stage, dst: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write `stage` as the export folder of the module docstring (assembled beside DST, then renamed into place;
-    an existing non-empty DST is replaced only with `overwrite`). Every process of a multi-host run calls it."""
-    dst = Path(dst).absolute()
+def save_stage(stage: Stage, dst: str | os.PathLike, overwrite: bool = False) -> epath.Path:
+    """Write `stage` as the export folder of the module docstring (written whole: `folder_written_whole`; an
+    existing non-empty DST is replaced only with `overwrite`). Every process of a multi-host run calls it."""
+    dst = as_path(dst)
     with folder_written_whole(dst, overwrite) as tmp:
         for name in sorted(stage.modules):
             save_model(stage.kinds[name], stage.modules[name], stage.params[name], tmp / name)
         if jax.process_index() == 0:
             if stage.tokenizer is not None:
-                shutil.copytree(stage.tokenizer, tmp / TOKENIZER)
-            (tmp / SCHEDULER).mkdir()
+                copy_tree(stage.tokenizer, tmp / TOKENIZER)
+            (tmp / SCHEDULER).mkdir(exist_ok=True)
             (tmp / SCHEDULER / "scheduler_config.json").write_text(
                 json.dumps(stage.schedule.to_diffusers_config("DDIMScheduler"), indent=2))
             meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "task": stage.task, "step": stage.step,
@@ -96,7 +98,7 @@ def save_stage(stage: Stage, dst: str | os.PathLike, overwrite: bool = False) ->
     return dst
 
 
-def write_workdir_models(workdir: Path, task: str, models: dict[str, tuple[str, Any]], groups: list[str],
+def write_workdir_models(workdir: epath.Path, task: str, models: dict[str, tuple[str, Any]], groups: list[str],
                          export: tuple[str, ...], tokenizer: bool, frozen: bool) -> None:
     """WORKDIR/models.json: what `stage_from_workdir` needs besides the checkpoints (process 0 writes it).
     `frozen`: whether some parameters are frozen (then WORKDIR/frozen holds them)."""
@@ -108,7 +110,7 @@ def write_workdir_models(workdir: Path, task: str, models: dict[str, tuple[str, 
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
-def _read_json(path: Path, what: str) -> dict:
+def _read_json(path: epath.Path, what: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path.parent}: no {path.name} ({what})")
     try:
@@ -126,8 +128,9 @@ def _read_json(path: Path, what: str) -> dict:
 def load_stage(path: str | os.PathLike, step: int | None = None, use_ema: bool = True) -> Stage:
     """A stage export, or a training workdir exported on the fly (its checkpoint at `step`, default the latest;
     the EMA parameters when the run kept them and `use_ema`)."""
-    path = Path(path).absolute()
+    path = as_path(path)
     if (path / STAGE_FILE).exists():
+        check_complete(path, "stage export")
         if step is not None:
             raise ValueError(f"{path} is an export (of step {json.loads((path / STAGE_FILE).read_text()).get('step')})"
                              "; a step can be chosen only from a training workdir")
@@ -140,8 +143,9 @@ def load_stage(path: str | os.PathLike, step: int | None = None, use_ema: bool =
 
 def read_stage_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """The training config of a stage export or workdir, read without loading a model (cheap: one JSON file)."""
-    path = Path(path).absolute()
+    path = as_path(path)
     if (path / STAGE_FILE).exists():
+        check_complete(path, "stage export")
         return ml_collections.ConfigDict(_read_json(path / STAGE_FILE, "a stage export")["config"])
     if (path / CHECKPOINTS).exists() or (path / WORKDIR_MODELS).exists():
         if not (path / "config.json").exists():
@@ -151,7 +155,7 @@ def read_stage_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
                             f"{CHECKPOINTS}/)")
 
 
-def _load_export(path: Path) -> Stage:
+def _load_export(path: epath.Path) -> Stage:
     meta = _read_json(path / STAGE_FILE, "a stage export")
     kinds, modules, params = {}, {}, {}
     for name, kind in meta["models"].items():
@@ -166,12 +170,12 @@ def _load_export(path: Path) -> Stage:
                  tokenizer, path)
 
 
-def checkpoint_steps(workdir: Path) -> list[int]:
+def checkpoint_steps(workdir: epath.Path) -> list[int]:
     folder = workdir / CHECKPOINTS
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
-def _restore_partial(path: Path, names: tuple[str, ...]) -> dict:
+def _restore_partial(path: epath.Path, names: tuple[str, ...]) -> dict:
     """The subtrees `names` of an Orbax PyTree item (the first of them it holds), read alone onto one device:
     a group's optimizer state (twice its parameters with Adam) stays on disk."""
     import orbax.checkpoint as ocp
@@ -192,7 +196,7 @@ def _restore_partial(path: Path, names: tuple[str, ...]) -> dict:
     return restored[name]
 
 
-def restore_frozen(workdir: Path, shardings=None):
+def restore_frozen(workdir: epath.Path, shardings=None):
     """WORKDIR/frozen: the parameters no group trains ({model: params}); `shardings` (a tree like it) places them."""
     import orbax.checkpoint as ocp
 
@@ -210,7 +214,7 @@ def restore_frozen(workdir: Path, shardings=None):
 
 def stage_from_workdir(workdir: str | os.PathLike, step: int | None = None, use_ema: bool = True) -> Stage:
     """The stage a training workdir's checkpoint holds (module docstring)."""
-    workdir = Path(workdir).absolute()
+    workdir = as_path(workdir)
     meta = _read_json(workdir / WORKDIR_MODELS, "written by the trainer when the run starts")
     steps = checkpoint_steps(workdir)
     if not steps:
@@ -254,6 +258,6 @@ def stage_from_workdir(workdir: str | os.PathLike, step: int | None = None, use_
 
 
 def export_workdir(workdir: str | os.PathLike, dst: str | os.PathLike, step: int | None = None,
-                   use_ema: bool = True, overwrite: bool = False) -> Path:
+                   use_ema: bool = True, overwrite: bool = False) -> epath.Path:
     """`magdiff-jax export`: the workdir's checkpoint as a stage export."""
     return save_stage(stage_from_workdir(workdir, step, use_ema), dst, overwrite=overwrite)

@@ -1,34 +1,39 @@
-"""The CLIP tokenizer of a local model folder, returning fixed-length int32 id arrays for the text towers.
+"""The CLIP tokenizer of a model folder, returning fixed-length int32 id arrays for the text towers.
 
     tok = CLIPTokenizer.from_folder("stable-diffusion-2-1/tokenizer")   # or the pipeline root
     ids = tok(["a photo of a cat", "a dog"])                             # np.ndarray int32 (2, 77)
 
-It wraps transformers' `CLIPTokenizer.from_pretrained` on a local folder (never the network). transformers is
-imported only when a tokenizer is built, so the rest of the package imports without it.
+It wraps transformers' `CLIPTokenizer.from_pretrained` on a local folder (never the network); a folder in an object
+store (gs://...) is copied to a local temporary folder first (a few small files). transformers is imported only when
+a tokenizer is built, so the rest of the package imports without it.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
+from etils import epath
+
+from magdiff_jax.utils.files import copy_tree, is_remote, user_path
 
 _BPE_FILES = ("vocab.json", "merges.txt")
 _FAST_FILE = "tokenizer.json"
 
 
-def _has_vocab(folder: Path) -> bool:
+def _has_vocab(folder: Path | epath.Path) -> bool:
     return (folder / _FAST_FILE).is_file() or all((folder / f).is_file() for f in _BPE_FILES)
 
 
-def resolve_tokenizer_folder(path: str | os.PathLike) -> Path:
+def resolve_tokenizer_folder(path: str | os.PathLike) -> Path | epath.Path:
     """The folder holding the tokenizer files: `path` itself, or its `tokenizer/` subfolder (a pipeline root).
 
     Raises FileNotFoundError naming the path when the folder does not exist or holds no vocabulary
     (`vocab.json` + `merges.txt`, or `tokenizer.json`).
     """
-    folder = Path(path)
+    folder = user_path(path)
     if not folder.is_dir():
         raise FileNotFoundError(
             f"CLIP tokenizer: {folder} is not a folder (expected a tokenizer folder with vocab.json and merges.txt)"
@@ -59,7 +64,12 @@ class CLIPTokenizer:
         folder = resolve_tokenizer_folder(path)
         from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-        tokenizer = HFCLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+        if is_remote(folder):  # from_pretrained reads local folders only
+            with tempfile.TemporaryDirectory(prefix="magdiff-tokenizer-") as local:
+                copy_tree(folder, local)
+                tokenizer = HFCLIPTokenizer.from_pretrained(local, local_files_only=True)
+        else:
+            tokenizer = HFCLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
         return cls(tokenizer, max_length=max_length, folder=folder)
 
     @property
@@ -106,7 +116,7 @@ def write_vocabulary(folder: str | os.PathLike, vocab: dict[str, int], merges: l
     merges.txt, special_tokens_map.json, tokenizer_config.json) that `CLIPTokenizer.from_folder` loads."""
     import json
 
-    folder = Path(folder)
+    folder = user_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")

@@ -117,7 +117,8 @@ class MagDiffPipeline:
 
     @classmethod
     def load(cls, path, step: int | None = None) -> MagDiffPipeline:
-        """From a stage export or a training workdir (its checkpoint at `step`, default the latest)."""
+        """From a stage export or a training workdir, local or in an object store (gs://...; its checkpoint at
+        `step`, default the latest)."""
         from magdiff_jax.export.stage import load_stage
 
         stage = load_stage(path, step)

@@ -35,6 +35,10 @@ FLOP count of one device's compiled step), nonfinite_skipped), the same scalars 
 `preview.prompts` under `samples/` (also in TensorBoard). `compute_dtype` runs every model in bfloat16 (or float16)
 with float32 parameters, gradients and optimizer state. On the CPU backend the run uses the CPU tuning
 (`magdiff_jax.cpu`).
+
+The workdir, `init_from` and a tokenizer folder may be local or in an object store (gs://...): every file here is
+reached through `etils.epath` (`utils.files`); in an object store metrics.jsonl and the event files are rewritten
+whole at each append, and the export is marked complete by a last file rather than renamed into place.
 """
 
 from __future__ import annotations
@@ -42,11 +46,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import shutil
+import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -54,6 +57,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from magdiff_jax import cpu
@@ -66,6 +70,7 @@ from magdiff_jax.train import groups as grp
 from magdiff_jax.train import optim
 from magdiff_jax.train.tasks import get_task
 from magdiff_jax.train.tasks.base import timestep_bias
+from magdiff_jax.utils.files import GrowingFile, as_path, atomic_dir, copy_tree, is_complete, move_tree
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -201,9 +206,9 @@ class _Log:
     """Process 0's outputs: metrics.jsonl, TensorBoard events, the progress bar and preview contact sheets.
     Other processes get a silent one."""
 
-    def __init__(self, workdir: Path, config, start: int, enabled: bool):
+    def __init__(self, workdir: epath.Path, config, start: int, enabled: bool):
         self.workdir, self.enabled = workdir, enabled
-        self.tb = self.bar = None
+        self.tb = self.bar = self.jsonl = None
         if not enabled:
             return
         from magdiff_jax.utils.tensorboard import EventWriter
@@ -222,8 +227,9 @@ class _Log:
     def metrics(self, m: dict) -> None:
         if not self.enabled:
             return
-        with open(self.workdir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(m) + "\n")
+        if self.jsonl is None:
+            self.jsonl = GrowingFile(self.workdir / "metrics.jsonl")
+        self.jsonl.append((json.dumps(m) + "\n").encode())
         self.tb.scalars(m["step"], {k: v for k, v in m.items() if k != "step"})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
@@ -245,6 +251,8 @@ class _Log:
             self.bar.close()
         if self.tb is not None:
             self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
 
 
 class _Preview:
@@ -379,7 +387,7 @@ def _init_params(declared: dict, modules: dict, shardings: dict, config, mesh, k
     params = {}
     for i, name in enumerate(sorted(declared)):
         kind, model_cfg = declared[name]
-        folder = Path(config.init_from) / name if config.init_from else None
+        folder = as_path(config.init_from) / name if config.init_from else None
         if folder is not None and folder.exists():
             _, _, params[name] = load_model(folder, kind=kind, shardings=shardings[name])
             continue
@@ -402,10 +410,11 @@ def initial_models(config, mesh=None) -> tuple[dict, dict]:
     return modules, _init_params(declared, modules, shardings, config, mesh, key)
 
 
-def _tokenizer(config, workdir: Path, main: bool) -> str:
+def _tokenizer(config, workdir: epath.Path, main: bool) -> str:
     """The run's tokenizer folder, WORKDIR/tokenizer (or "" for none): `data.tokenizer` "synthetic" writes the
     synthetic vocabulary there, "init_from" copies the init_from folder's `tokenizer/`, a path copies that folder
-    (a workdir holds everything its stage's inference needs)."""
+    (a workdir holds everything its stage's inference needs). Process 0 writes it whole (`utils.files.atomic_dir`);
+    the others wait for it."""
     tok = config.data.tokenizer
     if not tok:
         return ""
@@ -413,15 +422,16 @@ def _tokenizer(config, workdir: Path, main: bool) -> str:
     if tok == "init_from":
         if not config.init_from:
             raise ValueError("data.tokenizer='init_from' needs config.init_from (a folder with tokenizer/)")
-        tok = str(Path(config.init_from) / "tokenizer")
-    if main and not dst.exists():
+        tok = str(as_path(config.init_from) / "tokenizer")
+    if main and not is_complete(dst):
         if tok == "synthetic":
             from magdiff_jax.data.synthetic import write_tokenizer
 
-            write_tokenizer(dst)
-        elif Path(tok).is_dir():
-            shutil.copytree(tok, dst.with_name(".tokenizer.partial"), dirs_exist_ok=True)
-            dst.with_name(".tokenizer.partial").rename(dst)
+            with atomic_dir(dst) as tmp:
+                write_tokenizer(tmp)
+        elif as_path(tok).is_dir():
+            with atomic_dir(dst) as tmp:
+                copy_tree(as_path(tok), tmp)
         else:
             raise FileNotFoundError(f"data.tokenizer: {tok} is not a tokenizer folder")
     barrier("tokenizer")
@@ -431,7 +441,7 @@ def _tokenizer(config, workdir: Path, main: bool) -> str:
 UNRESTORABLE = "checkpoints.unrestorable"  # where a checkpoint that cannot be restored is moved, for inspection
 
 
-def _restore_newest(mgr, workdir: Path, args, main: bool):
+def _restore_newest(mgr, workdir: epath.Path, args, main: bool):
     """(step, restored items) of the newest checkpoint that restores. A newer one that cannot be restored (files
     missing or truncated by a crash) is reported by its step and path and moved to WORKDIR/checkpoints.unrestorable/
     (kept for inspection; left where it was, Orbax would refuse to save that step again and its keep-N would delete
@@ -449,13 +459,13 @@ def _restore_newest(mgr, workdir: Path, args, main: bool):
         if failures:
             if main:
                 aside = workdir / UNRESTORABLE
-                aside.mkdir(exist_ok=True)
+                aside.mkdir(parents=True, exist_ok=True)
                 for bad, _ in failures:
                     dst = aside / str(bad)
                     n = 1
                     while dst.exists():
                         dst, n = aside / f"{bad}.{n}", n + 1
-                    shutil.move(str(workdir / stage_files.CHECKPOINTS / str(bad)), dst)
+                    move_tree(workdir / stage_files.CHECKPOINTS / str(bad), dst)
                     logging.warning("moved the unrestorable checkpoint %d to %s", bad, dst)
             barrier("unrestorable checkpoints moved")
             mgr.reload()
@@ -465,13 +475,13 @@ def _restore_newest(mgr, workdir: Path, args, main: bool):
                             f"({workdir / stage_files.CHECKPOINTS / str(step)}): {reason}")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def _truncate_metrics(path: epath.Path, step: int) -> None:
     """Drop the lines of metrics.jsonl logged after `step` (the checkpoint resumed from), and any line a crash left
     torn (a kill in the middle of an append)."""
     if not path.exists():
         return
     kept = []
-    for i, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+    for i, line in enumerate(path.read_bytes().decode(errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -485,7 +495,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def train(config, workdir: str | Path) -> dict:
+def train(config, workdir: str | os.PathLike) -> dict:
     """Run (or resume) training in `workdir`, with the CPU tuning (`magdiff_jax.cpu`) on where JAX's backend is the
     CPU. Returns the last logged metrics."""
     from magdiff_jax.train import distributed
@@ -502,12 +512,12 @@ def train(config, workdir: str | Path) -> dict:
         return _train(config, workdir)
 
 
-def _train(config, workdir: str | Path) -> dict:
+def _train(config, workdir: str | os.PathLike) -> dict:
     from magdiff_jax.data.pipeline import default_report_path, make_dataset, process_rows
     from magdiff_jax.train import distributed
 
     # --- processes and mesh -------------------------------------------------------------------------------------
-    workdir = Path(workdir).absolute()
+    workdir = as_path(workdir)
     main = jax.process_index() == 0
     check_config(config, jax.device_count(), jax.process_count())
     mesh = shd.make_mesh(dict(config.mesh), dcn_sizes=dict(config.mesh_dcn))
@@ -718,7 +728,7 @@ def _train(config, workdir: str | Path) -> dict:
         params = inference_params()
         stage = stage_files.Stage(task.name, step, config, {n: declared[n][0] for n in names},
                                   {n: modules[n] for n in names}, {n: params[n] for n in names},
-                                  Path(data_cfg.tokenizer) if data_cfg.tokenizer else None, workdir)
+                                  as_path(data_cfg.tokenizer) if data_cfg.tokenizer else None, workdir)
         stage_files.save_stage(stage, workdir / "export", overwrite=True)
         logging.info("exported step %d to %s", step, workdir / "export")
     return last

@@ -1,5 +1,5 @@
-"""Pictures for people: contact sheets of clips with their captions, written as PNG atomically; and CLIP's pixel
-normalisation.
+"""Pictures for people: contact sheets of clips with their captions, written as PNG atomically (locally or to an
+object store); and CLIP's pixel normalisation.
 
 Used by `magdiff-jax data inspect`, the trainer's preview samples and the demo.
 """
@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import textwrap
-from pathlib import Path
 
 import numpy as np
+from etils import epath
 
 from magdiff_jax.utils.files import atomic_path
 
@@ -52,10 +52,11 @@ def contact_sheet(videos, captions=None, cell: int = 96, max_frames: int = 8, pa
     return np.concatenate(rows, axis=0)
 
 
-def save_png(path: str | os.PathLike, image: np.ndarray) -> Path:
-    """Write a uint8 image as PNG through a temporary file and a rename (never half-written)."""
+def save_png(path: str | os.PathLike, image: np.ndarray) -> epath.Path:
+    """Write a uint8 image as PNG, never half-written (`utils.files.atomic_path`); `path` local or in an object
+    store."""
     from PIL import Image
 
     with atomic_path(path) as tmp:
         Image.fromarray(np.asarray(image)).save(tmp, format="PNG")
-    return Path(path)
+    return epath.Path(path)

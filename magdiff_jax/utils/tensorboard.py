@@ -23,9 +23,10 @@ import os
 import socket
 import struct
 import time
-from pathlib import Path
 
 import numpy as np
+
+from magdiff_jax.utils.files import GrowingFile, as_path
 
 
 def _crc32c_table() -> list[int]:
@@ -105,20 +106,20 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 class EventWriter:
-    """Appends events to a new `events.out.tfevents.<time>.<host>.<pid>` file in `logdir`; every write is
-    flushed, so a killed run keeps what it logged (TensorBoard reads all the files of a folder)."""
+    """Appends events to a new `events.out.tfevents.<time>.<host>.<pid>` file in `logdir` (local or in an object
+    store: `utils.files.GrowingFile`); every write is flushed, so a killed run keeps what it logged (TensorBoard
+    reads all the files of a folder, and rereads a file that grew)."""
 
     def __init__(self, logdir: str | os.PathLike):
-        self.logdir = Path(logdir)
+        self.logdir = as_path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
         self.path = self.logdir / name
-        self._fh = open(self.path, "ab")  # noqa: SIM115 (closed by close())
+        self._file = GrowingFile(self.path)
         self._write(_event(file_version="brain.Event:2"))
 
     def _write(self, event: bytes) -> None:
-        self._fh.write(tfrecord(event))
-        self._fh.flush()
+        self._file.append(tfrecord(event))
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         summary = b"".join(_field_bytes(1, _field_bytes(1, tag.encode()) + _field_float(2, float(v)))
@@ -136,8 +137,7 @@ class EventWriter:
         self._write(_event(step, summary=_field_bytes(1, _field_bytes(1, tag.encode()) + _field_bytes(4, img))))
 
     def close(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        self._file.close()
 
     def __enter__(self):
         return self
