@@ -92,22 +92,25 @@ def _pids_of_process(index: int, marker: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if f"MAGDIFF_PROCESS_ID={index}".encode() in environ and marker in cmdline and "magdiff_jax.cli" in cmdline:
+        if f"MAGDIFF_PROCESS_ID={index}".encode() in environ and marker in cmdline and "magdiff" in cmdline:
             found.append(int(entry.name))
     return found
 
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
-    """SIGTERM reaches process 1 of 2 alone: both agree on the step to stop at (distributed.StopVote), both save
-    it (one checkpoint) and exit 0, and the launch succeeds."""
+    """Two processes with their workdir in a bucket (gs://, tests/fake_gcs.py in each process): SIGTERM reaches
+    process 1 alone; both agree on the step to stop at (distributed.StopVote), both save it (one checkpoint, in the
+    bucket) and exit 0, and the launch succeeds; nothing lands in a local `gs:` folder."""
     import signal
 
-    run = tmp_path / "run"
-    args = th.cli_args(run, "micro", steps=1000, ckpt_every=1000, progress=False)
+    run = tmp_path / "bucket" / "run"  # gs://bucket/run
+    args = th.cli_args("gs://bucket/run", "micro", steps=1000, ckpt_every=1000, progress=False)
+    assert args[1:4] == ["-m", "magdiff_jax.cli", "train"]
+    command = [sys.executable, str(th.ROOT / "tests" / "fake_gcs.py"), str(tmp_path), "--", "magdiff-jax", *args[3:]]
     launch = th.ROOT / "launch" / "local_multiprocess.sh"
-    proc = th.start(["bash", str(launch), "-n", "2", "-d", "1", "--", *args], tmp_path / "log.txt")
+    proc = th.start(["bash", str(launch), "-n", "2", "-d", "1", "--", *command], tmp_path / "log.txt")
     th.wait_for_step(proc, run, 2, timeout=600)
-    pids = _pids_of_process(1, str(run))
+    pids = _pids_of_process(1, "gs://bucket/run")
     assert pids, th.output(proc)[-3000:]
     for pid in pids:
         os.kill(pid, signal.SIGTERM)
@@ -119,6 +122,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert all(f"saved step {saved}, stopping" in line for line in stopped.values()), stopped
     assert "SIGTERM" in stopped["[1]"] and "another process" in stopped["[0]"], stopped
     assert 2 <= saved < 1000 and max(th.losses(run)) == saved
+    assert (run / "config.json").is_file() and not (th.ROOT / "gs:").exists()
 
 
 def test_restore_on_another_mesh(one_device, tmp_path):
