@@ -92,3 +92,18 @@ def wait_for_step(proc: subprocess.Popen, workdir, step: int, timeout: float = 3
         time.sleep(0.02)
     proc.kill()
     raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def reference_run(workdir) -> tuple[Path, dict[int, float]]:
+    """The scale tests' reference: micro on 1 device, 5 steps, checkpoints at 3 and 5 -> (workdir, losses)."""
+    from magdiff_jax.train.trainer import train
+
+    train(config("micro", steps=5, ckpt_every=3), workdir)
+    return Path(workdir), losses(workdir)
+
+
+def close(got: dict, ref: dict, steps) -> None:
+    """Logged losses `got` are `ref`'s at `steps`, within 1e-5 relative."""
+    assert sorted(got) == list(steps), sorted(got)
+    for s in steps:
+        assert abs(got[s] - ref[s]) <= 1e-5 * abs(ref[s]), (s, got[s], ref[s])
