@@ -182,7 +182,8 @@ def model_rules(config, name: str, kind: str) -> shd.Rules:
 
 
 class _Stop:
-    """SIGTERM / SIGINT set a flag; the loop finishes its step, saves, and returns."""
+    """SIGTERM / SIGINT set a flag, which the loop hands to `distributed.StopVote`: the processes agree on a step,
+    train to it, save it and return."""
 
     def __init__(self):
         self.requested = None
