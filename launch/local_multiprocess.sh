@@ -2,7 +2,7 @@
 # Start N JAX processes of one command on this machine: multi-process training and tests without a cluster.
 #
 #   launch/local_multiprocess.sh -n 2 -d 4 -- magdiff-jax train --config configs/t2i.py:tiny --workdir /tmp/run
-#   launch/local_multiprocess.sh 2 -- python -m magdiff_jax.train.distributed --check
+#   launch/local_multiprocess.sh 2 -- python -m magdiff_jax.distributed --check
 #
 # Usage: local_multiprocess.sh (-n N | N) [-d DEVICES_PER_PROCESS] [-g GPUS_PER_PROCESS] [-p PORT] -- COMMAND...
 #   -n N     number of processes (or N as the first argument)
@@ -14,7 +14,7 @@
 #   DRY_RUN=1  print each process's command line (with its MAGDIFF_* variables) instead, and exit 0
 #
 # Process i runs COMMAND with MAGDIFF_COORDINATOR=localhost:PORT, MAGDIFF_NUM_PROCESSES=N and
-# MAGDIFF_PROCESS_ID=i (magdiff_jax.train.distributed.initialize reads them). Its output goes to stdout, each
+# MAGDIFF_PROCESS_ID=i (magdiff_jax.distributed.initialize reads them). Its output goes to stdout, each
 # line prefixed "[i] "; with LOG_DIR set it is also written, unprefixed, to $LOG_DIR/process_i.log.
 #
 # The script waits for all processes. When one fails, the others get SIGTERM (SIGKILL after KILL_GRACE seconds,

@@ -5,7 +5,7 @@
 #
 #   TPU_NAME=my-v5p-64 ZONE=us-east5-a launch/tpu_pod.sh -s -- \
 #       magdiff-jax train --config configs/magdiff.py:base --workdir gs://my-bucket/runs/magdiff
-#   launch/tpu_pod.sh -n my-v5p-64 -z us-east5-a -F -- python -m magdiff_jax.train.distributed --check
+#   launch/tpu_pod.sh -n my-v5p-64 -z us-east5-a -F -- python -m magdiff_jax.distributed --check
 #   launch/tpu_pod.sh -n my-v5p-64 -z us-east5-a -k          # stop: SIGTERM, the trainer saves a checkpoint
 #
 # Usage: tpu_pod.sh [options] -- COMMAND...   or   tpu_pod.sh [options] -k

@@ -9,7 +9,9 @@ The layering, top to bottom:
     data/  convert/     sources, Grain, TFDS  |  PyTorch mapping tables and safetensors, attached to registered models
     export/  cpu/       one model or a whole stage on disk (Orbax + JSON)  |  the CPU tuning, switched on once
     models/             the registry (name -> config, builder, example inputs) and the models
-    layers/  diffusion/  sharding     building blocks  |  schedules, samplers, losses  |  mesh and logical axes
+    layers/  diffusion/  sharding  distributed
+                        building blocks  |  schedules, samplers, losses  |  mesh and logical axes  |  processes
+                        (multi-host start-up, barriers, the agreed stop)
     utils/              files, images, errors, FLOPs, PRNG
 
 Each line imports only lines below it (tests/test_layering.py reads every import statement and checks this, and that

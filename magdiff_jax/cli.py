@@ -424,7 +424,7 @@ COMMANDS = {"convert": _convert, "data": _data, "train": _train, "export": _expo
 def setup_logging() -> None:
     """INFO and above to stderr; on processes other than 0 of a multi-process job, WARNING and above only (from
     `distributed.initialize` on, when the process index is known: `distributed.MainProcessInfo`)."""
-    from magdiff_jax.train import distributed
+    from magdiff_jax import distributed
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO lines
@@ -436,7 +436,7 @@ def setup_logging() -> None:
 def main(args: argparse.Namespace) -> None:
     setup_logging()
     COMMANDS[args.command](args)
-    from magdiff_jax.train import distributed
+    from magdiff_jax import distributed
 
     distributed.exit_multiprocess(0)  # one process of several: past a teardown that can hang (see there)
 

@@ -40,6 +40,9 @@ def cwd(tmp_path, monkeypatch):
     _no_escape(tmp_path)
 
 
+MICRO = ("micro", "t2i")  # one-block models (the machinery is under test); trainable="" below: the U-Net alone
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """(bucket root, local straight workdir): 2N uninterrupted local steps (no export), and the same run in
@@ -49,11 +52,11 @@ def runs(tmp_path_factory):
     root, local, cwd = (tmp_path_factory.mktemp(n) for n in ("bucket", "straight", "cwd"))
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(cwd)
-        train(th.config(steps=2 * N, ckpt_every=N, export=False), local)
+        train(th.config(*MICRO, steps=2 * N, ckpt_every=N, export=False, trainable=""), local)
         with fake_gcs(root):
-            train(th.config(steps=N, ckpt_every=N, export=False), "gs://bucket/run")
+            train(th.config(*MICRO, steps=N, ckpt_every=N, export=False, trainable=""), "gs://bucket/run")
             assert not (root / "bucket" / "run" / "export").exists()
-            train(th.config(steps=2 * N, ckpt_every=N), "gs://bucket/run")
+            train(th.config(*MICRO, steps=2 * N, ckpt_every=N, trainable=""), "gs://bucket/run")
     _no_escape(cwd)
     return root, local
 

@@ -13,7 +13,7 @@ def test_compilation_cache_dir_receives_the_run_programs(tmp_path):
     env_cache.mkdir()
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(env_cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    args = th.cli_args(tmp_path / "run", steps=1, export=False, compilation_cache_dir=str(cache))
+    args = th.cli_args(tmp_path / "run", "micro", steps=1, export=False, compilation_cache_dir=str(cache))
     proc = subprocess.run(args, cwd=th.ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     entries = [p for p in cache.rglob("*") if p.is_file()]

@@ -10,8 +10,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from magdiff_jax.train import distributed
-from magdiff_jax.train.distributed import resolve
+from magdiff_jax import distributed
+from magdiff_jax.distributed import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "local_multiprocess.sh"
@@ -36,7 +36,7 @@ def _launch(*args, env=None, timeout=120):
 
 
 def test_two_processes_sum_across_processes():
-    proc = _launch("-n", "2", "-d", "2", "--", sys.executable, "-m", "magdiff_jax.train.distributed", "--check")
+    proc = _launch("-n", "2", "-d", "2", "--", sys.executable, "-m", "magdiff_jax.distributed", "--check")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     reports = {}
     for line in proc.stdout.splitlines():
@@ -64,7 +64,7 @@ from absl import app
 def body(argv):
     import jax
     from magdiff_jax import cli, sharding
-    from magdiff_jax.train import distributed
+    from magdiff_jax import distributed
     cli.setup_logging()
     logging.info("info before initialize")
     distributed.initialize()

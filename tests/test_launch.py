@@ -87,9 +87,9 @@ def test_tpu_pod_installs_then_starts_detached_with_a_log_per_worker():
     assert 'echo $! >"$HOME"/magdiff_logs/$(hostname).pid' in remote
     [start] = _dry_run("tpu_pod.sh", "-n", "t", "-z", "z", "-l", "/data/logs", "--", *TRAIN, LOG_DIR="ignored")
     assert ">/data/logs/$(hostname).log 2>&1 </dev/null &" in _remote(start)
-    [attached] = _dry_run("tpu_pod.sh", "-F", "--", "python", "-m", "magdiff_jax.train.distributed", "--check",
+    [attached] = _dry_run("tpu_pod.sh", "-F", "--", "python", "-m", "magdiff_jax.distributed", "--check",
                           TPU_NAME="t", ZONE="z")
-    assert _remote(attached).endswith("exec python -m magdiff_jax.train.distributed --check")
+    assert _remote(attached).endswith("exec python -m magdiff_jax.distributed --check")
     [stop] = _dry_run("tpu_pod.sh", "-n", "t", "-z", "z", "-k")
     assert "kill -TERM -- -$pid" in _remote(stop)
 
@@ -157,7 +157,7 @@ def test_slurm_srun_gets_cpus_per_task_and_the_gpu_binding(tasks_per_node, gpus,
     check, train = [words for words in lines if words[0] == "srun"]
     resources = ["--kill-on-bad-exit=1", f"--cpus-per-task={cpus}", f"--gpus-per-task={gpus}",
                  f"--gpu-bind=per_task:{gpus}"]
-    assert check == ["srun", *resources, "python", "-m", "magdiff_jax.train.distributed", "--check"]
+    assert check == ["srun", *resources, "python", "-m", "magdiff_jax.distributed", "--check"]
     assert train == ["srun", *resources, "magdiff-jax", "train", "--config", "configs/magdiff.py:base", "--workdir",
                      "/shared/runs/a b", "--config.steps=10"]
     header = (LAUNCH / "slurm_gpu.sbatch").read_text()

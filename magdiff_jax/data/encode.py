@@ -44,7 +44,7 @@ multi-process job) process 0 writes `encoded.json`, and `EncodedSource` checks t
 A process refuses a folder holding anything but the other processes' files of the same encoding unless
 `overwrite`, which replaces its own earlier files.
 
-`magdiff-jax data encode` starts multi-process JAX from the environment first (`train.distributed.initialize`, as
+`magdiff-jax data encode` starts multi-process JAX from the environment first (`distributed.initialize`, as
 the trainer does: `launch/local_multiprocess.sh`, TPU pods, SLURM, MPI), so each process knows its index.
 
 Reading is `data/encoded.py`'s (`EncodedSource`, `encoded_loader`).
@@ -400,7 +400,7 @@ def encode_dataset(data_cfg, *, vae_dir, text_encoder_dir, tokenizer_dir, out_di
     _write_json(out / f"{stem}.json", shard_meta)
     logging.info("encode: process %d wrote %d examples (%d bad) to %s", index, num_written, num_bad, final)
 
-    from magdiff_jax.train import distributed
+    from magdiff_jax import distributed
 
     distributed.sync("magdiff_data_encode_shards_written")  # the index only once every shard is there
     if index == 0:
@@ -503,8 +503,8 @@ def encode_config_from_args(args):
 
 def run_encode_cli(args: argparse.Namespace) -> Path:
     """`magdiff-jax data encode`: this process (jax.process_index() of jax.process_count(), after
-    `train.distributed.initialize()` from the environment) encodes its shard."""
-    from magdiff_jax.train import distributed
+    `distributed.initialize()` from the environment) encodes its shard."""
+    from magdiff_jax import distributed
 
     distributed.initialize()  # before anything touches JAX: every process learns its index
     root = Path(args.pipeline) if args.pipeline else None

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import traverse_util
 
+from magdiff_jax.distributed import sync
 from magdiff_jax.models.registry import ConfigError, config_from_dict, config_to_dict, get_model
 from magdiff_jax.utils.files import (
     as_path,
@@ -40,13 +41,6 @@ from magdiff_jax.utils.files import (
 FORMAT = "magdiff_jax"
 META = "config.json"
 PARAMS = "params"
-
-
-def barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 @contextlib.contextmanager
@@ -66,10 +60,10 @@ def folder_written_whole(dst: str | os.PathLike, overwrite: bool):
         else:
             shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, exist_ok=remote)
-    barrier(f"write:{dst}:start")
+    sync(f"write:{dst}:start")
     try:
         yield tmp
-        barrier(f"write:{dst}:written")
+        sync(f"write:{dst}:written")
         if main:
             if remote:
                 mark_complete(tmp)
@@ -82,7 +76,7 @@ def folder_written_whole(dst: str | os.PathLike, overwrite: bool):
             else:
                 shutil.rmtree(tmp, ignore_errors=True)
         raise
-    barrier(f"write:{dst}:done")
+    sync(f"write:{dst}:done")
 
 
 def save_model(kind: str, module, params, dst: str | os.PathLike, overwrite: bool = False) -> epath.Path:

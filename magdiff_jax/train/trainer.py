@@ -60,11 +60,10 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from magdiff_jax import cpu
+from magdiff_jax import cpu, distributed
 from magdiff_jax import sharding as shd
 from magdiff_jax.data.transforms import normalize_example
 from magdiff_jax.export import stage as stage_files
-from magdiff_jax.export.model import barrier
 from magdiff_jax.models.registry import get_model
 from magdiff_jax.train import groups as grp
 from magdiff_jax.train import optim
@@ -435,7 +434,7 @@ def _tokenizer(config, workdir: epath.Path, main: bool) -> str:
                 copy_tree(as_path(tok), tmp)
         else:
             raise FileNotFoundError(f"data.tokenizer: {tok} is not a tokenizer folder")
-    barrier("tokenizer")
+    distributed.sync("tokenizer")
     return str(dst)
 
 
@@ -468,7 +467,7 @@ def _restore_newest(mgr, workdir: epath.Path, args, main: bool):
                         dst, n = aside / f"{bad}.{n}", n + 1
                     move_tree(workdir / stage_files.CHECKPOINTS / str(bad), dst)
                     logging.warning("moved the unrestorable checkpoint %d to %s", bad, dst)
-            barrier("unrestorable checkpoints moved")
+            distributed.sync("unrestorable checkpoints moved")
             mgr.reload()
         return step, restored
     step, reason = failures[0]
@@ -499,7 +498,6 @@ def _truncate_metrics(path: epath.Path, step: int) -> None:
 def train(config, workdir: str | os.PathLike) -> dict:
     """Run (or resume) training in `workdir`, with the CPU tuning (`magdiff_jax.cpu`) on where JAX's backend is the
     CPU. Returns the last logged metrics."""
-    from magdiff_jax.train import distributed
 
     distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
                            config.distributed.process_id)  # before anything starts a JAX backend
@@ -515,7 +513,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
 def _train(config, workdir: str | os.PathLike) -> dict:
     from magdiff_jax.data.pipeline import default_report_path, make_dataset, process_rows
-    from magdiff_jax.train import distributed
 
     # --- processes and mesh -------------------------------------------------------------------------------------
     workdir = as_path(workdir)

@@ -22,7 +22,7 @@ each task the single GPU of its local rank); `JAX_LOCAL_DEVICE_IDS` or the `loca
 `resolve` is the decision alone (a mapping of environment variables in, a plan out, nothing touched);
 `initialize` carries it out.
 
-    python -m magdiff_jax.train.distributed --check
+    python -m magdiff_jax.distributed --check
 
 initialises from the environment and prints one JSON line per process with a cross-process sum: the smoke test of
 the launch scripts (`launch/README.md`).
@@ -462,7 +462,7 @@ def check() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m magdiff_jax.train.distributed",
+        prog="python -m magdiff_jax.distributed",
         description="Multi-process smoke test: initialise JAX from the environment (MAGDIFF_* variables, TPU pod, "
                     "SLURM, Open MPI, or one process) and sum across all processes.")
     parser.add_argument("--check", action="store_true",
