@@ -1,7 +1,7 @@
 """Several processes on fake CPU devices, started by launch/local_multiprocess.sh, each run logging the losses of
-one device: 2 processes x 4 devices on mesh data=2 x fsdp=2 x tensor=2 (with a preview of more examples than a
-process loads); a tensor axis spanning 2 processes (both load every row), then resumed on one process; SIGTERM to
-one of two processes, the workdir in a (fake) gs:// bucket. The models are configs/t2i.py:micro."""
+one device: 2 processes x 4 devices on mesh data=2 x fsdp=2 x tensor=2; a tensor axis spanning 2 processes (both
+load every row), then resumed on one process; SIGTERM to one of two processes, the workdir in a (fake) gs://
+bucket, with a preview of more examples than a process loads. The models are configs/t2i.py:micro."""
 
 import os
 import subprocess
@@ -47,14 +47,11 @@ def test_a_model_axis_across_processes_then_a_resume_on_one(one_device, tmp_path
 def test_two_processes_log_the_losses_of_one(one_device, tmp_path):
     """2 processes x 4 devices, mesh data=2 x fsdp=2 x tensor=2 (8 fake devices, parameters split over fsdp and
     tensor, batch over data and fsdp): the losses of 1 device over 3 steps (two updates; each step
-    takes ~3 s on 2 processes x 4 fake devices), and a preview of more examples than one process loads."""
-    # a preview of 6 examples at step 3: more than a process's 4 rows, gathered from both
-    args = th.cli_args(tmp_path / "run", "micro", steps=3, **D2F2T2, **{"preview.every": 3, "preview.num": 6,
-                                                                         "preview.num_steps": 2})
+    takes ~3 s on 2 processes x 4 fake devices)."""
+    args = th.cli_args(tmp_path / "run", "micro", steps=3, **D2F2T2)
     _launch(2, 4, args)
     th.close(th.losses(tmp_path / "run"), one_device[1], range(1, 4))
     assert th.checkpoints(tmp_path / "run") == [3]
-    assert (tmp_path / "run" / "samples" / "step_0000003.png").is_file()
 
 
 def _pids_of_process(index: int, marker: str) -> list[int]:
@@ -74,13 +71,16 @@ def _pids_of_process(index: int, marker: str) -> list[int]:
 
 
 def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
-    """Two processes with their workdir in a bucket (gs://, tests/fake_gcs.py in each process): SIGTERM reaches
-    process 1 alone; both agree on the step to stop at (distributed.StopVote), both save it (one checkpoint, in the
-    bucket) and exit 0, and the launch succeeds; nothing lands in a local `gs:` folder."""
+    """Two processes with their workdir in a bucket (gs://, tests/fake_gcs.py in each process), previewing more
+    examples than one process loads (rows gathered from both): SIGTERM reaches process 1 alone; both agree on the
+    step to stop at (distributed.StopVote), both save it (one checkpoint, in the bucket) and exit 0, and the launch
+    succeeds; nothing lands in a local `gs:` folder."""
     import signal
 
     run = tmp_path / "bucket" / "run"  # gs://bucket/run
-    args = th.cli_args("gs://bucket/run", "micro", steps=1000, ckpt_every=1000, progress=False)
+    # a preview at step 2 of 6 examples: more than a process's 4 rows (batch 8 over data=2), gathered from both
+    args = th.cli_args("gs://bucket/run", "micro", steps=1000, ckpt_every=1000, progress=False,
+                       **{"preview.every": 2, "preview.num": 6, "preview.num_steps": 2})
     assert args[1:4] == ["-m", "magdiff_jax.cli", "train"]
     command = [sys.executable, str(th.ROOT / "tests" / "fake_gcs.py"), str(tmp_path), "--", "magdiff-jax", *args[3:]]
     launch = th.ROOT / "launch" / "local_multiprocess.sh"
@@ -98,6 +98,7 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
     assert all(f"saved step {saved}, stopping" in line for line in stopped.values()), stopped
     assert "SIGTERM" in stopped["[1]"] and "another process" in stopped["[0]"], stopped
     assert 2 <= saved < 1000 and max(th.losses(run)) == saved
+    assert (run / "samples" / "step_0000002.png").is_file()
     assert (run / "config.json").is_file() and not (th.ROOT / "gs:").exists()
 
 
