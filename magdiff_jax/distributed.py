@@ -337,6 +337,29 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def rows_over_devices(arrays: dict) -> dict:
+    """Arrays that every process holds whole, split by rows over all devices of all processes (each process hands
+    its own devices their rows; the row count must divide over the devices): a sampling batch on several devices."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.asarray(jax.devices()), ("rows",)), PartitionSpec("rows"))
+    return {k: jax.make_array_from_callback(np.shape(v), sharding, lambda index, v=v: np.asarray(v)[index])
+            for k, v in arrays.items()}
+
+
+def to_host(x):
+    """`x` as one numpy array on every process: gathered first where some of its rows are on other processes'
+    devices (numpy refuses an array that is neither fully addressable nor fully replicated)."""
+    import numpy as np
+
+    if not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 class StopVote:
     """The step at which every process stops after a signal (SIGTERM, Ctrl-C) reached one of them, or several at
     different times, agreed through the coordination service's key-value store (host to host: no device is waited

@@ -76,6 +76,13 @@ def body(argv):
               "data": [sorted({d.process_index for d in devices[i].flat}) for i in range(devices.shape[0])],
               "tensor": [sorted({d.process_index for d in devices[i, 0, :, 0]}) for i in range(devices.shape[0])]}
     print("MESH " + json.dumps(report), flush=True)
+    import numpy as np
+    full = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)  # every process holds all rows
+    x = distributed.rows_over_devices({"x": full})["x"]
+    y = distributed.to_host(jax.jit(lambda a: a * 2)(x))
+    rows = {"split": not x.is_fully_addressable, "local_rows": sorted(int(s.data[0, 0]) // 3 for s in
+            x.addressable_shards), "equal": bool(np.array_equal(y, full * 2))}
+    print("ROWS " + json.dumps(rows), flush=True)
     distributed.exit_multiprocess(0)
 
 app.run(body)
@@ -103,6 +110,18 @@ def test_hybrid_mesh_spans_processes_with_data_and_keeps_tensor_local(mesh_and_l
         assert r["shape"] == {"data": 2, "fsdp": 1, "tensor": 2, "context": 1}
         assert r["data"] == [[0], [1]]
         assert r["tensor"] == [[0], [1]]
+
+
+def test_sampling_rows_split_over_processes_and_gather_back(mesh_and_logs):
+    """distributed.rows_over_devices / to_host (MagDiffPipeline's multi-device batch and output): each process gives
+    its own 2 devices their 2 of 8 rows, and the result, on devices of both processes, comes back whole to each."""
+    reports = {}
+    for line in mesh_and_logs.splitlines():
+        tag, _, rest = line.partition(" ")
+        if rest.startswith("ROWS "):
+            reports[int(tag.strip("[]"))] = json.JSONDecoder().raw_decode(rest[5:])[0]
+    assert reports == {0: {"split": True, "local_rows": [0, 2], "equal": True},
+                       1: {"split": True, "local_rows": [4, 6], "equal": True}}, mesh_and_logs
 
 
 def test_info_logs_from_process_0_only(mesh_and_logs):

@@ -27,7 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax import cpu
+from magdiff_jax import cpu, distributed
 from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig, sample_loop
 from magdiff_jax.models.magdiff import black_subject, subject_condition, subject_keys
 from magdiff_jax.models.vae import decode_video, encode_video
@@ -178,22 +178,14 @@ class MagDiffPipeline:
             self._fns[settings] = self._compile(sizes, self.stage.schedule, *settings)
         n, d = len(examples), jax.device_count()
         if n % d == 0 and d > 1:  # every process holds every example: each gives its devices their rows
-            mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("batch",))
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-            batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index])
-                     for k, v in batch.items()}
+            batch = distributed.rows_over_devices(batch)
         keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
         if progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=num_steps, desc="denoising", unit="step", initial=0)
         try:
-            out = self._fns[settings](self.stage.params, normalize_example(batch), keys)
-            if not out.is_fully_addressable:  # rows on other processes' devices: gathered, every process gets all
-                from jax.experimental import multihost_utils
-
-                out = multihost_utils.process_allgather(out, tiled=True)
-            out = np.asarray(out)
+            out = distributed.to_host(self._fns[settings](self.stage.params, normalize_example(batch), keys))
         finally:
             if self._bar is not None:
                 self._bar.close()
