@@ -86,12 +86,17 @@ def test_folder_dataset_on_gcs_reads_like_the_local_folder(clips, tmp_path, monk
                           report_path=f"gs://bucket/run/{REPORT_NAME}")
         src = VideoCaptionFolder("gs://bucket/clips")
         assert str(src[0]["video"]) == "gs://bucket/clips/videos/00000.mp4"
+        from magdiff_jax.data.summary import inspect_dataset
+
+        summary = inspect_dataset("gs://bucket/clips", num=2)  # `data inspect`: its contact sheet in the bucket
+        assert summary["contact_sheet"] == "gs://bucket/clips/contact_sheet.png" and summary["sampled"] == 2
     assert [list(b["key"]) for b in remote] == [list(b["key"]) for b in local]
     for a, b in zip(local, remote, strict=True):
         np.testing.assert_array_equal(a["video"], b["video"])
         np.testing.assert_array_equal(a["mask"], b["mask"])
     report = json.loads((bucket / "bucket" / "run" / REPORT_NAME).read_text())
     assert report["bad"] == [{"key": "videos/missing.mp4", "reason": "video videos/missing.mp4 does not exist"}]
+    assert (bucket / "bucket" / "clips" / "contact_sheet.png").is_file()
     assert not (tmp_path / "gs:").exists()
 
 

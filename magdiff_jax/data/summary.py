@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
@@ -19,11 +18,12 @@ from magdiff_jax.data.bad_input import BadInput
 from magdiff_jax.data.sources import ANNOTATION_NAMES, ImageCaptionFolder, VideoCaptionFolder, read_rows
 from magdiff_jax.data.transforms import confined
 from magdiff_jax.data.video_io import VideoError, probe, read_frames
+from magdiff_jax.utils.files import user_path
 
 
 def open_dataset(path: str | os.PathLike):
     """The source for a dataset folder of any kind this package writes or reads (module docstring)."""
-    root = Path(path)
+    root = user_path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: not a folder")
     if (root / "encoded.json").is_file():
@@ -94,7 +94,7 @@ def inspect_dataset(path: str | os.PathLike, out: str | os.PathLike | None = Non
         undecodable=problems,
     )
     if videos:
-        sheet = Path(out) if out is not None else Path(path) / "contact_sheet.png"
+        sheet = user_path(out) if out is not None else user_path(path) / "contact_sheet.png"
         summary["contact_sheet"] = str(save_png(sheet, contact_sheet(videos, captions)))
     return summary
 
