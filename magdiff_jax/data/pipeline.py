@@ -68,8 +68,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.worker_count = 0  # worker processes decoding examples (0: in the main process)
     c.worker_buffer_size = 2
-    c.read_threads = 4  # threads loading examples in each process (Grain's default of 16 oversubscribes workers)
-    c.read_prefetch = 8  # examples read ahead per process (Grain's default of 500 can hold tens of GB of clips)
+    c.read_threads = 4  # threads loading examples (training: batches) in each process (Grain's 16 oversubscribes)
+    c.read_prefetch = 8  # examples read ahead per process, training: at least read_threads batches (Grain's default
+    # of 500 can hold tens of GB of clips)
     c.prefetch = 2  # batches prefetched by a thread (0: none)
     c.max_bad_fraction = 0.01
     return c
@@ -405,10 +406,13 @@ class TrainBatches:
         return _TrainIterator(self)
 
     def from_batch(self, k: int):
-        """A Grain iterator over batches k, k + 1, ... (read threads, worker processes and a thread prefetch)."""
-        ds = self.batches[k:].to_iter_dataset(read_options=grain.ReadOptions(
-            num_threads=self.config.read_threads,
-            prefetch_buffer_size=max(1, self.config.read_prefetch // len(self.batches.rows))))
+        """A Grain iterator over batches k, k + 1, ... (read threads, worker processes and a thread prefetch). A
+        read thread loads one batch (this process's rows of it): `read_threads` batches load at once, and
+        `read_prefetch` examples' worth of batches, but no fewer than the threads, are read ahead."""
+        threads = self.config.read_threads
+        ahead = max(threads, -(-self.config.read_prefetch // len(self.batches.rows)))
+        ds = self.batches[k:].to_iter_dataset(read_options=grain.ReadOptions(num_threads=threads,
+                                                                             prefetch_buffer_size=ahead))
         if self.config.worker_count > 0:
             ds = ds.mp_prefetch(_mp_options(self.config))
         if self.config.prefetch > 0:
