@@ -4,6 +4,7 @@ Install:  pip install -e .            (core: JAX on CPU, no torch)
           pip install -e ".[test]"    (adds the PyTorch parity peers and the test runners)
           pip install -e ".[cuda]"    (JAX for CUDA 13 GPUs)
           pip install -e ".[tpu]"     (JAX for TPU VMs; includes the gcs extra)
+          pip install -e ".[torch]"   (reads pickle-based .bin/.ckpt weights, with torch.load(weights_only=True))
           pip install -e ".[gcs]"     (gs:// workdirs, datasets and exports, through etils.epath)
 """
 
@@ -32,8 +33,10 @@ CORE = [
     "etils[epath]==1.15.0",  # local and cloud-storage paths (gs://...), as Orbax and TFDS reach them
 ]
 
+TORCH = ["torch==2.13.0"]  # pinned: an unpinned torch pulls several GB of CUDA packages
+
 TEST = [
-    "torch==2.13.0",  # pinned: an unpinned torch pulls several GB of CUDA packages
+    *TORCH,
     "diffusers==0.42.1",
     "pytest==9.2.0",
     "pytest-xdist==3.8.0",  # the suite runs on 2 workers: compile-bound tests parallelise well
@@ -64,6 +67,7 @@ setup(
         "cuda": ["jax[cuda13]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2", *GCS],
         "gcs": GCS,
+        "torch": TORCH,
     },
     entry_points={"console_scripts": ["magdiff-jax=magdiff_jax.cli:run"]},
 )

@@ -160,3 +160,33 @@ def test_core_imports_without_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+class _NotAWeight:
+    """A pickled object of an arbitrary class: weights_only loading must refuse it."""
+
+
+def test_pickled_weights_read_with_weights_only(tmp_path):
+    """`read_weights` reads .bin / .ckpt through torch.load(weights_only=True): nested dicts flatten to dotted keys,
+    a "state_dict" wrapper is unwrapped, bfloat16 survives, scalars beside the weights are skipped."""
+    a, b = torch.randn(3, 4), torch.randn(2).to(torch.bfloat16)
+    torch.save({"image_proj": {"proj.weight": a}, "ip_adapter": {"1.to_k_ip.weight": b}}, tmp_path / "ip.bin")
+    got = sio.read_weights(tmp_path / "ip.bin")
+    assert sorted(got) == ["image_proj.proj.weight", "ip_adapter.1.to_k_ip.weight"]
+    np.testing.assert_array_equal(got["image_proj.proj.weight"], a.numpy())
+    assert got["ip_adapter.1.to_k_ip.weight"].dtype.name == "bfloat16"
+    np.testing.assert_array_equal(got["ip_adapter.1.to_k_ip.weight"].astype(np.float32), b.float().numpy())
+    torch.save({"state_dict": {"x.weight": a}, "global_step": 7}, tmp_path / "mm.ckpt")
+    assert list(sio.read_weights(tmp_path / "mm.ckpt")) == ["x.weight"]
+    safetensors.torch.save_file({"x": a}, tmp_path / "w.safetensors")
+    np.testing.assert_array_equal(sio.read_weights(tmp_path / "w.safetensors")["x"], a.numpy())
+
+
+def test_pickled_weights_with_arbitrary_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    torch.save({"weight": torch.zeros(2), "payload": _NotAWeight()}, path)
+    with pytest.raises(CheckpointFormatError, match=r"evil\.ckpt.*weights-only"):
+        sio.read_weights(path)
+    (tmp_path / "junk.bin").write_bytes(b"not a pickle")
+    with pytest.raises(CheckpointFormatError, match=r"junk\.bin"):
+        sio.read_weights(tmp_path / "junk.bin")

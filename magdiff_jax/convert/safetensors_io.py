@@ -4,6 +4,10 @@ The format is small enough to own: an 8-byte little-endian header length, a JSON
 name to its dtype, shape and byte range, then the raw bytes. Owning it gives bfloat16 support through
 `ml_dtypes` and memory-mapped reads of multi-GB checkpoints.
 
+Pickle-based PyTorch files (`.bin`, `.ckpt`, `.pt`, `.pth`: IP-Adapter and AnimateDiff releases) are read only by
+`read_weights`, through `torch.load(weights_only=True)` (the optional torch extra), which restores tensors and
+containers and refuses any other object; nothing here ever fully unpickles a file.
+
 Files and folders may be local or in an object store (gs://..., through `etils.epath`): a remote file is read
 whole into memory (no memory map) and checked exactly as a local one; a file is written whole
 (`utils.files.write_bytes_whole`: a local rename, or one object).
@@ -54,6 +58,61 @@ def refuse_pickle(path: Path) -> None:
         "`safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')`, or "
         "`Model.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`."
     )
+
+
+def _flatten_state(tree, prefix: str, out: dict, path) -> None:
+    """Nested dicts of tensors (IP-Adapter's {"image_proj": {...}, "ip_adapter": {...}}) -> flat "a.b" keys."""
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            _flatten_state(v, f"{key}.", out, path)
+        elif hasattr(v, "detach") and hasattr(v, "numpy"):
+            t = v.detach().cpu()
+            if str(t.dtype) == "torch.bfloat16":
+                out[key] = t.float().numpy().astype(ml_dtypes.bfloat16)
+            else:
+                out[key] = t.numpy()
+        elif isinstance(v, (int, float, str, bool, type(None))):
+            continue  # training metadata beside the weights (global_step, epoch, ...)
+        else:
+            raise CheckpointFormatError(f"{path}: entry {key!r} is a {type(v).__name__}, not a tensor or a dict of "
+                                        "tensors")
+    return out
+
+
+def read_pickled(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The tensors of a pickle-based PyTorch file, read with `torch.load(weights_only=True)` (tensors, dicts and
+    plain values only; any other object is refused unread). Nested dicts flatten to "a.b" keys and a top-level
+    "state_dict" wrapper (Lightning / AnimateDiff `.ckpt`) is unwrapped. Needs torch (`pip install -e ".[torch]"`)."""
+    path = user_path(path)
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointFormatError(f"{path}: reading a pickle-based checkpoint needs torch (pip install -e "
+                                    "'.[torch]'), which loads it with weights_only=True; or convert it to "
+                                    "safetensors elsewhere") from e
+    if not path.exists():
+        raise CheckpointFormatError(f"{path}: no such file")
+    try:
+        with path.open("rb") as f:
+            data = torch.load(io.BytesIO(f.read()) if is_remote(path) else f, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        raise CheckpointFormatError(f"{path}: not a loadable weights-only PyTorch checkpoint "
+                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    if not isinstance(data, Mapping):
+        raise CheckpointFormatError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
+    if set(data) >= {"state_dict"} and isinstance(data["state_dict"], Mapping):
+        data = data["state_dict"]
+    return _flatten_state(data, "", {}, path)
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of one weights file: `.safetensors` (`read_file`, preferred) or a pickle-based PyTorch file
+    (`read_pickled`, through `torch.load(weights_only=True)`)."""
+    path = user_path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return read_pickled(path)
+    return read_file(path)
 
 
 def read_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
