@@ -439,15 +439,51 @@ class _TrainIterator:
     def get_state(self) -> dict:
         return {"batch": self.batch, "bad": dict(self.stream.report.bad)}
 
-    def set_state(self, state: dict) -> None:
+    def set_state(self, state: dict, keep_bad: bool = True) -> None:
+        """Restart at `state`'s batch; `keep_bad` False starts the bad-input count afresh (the trainer's processes
+        other than the main one, whose report is the one kept)."""
         self.close()
         self.batch = int(state["batch"])
-        self.stream.report.bad = dict(state.get("bad", {}))
+        self.stream.report.bad = dict(state.get("bad", {})) if keep_bad else {}
 
     def close(self) -> None:
         if self._it is not None and hasattr(self._it, "close"):
             self._it.close()
         self._it = None
+
+
+IMAGE_PREFIX = "image_"
+
+
+class JointIterator:
+    """Joint image/video training: each step's batch is a video batch and an image batch (one-frame videos from a
+    second source), the image entries prefixed `image_` (`image_video`, `image_tokens`, ...). Its state is both
+    streams' global positions, {"video": ..., "image": ...} (JSON)."""
+
+    def __init__(self, videos, images):
+        self.videos, self.images = iter(videos), iter(images)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        out = dict(next(self.videos))
+        out.update({IMAGE_PREFIX + k: v for k, v in next(self.images).items()})
+        return out
+
+    def get_state(self) -> dict:
+        return {"video": self.videos.get_state(), "image": self.images.get_state()}
+
+    def set_state(self, state: dict, keep_bad: bool = True) -> None:
+        if set(state) != {"video", "image"}:
+            raise ValueError(f"a joint image/video data state has 'video' and 'image' entries, got {sorted(state)} "
+                             "(a checkpoint of a run without image_batch_size?)")
+        self.videos.set_state(state["video"], keep_bad)
+        self.images.set_state(state["image"], keep_bad)
+
+    def close(self) -> None:
+        for it in (self.videos, self.images):
+            it.close()
 
 
 def assign_buckets(source, indices, buckets: list[tuple[int, int, int]], stride: int = 1) -> list[int]:

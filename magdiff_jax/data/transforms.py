@@ -23,7 +23,7 @@ from magdiff_jax.utils.images import CLIP_MEAN, CLIP_STD
 TASKS = ("video", "interp", "vsr")
 SUBJECT_MODES = ("none", "first", "all")  # index = the `subject_mode` value in an example
 # example keys holding images in [0, 255] -> [-1, 1] (plus every `subject_<size>`); `subject_clip` -> CLIP's
-VIDEO_KEYS = ("video", "frame0", "frame1", "targets", "low_res")
+VIDEO_KEYS = ("video", "frame0", "frame1", "targets", "low_res", "image_video")  # image_video: joint training
 
 
 @dataclasses.dataclass(frozen=True)

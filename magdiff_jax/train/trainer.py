@@ -139,6 +139,14 @@ def check_config(config, num_devices: int, process_count: int) -> tuple[int, ...
     if config.global_batch_size % batch_shards:
         raise ValueError(f"global_batch_size={config.global_batch_size} does not divide over the "
                          f"{batch_shards} data-parallel devices (mesh data x fsdp)")
+    image_batch = config.get("image_batch_size", 0)
+    if image_batch:
+        if not isinstance(image_batch, int) or image_batch < 0 or image_batch % batch_shards:
+            raise ValueError(f"image_batch_size={image_batch!r} must be a non-negative integer that divides over the "
+                             f"{batch_shards} data-parallel devices (mesh data x fsdp)")
+        if "image_data" not in config:
+            raise ValueError("image_batch_size > 0 (joint image/video training) needs image_data: the image source's "
+                             "data config")
 
     from magdiff_jax.layers.common import compute_dtype
 
@@ -530,6 +538,7 @@ def _train(config, workdir: str | os.PathLike) -> dict:
             logging.info(hint)
 
     # --- data ---------------------------------------------------------------------------------------------------
+    task = get_task(config.task)
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.tokenizer = _tokenizer(config, workdir, main)
     # this process loads the rows of each global batch that the batch sharding puts on its devices (all of them
@@ -538,9 +547,20 @@ def _train(config, workdir: str | os.PathLike) -> dict:
     first_row, stop_row = process_rows(batch_sharding, config.global_batch_size)
     data_iter = iter(make_dataset(data_cfg, batch_size=stop_row - first_row, global_batch=config.global_batch_size,
                                   first_row=first_row, train=True, report_path=default_report_path(workdir)))
+    global_rows = {}  # batch entry -> its global batch size, where it is not global_batch_size
+    if config.get("image_batch_size", 0) > 0:  # joint image/video training: a second stream of one-frame videos
+        from magdiff_jax.data.pipeline import IMAGE_PREFIX, JointIterator
+
+        image_cfg = config.image_data.copy_and_resolve_references()
+        image_cfg.tokenizer = data_cfg.tokenizer
+        image_first, image_stop = process_rows(batch_sharding, config.image_batch_size)
+        images = make_dataset(image_cfg, batch_size=image_stop - image_first, global_batch=config.image_batch_size,
+                              first_row=image_first, train=True,
+                              report_path=default_report_path(workdir / "image_data"))
+        data_iter = JointIterator(data_iter, images)
+        global_rows = {k: config.image_batch_size for k in task.batch_keys(config) if k.startswith(IMAGE_PREFIX)}
 
     # --- models and parameter groups ----------------------------------------------------------------------------
-    task = get_task(config.task)
     key = jax.random.key(config.seed)
     declared = task.models(config)
     groups = task.groups(config)
@@ -577,7 +597,7 @@ def _train(config, workdir: str | os.PathLike) -> dict:
             **{item: ocp.args.StandardRestore(target["groups"][g]) for g, item in group_items.items()})
         start, restored = _restore_newest(mgr, workdir, args, main)
         # the bad inputs seen are the main process's (its report); the others' reports start afresh
-        data_iter.set_state({**restored["data"], **({} if main else {"bad": {}})})
+        data_iter.set_state(restored["data"], keep_bad=main)
         state = {"step": restored["state"]["step"], "rng": restored["state"]["rng"],
                  "groups": {g: restored[item] for g, item in group_items.items()}}
         logging.info("resumed from step %d in %s", start, workdir)
@@ -692,7 +712,8 @@ def _train(config, workdir: str | os.PathLike) -> dict:
                     break
                 host = next(data_iter)
                 batch = {k: jax.make_array_from_process_local_data(
-                    batch_sharding, np.asarray(host[k]), (config.global_batch_size, *np.shape(host[k])[1:]))
+                    batch_sharding, np.asarray(host[k]),
+                    (global_rows.get(k, config.global_batch_size), *np.shape(host[k])[1:]))
                     for k in task.batch_keys(config)}
                 preview.take(host, batch, first_row)
                 step_compiled = compile_for(batch)

@@ -1,0 +1,198 @@
+"""MagicVideo-V2 image-to-video: a reference image and a caption -> keyframes, as pure functions of models and params.
+
+    models = {"unet": I2VUNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel, "image_encoder": CLIPVisionModel}
+    cond = reference_condition(models, params, reference)       # CLIP tokens, ControlNet pixels and scale
+    video = generate(models, params, tokens=..., null_tokens=..., cond=cond, key=..., num_frames=32,
+                     latent_size=(72, 72), reference=reference)               # (B, F, H, W, 3) in [-1, 1]
+
+Sampling (PAPERS.md B.3): DDIM (eta 0), DPM-Solver++ 2M or Euler with classifier-free guidance. `image_guidance=None`
+guides on the text alone, the reference kept in both passes (its CLIP tokens and the ControlNet); with
+`image_guidance=s_I` InstructPix2Pix's two-scale guidance, the reference dropped as in training (black CLIP input,
+ControlNet off): e(0, 0) + s_I [e(c_I, 0) - e(0, 0)] + s_T [e(c_I, c_T) - e(c_I, 0)]. The starting latents come
+from the latent noise prior (`diffusion.noise_prior`: the forward-diffused reference, a mean shift toward it, or
+ConsistI2V's FrameInit, over PYoCo-correlated frame noise). The denoising loop is one `lax.scan`; every pass of a
+step runs as one batch.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from magdiff_jax import cpu, distributed
+from magdiff_jax.diffusion import DDIMSampler, DPMSolverSampler, EulerSampler, ScheduleConfig, sample_loop
+from magdiff_jax.diffusion.noise_prior import NoisePriorConfig, initial_latents
+from magdiff_jax.diffusion.schedules import NoiseSchedule
+from magdiff_jax.models.i2v import reference_condition
+from magdiff_jax.models.vae import decode_video, encode_images
+
+SAMPLERS = {"ddim": DDIMSampler, "dpm": DPMSolverSampler, "euler": EulerSampler}
+
+
+def make_sampler(name: str, schedule: ScheduleConfig):
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
+    return SAMPLERS[name](schedule)
+
+
+def _concat(*conds):
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *conds)
+
+
+def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames: int, latent_size,
+             schedule: ScheduleConfig, reference=None, num_steps: int = 25, guidance: float = 7.5,
+             image_guidance: float | None = None, null_cond: dict | None = None, sampler: str = "ddim",
+             prior: NoisePriorConfig | None = None, progress=None):
+    """Keyframes (B, F, H, W, 3) in [-1, 1]. tokens / null_tokens (B, L): the prompts and the empty prompt; cond:
+    `models.i2v.reference_condition` of the references (image_embeds, reference, conditioning_scale); null_cond: that of
+    dropped references (needed with image_guidance); reference (B, H, W, 3) in [-1, 1]: the pixels the noise prior
+    starts from (needed unless the prior is "none"). progress: a host function called with each step's index."""
+    unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
+    b = tokens.shape[0]
+    text_ctx = text.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
+    null_ctx = text.apply({"params": params["text_encoder"]}, null_tokens).last_hidden_state
+    if image_guidance is None:  # passes: (null text, reference), (text, reference)
+        ctx, conds = jnp.concatenate([null_ctx, text_ctx]), _concat(cond, cond)
+    else:  # passes: (null, no reference), (null, reference), (text, reference)
+        if null_cond is None:
+            raise ValueError("image_guidance needs null_cond: the condition of dropped references")
+        ctx, conds = jnp.concatenate([null_ctx, null_ctx, text_ctx]), _concat(null_cond, cond, cond)
+    passes = ctx.shape[0] // b
+
+    def model_fn(x, t):
+        x_in = jnp.concatenate([x] * passes)
+        out = unet.apply({"params": params["unet"]}, x_in, jnp.full((x_in.shape[0],), t), ctx, **conds)
+        parts = jnp.split(out, passes)
+        if passes == 2:
+            return parts[0] + guidance * (parts[1] - parts[0])
+        return parts[0] + image_guidance * (parts[1] - parts[0]) + guidance * (parts[2] - parts[1])
+
+    solver = make_sampler(sampler, schedule)
+    state = solver.set_timesteps(num_steps)
+    prior = NoisePriorConfig() if prior is None else prior
+    shape = (b, num_frames, *latent_size, unet.config.latent_channels)
+    ref_latent = None
+    if prior.kind != "none":
+        if reference is None:
+            raise ValueError(f"noise prior {prior.kind!r} starts from the reference: pass reference")
+        ref_latent = encode_images(vae, params["vae"], reference)  # posterior means, (B, h, w, c)
+    x, start = initial_latents(prior, key, ref_latent, shape, NoiseSchedule.create(schedule), solver, state)
+    x = sample_loop(solver, state, model_fn, x, start=start, callback=progress)
+    return decode_video(vae, params["vae"], x)
+
+
+class I2VPipeline:
+    """Keyframes from an I2V stage (`magdiff-jax i2v`): its export, or a training workdir exported on the fly.
+
+        pipe = I2VPipeline.load("runs/i2v/export")
+        videos = pipe(images, prompts, seeds=[0, 1], num_frames=16)     # images (N, H, W, 3) uint8 -> uint8 videos
+
+    Reference images are resized to cover the stage's resolution and centre-cropped, as the loader does; a batch
+    is split over the devices when it divides evenly.
+    """
+
+    REQUIRED = ("unet", "vae", "text_encoder", "image_encoder")
+
+    def __init__(self, stage):
+        missing = sorted(set(self.REQUIRED) - set(stage.modules))
+        if missing:
+            raise ValueError(f"{stage.path}: the stage has no {missing} (an I2V stage needs {list(self.REQUIRED)})")
+        self.stage = stage
+        self.config = stage.config
+        self._fns = {}
+        self._bar = None
+
+    @classmethod
+    def load(cls, path, step: int | None = None) -> I2VPipeline:
+        from magdiff_jax.export.stage import load_stage
+
+        stage = load_stage(path, step)
+        if stage.task != "i2v":
+            raise ValueError(f"{path} holds a {stage.task!r} stage, not i2v")
+        return cls(stage)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return tuple(int(v) for v in self.config.data.resolution)
+
+    def prepare(self, image):
+        """An image (H, W, 3) uint8 -> the reference at the stage's resolution (cover, centre crop), uint8."""
+        import numpy as np
+
+        from magdiff_jax.data.transforms import crop_offset, resize_images, scaled_size
+
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"a reference image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+        out_h, out_w = self.resolution
+        h, w = scaled_size(*image.shape[:2], out_h, out_w)
+        image = resize_images(image[None], (h, w))[0]
+        y, x = crop_offset((h, w), (out_h, out_w), None)
+        return image[y:y + out_h, x:x + out_w]
+
+    def __call__(self, images, prompts: list[str], seeds, *, num_frames: int | None = None, num_steps: int = 25,
+                 guidance: float = 7.5, image_guidance: float | None = None, sampler: str = "ddim",
+                 prior: NoisePriorConfig | None = None, progress: bool = False):
+        """Keyframes (N, F, H, W, 3) uint8 for reference images (N, H, W, 3) uint8 (any size: `prepare`d here) and
+        prompts, one seed each."""
+        import numpy as np
+
+        from magdiff_jax.data.transforms import tokenizer
+
+        if not (len(images) == len(prompts) == len(seeds)):
+            raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(seeds)} seeds: one each")
+        num_frames = int(self.config.data.num_frames) if num_frames is None else int(num_frames)
+        max_frames = self.stage.modules["unet"].config.unet.motion_max_seq_length
+        if num_frames > max_frames:
+            raise ValueError(f"{num_frames} frames: the motion modules' position table holds {max_frames}")
+        refs = np.stack([self.prepare(im) for im in images])
+        tok = tokenizer(self.stage.tokenizer_folder(), self.config.data.max_length)
+        batch = {"reference": refs.astype(np.float32) / 127.5 - 1.0, "tokens": np.asarray(tok(list(prompts))),
+                 "null_tokens": np.asarray(tok([""] * len(prompts)))}
+        prior = NoisePriorConfig() if prior is None else prior
+        settings = (num_frames, num_steps, float(guidance), image_guidance, sampler, prior, bool(progress))
+        if settings not in self._fns:
+            self._fns[settings] = self._compile(*settings)
+        n, d = len(prompts), jax.device_count()
+        if n % d == 0 and d > 1:
+            batch = distributed.rows_over_devices(batch)
+        keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=num_steps, desc="denoising", unit="step", initial=0)
+        try:
+            out = distributed.to_host(self._fns[settings](self.stage.params, batch, keys))
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        return np.round((out + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+    def _tick(self, i) -> None:
+        if self._bar is not None and int(i) + 1 > self._bar.n:
+            self._bar.update(int(i) + 1 - self._bar.n)
+
+    def _compile(self, num_frames, num_steps, guidance, image_guidance, sampler, prior, progress):
+        models, config, schedule = self.stage.modules, self.config, self.stage.schedule
+        f = models["vae"].config.downsample_factor
+        h, w = (s // f for s in self.resolution)
+
+        def one(params, batch, key_data):  # one example: (1, ...) arrays
+            reference = batch["reference"]
+            layer = config.task_options.get("image_layer", -2)
+            cond = reference_condition(models, params, reference, image_layer=layer)
+            null_cond = None
+            if image_guidance is not None:
+                null_cond = reference_condition(models, params, reference, image_layer=layer, drop=1.0)
+            return generate(models, params, tokens=batch["tokens"], null_tokens=batch["null_tokens"], cond=cond,
+                            key=jax.random.wrap_key_data(key_data), num_frames=num_frames, latent_size=(h, w),
+                            schedule=schedule, reference=reference, num_steps=num_steps, guidance=guidance,
+                            image_guidance=image_guidance, null_cond=null_cond, sampler=sampler, prior=prior,
+                            progress=self._tick if progress else None)
+
+        def run(params, batch, keys):  # each example with its own seed, in one batch
+            per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
+            return per(batch, keys)
+
+        return jax.jit(run, compiler_options=cpu.compiler_options())
