@@ -1,7 +1,21 @@
-"""Diffusion processes: noise schedules, samplers, guidance and the training loss."""
+"""Diffusion processes: noise schedules, samplers, guidance, noise priors and the training loss."""
 
 from magdiff_jax.diffusion.guidance import classifier_free_guidance, image_text_guidance, rescale_guidance
 from magdiff_jax.diffusion.losses import diffusion_loss, sample_timesteps
+from magdiff_jax.diffusion.noise_prior import (
+    NoisePriorConfig,
+    diffuse_to_step,
+    diffused_reference,
+    frame_init,
+    frame_noise,
+    gaussian_low_pass_filter,
+    initial_latents,
+    mean_shift,
+    mixed_noise,
+    progressive_noise,
+    step_alpha_bar,
+    strength_start_index,
+)
 from magdiff_jax.diffusion.samplers import (
     DDIMInverseSampler,
     DDIMSampler,
@@ -31,6 +45,7 @@ __all__ = [
     "DDPMSampler",
     "DPMSolverSampler",
     "EulerSampler",
+    "NoisePriorConfig",
     "NoiseSchedule",
     "Sampler",
     "SamplerState",
@@ -40,13 +55,24 @@ __all__ = [
     "betas_np",
     "classifier_free_guidance",
     "convert_prediction",
+    "diffuse_to_step",
+    "diffused_reference",
     "diffusion_loss",
+    "frame_init",
+    "frame_noise",
+    "gaussian_low_pass_filter",
     "get_velocity",
     "image_text_guidance",
+    "initial_latents",
+    "mean_shift",
+    "mixed_noise",
     "predict_x0_eps",
+    "progressive_noise",
     "rescale_guidance",
     "rescale_zero_terminal_snr",
     "sample_loop",
     "sample_timesteps",
+    "step_alpha_bar",
+    "strength_start_index",
     "training_target",
 ]
