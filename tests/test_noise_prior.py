@@ -21,6 +21,7 @@ from magdiff_jax.diffusion import (
     DDIMInverseSampler,
     DDIMSampler,
     DDPMSampler,
+    DPMSolverSampler,
     EulerSampler,
     NoisePriorConfig,
     NoiseSchedule,
@@ -189,6 +190,7 @@ SAMPLERS = {
     "ddim-trailing": (DDIMSampler, dict(timestep_spacing="trailing")),
     "euler-linspace": (EulerSampler, dict(timestep_spacing="linspace")),  # fractional timesteps
     "euler-leading": (EulerSampler, {}),
+    "dpm": (DPMSolverSampler, {}),  # its first step from a later start is first order (no memory of a step yet)
 }
 
 

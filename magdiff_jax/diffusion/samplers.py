@@ -281,7 +281,8 @@ class DPMSolverSampler(Sampler):
     """DPM-Solver++ multistep of order `config.solver_order` (2: "DPM++ 2M"; Lu et al. 2022, Alg. 2,
     midpoint form): diffusers `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")`.
 
-    The carry is the previous step's x0 prediction. The first step is first order; so is the last when
+    The carry is the previous step's x0 prediction and the number of steps taken. The first step a run takes
+    (step 0, or a later start: SDEdit) is first order; so is the last when
     `final_sigmas_type == "zero"` or (`lower_order_final` and N < 15), as in diffusers.
     """
 
@@ -307,10 +308,13 @@ class DPMSolverSampler(Sampler):
         )
 
     def init_carry(self, state, sample):
-        return jnp.zeros(sample.shape, jnp.float32)
+        """(the previous step's x0 prediction, the steps taken so far): the first step a run takes is first order
+        wherever it starts (diffusers' `lower_order_nums`), so SDEdit-style starts at a later step are right too."""
+        return jnp.zeros(sample.shape, jnp.float32), jnp.zeros((), jnp.int32)
 
     def step(self, state, carry, i, model_output, sample, key=None, noise=None):
         config = self.config
+        carry, taken = carry
         n = state.num_inference_steps
         i = jnp.asarray(i, jnp.int32)
         sigma_next, sigma_cur, sigma_prev = (
@@ -336,9 +340,9 @@ class DPMSolverSampler(Sampler):
             return (sigma_t / sigma_s0) * sample32 - x0_coeff * x0 - 0.5 * x0_coeff * d1
 
         final_first_order = config.final_sigmas_type == "zero" or (config.lower_order_final and n < 15)
-        use_first = (i == 0) | ((i == n - 1) & final_first_order) | (config.solver_order == 1)
+        use_first = (taken == 0) | ((i == n - 1) & final_first_order) | (config.solver_order == 1)
         prev_sample = jax.lax.cond(use_first, first_order, second_order, None)
-        return prev_sample.astype(sample.dtype), x0
+        return prev_sample.astype(sample.dtype), (x0, taken + 1)
 
 
 @dataclasses.dataclass(frozen=True)
