@@ -179,7 +179,7 @@ class TorchFormat:
 
 _FORMATS: dict[str, TorchFormat] = {}
 # the modules that attach formats (imported on the first lookup)
-FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion")
+FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet")
 
 
 def attach(name: str, fmt: TorchFormat) -> TorchFormat:

@@ -56,14 +56,17 @@ def config_to_diffusers(config, class_name: str, accepted=ACCEPTED_DEFAULTS) -> 
 def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
     """Every parameter of a UNet2DConditionModel. `block_extra(kind, t, f, **info)` lets the video U-Nets add
     their temporal layers beside each resnet/transformer without rewriting the spatial table."""
-    extra = block_extra or (lambda *a, **k: [])
-    n = len(cfg.block_out_channels)
-    heads_linear = cfg.use_linear_projection
-    tl = cfg.per_block("transformer_layers_per_block")
     rules = conv("conv_in", "conv_in") + conv("conv_out", "conv_out")
     if cfg.norm_num_groups is not None:
         rules += norm("conv_norm_out", "conv_norm_out")
-    rules += linear("time_embedding.linear_1", "time_embedding/linear_1")
+    rules += embedding_rules(cfg)
+    rules += down_block_rules(cfg, block_extra) + mid_block_rules(cfg, block_extra)
+    return rules + up_block_rules(cfg, block_extra)
+
+
+def embedding_rules(cfg: UNet2DConfig) -> list[Rule]:
+    """`time_embedding` (and its `cond_proj`), `class_embedding` and `encoder_hid_proj`, as the config has them."""
+    rules = linear("time_embedding.linear_1", "time_embedding/linear_1")
     rules += linear("time_embedding.linear_2", "time_embedding/linear_2")
     if cfg.time_cond_proj_dim is not None:
         rules += linear("time_embedding.cond_proj", "time_embedding/cond_proj", bias=False)
@@ -74,7 +77,19 @@ def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
         rules += embedding("class_embedding", "class_embedding")
     if cfg.encoder_hid_dim_type == "text_proj":
         rules += linear("encoder_hid_proj", "encoder_hid_proj")
+    return rules
 
+
+def _no_extra(*args, **kwargs) -> list[Rule]:
+    return []
+
+
+def down_block_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
+    """`down_blocks.{i}`: resnets, transformers (CrossAttnDownBlock2D), downsamplers (also a ControlNet's copy)."""
+    extra = block_extra or _no_extra
+    n = len(cfg.block_out_channels)
+    tl = cfg.per_block("transformer_layers_per_block")
+    rules = []
     for i, kind in enumerate(cfg.down_block_types):
         t, f = f"down_blocks.{i}", f"down_blocks_{i}"
         cout = cfg.block_out_channels[i]
@@ -84,20 +99,37 @@ def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
             rules += resnet_rules(f"{t}.resnets.{j}", f"{f}/resnets_{j}", c0, cout, temb=True)
             rules += extra("resnet", f"{t}", f"{f}", index=j, channels=cout)
             if kind == "CrossAttnDownBlock2D":
-                rules += transformer_rules(f"{t}.attentions.{j}", f"{f}/attentions_{j}", tl[i], heads_linear)
+                rules += transformer_rules(f"{t}.attentions.{j}", f"{f}/attentions_{j}", tl[i],
+                                           cfg.use_linear_projection)
                 rules += extra("transformer", f"{t}", f"{f}", index=j, channels=cout, block=i)
         if i < n - 1:
             rules += conv(f"{t}.downsamplers.0.conv", f"{f}/downsamplers_0/conv")
+    return rules
 
-    if cfg.mid_block_type is not None:
-        c = cfg.block_out_channels[-1]
-        for j in range(2):
-            rules += resnet_rules(f"mid_block.resnets.{j}", f"mid_block/resnets_{j}", c, c, temb=True)
-            rules += extra("resnet", "mid_block", "mid_block", index=j, channels=c)
-        rules += transformer_rules("mid_block.attentions.0", "mid_block/attentions_0", tl[-1], heads_linear)
-        rules += extra("transformer", "mid_block", "mid_block", index=0, channels=c, block=n - 1)
 
+def mid_block_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
+    """`mid_block` (UNetMidBlock2DCrossAttn: resnet, transformer, resnet), if the config has one."""
+    extra = block_extra or _no_extra
+    if cfg.mid_block_type is None:
+        return []
+    n = len(cfg.block_out_channels)
+    c = cfg.block_out_channels[-1]
+    rules = []
+    for j in range(2):
+        rules += resnet_rules(f"mid_block.resnets.{j}", f"mid_block/resnets_{j}", c, c, temb=True)
+        rules += extra("resnet", "mid_block", "mid_block", index=j, channels=c)
+    rules += transformer_rules("mid_block.attentions.0", "mid_block/attentions_0",
+                               cfg.per_block("transformer_layers_per_block")[-1], cfg.use_linear_projection)
+    return rules + extra("transformer", "mid_block", "mid_block", index=0, channels=c, block=n - 1)
+
+
+def up_block_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
+    """`up_blocks.{i}`: resnets over [x, skip] concatenations, transformers (CrossAttnUpBlock2D), upsamplers."""
+    extra = block_extra or _no_extra
+    n = len(cfg.block_out_channels)
+    tl = cfg.per_block("transformer_layers_per_block")
     rev = cfg.block_out_channels[::-1]
+    rules = []
     for i, kind in enumerate(cfg.up_block_types):
         t, f = f"up_blocks.{i}", f"up_blocks_{i}"
         block = n - 1 - i
@@ -108,7 +140,8 @@ def unet2d_rules(cfg: UNet2DConfig, block_extra=None) -> list[Rule]:
             rules += resnet_rules(f"{t}.resnets.{j}", f"{f}/resnets_{j}", cin, cout, temb=True)
             rules += extra("resnet", f"{t}", f"{f}", index=j, channels=cout)
             if kind == "CrossAttnUpBlock2D":
-                rules += transformer_rules(f"{t}.attentions.{j}", f"{f}/attentions_{j}", tl[block], heads_linear)
+                rules += transformer_rules(f"{t}.attentions.{j}", f"{f}/attentions_{j}", tl[block],
+                                           cfg.use_linear_projection)
                 rules += extra("transformer", f"{t}", f"{f}", index=j, channels=cout, block=block)
         if i < n - 1:
             rules += conv(f"{t}.upsamplers.0.conv", f"{f}/upsamplers_0/conv")

@@ -256,38 +256,44 @@ class UpBlock(nn.Module):
         return x
 
 
+def time_embedding(cfg: UNet2DConfig, timesteps, batch: int, timestep_cond=None, class_labels=None):
+    """The U-Net's embedding of the timesteps (B,) or scalar, (B, time_embed_dim): `time_embedding` (+
+    `class_embedding`) submodules of the module whose compact method calls it (the U-Net, or a ControlNet that
+    copies the U-Net's encoder)."""
+    t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+    t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    dt = compute_dtype(cfg.dtype)
+    emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, post_act_fn=cfg.timestep_post_act,
+                            cond_proj_dim=cfg.time_cond_proj_dim, dtype=dt, name="time_embedding",
+                            )(t_emb.astype(dt or jnp.float32), timestep_cond)
+    if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
+        if class_labels is None:
+            raise ValueError("this model has a class embedding: pass class_labels")
+        if cfg.class_embed_type == "timestep":
+            c = timestep_embedding(class_labels, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
+                                   cfg.freq_shift)
+            c = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype=dt, name="class_embedding")(c)
+        elif cfg.class_embed_type == "identity":
+            c = class_labels
+        elif cfg.class_embed_type == "projection":
+            c = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype=dt, name="class_embedding")(
+                class_labels)
+        else:
+            c = embedding(cfg.num_class_embeds, cfg.time_embed_dim, dtype=dt, name="class_embedding")(
+                class_labels)
+        emb = emb + c.astype(emb.dtype)
+    if cfg.time_embedding_act_fn is not None:
+        emb = activation(cfg.time_embedding_act_fn)(emb)
+    return emb
+
+
 class UNet2DConditionModel(nn.Module):
     """diffusers UNet2DConditionModel, channels-last (module docstring)."""
 
     config: UNet2DConfig
 
     def time_embedding(self, timesteps, batch: int, timestep_cond=None, class_labels=None):
-        cfg = self.config
-        t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
-        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        dt = compute_dtype(cfg.dtype)
-        emb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, post_act_fn=cfg.timestep_post_act,
-                                cond_proj_dim=cfg.time_cond_proj_dim, dtype=dt, name="time_embedding",
-                                )(t_emb.astype(dt or jnp.float32), timestep_cond)
-        if cfg.class_embed_type is not None or cfg.num_class_embeds is not None:
-            if class_labels is None:
-                raise ValueError("this model has a class embedding: pass class_labels")
-            if cfg.class_embed_type == "timestep":
-                c = timestep_embedding(class_labels, cfg.block_out_channels[0], cfg.flip_sin_to_cos,
-                                       cfg.freq_shift)
-                c = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype=dt, name="class_embedding")(c)
-            elif cfg.class_embed_type == "identity":
-                c = class_labels
-            elif cfg.class_embed_type == "projection":
-                c = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype=dt, name="class_embedding")(
-                    class_labels)
-            else:
-                c = embedding(cfg.num_class_embeds, cfg.time_embed_dim, dtype=dt, name="class_embedding")(
-                    class_labels)
-            emb = emb + c.astype(emb.dtype)
-        if cfg.time_embedding_act_fn is not None:
-            emb = activation(cfg.time_embedding_act_fn)(emb)
-        return emb
+        return time_embedding(self.config, timesteps, batch, timestep_cond, class_labels)
 
     @nn.compact
     def __call__(
