@@ -278,11 +278,9 @@ class ControlNetModel(nn.Module):
 
 
 # --- from an SD U-Net ------------------------------------------------------------------------------------------------
-def spatial_unet2d(config: UNetMotionConfig, params) -> tuple[UNet2DConfig, dict]:
-    """The SD U-Net inside an AnimateDiff video U-Net (kind `unet_motion`): its UNet2DConfig and its parameters
-    (every `motion_modules_*` subtree dropped; the spatial layers keep their names). The inverse of building the
-    video U-Net from an SD U-Net (`convert.unet_motion.motion_config_from_unet2d` + `models.inflate`), up to the
-    output activation: `UNetMotionModel` ends with SiLU whatever `act_fn` is, the SD U-Net with `act_fn`."""
+def spatial_unet2d_config(config: UNetMotionConfig) -> UNet2DConfig:
+    """The UNet2DConfig of the SD U-Net inside an AnimateDiff video U-Net (its spatial layers); a layout the SD
+    U-Net cannot express (per-layer transformer counts, a different mid block) is refused, naming the field."""
     rename = {"CrossAttnDownBlockMotion": "CrossAttnDownBlock2D", "DownBlockMotion": "DownBlock2D",
               "CrossAttnUpBlockMotion": "CrossAttnUpBlock2D", "UpBlockMotion": "UpBlock2D"}
     n = len(config.down_block_types)
@@ -298,7 +296,7 @@ def spatial_unet2d(config: UNetMotionConfig, params) -> tuple[UNet2DConfig, dict
     if config.mid_block_layers != 1 or config.mid_transformer_layers(0) != layers[-1]:
         raise ConfigError("a UNet2DConditionModel mid block has one transformer of the last block's layer count",
                           "mid_block_layers")
-    unet = UNet2DConfig(
+    return UNet2DConfig(
         sample_size=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
         down_block_types=tuple(rename[t] for t in config.down_block_types),
         up_block_types=tuple(rename[t] for t in config.up_block_types),
@@ -311,6 +309,14 @@ def spatial_unet2d(config: UNetMotionConfig, params) -> tuple[UNet2DConfig, dict
         time_cond_proj_dim=config.time_cond_proj_dim, attention_impl=config.attention_impl, dtype=config.dtype,
         remat_policy=config.remat_policy, remat_save_names=config.remat_save_names,
     )
+
+
+def spatial_unet2d(config: UNetMotionConfig, params) -> tuple[UNet2DConfig, dict]:
+    """The SD U-Net inside an AnimateDiff video U-Net (kind `unet_motion`): its UNet2DConfig and its parameters
+    (every `motion_modules_*` subtree dropped; the spatial layers keep their names). The inverse of building the
+    video U-Net from an SD U-Net (`convert.unet_motion.motion_config_from_unet2d` + `models.inflate`), up to the
+    output activation: `UNetMotionModel` ends with SiLU whatever `act_fn` is, the SD U-Net with `act_fn`."""
+    unet = spatial_unet2d_config(config)
     flat = traverse_util.flatten_dict(nn.meta.unbox(dict(params)))
     spatial = {p: v for p, v in flat.items() if not any(part.startswith("motion_modules_") for part in p)}
     abstract = get_model("unet2d").abstract_params(UNet2DConditionModel(unet))

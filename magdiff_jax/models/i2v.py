@@ -36,7 +36,7 @@ import numpy as np
 
 from magdiff_jax.layers.common import compute_dtype
 from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
-from magdiff_jax.models.controlnet import ControlNetConfig, ControlNetModel
+from magdiff_jax.models.controlnet import ControlNetConfig, ControlNetModel, spatial_unet2d_config
 from magdiff_jax.models.registry import ModelSpec, config_from_dict, register
 from magdiff_jax.models.unet_motion import UNetMotionConfig, UNetMotionModel
 from magdiff_jax.utils.images import CLIP_MEAN, CLIP_STD
@@ -80,7 +80,7 @@ class I2VConfig:
         if controlnet is not None and not isinstance(controlnet, ControlNetConfig):
             controlnet = config_from_dict(ControlNetConfig, controlnet)
         if self.use_controlnet:
-            derived = ControlNetConfig.from_unet2d_config(unet_motion_spatial_config(unet),
+            derived = ControlNetConfig.from_unet2d_config(spatial_unet2d_config(unet),
                                                           conditioning_embedding_out_channels=channels)
             if controlnet is None:
                 controlnet = derived
@@ -101,8 +101,8 @@ class I2VConfig:
 
     @property
     def reference_factor(self) -> int:
-        """The reference image's size over the latent's (the condition encoder's downsampling)."""
-        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+        """The reference image's size over the latent's (the condition encoder's downsampling; 1 without one)."""
+        return self.controlnet.conditioning_downscale if self.controlnet is not None else 1
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -145,7 +145,7 @@ class I2VUNet(nn.Module):
         tokens = Resampler(r, cfg.unet.attention_impl, dt, name="image_proj")(image_embeds)  # (B, Q, D)
         residuals = {}
         if cfg.controlnet is not None:
-            k = cfg.reference_factor
+            k = cfg.controlnet.conditioning_downscale
             if reference.shape != (b, h * k, w * k, 3):
                 raise ValueError(f"reference must be (B={b}, {h * k}, {w * k}, 3) pixels in [0, 1] ({k} times the "
                                  f"latent size), got {reference.shape}")
