@@ -56,6 +56,10 @@ def _add_convert(sub):
     tf.add_argument("src", help="PyTorch model folder (or pipeline folder with --kind pipeline)")
     tf.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
     tf.add_argument("--overwrite", action="store_true")
+    tf.add_argument("--motion-adapter", default=None, metavar="ADAPTER",
+                    help="with --kind unet_motion: SRC is an SD U-Net folder (UNet2DConditionModel) and ADAPTER an "
+                         "AnimateDiff motion adapter (a MotionAdapter folder, or one .safetensors/.ckpt file in "
+                         "diffusers' or the original AnimateDiff layout); builds UNetMotionModel.from_unet2d of them")
     tt = csub.add_parser("to-torch", help="Flax checkpoint -> PyTorch model folder (from_pretrained-ready)",
                          description="Read a folder written by `convert to-flax` (or the trainer's export) and "
                                      "write a diffusers/transformers folder that from_pretrained loads.")
@@ -65,6 +69,9 @@ def _add_convert(sub):
     tt.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
     tt.add_argument("--overwrite", action="store_true", help="replace a non-empty DST whole (none of its files "
                                                              "are kept)")
+    tt.add_argument("--motion-adapter-layout", default=None, choices=("diffusers", "original"),
+                    help="with --kind unet_motion: write only the motion modules, as a MotionAdapter folder "
+                         "(diffusers) or as one .safetensors file DST with the original AnimateDiff keys (original)")
     mi = csub.add_parser("magdiff-init", help="a MagDiff init_from folder from an SD2.1 pipeline (+ temporal layers)",
                          description="Build the init_from folder of configs/magdiff.py:base: the U-Net (a UNet2D "
                                      "inflated, its temporal layers from --temporal or fresh; or a unet3d) widened "
@@ -285,8 +292,17 @@ def _convert(args) -> None:
                            seed=args.seed, overwrite=args.overwrite)
         print(f"wrote {args.out}")
         return
+    motion = getattr(args, "motion_adapter", None) or getattr(args, "motion_adapter_layout", None)
+    if motion and args.kind != "unet_motion":
+        raise ValueError(f"--motion-adapter{'-layout' if args.direction == 'to-torch' else ''} needs --kind "
+                         f"unet_motion, not {args.kind}")
     if args.direction == "to-flax":
-        if args.kind == "pipeline":
+        if args.motion_adapter:
+            from magdiff_jax.convert.unet_motion import load_motion_adapter
+
+            module, params = load_motion_adapter(args.src, args.motion_adapter)
+            logging.info("wrote %s", save_model(args.kind, module, params, args.dst, overwrite=args.overwrite))
+        elif args.kind == "pipeline":
             from magdiff_jax.convert.pipeline import load_pipeline_torch
 
             pipe = load_pipeline_torch(args.src)
@@ -306,7 +322,12 @@ def _convert(args) -> None:
     else:
         _, module, params = load_model(args.src, kind=args.kind)
         max_bytes = args.max_shard_mb * 2**20 if args.max_shard_mb else None
-        if args.kind == "magdiff":
+        if args.motion_adapter_layout:
+            from magdiff_jax.convert.unet_motion import motion_adapter_to_torch
+
+            out = motion_adapter_to_torch(module.config, params, args.dst, layout=args.motion_adapter_layout,
+                                          overwrite=args.overwrite)
+        elif args.kind == "magdiff":
             from magdiff_jax.convert.magdiff import magdiff_to_torch
 
             out = magdiff_to_torch(module, params, args.dst, max_shard_bytes=max_bytes, overwrite=args.overwrite)
