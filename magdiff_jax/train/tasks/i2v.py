@@ -52,9 +52,16 @@ class I2VTask:
     name: str = "i2v"
 
     def models(self, config):
-        return {name: (kind, model_config(config, name, kind))
-                for name, kind in (("unet", "i2v"), ("vae", "vae"), ("text_encoder", "clip_text"),
-                                   ("image_encoder", "clip_vision"))}
+        out = {name: (kind, model_config(config, name, kind))
+               for name, kind in (("unet", "i2v"), ("vae", "vae"), ("text_encoder", "clip_text"),
+                                  ("image_encoder", "clip_vision"))}
+        unet, vae = out["unet"][1], out["vae"][1]
+        if unet.controlnet is not None and unet.reference_factor != vae.downsample_factor:
+            raise ValueError(f"model.unet.conditioning_embedding_out_channels="
+                             f"{list(unet.conditioning_embedding_out_channels)} take the reference down "
+                             f"{unet.reference_factor}x, the VAE its frames {vae.downsample_factor}x: the ControlNet "
+                             "reads the reference at the video's resolution, so the two must agree")
+        return out
 
     def batch_keys(self, config):
         joint = ("image_video", "image_tokens") if config.get("image_batch_size", 0) > 0 else ()
