@@ -26,7 +26,9 @@ diffusers has no class for the whole model, so its PyTorch form is a folder of s
 `transformer_in`): down blocks, up blocks, then the mid block. The k-th of them has index i = 2k + 1, IP-Adapter's
 numbering (which counts every attn1 before its attn2): for the spatial U-Net alone (`UNet3DConfig.to_unet2d()`,
 whose attn_processors come in the same order) `image_proj.*` and `ip_adapter.<i>.to_k_ip/to_v_ip.weight` are the
-keys of an IP-Adapter-Plus file; `text_scale` and `image_scale` are MagDiff's additions.
+keys of an IP-Adapter-Plus file (in diffusers' resampler layout); `text_scale` and `image_scale` are MagDiff's
+additions. The resampler table, the processor order and the indices are `convert.ip_adapter`'s, shared with the
+IP-Adapter-Plus files of the MagicVideo U-Net.
 
     magdiff_to_torch(module, params, "out/magdiff_torch")          # the folder above
     module, params = magdiff_from_torch("out/magdiff_torch")       # back, bit-exact
@@ -40,33 +42,29 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
-from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from magdiff_jax.convert import safetensors_io
+from magdiff_jax.convert import ip_adapter, safetensors_io
 from magdiff_jax.convert.core import (
     ConversionError,
     Rule,
     check_table,
     conv,
     flax_to_torch,
-    linear,
-    norm,
-    param,
     read_config,
     save_torch,
     torch_to_flax,
 )
+from magdiff_jax.convert.ip_adapter import ip_adapter_index, resampler_rules
+from magdiff_jax.convert.ip_adapter import resampler_from_torch as resampler_from_torch  # re-exported
+from magdiff_jax.convert.ip_adapter import resampler_to_torch as resampler_to_torch  # re-exported
 from magdiff_jax.convert.unet3d import config_to_torch as unet3d_config_to_torch
 from magdiff_jax.convert.unet3d import unet3d_rules
-from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models import magdiff
 from magdiff_jax.models.registry import ConfigError, get_model
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
@@ -82,10 +80,6 @@ from magdiff_jax.utils.magdiff_layout import (
     UNET_DIR,
 )
 
-_SPATIAL_ATTN2 = re.compile(r"^(down_blocks|up_blocks|mid_block)(?:\.(\d+))?\.attentions\.(\d+)"
-                            r"\.transformer_blocks\.(\d+)\.attn2\.to_k\.weight$")
-_GROUP_ORDER = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}  # UNet3DConditionModel's child order
-
 
 def base_unet_config(cfg: magdiff.MagDiffConfig) -> UNet3DConfig:
     """The diffusers UNet3DConditionModel part of the MagDiff U-Net: the same config without entity attention."""
@@ -94,25 +88,14 @@ def base_unet_config(cfg: magdiff.MagDiffConfig) -> UNet3DConfig:
 
 def spatial_attn2(unet_cfg: UNet3DConfig) -> list[tuple[str, tuple[str, ...]]]:
     """(diffusers module path, Flax path) of every spatial transformer's attn2, in the order of diffusers'
-    `attn_processors` (down blocks, up blocks, mid block; by block, then layer)."""
-    found = []
-    for rule in unet3d_rules(dataclasses.replace(unet_cfg, entity_attention=False)):
-        m = _SPATIAL_ATTN2.match(rule.torch)
-        if m:
-            group, block, layer, sub = m.groups()
-            order = (_GROUP_ORDER[group], int(block or 0), int(layer), int(sub))
-            found.append((order, rule.torch.removesuffix(".to_k.weight"), rule.flax[:-2]))
-    return [(path, flax) for _, path, flax in sorted(found)]
+    `attn_processors` (down blocks, up blocks, mid block; by block, then layer): `convert.ip_adapter.spatial_attn2`
+    of the UNet3DConditionModel table."""
+    return ip_adapter.spatial_attn2(unet3d_rules(dataclasses.replace(unet_cfg, entity_attention=False)))
 
 
 def processor_paths(unet_cfg: UNet3DConfig) -> list[str]:
     """The `attn_processors` keys of the spatial attn2 layers, in order (module docstring)."""
     return [f"{path}.processor" for path, _ in spatial_attn2(unet_cfg)]
-
-
-def ip_adapter_index(position: int) -> int:
-    """The `ip_adapter.<i>` index of the spatial attn2 at `position` in `processor_paths`: IP-Adapter's 2k + 1."""
-    return 2 * position + 1
 
 
 def resampler_torch_kwargs(cfg: magdiff.MagDiffConfig) -> dict:
@@ -156,35 +139,6 @@ def _to_file(key: str, x: np.ndarray) -> np.ndarray:
 
 def _from_file(key: str, x: np.ndarray) -> np.ndarray:
     return x.reshape(()) if _is_scalar(key) and x.shape == (1,) else x
-
-
-# --- diffusers IPAdapterPlusImageProjection state dict <-> Resampler params ------------------------------------------
-def resampler_rules(config: ResamplerConfig):
-    """The conversion table of diffusers `IPAdapterPlusImageProjection` <-> `layers.resampler.Resampler`."""
-    rules = param("latents", "latents") + linear("proj_in", "proj_in")
-    for i in range(config.depth):
-        t, f = f"layers.{i}", f"layers_{i}"
-        rules += norm(f"{t}.ln0", f"{f}/ln0") + norm(f"{t}.ln1", f"{f}/ln1")
-        for proj in ("to_q", "to_k", "to_v"):
-            rules += linear(f"{t}.attn.{proj}", f"{f}/attn/{proj}", bias=False)
-        rules += linear(f"{t}.attn.to_out.0", f"{f}/attn/to_out_0", bias=False)
-        rules += norm(f"{t}.ff.0", f"{f}/ff_0")
-        rules += linear(f"{t}.ff.1.net.0.proj", f"{f}/ff_1/net_0/proj", bias=False)
-        rules += linear(f"{t}.ff.1.net.2", f"{f}/ff_1/net_2", bias=False)
-    return rules + linear("proj_out", "proj_out") + norm("norm_out", "norm_out")
-
-
-def resampler_from_torch(state_dict: Mapping[str, np.ndarray], config: ResamplerConfig) -> dict:
-    """An `IPAdapterPlusImageProjection` state dict ({key: numpy array}) -> `Resampler` params (numpy, nested);
-    every missing, unexpected or mis-shaped key is reported (`ConversionError`)."""
-    shapes = jax.eval_shape(lambda: Resampler(config).init(jax.random.key(0), jnp.zeros((1, 1, config.embedding_dim))))
-    abstract = traverse_util.flatten_dict(nn.meta.unbox(shapes["params"]))
-    return torch_to_flax(state_dict, resampler_rules(config), abstract, "resampler")
-
-
-def resampler_to_torch(params, config: ResamplerConfig) -> dict[str, np.ndarray]:
-    """`Resampler` params -> an `IPAdapterPlusImageProjection` state dict of numpy arrays (PyTorch layouts)."""
-    return flax_to_torch(params, resampler_rules(config), "resampler")
 
 
 # --- Flax -> PyTorch folder ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The one attention entry point, the diffusers-named `Attention` layer built on it, and `EntityAttention` (its
-decoupled text/image cross-attention variant for MagDiff).
+decoupled text/image cross-attention variant: MagDiff's APA with learnable branch weights, IP-Adapter's and
+MagicVideo-V2's appearance attention with a fixed image weight).
 
 Every attention in the project (CLIP self-attention, VAE mid-block attention, U-Net self/cross/temporal
 attention) calls `dot_product_attention`, whose `implementation` comes from the model config:
@@ -257,29 +258,44 @@ def _scalar(module: nn.Module, name: str, value: float, dtype):
     return module.param(name, nn.with_logical_partitioning(nn.initializers.constant(value), ()), (), dtype)
 
 
-class EntityAttention(Attention):
-    """Decoupled text/image cross-attention (MagDiff's APA / VideoAssembler's EPAF; IP-Adapter's decoupled
-    cross-attention with learnable branch weights), at the place of a `BasicTransformerBlock`'s `attn2`:
+BRANCH_WEIGHTS = ("learnable", "fixed")
 
-        out = to_out_0( text_scale * Attn(Q, K_t, V_t) + image_scale * Attn(Q, K_i, V_i) )
+
+class EntityAttention(Attention):
+    """Decoupled text/image cross-attention (IP-Adapter's decoupled cross-attention) at the place of a
+    `BasicTransformerBlock`'s `attn2`:
+
         Q = to_q(x),  K_t, V_t = to_k(context), to_v(context),  K_i, V_i = to_k_ip(image), to_v_ip(image)
+        out = to_out_0( w_t * Attn(Q, K_t, V_t) + w_i * Attn(Q, K_i, V_i) )
+
+    `branch_weights` says what the weights are:
+
+      learnable  MagDiff's APA (VideoAssembler's EPAF): w_t, w_i are the learnable scalars `text_scale` (init
+                 `text_scale_init`, 1.0) and `image_scale` (init `image_scale_init`, 1.5), one pair per layer.
+      fixed      IP-Adapter / MagicVideo-V2's appearance encoder: w_t = 1 and w_i = `fixed_image_scale` (lambda,
+                 default 1.0), a constant of the module: no scale parameters. diffusers `IPAdapterAttnProcessor2_0`
+                 with `scale` = lambda (one IP-Adapter, no masks).
 
     The heads and `to_out_0` are shared by the two branches. Parameters: `to_q`, `to_k`, `to_v`, `to_out_0` (as
     `Attention`'s), the bias-free `to_k_ip` and `to_v_ip` (shaped as `to_k`/`to_v`; when a pretrained U-Net is
-    extended they start as copies of `to_k`/`to_v`, see `models.magdiff`) and the scalars `text_scale` (init 1.0)
-    and `image_scale` (init 1.5). Being bias-free, all-zero image tokens give V_i = 0 and so an image branch of
-    exactly zero.
+    extended they start as copies of `to_k`/`to_v`: `models.inflate.add_image_projections`), and in "learnable"
+    mode `text_scale` and `image_scale`. Being bias-free, all-zero image tokens give V_i = 0 and so an image branch
+    of exactly zero.
 
     x (B, L, query_dim), context (B, Lt, cross_attention_dim), image_context (B, Li, cross_attention_dim),
     image_mask: optional boolean, broadcastable to (B, heads, L, Li), True keeps an image token.
     Returns (B, L, query_dim).
     """
 
+    branch_weights: str = "learnable"
+    fixed_image_scale: float = 1.0
     text_scale_init: float = 1.0
     image_scale_init: float = 1.5
 
     @nn.compact
     def __call__(self, x, context, image_context, image_mask=None):
+        if self.branch_weights not in BRANCH_WEIGHTS:
+            raise ValueError(f"branch_weights must be one of {BRANCH_WEIGHTS}, got {self.branch_weights!r}")
         inner = self.heads * self.dim_head
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         proj = lambda name, bias: dense(inner, axes=("embed", "heads"), use_bias=bias, name=name, **kw)
@@ -290,8 +306,11 @@ class EntityAttention(Attention):
         k_ip, v_ip = split(proj("to_k_ip", False)(image_context)), split(proj("to_v_ip", False)(image_context))
         text = dot_product_attention(q, k, v, implementation=self.implementation)
         image = dot_product_attention(q, k_ip, v_ip, mask=image_mask, implementation=self.implementation)
-        text_scale = _scalar(self, "text_scale", self.text_scale_init, self.param_dtype)
-        image_scale = _scalar(self, "image_scale", self.image_scale_init, self.param_dtype)
-        out = text_scale.astype(text.dtype) * text + image_scale.astype(image.dtype) * image
+        if self.branch_weights == "fixed":
+            out = text + jnp.asarray(self.fixed_image_scale, image.dtype) * image
+        else:
+            text_scale = _scalar(self, "text_scale", self.text_scale_init, self.param_dtype)
+            image_scale = _scalar(self, "image_scale", self.image_scale_init, self.param_dtype)
+            out = text_scale.astype(text.dtype) * text + image_scale.astype(image.dtype) * image
         out = tag(out.reshape(*out.shape[:-2], inner), "attention")
         return dense(self.query_dim, axes=("heads", "embed"), use_bias=self.out_bias, name="to_out_0", **kw)(out)

@@ -4,8 +4,10 @@ Channels-last: a (B, H, W, C) feature map is normed, projected (1x1 conv or line
 (B, H*W, C) tokens, run through the blocks (self-attention, cross-attention over the text, GEGLU feed-forward)
 and projected back with a residual connection.
 
-With `entity_attention` (MagDiff's video U-Net), each block's `attn2` is an `EntityAttention` that also attends to
-per-sample image tokens (`image_context`, optionally masked by `image_mask`), passed down as keyword arguments.
+With `entity_attention`, each block's `attn2` is an `EntityAttention` that also attends to per-sample image tokens
+(`image_context`, optionally masked by `image_mask`), passed down as keyword arguments; `branch_weights` picks its
+weighting: "learnable" (MagDiff's video U-Net) or "fixed" with the image branch scaled by `fixed_image_scale`
+(IP-Adapter; MagicVideo-V2's appearance attention in `unet_motion`).
 """
 
 from __future__ import annotations
@@ -70,8 +72,9 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """norm1 -> attn1 (self, or cross when only_cross_attention) -> norm2 -> attn2 (cross) -> norm3 -> ff.
 
-    With `entity_attention`, attn2 is an `EntityAttention` over the text `context` and the image tokens
-    `image_context` (B, Li, cross_attention_dim), which are then required; without it they must be None."""
+    With `entity_attention`, attn2 is an `EntityAttention` (its `branch_weights` and `fixed_image_scale` as given
+    here) over the text `context` and the image tokens `image_context` (B, Li, cross_attention_dim), which are then
+    required; without it they must be None."""
 
     dim: int
     heads: int
@@ -82,6 +85,8 @@ class BasicTransformerBlock(nn.Module):
     attention_impl: str = "xla"
     dtype: Any = None
     entity_attention: bool = False
+    branch_weights: str = "learnable"
+    fixed_image_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, context=None, deterministic=True, image_context=None, image_mask=None):
@@ -98,7 +103,9 @@ class BasicTransformerBlock(nn.Module):
             h = layer_norm(dtype=self.dtype, name="norm2")(x)
             if self.entity_attention:
                 x = x + EntityAttention(self.dim, self.heads, self.dim_head, implementation=self.attention_impl,
-                                        dtype=self.dtype, name="attn2")(h, context, image_context, image_mask)
+                                        dtype=self.dtype, branch_weights=self.branch_weights,
+                                        fixed_image_scale=self.fixed_image_scale, name="attn2")(
+                    h, context, image_context, image_mask)
             else:
                 x = x + attn("attn2")(h, context)
         h = layer_norm(dtype=self.dtype, name="norm3")(x)
@@ -107,7 +114,8 @@ class BasicTransformerBlock(nn.Module):
 
 class Transformer2DModel(nn.Module):
     """A stack of `BasicTransformerBlock`s over the H*W tokens of a (B, H, W, C) feature map; `image_context` and
-    `image_mask` go to every block's `EntityAttention` when `entity_attention` is set."""
+    `image_mask` go to every block's `EntityAttention` (`branch_weights`, `fixed_image_scale`) when
+    `entity_attention` is set."""
 
     heads: int
     dim_head: int
@@ -120,6 +128,8 @@ class Transformer2DModel(nn.Module):
     attention_impl: str = "xla"
     dtype: Any = None
     entity_attention: bool = False
+    branch_weights: str = "learnable"
+    fixed_image_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x, context=None, deterministic=True, image_context=None, image_mask=None):
@@ -138,6 +148,8 @@ class Transformer2DModel(nn.Module):
         for i in range(self.num_layers):
             x = BasicTransformerBlock(
                 inner, self.heads, self.dim_head, self.cross_attention_dim, self.only_cross_attention,
-                self.dropout, self.attention_impl, self.dtype, self.entity_attention, name=f"transformer_blocks_{i}",
+                self.dropout, self.attention_impl, self.dtype, self.entity_attention,
+                branch_weights=self.branch_weights, fixed_image_scale=self.fixed_image_scale,
+                name=f"transformer_blocks_{i}",
             )(x, context, deterministic, image_context=image_context, image_mask=image_mask)
         return proj_out(x.reshape(b, h, w, inner)) + residual

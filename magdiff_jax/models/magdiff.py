@@ -41,6 +41,7 @@ from magdiff_jax.layers.attention import EntityAttention
 from magdiff_jax.layers.common import compute_dtype, conv
 from magdiff_jax.layers.resampler import Resampler, ResamplerConfig
 from magdiff_jax.models import unet3d
+from magdiff_jax.models.inflate import add_image_projections
 from magdiff_jax.models.registry import ModelSpec, check_positive, config_from_dict, register
 from magdiff_jax.models.unet3d import UNet3DConditionModel, UNet3DConfig
 from magdiff_jax.models.vae import encode_video
@@ -265,30 +266,9 @@ def add_entity_attention(unet_params, config: UNet3DConfig, abstract: dict | Non
         raise ValueError("add_entity_attention needs a config with entity_attention=True")
     if abstract is None:
         abstract = unet3d.SPEC.abstract_params(UNet3DConditionModel(config))
-    flat = traverse_util.flatten_dict(nn.meta.unbox(dict(unet_params)))
-    copies = {"to_k_ip": "to_k", "to_v_ip": "to_v"}
     scales = {"text_scale": EntityAttention.text_scale_init, "image_scale": EntityAttention.image_scale_init}
-    out, missing = {}, []
-    for path, leaf in abstract.items():
-        if path in flat:
-            out[path] = flat[path]
-        elif len(path) >= 2 and path[-2] in copies:
-            source = (*path[:-2], copies[path[-2]], path[-1])
-            if source in flat:
-                out[path] = jnp.array(flat[source], copy=True)
-            else:
-                missing.append(f"{'/'.join(source)} (the source of {'/'.join(path)})")
-        elif path[-1] in scales:
-            out[path] = jnp.asarray(scales[path[-1]], leaf.dtype)
-        else:
-            missing.append("/".join(path))
-    unexpected = sorted("/".join(p) for p in flat if p not in abstract)
-    misshaped = sorted(f"{'/'.join(p)}: {tuple(v.shape)}, expected {tuple(abstract[p].shape)}"
-                       for p, v in out.items() if tuple(np.shape(v)) != tuple(abstract[p].shape))
-    if missing or unexpected or misshaped:
-        raise ConversionError(mismatch_message("the unet3d parameters do not match the entity-attention U-Net",
-                                               sorted(missing), unexpected, misshaped))
-    return traverse_util.unflatten_dict(out)
+    return add_image_projections(unet_params, abstract, "the unet3d parameters do not match the entity-attention "
+                                 "U-Net", fill=scales)
 
 
 def magdiff_params_from_unet3d(unet3d_params, module: MagDiffUNet, key: jax.Array) -> dict:

@@ -14,11 +14,24 @@ the `unet2d` SD U-Net on its spatial weights (diffusers would run the motion mod
 
 ControlNet residuals (`down_block_additional_residuals`, `mid_block_additional_residual`) are per frame, shaped as
 `unet2d` takes them, (B*F, h, w, c), or equivalently (B, F, h, w, c).
+
+Image attention (MagicVideo-V2's appearance encoder; `image_attention=True`): every SPATIAL transformer's `attn2`
+(down, mid and up blocks; never a motion module's) is IP-Adapter's decoupled cross-attention with a fixed image
+weight lambda = `image_attention_scale` (`layers.attention.EntityAttention`, branch_weights "fixed"):
+
+    attn2(x) = to_out_0( Attn(Q, K_t, V_t) + lambda * Attn(Q, to_k_ip(c_i), to_v_ip(c_i)) )
+
+over `image_hidden_states` (B, N, cross_attention_dim): one set of image tokens per video (e.g. the IP-Adapter-Plus
+`Resampler`'s output for the reference image), repeated per frame inside like the text. This is diffusers'
+UNetMotionModel after `load_ip_adapter` (`IPAdapterAttnProcessor2_0` in those layers, `set_ip_adapter_scale(lambda)`);
+`convert.ip_adapter` reads and writes the IP-Adapter files, `add_image_attention` starts the new projections from a
+model without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -28,6 +41,7 @@ from magdiff_jax.layers.motion import AnimateDiffTransformer3D
 from magdiff_jax.layers.remat import remat
 from magdiff_jax.layers.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from magdiff_jax.layers.transformer import Transformer2DModel
+from magdiff_jax.models.inflate import add_image_projections
 from magdiff_jax.models.registry import ConfigError, ModelSpec, check_names, check_positive, register
 from magdiff_jax.models.unet2d import check_block_layout, check_groups
 from magdiff_jax.models.video import check_video_inputs, per_frame_conditioning
@@ -67,7 +81,9 @@ class UNetMotionConfig:
     block, in which case the up blocks' counts come from `reverse_(temporal_)transformer_layers_per_block` (one
     entry per up block, each an int or one int per up-block layer), as diffusers requires.
     `num_attention_heads` is the number of heads of the spatial transformers (width: channels / heads);
-    `motion_num_attention_heads` that of the motion modules.
+    `motion_num_attention_heads` that of the motion modules. `image_attention` / `image_attention_scale`: the
+    decoupled image cross-attention of the spatial transformers and its fixed weight lambda (module docstring); it
+    needs one `cross_attention_dim` shared by every block (the image tokens are one set).
     """
 
     sample_size: int | None = None
@@ -97,6 +113,8 @@ class UNetMotionConfig:
     mid_block_layers: int = 1
     time_cond_proj_dim: int | None = None
     # ours (not in diffusers' config.json)
+    image_attention: bool = False  # IP-Adapter decoupled cross-attention in every spatial transformer's attn2
+    image_attention_scale: float = 1.0  # its fixed image-branch weight lambda
     attention_impl: str = "auto"
     dtype: str = "float32"
     remat_policy: str = "none"  # layers/remat.py: none | full | dots_saveable | dots_no_batch | names
@@ -140,7 +158,15 @@ class UNetMotionConfig:
             for h, c in zip(self.per_block(name), self.block_out_channels):
                 if c % h:
                     raise ConfigError(f"block width {c} is not divisible by its {h} heads", name)
-        self.per_block("cross_attention_dim")
+        cross = self.per_block("cross_attention_dim")
+        if not isinstance(self.image_attention, bool):
+            raise ConfigError(f"must be true or false, got {self.image_attention!r}", "image_attention")
+        scale = self.image_attention_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise ConfigError(f"must be a finite number, got {scale!r}", "image_attention_scale")
+        if self.image_attention and len(set(cross)) != 1:
+            raise ConfigError(f"{list(cross)} differ per block; image_attention needs one width for its one set of "
+                              "image tokens", "cross_attention_dim")
 
     @property
     def time_embed_dim(self) -> int:
@@ -196,7 +222,9 @@ def _transformer(cfg: UNetMotionConfig, block: int, channels: int, layers: int, 
     return Transformer2DModel(heads=heads, dim_head=channels // heads, num_layers=layers,
                               cross_attention_dim=cfg.per_block("cross_attention_dim")[block],
                               norm_num_groups=cfg.norm_num_groups, use_linear_projection=cfg.use_linear_projection,
-                              attention_impl=cfg.attention_impl, dtype=compute_dtype(cfg.dtype), name=name)
+                              attention_impl=cfg.attention_impl, dtype=compute_dtype(cfg.dtype),
+                              entity_attention=cfg.image_attention, branch_weights="fixed",
+                              fixed_image_scale=cfg.image_attention_scale, name=name)
 
 
 def _motion(cfg: UNetMotionConfig, x, num_frames: int, block: int, channels: int, layers: int, name: str,
@@ -215,14 +243,15 @@ def _motion(cfg: UNetMotionConfig, x, num_frames: int, block: int, channels: int
 
 class DownBlockMotion(nn.Module):
     """CrossAttnDownBlockMotion (resnet, transformer, motion module per layer) or DownBlockMotion (resnet,
-    motion module), then an optional downsampler. Works on (B*F, H, W, C) frames."""
+    motion module), then an optional downsampler. Works on (B*F, H, W, C) frames; `image_context` (B*F, N, D) goes
+    to the transformers' image attention."""
 
     config: UNetMotionConfig
     index: int
     num_frames: int
 
     @nn.compact
-    def __call__(self, x, temb, context, deterministic=True):
+    def __call__(self, x, temb, context, deterministic=True, *, image_context=None):
         cfg, i = self.config, self.index
         cout = cfg.block_out_channels[i]
         cin = cfg.block_out_channels[i - 1] if i else cfg.block_out_channels[0]
@@ -231,7 +260,7 @@ class DownBlockMotion(nn.Module):
             x = _resnet(cfg, cin if j == 0 else cout, cout, f"resnets_{j}")(x, temb, deterministic)
             if cfg.down_block_types[i] == "CrossAttnDownBlockMotion":
                 x = _transformer(cfg, i, cout, cfg.down_transformer_layers(i, j), f"attentions_{j}")(
-                    x, context, deterministic)
+                    x, context, deterministic, image_context=image_context)
             x = _motion(cfg, x, self.num_frames, i, cout, cfg.down_temporal_layers(i, j), f"motion_modules_{j}",
                         deterministic)
             outputs.append(x)
@@ -250,7 +279,7 @@ class MidBlockMotion(nn.Module):
     num_frames: int
 
     @nn.compact
-    def __call__(self, x, temb, context, deterministic=True):
+    def __call__(self, x, temb, context, deterministic=True, *, image_context=None):
         cfg = self.config
         n = len(cfg.block_out_channels)
         c = cfg.block_out_channels[-1]
@@ -258,7 +287,7 @@ class MidBlockMotion(nn.Module):
         x = _resnet(cfg, c, c, "resnets_0", scale)(x, temb, deterministic)
         for k in range(cfg.mid_block_layers):
             x = _transformer(cfg, n - 1, c, cfg.mid_transformer_layers(k), f"attentions_{k}")(
-                x, context, deterministic)
+                x, context, deterministic, image_context=image_context)
             if cfg.use_motion_mid_block:
                 x = _motion(cfg, x, self.num_frames, n - 1, c, cfg.mid_temporal_layers(k), f"motion_modules_{k}",
                             deterministic)
@@ -275,7 +304,7 @@ class UpBlockMotion(nn.Module):
     num_frames: int
 
     @nn.compact
-    def __call__(self, x, skips, temb, context, deterministic=True, upsample_size=None):
+    def __call__(self, x, skips, temb, context, deterministic=True, upsample_size=None, *, image_context=None):
         cfg, i = self.config, self.index
         n = len(cfg.block_out_channels)
         rev = cfg.block_out_channels[::-1]
@@ -291,7 +320,7 @@ class UpBlockMotion(nn.Module):
             x = _resnet(cfg, (prev if j == 0 else cout) + cskip, cout, f"resnets_{j}")(x, temb, deterministic)
             if cfg.up_block_types[i] == "CrossAttnUpBlockMotion":
                 x = _transformer(cfg, block, cout, cfg.up_transformer_layers(i, j), f"attentions_{j}")(
-                    x, context, deterministic)
+                    x, context, deterministic, image_context=image_context)
             x = _motion(cfg, x, self.num_frames, block, cout, cfg.up_temporal_layers(i, j), f"motion_modules_{j}",
                         deterministic)
         if i < n - 1:
@@ -306,6 +335,24 @@ def _add_residual(x, r, what: str):
     return x + r.reshape(x.shape).astype(x.dtype)
 
 
+def per_frame_image_tokens(cfg: UNetMotionConfig, image_hidden_states, batch: int, num_frames: int, dt):
+    """The image tokens of each video repeated per frame, frame-major as the text context: (B, N, D) -> (B*F, N, D);
+    None without image attention. Required with `image_attention`, refused without."""
+    cross = cfg.per_block("cross_attention_dim")[0]
+    if not cfg.image_attention:
+        if image_hidden_states is not None:
+            raise ValueError("image_hidden_states were given but the config has image_attention=False")
+        return None
+    if image_hidden_states is None:
+        raise ValueError(f"image_attention=True needs image_hidden_states: (B, N, {cross}) image tokens, one set per "
+                         "video")
+    shape = image_hidden_states.shape
+    if len(shape) != 3 or shape[0] != batch or shape[2] != cross:
+        raise ValueError(f"image_hidden_states must be (B={batch}, N, {cross}): one set of image tokens per video, "
+                         f"got shape {shape}")
+    return jnp.repeat(image_hidden_states.astype(dt), num_frames, axis=0)
+
+
 class UNetMotionModel(nn.Module):
     """diffusers UNetMotionModel, channels-last (module docstring)."""
 
@@ -313,17 +360,19 @@ class UNetMotionModel(nn.Module):
 
     @nn.compact
     def __call__(
-        self, sample, timesteps, encoder_hidden_states, *, timestep_cond=None,
+        self, sample, timesteps, encoder_hidden_states, *, image_hidden_states=None, timestep_cond=None,
         down_block_additional_residuals=None, mid_block_additional_residual=None, deterministic: bool = True,
     ):
         """sample (B, F, H, W, C_in), timesteps (B,) or scalar, encoder_hidden_states (B, L, D) one per video,
-        timestep_cond (B, time_cond_proj_dim) when configured -> (B, F, H, W, C_out)."""
+        image_hidden_states (B, N, D) one set of image tokens per video (required with `image_attention`, refused
+        without), timestep_cond (B, time_cond_proj_dim) when configured -> (B, F, H, W, C_out)."""
         cfg = self.config
         dt = compute_dtype(cfg.dtype)
         policy = (cfg.remat_policy, cfg.remat_save_names)
         b, f, h, w = check_video_inputs(sample, encoder_hidden_states, cfg.in_channels)
         n_up = len(cfg.block_out_channels) - 1
         emb, context = per_frame_conditioning(cfg, timesteps, encoder_hidden_states, f, timestep_cond, dt)
+        image = dict(image_context=per_frame_image_tokens(cfg, image_hidden_states, b, f, dt))  # (B*F, N, D) | None
 
         x = sample.astype(dt).reshape(b * f, h, w, sample.shape[-1])
         x = conv(cfg.block_out_channels[0], (3, 3), padding=1, dtype=dt, name="conv_in")(x)
@@ -332,7 +381,7 @@ class UNetMotionModel(nn.Module):
         skips = [x]
         for i in range(len(cfg.down_block_types)):
             x, outs = remat(DownBlockMotion, *policy, static_argnums=(4,))(cfg, i, f, name=f"down_blocks_{i}")(
-                x, emb, context, deterministic)
+                x, emb, context, deterministic, **image)
             skips.extend(outs)
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
@@ -341,7 +390,7 @@ class UNetMotionModel(nn.Module):
             skips = [_add_residual(s, r, f"down_block_additional_residuals[{k}]")
                      for k, (s, r) in enumerate(zip(skips, down_block_additional_residuals))]
         mid = remat(MidBlockMotion, *policy, static_argnums=(4,))(cfg, f, name="mid_block")
-        x = mid(x, emb, context, deterministic)
+        x = mid(x, emb, context, deterministic, **image)
         if mid_block_additional_residual is not None:
             x = _add_residual(x, mid_block_additional_residual, "mid_block_additional_residual")
 
@@ -350,7 +399,7 @@ class UNetMotionModel(nn.Module):
             block_skips, skips = skips[-layers:], skips[:-layers]
             size = skips[-1].shape[1:3] if (i < n_up and (h % 2**n_up or w % 2**n_up)) else None
             x = remat(UpBlockMotion, *policy, static_argnums=(5, 6))(cfg, i, f, name=f"up_blocks_{i}")(
-                x, block_skips, emb, context, deterministic, size)
+                x, block_skips, emb, context, deterministic, size, **image)
 
         x = group_norm(cfg.norm_num_groups, epsilon=cfg.norm_eps, dtype=dt, name="conv_norm_out")(x)
         x = activation("silu")(x)  # diffusers' UNetMotionModel: nn.SiLU whatever act_fn is
@@ -367,9 +416,26 @@ def example_inputs(cfg: UNetMotionConfig) -> tuple:
 
 
 def example_kwargs(cfg: UNetMotionConfig) -> dict:
+    kw = {}
     if cfg.time_cond_proj_dim is not None:
-        return {"timestep_cond": jnp.zeros((1, cfg.time_cond_proj_dim))}
-    return {}
+        kw["timestep_cond"] = jnp.zeros((1, cfg.time_cond_proj_dim))
+    if cfg.image_attention:
+        kw["image_hidden_states"] = jnp.zeros((1, 1, cfg.per_block("cross_attention_dim")[0]))
+    return kw
 
 
 SPEC = register(ModelSpec("unet_motion", UNetMotionConfig, UNetMotionModel, example_inputs, example_kwargs))
+
+
+# --- from a model without image attention ---------------------------------------------------------------------------
+def add_image_attention(unet_motion_params, config: UNetMotionConfig, abstract: dict | None = None) -> dict:
+    """The params of a unet_motion without image attention -> those of `UNetMotionModel(config)` with
+    `config.image_attention`: every spatial attn2 gains `to_k_ip`/`to_v_ip`, copies of its `to_k`/`to_v`
+    (IP-Adapter's initialisation); every other parameter must already be there with its shape (all mismatches in
+    one `ConversionError`). `abstract`: that model's flat parameter shapes, when the caller has them."""
+    if not config.image_attention:
+        raise ValueError("add_image_attention needs a config with image_attention=True")
+    if abstract is None:
+        abstract = SPEC.abstract_params(UNetMotionModel(config))
+    return add_image_projections(unet_motion_params, abstract,
+                                 "the unet_motion parameters do not match the image-attention U-Net")
