@@ -272,9 +272,7 @@ def test_residuals_fit_unet_motion_per_frame(case):
     from magdiff_jax.convert.unet_motion import motion_config_from_unet2d
     from magdiff_jax.models.unet_motion import UNetMotionModel
 
-    _, _, _, module, params = case
-    if module.config.global_pool_conditions:
-        pytest.skip("pooled residuals (B, 1, 1, c) only broadcast in unet2d")
+    _, _, _, module, params = case  # pooled residuals (global_pool_conditions) broadcast over the pixels
     b, f = 1, 3
     mcfg = motion_config_from_unet2d(UNet2DConfig(**UNET), {
         "block_out_channels": [32, 64], "motion_layers_per_block": 2, "motion_norm_num_groups": 8})

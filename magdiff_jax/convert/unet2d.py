@@ -13,7 +13,8 @@ from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, embedding,
 from magdiff_jax.models.registry import ConfigError, config_from_dict
 from magdiff_jax.models.unet2d import UNet2DConfig
 
-OURS_ONLY = ("attention_impl", "dtype", "remat_policy", "remat_save_names")
+OURS_ONLY = ("attention_impl", "dtype", "remat_policy", "remat_save_names", "image_attention",
+             "image_attention_scale")
 # diffusers config keys we read past when they hold these (default) values; any other value is refused.
 ACCEPTED_DEFAULTS = {
     "dual_cross_attention": False,

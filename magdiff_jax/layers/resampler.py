@@ -104,7 +104,7 @@ class ResamplerBlock(nn.Module):
 class Resampler(nn.Module):
     """IP-Adapter-Plus Perceiver resampler (module docstring): x (B, T, embedding_dim) -> (B, num_queries,
     output_dim). Matches diffusers `IPAdapterPlusImageProjection` (fp32, max|diff| / max|ref| <= 1e-5,
-    tests/test_magdiff_model.py); `models.magdiff.resampler_from_torch` / `resampler_to_torch` map its state
+    tests/test_magdiff_model.py); `convert.ip_adapter.resampler_from_torch` / `resampler_to_torch` map its state
     dict."""
 
     config: ResamplerConfig

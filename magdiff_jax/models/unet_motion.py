@@ -35,6 +35,7 @@ import math
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from magdiff_jax.layers.common import activation, compute_dtype, conv, group_norm
 from magdiff_jax.layers.motion import AnimateDiffTransformer3D
@@ -329,10 +330,15 @@ class UpBlockMotion(nn.Module):
 
 
 def _add_residual(x, r, what: str):
-    if r.size != x.size:
-        raise ValueError(f"{what}: residual of shape {r.shape} does not fit the feature map {x.shape} "
-                         "(per frame: (B*F, h, w, c) or (B, F, h, w, c))")
-    return x + r.reshape(x.shape).astype(x.dtype)
+    """x (B*F, h, w, c) + a per-frame residual: (B*F, h, w, c), (B, F, h, w, c), or pooled (B*F, 1, 1, c) /
+    (B, F, 1, 1, c) (a ControlNet with `global_pool_conditions`), broadcast over the pixels."""
+    pooled = (x.shape[0], 1, 1, x.shape[-1])
+    if r.size == x.size:
+        return x + r.reshape(x.shape).astype(x.dtype)
+    if r.size == np.prod(pooled):
+        return x + r.reshape(pooled).astype(x.dtype)
+    raise ValueError(f"{what}: residual of shape {r.shape} does not fit the feature map {x.shape} "
+                     "(per frame: (B*F, h, w, c) or (B, F, h, w, c), or pooled (B*F, 1, 1, c))")
 
 
 def per_frame_image_tokens(cfg: UNetMotionConfig, image_hidden_states, batch: int, num_frames: int, dt):
