@@ -63,7 +63,7 @@ def test_config_derives_a_fitting_controlnet_and_refuses_misfits():
     with pytest.raises(ValueError, match="output_dim=16 must equal the U-Net's cross_attention_dim 32"):
         micro_config(resampler={**MICRO_RESAMPLER, "output_dim": 16})
     other = dict(cfg.to_dict()["controlnet"], block_out_channels=(64,), norm_num_groups=8)
-    with pytest.raises(ValueError, match="controlnet.block_out_channels"):
+    with pytest.raises(ValueError, match=r"controlnet\.block_out_channels"):
         micro_config(controlnet=other)
 
 
@@ -223,8 +223,8 @@ def test_i2v_command_on_the_export(trained, tmp_path):
     """`magdiff-jax i2v` on the trained export: a reference PNG and a prompt -> keyframes, with two-scale guidance,
     DPM-Solver++ and the FrameInit prior (the default settings run in the demo)."""
     from magdiff_jax import cli
-    from magdiff_jax.data.synthetic import make_clip
     from magdiff_jax.data.pipeline import synthetic_config
+    from magdiff_jax.data.synthetic import make_clip
     from magdiff_jax.data.video_io import read_video
     from magdiff_jax.utils.images import save_png
 

@@ -552,7 +552,7 @@ def _train(config, workdir: str | os.PathLike) -> dict:
         from magdiff_jax.data.pipeline import IMAGE_PREFIX, JointIterator
 
         image_cfg = config.image_data.copy_and_resolve_references()
-        image_cfg.tokenizer = data_cfg.tokenizer
+        image_cfg.tokenizer, image_cfg.max_length = data_cfg.tokenizer, data_cfg.max_length  # one text encoder
         image_first, image_stop = process_rows(batch_sharding, config.image_batch_size)
         images = make_dataset(image_cfg, batch_size=image_stop - image_first, global_batch=config.image_batch_size,
                               first_row=image_first, train=True,

@@ -71,7 +71,7 @@ class I2VTask:
         if config.get("trainable"):  # one group over the given regex (tiny models trained from scratch)
             return param_groups(config, {"unet": config.trainable})
         defaults = dict(GROUPS)
-        if not self.models(config)["unet"][1].use_controlnet:
+        if not model_config(config, "unet", "i2v").use_controlnet:
             defaults.pop("controlnet")
         if config.task_options.get("train_spatial", False):
             defaults["spatial"] = SPATIAL
