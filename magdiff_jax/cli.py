@@ -7,6 +7,8 @@
     magdiff-jax convert to-torch --kind i2v runs/i2v/export out/i2v_diffusers    (AnimateDiffControlNetPipeline)
     magdiff-jax convert magdiff-init --pipeline sd21-base --temporal modelscope/unet --image-encoder vit-h \
         --out out/magdiff_init                                         (configs/magdiff.py:base's init_from)
+    magdiff-jax convert i2v-init --pipeline sd15 --motion-adapter mm_sd_v15_v2.ckpt --ip-adapter ip-plus_sd15.bin \
+        --image-encoder vit-h --out out/i2v_init                         (configs/i2v.py:base's init_from)
     magdiff-jax data synth --out data/synth --num 72
     magdiff-jax data build --builder ucf101 --manual-dir ~/UCF101 --out data/tfds
     magdiff-jax data inspect data/synth
@@ -46,7 +48,7 @@ def _add_convert(sub):
     p = sub.add_parser("convert", help="convert checkpoints between PyTorch (diffusers/transformers) and Flax",
                        description="Convert model checkpoints between PyTorch safetensors folders "
                                    "(diffusers/transformers layout) and magdiff_jax Flax checkpoints.")
-    csub = p.add_subparsers(dest="direction", required=True, metavar="{to-flax,to-torch,magdiff-init}")
+    csub = p.add_subparsers(dest="direction", required=True, metavar="{to-flax,to-torch,magdiff-init,i2v-init}")
     kinds = (*_kinds(), "pipeline")
     tf = csub.add_parser("to-flax", help="PyTorch model folder -> Orbax checkpoint + config.json",
                          description="Read a diffusers/transformers model folder (config.json + safetensors, single "
@@ -91,6 +93,34 @@ def _add_convert(sub):
     mi.add_argument("--pyramid", default="multi", choices=("multi", "single"))
     mi.add_argument("--seed", type=int, default=0, help="initialises the resampler, pyramid and fresh layers")
     mi.add_argument("--overwrite", action="store_true")
+    ii = csub.add_parser("i2v-init", help="a MagicVideo-V2 I2V init_from folder from SD1.5 + AnimateDiff + IP-Adapter",
+                         description="Build the init_from folder of configs/i2v.py:base: the SD U-Net with an "
+                                     "AnimateDiff motion adapter, image attention and resampler from an "
+                                     "IP-Adapter-Plus file (or copies of to_k/to_v and a fresh resampler), a "
+                                     "ControlNet (given, or copied from the U-Net with zero convs), plus the VAE, "
+                                     "text and image encoders, tokenizer and scheduler. Model sources may be PyTorch "
+                                     "or Flax folders (the U-Net: diffusers).")
+    ii.add_argument("--out", required=True, help="output folder (must not exist or be empty, unless --overwrite)")
+    ii.add_argument("--pipeline", default=None, help="an SD1.5 pipeline folder: unet, vae, text_encoder, tokenizer")
+    ii.add_argument("--unet", default=None, help="UNet2DConditionModel folder (default: PIPELINE/unet)")
+    ii.add_argument("--vae", default=None, help="default: PIPELINE/vae")
+    ii.add_argument("--text-encoder", default=None, help="default: PIPELINE/text_encoder")
+    ii.add_argument("--tokenizer", default=None, help="default: PIPELINE/tokenizer")
+    ii.add_argument("--motion-adapter", required=True, help="AnimateDiff motion adapter: a MotionAdapter folder, or "
+                                                            "one .safetensors/.ckpt file (diffusers' or the original "
+                                                            "layout)")
+    ii.add_argument("--ip-adapter", default=None, help="IP-Adapter-Plus file (.safetensors or .bin); without it "
+                                                       "to_k_ip/to_v_ip copy to_k/to_v and the resampler is fresh")
+    ii.add_argument("--image-encoder", required=True, help="CLIP vision folder (IP-Adapter's ViT-H/14 for SD1.5)")
+    ii.add_argument("--controlnet", default=None, help="a ControlNetModel folder that fits the U-Net (default: a "
+                                                       "copy of the U-Net's encoder with zero convs)")
+    ii.add_argument("--resampler", default=None, metavar="JSON",
+                    help='resampler fields as JSON, e.g. \'{"num_queries": 16}\' (over IP-Adapter-Plus SD1.5\'s; with '
+                         "--ip-adapter only dim_head)")
+    ii.add_argument("--conditioning-embedding-out-channels", default=None, metavar="C0,C1,...",
+                    help="the fresh ControlNet's condition encoder widths (default 16,32,96,256: 8x, the SD VAE's)")
+    ii.add_argument("--seed", type=int, default=0, help="initialises the fresh resampler and condition encoder")
+    ii.add_argument("--overwrite", action="store_true")
 
 
 BUILDER_NAMES = ("video_caption", "image_caption", "ucf101", "msrvtt", "davis", "vimeo90k")
@@ -292,6 +322,32 @@ def _convert(args) -> None:
         build_magdiff_init(args.out, pipeline=args.pipeline, unet=args.unet, temporal=args.temporal, vae=args.vae,
                            text_encoder=args.text_encoder, image_encoder=args.image_encoder, pyramid=args.pyramid,
                            seed=args.seed, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+        return
+    if args.direction == "i2v-init":
+        import json
+
+        from magdiff_jax.convert.i2v_init import build_i2v_init
+
+        resampler = channels = None
+        if args.resampler:
+            try:
+                resampler = json.loads(args.resampler)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--resampler: not valid JSON ({e})") from e
+            if not isinstance(resampler, dict):
+                raise ValueError(f"--resampler must be a JSON object of resampler fields, e.g. '{{\"num_queries\": "
+                                 f"16}}', got {args.resampler!r}")
+        if args.conditioning_embedding_out_channels:
+            try:
+                channels = tuple(int(c) for c in args.conditioning_embedding_out_channels.split(","))
+            except ValueError:
+                raise ValueError("--conditioning-embedding-out-channels: expected comma-separated integers, got "
+                                 f"{args.conditioning_embedding_out_channels!r}") from None
+        build_i2v_init(args.out, pipeline=args.pipeline, unet=args.unet, vae=args.vae, text_encoder=args.text_encoder,
+                       tokenizer=args.tokenizer, motion_adapter=args.motion_adapter, ip_adapter=args.ip_adapter,
+                       image_encoder=args.image_encoder, controlnet=args.controlnet, resampler_config=resampler,
+                       conditioning_embedding_out_channels=channels, seed=args.seed, overwrite=args.overwrite)
         print(f"wrote {args.out}")
         return
     motion = getattr(args, "motion_adapter", None) or getattr(args, "motion_adapter_layout", None)
