@@ -18,10 +18,10 @@ the fixed image weight lambda = `unet.image_attention_scale`, MagicVideo's 1.0),
 resampler are MagDiff's (`layers.attention.EntityAttention`, `layers.resampler.Resampler`), configured with fixed
 instead of learnable branch weights.
 
-Starting from pretrained parts (`i2v_params_from_parts`): an SD U-Net plus an AnimateDiff motion adapter make the
-`unet`; an IP-Adapter-Plus file gives `image_proj` and the `to_k_ip`/`to_v_ip` (or they start as copies of
-`to_k`/`to_v`, the IP-Adapter recipe); the ControlNet starts as a copy of the U-Net's encoder with zero convs
-(`controlnet_from_unet`), so at that start it changes nothing.
+Starting from pretrained parts (`convert.i2v_init.build_i2v_init`, `magdiff-jax convert i2v-init`): an SD U-Net
+plus an AnimateDiff motion adapter make the `unet`; an IP-Adapter-Plus file gives `image_proj` and the
+`to_k_ip`/`to_v_ip` (or they start as copies of `to_k`/`to_v`, the IP-Adapter recipe); the ControlNet starts as a copy
+of the U-Net's encoder with zero convs (`controlnet_from_unet`), so at that start it changes nothing.
 """
 
 from __future__ import annotations
