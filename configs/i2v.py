@@ -30,11 +30,12 @@ from magdiff_jax.data.pipeline import data_config
 from magdiff_jax.train.trainer import base_config
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling config files
-import t2i
+import magdiff
 
 
 def tiny_models() -> ml_collections.ConfigDict:
-    m = t2i.tiny_models()
+    """MagDiff's tiny VAE, text and image encoders; the AnimateDiff U-Net of the same widths."""
+    m = magdiff.tiny_models()
     return ml_collections.ConfigDict({
         "unet": {
             "unet": {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
@@ -49,8 +50,7 @@ def tiny_models() -> ml_collections.ConfigDict:
         },
         "vae": m.vae.to_dict(),
         "text_encoder": m.text_encoder.to_dict(),
-        "image_encoder": {"hidden_size": 32, "intermediate_size": 64, "projection_dim": 32, "num_hidden_layers": 2,
-                          "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        "image_encoder": m.image_encoder.to_dict(),
     })
 
 

@@ -17,14 +17,14 @@ step runs as one batch.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
-from magdiff_jax import cpu, distributed
+from magdiff_jax import cpu
 from magdiff_jax.diffusion import DDIMSampler, DPMSolverSampler, EulerSampler, ScheduleConfig, sample_loop
 from magdiff_jax.diffusion.noise_prior import NoisePriorConfig, initial_latents
 from magdiff_jax.diffusion.schedules import NoiseSchedule
 from magdiff_jax.models.i2v import reference_condition
 from magdiff_jax.models.vae import decode_video, encode_images
+from magdiff_jax.pipelines.guided import BatchRunner, guided_denoiser
 
 SAMPLERS = {"ddim": DDIMSampler, "dpm": DPMSolverSampler, "euler": EulerSampler}
 
@@ -33,10 +33,6 @@ def make_sampler(name: str, schedule: ScheduleConfig):
     if name not in SAMPLERS:
         raise ValueError(f"sampler must be one of {sorted(SAMPLERS)}, got {name!r}")
     return SAMPLERS[name](schedule)
-
-
-def _concat(*conds):
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *conds)
 
 
 def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames: int, latent_size,
@@ -51,22 +47,9 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
     b = tokens.shape[0]
     text_ctx = text.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
     null_ctx = text.apply({"params": params["text_encoder"]}, null_tokens).last_hidden_state
-    if image_guidance is None:  # passes: (null text, reference), (text, reference)
-        ctx, conds = jnp.concatenate([null_ctx, text_ctx]), _concat(cond, cond)
-    else:  # passes: (null, no reference), (null, reference), (text, reference)
-        if null_cond is None:
-            raise ValueError("image_guidance needs null_cond: the condition of dropped references")
-        ctx, conds = jnp.concatenate([null_ctx, null_ctx, text_ctx]), _concat(null_cond, cond, cond)
-    passes = ctx.shape[0] // b
-
-    def model_fn(x, t):
-        x_in = jnp.concatenate([x] * passes)
-        out = unet.apply({"params": params["unet"]}, x_in, jnp.full((x_in.shape[0],), t), ctx, **conds)
-        parts = jnp.split(out, passes)
-        if passes == 2:
-            return parts[0] + guidance * (parts[1] - parts[0])
-        return parts[0] + image_guidance * (parts[1] - parts[0]) + guidance * (parts[2] - parts[1])
-
+    model_fn = guided_denoiser(lambda x, t, ctx, **c: unet.apply({"params": params["unet"]}, x, t, ctx, **c),
+                               text_ctx, null_ctx, cond, guidance=guidance, image_guidance=image_guidance,
+                               null_cond=null_cond)
     solver = make_sampler(sampler, schedule)
     state = solver.set_timesteps(num_steps)
     prior = NoisePriorConfig() if prior is None else prior
@@ -100,7 +83,7 @@ class I2VPipeline:
         self.stage = stage
         self.config = stage.config
         self._fns = {}
-        self._bar = None
+        self._runner = BatchRunner()
 
     @classmethod
     def load(cls, path, step: int | None = None) -> I2VPipeline:
@@ -153,25 +136,8 @@ class I2VPipeline:
         settings = (num_frames, num_steps, float(guidance), image_guidance, sampler, prior, bool(progress))
         if settings not in self._fns:
             self._fns[settings] = self._compile(*settings)
-        n, d = len(prompts), jax.device_count()
-        if n % d == 0 and d > 1:
-            batch = distributed.rows_over_devices(batch)
-        keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=num_steps, desc="denoising", unit="step", initial=0)
-        try:
-            out = distributed.to_host(self._fns[settings](self.stage.params, batch, keys))
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-        return np.round((out + 1) * 127.5).clip(0, 255).astype(np.uint8)
-
-    def _tick(self, i) -> None:
-        if self._bar is not None and int(i) + 1 > self._bar.n:
-            self._bar.update(int(i) + 1 - self._bar.n)
+        return self._runner.run(self._fns[settings], self.stage.params, batch, seeds, num_steps=num_steps,
+                                progress=progress)
 
     def _compile(self, num_frames, num_steps, guidance, image_guidance, sampler, prior, progress):
         models, config, schedule = self.stage.modules, self.config, self.stage.schedule
@@ -189,7 +155,7 @@ class I2VPipeline:
                             key=jax.random.wrap_key_data(key_data), num_frames=num_frames, latent_size=(h, w),
                             schedule=schedule, reference=reference, num_steps=num_steps, guidance=guidance,
                             image_guidance=image_guidance, null_cond=null_cond, sampler=sampler, prior=prior,
-                            progress=self._tick if progress else None)
+                            progress=self._runner.tick if progress else None)
 
         def run(params, batch, keys):  # each example with its own seed, in one batch
             per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])

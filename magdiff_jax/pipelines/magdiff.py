@@ -27,14 +27,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax import cpu, distributed
+from magdiff_jax import cpu
 from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig, sample_loop
 from magdiff_jax.models.magdiff import black_subject, subject_condition, subject_keys
 from magdiff_jax.models.vae import decode_video, encode_video
-
-
-def _concat(*trees):
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+from magdiff_jax.pipelines.guided import BatchRunner, guided_denoiser
 
 
 def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames: int, latent_size,
@@ -49,21 +46,9 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
     b = tokens.shape[0]
     text_ctx = text.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
     null_ctx = text.apply({"params": params["text_encoder"]}, null_tokens).last_hidden_state
-    if image_guidance is None:  # passes: (null text, subject), (text, subject)
-        ctx, conds = jnp.concatenate([null_ctx, text_ctx]), _concat(cond, cond)
-    else:  # passes: (null, black), (null, subject), (text, subject)
-        if null_cond is None:
-            raise ValueError("image_guidance needs null_cond: subject_condition(black_subject(subject))")
-        ctx, conds = jnp.concatenate([null_ctx, null_ctx, text_ctx]), _concat(null_cond, cond, cond)
-    passes = ctx.shape[0] // b
-
-    def eps(x, t):
-        x_in = jnp.concatenate([x] * passes)
-        out = unet.apply({"params": params["unet"]}, x_in, jnp.full((x_in.shape[0],), t), ctx, **conds)
-        parts = jnp.split(out, passes)
-        if passes == 2:
-            return parts[0] + guidance * (parts[1] - parts[0])
-        return parts[0] + image_guidance * (parts[1] - parts[0]) + guidance * (parts[2] - parts[1])
+    eps = guided_denoiser(lambda x, t, ctx, **c: unet.apply({"params": params["unet"]}, x, t, ctx, **c),
+                          text_ctx, null_ctx, cond, guidance=guidance, image_guidance=image_guidance,
+                          null_cond=null_cond)
 
     sampler = DDIMSampler(schedule)
     state = sampler.set_timesteps(num_steps)
@@ -113,7 +98,7 @@ class MagDiffPipeline:
         self.stage = stage
         self.config = stage.config
         self._fns = {}
-        self._bar = None
+        self._runner = BatchRunner()
 
     @classmethod
     def load(cls, path, step: int | None = None) -> MagDiffPipeline:
@@ -176,26 +161,8 @@ class MagDiffPipeline:
         settings = (num_steps, float(guidance), image_guidance, float(strength), bool(progress))
         if settings not in self._fns:
             self._fns[settings] = self._compile(sizes, self.stage.schedule, *settings)
-        n, d = len(examples), jax.device_count()
-        if n % d == 0 and d > 1:  # every process holds every example: each gives its devices their rows
-            batch = distributed.rows_over_devices(batch)
-        keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=num_steps, desc="denoising", unit="step", initial=0)
-        try:
-            out = distributed.to_host(self._fns[settings](self.stage.params, normalize_example(batch), keys))
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-        return np.round((out + 1) * 127.5).clip(0, 255).astype(np.uint8)
-
-    def _tick(self, i) -> None:
-        """The progress callback: step index i (0-based) of the sampler's schedule has finished."""
-        if self._bar is not None and int(i) + 1 > self._bar.n:
-            self._bar.update(int(i) + 1 - self._bar.n)
+        return self._runner.run(self._fns[settings], self.stage.params, normalize_example(batch), seeds,
+                                num_steps=num_steps, progress=progress)
 
     def _compile(self, sizes, schedule, num_steps, guidance, image_guidance, strength, progress):
         models, image_layer = self.stage.modules, self.config.task_options.get("image_layer", -2)
@@ -214,7 +181,7 @@ class MagDiffPipeline:
                             latent_size=(video.shape[2] // f, video.shape[3] // f), schedule=schedule,
                             num_steps=num_steps, guidance=guidance, image_guidance=image_guidance, null_cond=null_cond,
                             init_video=video if strength < 1.0 else None, strength=strength,
-                            progress=self._tick if progress else None)
+                            progress=self._runner.tick if progress else None)
 
         def run(params, batch, keys):  # each example with its own seed, in one batch
             per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
