@@ -54,11 +54,12 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
     state = solver.set_timesteps(num_steps)
     prior = NoisePriorConfig() if prior is None else prior
     shape = (b, num_frames, *latent_size, unet.config.latent_channels)
-    ref_latent = None
-    if prior.kind != "none":
-        if reference is None:
-            raise ValueError(f"noise prior {prior.kind!r} starts from the reference: pass reference")
+    if reference is not None:
         ref_latent = encode_images(vae, params["vae"], reference)  # posterior means, (B, h, w, c)
+    elif prior.kind == "none":
+        ref_latent = jnp.zeros((shape[0], *shape[2:]), jnp.float32)  # unused: plain noise
+    else:
+        raise ValueError(f"noise prior {prior.kind!r} starts from the reference: pass reference")
     x, start = initial_latents(prior, key, ref_latent, shape, NoiseSchedule.create(schedule), solver, state)
     x = sample_loop(solver, state, model_fn, x, start=start, callback=progress)
     return decode_video(vae, params["vae"], x)

@@ -44,7 +44,8 @@ class I2VTask:
     trains the "no reference" input two-scale guidance needs; caption dropout happens in the data pipeline.
 
     Groups: `motion` (motion modules), `controlnet`, `appearance` (resampler + to_k_ip/to_v_ip) and, with
-    `task_options.train_spatial`, `spatial` (the rest of the U-Net); each has its own optimizer settings
+    `task_options.train_spatial`, `spatial` (the rest of the U-Net), and with `task_options.train_text_encoder`,
+    `text_encoder`; each has its own optimizer settings
     (`config.groups.<name>.optim`). A `config.trainable` regex instead trains one group, `unet`, over it.
     Batches: `video` (B, F, H, W, 3), `tokens`; joint: `image_video`
     (B_i, 1, H, W, 3), `image_tokens`."""
@@ -75,6 +76,8 @@ class I2VTask:
             defaults.pop("controlnet")
         if config.task_options.get("train_spatial", False):
             defaults["spatial"] = SPATIAL
+        if config.task_options.get("train_text_encoder", False):
+            defaults["text_encoder"] = r"^text_encoder/"
         return param_groups(config, defaults)
 
     def export_models(self, config):
