@@ -179,6 +179,7 @@ def micro_stage_config():
     c.data.synthetic.num = c.image_data.synthetic.num = 8
     c.preview.every = 0
     c.task_options.reference = "random"
+    c.task_options.reference_dropout = 0.5  # trains the "no reference" input two-scale guidance reads
     return c
 
 
@@ -269,3 +270,15 @@ def test_i2v_command_on_the_export(trained, tmp_path):
         cli.main(cli.parse_flags(["magdiff-jax", "i2v", "--export", str(workdir / "export"), "--image",
                                   str(tmp_path / "ref.png"), "--prompt", "x", "--prior", "frame_init", "--cutoff",
                                   "-1", "--out", str(out)]))
+
+
+def test_two_scale_guidance_needs_a_model_trained_without_references(trained):
+    from magdiff_jax.pipelines.i2v import I2VPipeline
+
+    workdir, _ = trained
+    pipe = I2VPipeline.load(workdir / "export")
+    config = pipe.config.copy_and_resolve_references()
+    config.task_options.reference_dropout = 0.0
+    pipe.config = config
+    with pytest.raises(ValueError, match="reference_dropout > 0"):
+        pipe([np.zeros((32, 32, 3), np.uint8)], ["a red circle moves left"], [0], image_guidance=1.5)

@@ -17,6 +17,7 @@ step runs as one batch.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from magdiff_jax import cpu
 from magdiff_jax.diffusion import DDIMSampler, DPMSolverSampler, EulerSampler, ScheduleConfig, sample_loop
@@ -123,6 +124,10 @@ class I2VPipeline:
 
         from magdiff_jax.data.transforms import tokenizer
 
+        if image_guidance is not None and not self.config.task_options.get("reference_dropout", 0.0):
+            raise ValueError("image_guidance (two-scale guidance) needs a model trained with dropped references "
+                             "(task_options.reference_dropout > 0); this stage was trained without, so its "
+                             "'no reference' prediction was never learned: use text guidance alone")
         if not (len(images) == len(prompts) == len(seeds)):
             raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(seeds)} seeds: one each")
         num_frames = int(self.config.data.num_frames) if num_frames is None else int(num_frames)
