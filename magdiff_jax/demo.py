@@ -287,13 +287,15 @@ def i2v_held_out(synth: ml_collections.ConfigDict, num_subjects: int, num_seeds:
 
 
 def run_i2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = None, *, vae_steps: int | None = None,
-                 num_subjects: int = 3, num_seeds: int = 1, num_steps: int = 25, guidance: float = 3.0) -> dict:
+                 num_subjects: int = 3, num_seeds: int = 1, num_steps: int = 25, guidance: float = 3.0,
+                 models: str | Path | None = None) -> dict:
     """MagicVideo-V2's image-to-video stage on the synthetic dataset: the tiny VAE, then configs/i2v.py:demo from it,
     then keyframes for held-out subjects (the reference: each clip's first frame) x the four motions, scored as the
     MagDiff demo scores its generations (`colour_accuracy`: the subject region of the first keyframe nearest its
     palette colour, chance 1/6; `motion_accuracy`: the subject moves the caption's way, chance 1/4). Writes
     `keyframes_<k>.mp4` (subject k's four motions side by side), `contact_sheet.png`, `loss.png` and `summary.json`
-    (with the training time) in `workdir`; returns the summary."""
+    (with the training time) in `workdir`; returns the summary. `models`: a folder holding a trained tiny `vae` for
+    these clips (another demo's WORKDIR/models) instead of training one."""
     import time
 
     from magdiff_jax.data.synthetic import MOTIONS
@@ -304,8 +306,10 @@ def run_i2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
 
     workdir = Path(workdir).absolute()
     config = load_config("i2v", "demo") if config is None else config
-    logging.info("i2v demo [1/3]: training the tiny VAE in %s", workdir / "vae")
-    models = train_tiny_vae(workdir, config, vae_steps)
+    if models is None:
+        logging.info("i2v demo [1/3]: training the tiny VAE in %s", workdir / "vae")
+        models = train_tiny_vae(workdir, config, vae_steps)
+    vae_losses = _losses(workdir / "vae") if (workdir / "vae" / "metrics.jsonl").exists() else []
     logging.info("i2v demo [2/3]: training the I2V stage (configs/i2v.py) in %s", workdir / "i2v")
     config = config.copy_and_resolve_references()
     config.init_from = str(models)
@@ -335,7 +339,7 @@ def run_i2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
             labels.append(f"{held['prompts'][n]} / seed {held['seeds'][n]} (colour: {nearest[n]}, moves: "
                           f"{detected[n]})")
     save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=64))
-    loss_plot({"vae": _losses(workdir / "vae"), "i2v": _losses(workdir / "i2v")}, workdir / "loss.png")
+    loss_plot({**({"vae": vae_losses} if vae_losses else {}), "i2v": _losses(workdir / "i2v")}, workdir / "loss.png")
     summary = {"colour_accuracy": accuracy, "chance": 1 / 6, "nearest_colours": nearest, "colours": held["colours"],
                "motion_accuracy": motion_accuracy, "motion_chance": 1 / 4, "detected_motions": detected,
                "motions": held["motions"], "train_seconds": train_s, "sample_seconds": sample_s,
