@@ -1,5 +1,5 @@
 """Pictures for people: contact sheets of clips with their captions, written as PNG atomically (locally or to an
-object store); and CLIP's pixel normalisation.
+object store); CLIP's pixel normalisation; bicubic upsampling of videos on device.
 
 Used by `magdiff-jax data inspect`, the trainer's preview samples and the demo.
 """
@@ -17,6 +17,18 @@ from magdiff_jax.utils.files import atomic_path
 # the pixel normalisation of every CLIP vision tower (OpenAI's and OpenCLIP's): (x / 255 - mean) / std per channel
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def upscale_video(video, size):
+    """Videos (..., H, W, C) in [-1, 1] -> (..., size[0], size[1], C), bicubic (Keys, a = -0.5, as PIL and
+    torch's `bicubic`; half-pixel centres) and clipped to [-1, 1], in float32: the super-resolution stage's input
+    and the baseline it is measured against."""
+    import jax
+    import jax.numpy as jnp
+
+    video = jnp.asarray(video, jnp.float32)
+    shape = (*video.shape[:-3], int(size[0]), int(size[1]), video.shape[-1])
+    return jnp.clip(jax.image.resize(video, shape, "bicubic"), -1.0, 1.0)
 
 
 def contact_sheet(videos, captions=None, cell: int = 96, max_frames: int = 8, pad: int = 4) -> np.ndarray:

@@ -34,6 +34,23 @@ def reference_frame(video, mode: str, key) -> jax.Array:
     return jnp.take_along_axis(video, idx[:, None, None, None, None], axis=1)[:, 0]
 
 
+def clip_condition(ctx, params, video, tokens, key) -> tuple:
+    """What the denoiser of one batch of clips sees, shared by the I2V and V2V tasks: (latents (B, F, h, w, c) of
+    `video`, the caption's text hidden states, the reference condition (`models.i2v.reference_condition` of the
+    clip's reference frame, `task_options.reference`, with `task_options.reference_dropout`), a noise key and a
+    timestep key). `task_options.vae_frames_per_call` > 0 encodes that many frames at a time (bounded memory)."""
+    opts = ctx.config.task_options
+    k_lat, k_ref, k_drop, k_noise, k_t = jax.random.split(key, 5)
+    latents = jax.lax.stop_gradient(encode_video(ctx.modules["vae"], params["vae"], video, k_lat,
+                                                 frames_per_call=opts.get("vae_frames_per_call", 0)))
+    reference = reference_frame(video, opts.get("reference", "first"), k_ref)
+    cond = reference_condition(ctx.modules, params, reference, image_layer=opts.get("image_layer", -2),
+                               drop=opts.get("reference_dropout", 0.0), key=k_drop)
+    # no stop_gradient: a frozen text encoder is split off before jax.grad anyway, a trainable one learns
+    context = ctx.modules["text_encoder"].apply({"params": params["text_encoder"]}, tokens).last_hidden_state
+    return latents, context, cond, k_noise, k_t
+
+
 @dataclasses.dataclass
 class I2VTask:
     """Epsilon (or v) MSE on the VAE latents of a clip, conditioned on the caption and a reference frame of the same
@@ -85,24 +102,17 @@ class I2VTask:
 
     def update(self, ctx, batch, key):
         config = ctx.config
-        opts = config.task_options
-        vae, unet, text = ctx.modules["vae"], ctx.modules["unet"], ctx.modules["text_encoder"]
-        schedule = schedule_from(config)
+        unet = ctx.modules["unet"]
         parts = [("video", "tokens")]
         if "image_video" in batch:
             parts.append(("image_video", "image_tokens"))
 
         def part_loss(params, n, video, tokens):
-            k_lat, k_ref, k_drop, k_noise, k_t = jax.random.split(jax.random.fold_in(key, n), 5)
-            latents = jax.lax.stop_gradient(encode_video(vae, params["vae"], video, k_lat))
-            reference = reference_frame(video, opts.get("reference", "first"), k_ref)
-            cond = reference_condition(ctx.modules, params, reference, image_layer=opts.get("image_layer", -2),
-                                       drop=opts.get("reference_dropout", 0.0), key=k_drop)
-            # no stop_gradient: a frozen text encoder is split off before jax.grad anyway, a trainable one learns
-            context = text.apply({"params": params["text_encoder"]}, tokens).last_hidden_state
+            part_key = jax.random.fold_in(key, n)
+            latents, context, cond, k_noise, k_t = clip_condition(ctx, params, video, tokens, part_key)
             return diffusion_loss(lambda x, t: unet.apply({"params": params["unet"]}, x, t, context, **cond),
-                                  latents, k_noise, k_t, schedule, prediction_type=config.schedule.prediction_type,
-                                  timestep_bias=timestep_bias(config))
+                                  latents, k_noise, k_t, schedule_from(config),
+                                  prediction_type=config.schedule.prediction_type, timestep_bias=timestep_bias(config))
 
         def loss_fn(params):  # the mean over every example, videos and images alike
             losses = [(part_loss(params, n, batch[v], batch[t]), batch[v].shape[0]) for n, (v, t) in enumerate(parts)]
