@@ -131,9 +131,10 @@ def lpips_from_torch(vgg_path: str | os.PathLike, lin_path: str | os.PathLike | 
 
 
 def lpips_state_dicts(config: LPIPSConfig, params) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """`lpips` params as (torchvision `features.*` state dict, lpips linear-head state dict; empty without heads)."""
+    """`lpips` params as (torchvision `features.*` state dict, lpips linear-head state dict with the heads' 1x1
+    convolution layout (1, C_k, 1, 1); empty without heads)."""
     state = flax_to_torch(params, lpips_rules(config), "lpips")
-    lins = {k: v for k, v in state.items() if k.startswith("lin")}
+    lins = {k: v.reshape(*v.shape, 1, 1) for k, v in state.items() if k.startswith("lin")}
     return {k: v for k, v in state.items() if k not in lins}, lins
 
 

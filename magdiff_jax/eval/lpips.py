@@ -4,8 +4,10 @@
     d = lpips_distance(module, params, x, y)       # x, y (..., H, W, 3) in [-1, 1] -> (...,) float32
 
 The network (`LPIPS`, `LPIPSConfig`, registered as model kind `lpips`) lives with its VGG16 trunk in
-`magdiff_jax.models.vgg`, where the registry finds it; this module is the evaluation entry point. As a loss the
-parameters are frozen (`jax.lax.stop_gradient` is not needed: take gradients with respect to the images only).
+`magdiff_jax.models.vgg`, where the registry finds it; this module is the evaluation entry point. As a training
+loss (the VFI stage's perceptual term) the parameters are constants: differentiate with respect to the images, e.g.
+`jax.grad(lambda x: lpips_distance(module, params, x, y).mean())`; the gradient is finite everywhere, including where
+a tap's features vanish (`unit_normalise`).
 """
 
 from __future__ import annotations
