@@ -296,3 +296,17 @@ def test_metrics_batch_axes_and_bad_inputs():
         ssim(x[..., :10, :, :], y[..., :10, :, :])
     with pytest.raises(ValueError, match=r"psnr: the images differ in shape"):
         psnr(x, y[:1])
+
+
+def test_lpips_init_heads_are_the_channel_sum():
+    """Freshly initialised heads weigh every channel 1: the distance equals the `linear=False` one (non-negative)."""
+    spec = get_model("lpips")
+    vgg = {"widths": list(WIDTHS)}
+    with_heads, plain = spec.build(spec.config_from_dict({"vgg": vgg})), spec.build(spec.config_from_dict(
+        {"vgg": vgg, "linear": False}))
+    x, y = _images(9, (2, 16, 16, 3)), _images(10, (2, 16, 16, 3))
+    params = jax.jit(with_heads.init)(jax.random.key(0), x, y)["params"]
+    d = jax.jit(lambda p: (with_heads.apply({"params": p}, x, y),
+                           plain.apply({"params": {"vgg": p["vgg"]}}, x, y)))(params)
+    assert (np.asarray(d[0]) > 0).all()
+    np.testing.assert_allclose(np.asarray(d[0]), np.asarray(d[1]), rtol=1e-6)

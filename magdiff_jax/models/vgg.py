@@ -129,7 +129,8 @@ def unit_normalise(f: jax.Array, eps: float = LPIPS_EPS) -> jax.Array:
 
 class LPIPS(nn.Module):
     """The LPIPS distance network (module docstring): (x, y) each (B, H, W, 3) in [-1, 1] -> (B,) float32.
-    Parameters: `vgg` (a `VGG16`) and, with `linear`, `lin{k}/kernel` of shape (widths[k], 1)."""
+    Parameters: `vgg` (a `VGG16`) and, with `linear`, `lin{k}/kernel` of shape (widths[k], 1), initialised to 1
+    (the unweighted channel sum: a non-negative distance before any trained heads are loaded)."""
 
     config: LPIPSConfig
 
@@ -146,7 +147,8 @@ class LPIPS(nn.Module):
             f = unit_normalise(f.astype(jnp.float32))
             diff = jnp.mean(jnp.square(f[:b] - f[b:]), axis=(1, 2))  # (B, C_k): the spatial mean of the squares
             if c.linear:  # the 1x1 head commutes with the spatial mean
-                total = total + dense(1, use_bias=False, name=f"lin{k}")(diff)[:, 0]
+                head = dense(1, use_bias=False, kernel_init=nn.initializers.ones_init(), name=f"lin{k}")
+                total = total + head(diff)[:, 0]
             else:
                 total = total + jnp.sum(diff, axis=-1)
         return total
