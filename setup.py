@@ -47,6 +47,7 @@ TEST = [
     "nbclient==0.11.0",
     "nbconvert==7.17.2",
     "papermill==2.7.0",
+    "scikit-image==0.26.0",  # the reference PSNR/SSIM (tests/test_image_metrics.py)
 ]
 
 # etils.epath reaches gs:// through fsspec's gcsfs (no TensorFlow here); gcsfs 2026.10.1 needs fsspec>=2026.9.0

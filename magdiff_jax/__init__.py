@@ -5,7 +5,7 @@ The layering, top to bottom:
     cli                 the `magdiff-jax` command
     demo                the end-to-end demo
     train/              the one trainer, tasks, parameter groups
-    pipelines/          inference from stage exports (generation, editing)
+    pipelines/  eval/   inference from stage exports (generation, editing)  |  metrics (PSNR, SSIM, LPIPS)
     data/  convert/     sources, Grain, TFDS  |  PyTorch mapping tables and safetensors, attached to registered models
     export/  cpu/       one model or a whole stage on disk (Orbax + JSON)  |  the CPU tuning, switched on once
     models/             the registry (name -> config, builder, example inputs) and the models

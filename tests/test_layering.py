@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "magdiff_jax"
 
 # the layers, top to bottom: a package imports only packages on a lower line (magdiff_jax/__init__.py)
-LEVELS = (("cli",), ("demo",), ("train",), ("pipelines",), ("data", "convert"), ("export", "cpu"), ("models",),
+LEVELS = (("cli",), ("demo",), ("train",), ("pipelines", "eval"), ("data", "convert"), ("export", "cpu"), ("models",),
           ("layers", "diffusion", "sharding", "distributed"), ("utils",))
 LEVEL = {pkg: i for i, line in enumerate(LEVELS) for pkg in line}
 TORCH = ("torch", "diffusers", "torchvision")

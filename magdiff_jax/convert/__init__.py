@@ -3,6 +3,7 @@
     module, params = load_torch("unet2d", "path/to/unet")      # a diffusers/transformers model folder
     save_torch("unet2d", module, params, "out/unet")             # loads with UNet2DConditionModel.from_pretrained
     pipe = load_pipeline_torch("path/to/stable-diffusion")      # a whole diffusers pipeline folder
+    vgg.vgg16_from_torch("vgg16-397923af.pth"), vgg.lpips_from_torch(...)   # single files (torchvision, lpips)
 """
 
 from magdiff_jax.convert.core import Rule, TorchFormat, load_torch, save_torch, torch_format, torch_formats

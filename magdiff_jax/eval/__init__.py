@@ -1,0 +1,14 @@
+"""Evaluation metrics and their feature networks.
+
+    from magdiff_jax.eval import psnr, ssim, lpips_distance
+    psnr(x, y), ssim(x, y)                       # (B,) per image; x, y (B, H, W, C) in [-1, 1] (data_range=2)
+    lpips_distance(module, params, x, y)         # (B,); module, params from magdiff_jax.convert.vgg.lpips_from_torch
+
+image.py: PSNR and SSIM (scikit-image's Wang et al. settings). lpips.py: LPIPS on VGG16 features. Pure jnp, jit-able;
+nothing here imports PyTorch.
+"""
+
+from magdiff_jax.eval.image import mse, psnr, ssim, ssim_map
+from magdiff_jax.eval.lpips import LPIPS, LPIPSConfig, lpips_distance
+
+__all__ = ["LPIPS", "LPIPSConfig", "lpips_distance", "mse", "psnr", "ssim", "ssim_map"]
