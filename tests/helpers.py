@@ -133,9 +133,10 @@ def random_model(kind: str, config: dict, seed: int):
     return module, traverse_util.unflatten_dict(flat)
 
 
-def tiny_i2v_stage(root, task: str = "i2v", step: int = 7, **task_options):
+def tiny_i2v_stage(root, task: str = "i2v", step: int = 7, seed: int = 0, **task_options):
     """The tiny random stage above as `export.stage.Stage` of `task` (configs/i2v.py:tiny's training config, its
-    `model` and `task` replaced, `task_options` updated), with the synthetic tokenizer written to root/tokenizer."""
+    `model` and `task` replaced, `task_options` updated; model n's weights drawn with seed `seed + n`), with the
+    synthetic tokenizer written to root/tokenizer."""
     from etils import epath
 
     from magdiff_jax.convert.i2v import STAGE_MODELS as KINDS
@@ -145,7 +146,7 @@ def tiny_i2v_stage(root, task: str = "i2v", step: int = 7, **task_options):
 
     modules, params = {}, {}
     for n, (name, kind) in enumerate(KINDS.items()):
-        modules[name], params[name] = random_model(kind, STAGE_MODELS[name], seed=n)
+        modules[name], params[name] = random_model(kind, STAGE_MODELS[name], seed=seed + n)
     config = load_config("i2v", "tiny")
     config.model = STAGE_MODELS
     config.task = task
