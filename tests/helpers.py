@@ -103,7 +103,7 @@ STAGE_UNET = {"sample_size": STAGE_LATENT, "block_out_channels": (32,), "layers_
               "motion_num_attention_heads": 4, "motion_max_seq_length": 8, "image_attention_scale": 0.8}
 STAGE_RESAMPLER = {"dim": 64, "depth": 4, "dim_head": 64, "heads": 1, "num_queries": 4, "embedding_dim": 32,
                    "output_dim": 32, "ff_mult": 4}
-STAGE_MODELS = {
+STAGE_CONFIGS = {
     "unet": {"unet": STAGE_UNET, "resampler": STAGE_RESAMPLER, "conditioning_embedding_out_channels": (16, 32),
              "conditioning_scale": 0.7},
     "vae": {"block_out_channels": (16, 32), "down_block_types": ("DownEncoderBlock2D",) * 2,
@@ -146,9 +146,9 @@ def tiny_i2v_stage(root, task: str = "i2v", step: int = 7, seed: int = 0, **task
 
     modules, params = {}, {}
     for n, (name, kind) in enumerate(KINDS.items()):
-        modules[name], params[name] = random_model(kind, STAGE_MODELS[name], seed=seed + n)
+        modules[name], params[name] = random_model(kind, STAGE_CONFIGS[name], seed=seed + n)
     config = load_config("i2v", "tiny")
-    config.model = STAGE_MODELS
+    config.model = STAGE_CONFIGS
     config.task = task
     config.task_options.update(task_options)
     write_synthetic_tokenizer(root / "tokenizer")

@@ -26,7 +26,7 @@ import shutil
 
 import pytest
 from helpers import (
-    STAGE_MODELS,
+    STAGE_CONFIGS,
     STAGE_RESAMPLER,
     assert_i2v_reads_back,
     assert_pipeline_components_load,
@@ -111,7 +111,7 @@ def test_existing_destination_refused_and_missing_tensors_named(case, tmp_path):
 
     stage = case["stage"]
     tiny = get_model("i2v").build(get_model("i2v").config_from_dict(
-        {**STAGE_MODELS["unet"], "resampler": {**STAGE_RESAMPLER, "dim_head": 8, "heads": 8}}))
+        {**STAGE_CONFIGS["unet"], "resampler": {**STAGE_RESAMPLER, "dim_head": 8, "heads": 8}}))
     with pytest.raises(ValueError, match=r"load_ip_adapter cannot read this resampler: dim_head=8 \(needs 64\)"):
         i2v_to_diffusers(dataclasses.replace(stage, modules={**stage.modules, "unet": tiny}), tmp_path / "no")
     with pytest.raises(ValueError, match="holds a 't2i' stage, not i2v"):

@@ -29,8 +29,8 @@ import shutil
 import numpy as np
 import pytest
 from helpers import (
+    STAGE_CONFIGS,
     STAGE_LATENT,
-    STAGE_MODELS,
     STAGE_UNET,
     assert_i2v_reads_back,
     assert_pipeline_components_load,
@@ -135,7 +135,7 @@ def test_what_the_pipeline_cannot_run_is_refused_before_anything_is_written(case
         return dataclasses.replace(stage, config=config)
 
     concat_unet = get_model("i2v").build(get_model("i2v").config_from_dict(
-        {**STAGE_MODELS["unet"], "unet": {**STAGE_UNET, "in_channels": 8, "out_channels": 4}}))
+        {**STAGE_CONFIGS["unet"], "unet": {**STAGE_UNET, "in_channels": 8, "out_channels": 4}}))
     concat = dataclasses.replace(with_options(low_res_input="concat"), modules={**stage.modules, "unet": concat_unet})
     with pytest.raises(ValueError, match=r"low_res_input='concat'.*AnimateDiffVideoToVideoControlNetPipeline gives its "
                                          r"U-Net the noisy latent alone; only an 'sdedit' V2V stage"):
