@@ -6,6 +6,7 @@
     magdiff-jax convert to-flax --kind vgg16 vgg16-397923af.pth out/vgg16_flax   (torchvision's file, one file)
     magdiff-jax convert to-torch --kind magdiff out/magdiff_flax out/magdiff_torch   (unet/ + ip_adapter + pyramid)
     magdiff-jax convert to-torch --kind i2v runs/i2v/export out/i2v_diffusers    (AnimateDiffControlNetPipeline)
+    magdiff-jax convert to-torch --kind v2v runs/v2v/export out/v2v_diffusers (AnimateDiffVideoToVideo...Pipeline)
     magdiff-jax convert magdiff-init --pipeline sd21-base --temporal modelscope/unet --image-encoder vit-h \
         --out out/magdiff_init                                         (configs/magdiff.py:base's init_from)
     magdiff-jax convert i2v-init --pipeline sd15 --motion-adapter mm_sd_v15_v2.ckpt --ip-adapter ip-plus_sd15.bin \
@@ -80,9 +81,10 @@ def _add_convert(sub):
     tt = csub.add_parser("to-torch", help="Flax checkpoint -> PyTorch model folder (from_pretrained-ready)",
                          description="Read a folder written by `convert to-flax` (or the trainer's export) and "
                                      "write a diffusers/transformers folder that from_pretrained loads.")
-    tt.add_argument("--kind", required=True, choices=(*_kinds(), "i2v"))
-    tt.add_argument("src", help="Flax checkpoint folder (config.json + params/); with --kind i2v an I2V stage export "
-                                "or training workdir, written as a diffusers AnimateDiffControlNetPipeline folder")
+    tt.add_argument("--kind", required=True, choices=(*_kinds(), "i2v", "v2v"))
+    tt.add_argument("src", help="Flax checkpoint folder (config.json + params/); with --kind i2v / v2v an I2V / V2V "
+                                "stage export or training workdir, written as a diffusers AnimateDiffControlNetPipeline"
+                                " / AnimateDiffVideoToVideoControlNetPipeline folder")
     tt.add_argument("dst", help="output PyTorch model folder (must not exist or be empty, unless --overwrite)")
     tt.add_argument("--max-shard-mb", type=int, default=None, help="shard the safetensors above this size")
     tt.add_argument("--overwrite", action="store_true", help="replace a non-empty DST whole (none of its files "
@@ -416,12 +418,13 @@ def _convert(args) -> None:
                 module, params = load_torch(args.kind, args.src)
             out = save_model(args.kind, module, params, args.dst, overwrite=args.overwrite)
             logging.info("wrote %s", out)
-    elif args.kind == "i2v":  # a whole stage (convert.i2v)
+    elif args.kind in ("i2v", "v2v"):  # a whole stage (convert.i2v)
         from magdiff_jax.convert.i2v import i2v_to_diffusers
         from magdiff_jax.export.stage import load_stage
 
         max_bytes = args.max_shard_mb * 2**20 if args.max_shard_mb else None
-        out = i2v_to_diffusers(load_stage(args.src), args.dst, overwrite=args.overwrite, max_shard_bytes=max_bytes)
+        out = i2v_to_diffusers(load_stage(args.src), args.dst, overwrite=args.overwrite, max_shard_bytes=max_bytes,
+                               task=args.kind)
         logging.info("wrote %s", out)
     else:
         _, module, params = load_model(args.src, kind=args.kind)

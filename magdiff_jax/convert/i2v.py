@@ -1,12 +1,17 @@
-"""The I2V stage (MagicVideo-V2 image-to-video, `models.i2v`) as a diffusers `AnimateDiffControlNetPipeline` folder.
+"""The I2V and V2V stages (MagicVideo-V2 image-to-video and video-to-video, `models.i2v`) as diffusers
+AnimateDiff ControlNet pipeline folders.
 
-diffusers has no class for the whole I2V denoiser, but its AnimateDiff ControlNet pipeline with an IP-Adapter-Plus
-loaded runs the same computation: the ControlNet on every frame (our reference repeated over the frames, residuals
-times `controlnet_conditioning_scale`), then the UNetMotionModel with the decoupled image cross-attention. The stage
+diffusers has no class for the whole I2V denoiser, but its AnimateDiff ControlNet pipelines with an IP-Adapter-Plus
+loaded run the same computation: the ControlNet on every frame (our reference repeated over the frames, residuals
+times `controlnet_conditioning_scale`), then the UNetMotionModel with the decoupled image cross-attention. The V2V
+stage is the same denoiser (its own motion modules, fine-tuned on high-resolution clips) whose low-resolution input
+enters SDEdit-style: upsampled by `scale`, VAE-encoded, noised to `strength`, denoised; diffusers'
+`AnimateDiffVideoToVideoControlNetPipeline` samples exactly so. One writer handles both (`TASK_EXPORTS`); the stage
 export (`export.stage`) becomes
 
     DST/
-      model_index.json             AnimateDiffControlNetPipeline and its components:
+      model_index.json             AnimateDiffControlNetPipeline (i2v) or AnimateDiffVideoToVideoControlNetPipeline
+                                   (v2v), and their components (the two pipelines take the same ones):
       unet/                        UNetMotionModel (spatial layers + motion modules, no IP-Adapter projections)
       motion_adapter/              MotionAdapter: the same motion modules (the pipeline's signature requires one;
                                    with a UNetMotionModel as `unet` it is not used)
@@ -20,31 +25,45 @@ export (`export.stage`) becomes
       feature_extractor/           CLIPImageProcessor at the image encoder's size, CLIP's mean and std
       ip_adapter.safetensors       IP-Adapter-Plus (`convert.ip_adapter`): the resampler (original layout) and
                                    `ip_adapter.<2n+1>.to_k_ip/to_v_ip.weight` of the spatial cross-attentions
-      i2v.json                     what diffusers has no place for (below)
+      i2v.json | v2v.json          what diffusers has no place for (below)
 
-    pipe = AnimateDiffControlNetPipeline.from_pretrained(DST)
+    pipe = AnimateDiffControlNetPipeline.from_pretrained(DST)     # or AnimateDiffVideoToVideoControlNetPipeline
     pipe.load_ip_adapter(DST, subfolder="", weight_name="ip_adapter.safetensors")
     pipe.set_ip_adapter_scale(meta["ip_adapter_scale"])          # meta = read_i2v_meta(DST)
     pipe(prompt, conditioning_frames=[reference] * F, ip_adapter_image=reference,
          controlnet_conditioning_scale=meta["conditioning_scale"], ...)
+    # v2v: also video=frames (F frames of the low-resolution clip upsampled by meta["scale"] to meta["resolution"]),
+    #      strength=meta["strength"], height/width = meta["resolution"]
 
-i2v.json: {"format": "magdiff_jax_i2v_diffusers", "format_version": 1, "task", "step", "config":
-`I2VConfig.to_dict()` (what `i2v_from_diffusers` rebuilds the model from), "conditioning_scale" (the ControlNet
-residual scale), "ip_adapter_scale" (lambda of the image cross-attention), "image_layer" (the CLIP vision hidden
-state the appearance tokens read: -2, the penultimate, is what diffusers' `encode_image` takes; a stage trained on
-another layer needs `ip_adapter_image_embeds` computed by the caller), "reference_factor" (reference pixels per
-latent), "text_max_length", "num_frames" and "resolution" (the stage's clips), "noise_prior" (the latent noise
-prior's settings, `NoisePriorConfig.to_dict()`: diffusers' pipeline starts from plain noise), "image_encoder_projection"
-("trained", or "zeros" when the stage's encoder has none)}.
+i2v.json / v2v.json: {"format": "magdiff_jax_i2v_diffusers" / "magdiff_jax_v2v_diffusers", "format_version": 1,
+"task", "step", "config": `I2VConfig.to_dict()` (what `i2v_from_diffusers` rebuilds the model from),
+"conditioning_scale" (the ControlNet residual scale), "ip_adapter_scale" (lambda of the image cross-attention),
+"image_layer" (the CLIP vision hidden state the appearance tokens read: -2, the penultimate, is what diffusers'
+`encode_image` takes; a stage trained on another layer needs `ip_adapter_image_embeds` computed by the caller),
+"reference_factor" (reference pixels per latent), "text_max_length", "num_frames" and "resolution" (the stage's
+clips; for v2v the high-resolution output's), "image_encoder_projection" ("trained", or "zeros" when the stage's
+encoder has none)}, and
+- i2v: "noise_prior" (the latent noise prior's settings, `NoisePriorConfig.to_dict()`: diffusers' pipeline starts
+  from plain noise);
+- v2v: "low_res_input" ("sdedit", the only input diffusers' pipeline has), "strength" (the SDEdit strength the
+  stage samples with: the pipeline noises the encoded video to the timestep `strength` of the way through its
+  schedule and runs the remaining steps) and "scale" (the low-resolution clip's upsampling factor to "resolution").
+  The pipeline resizes the frames it is given to height x width itself (PIL frames with Lanczos, arrays and tensors
+  with nearest neighbours): to sample as the stage does, give it frames already upsampled by `scale`.
 
-The image encoder. The pipeline types it CLIPVisionModelWithProjection; the I2V stage only reads its hidden states
+A V2V stage trained with `task_options.low_res_input = "concat"` (the upsampled low-resolution latent concatenated
+to the noisy one, a U-Net of twice the latent channels) has no diffusers pipeline: it is refused, as is any U-Net
+whose input channels are not the VAE's latent channels.
+
+The image encoder. The pipelines type it CLIPVisionModelWithProjection; the stage only reads its hidden states
 (`hidden_states[-2]`, as the IP-Adapter-Plus path does), and its encoder may have no projection (CLIPVisionModel).
 Such an encoder is written with a zero `visual_projection` (hidden_size -> projection_dim): it loads with no
 missing key, every hidden state is the stage's, and its `image_embeds` are zeros, which no IP-Adapter-Plus uses
-(a plain IP-Adapter reading them would see no image, rather than a made-up one). i2v.json says "zeros".
+(a plain IP-Adapter reading them would see no image, rather than a made-up one). The meta file says "zeros".
 
     i2v_to_diffusers(load_stage("runs/i2v/export"), "out/i2v_diffusers")      # magdiff-jax convert to-torch --kind i2v
-    module, params = i2v_from_diffusers("out/i2v_diffusers")                   # the I2VUNet back, bit-exact
+    i2v_to_diffusers(load_stage("runs/v2v/export"), "out/v2v_diffusers", task="v2v")          # ... --kind v2v
+    module, params = i2v_from_diffusers("out/i2v_diffusers")                   # the I2VUNet back, bit-exact (either)
 
 Every missing, unexpected and mis-shaped key of every file is reported (`ConversionError`), named as the file names it.
 """
@@ -88,11 +107,8 @@ from magdiff_jax.utils.errors import ConversionError, key_list, mismatch_message
 from magdiff_jax.utils.files import as_path, atomic_dir, check_destination, copy_tree, user_path
 from magdiff_jax.utils.images import CLIP_MEAN, CLIP_STD
 
-FORMAT = "magdiff_jax_i2v_diffusers"
 FORMAT_VERSION = 1
-META_FILE = "i2v.json"
 IP_ADAPTER_FILE = "ip_adapter.safetensors"
-PIPELINE_CLASS = "AnimateDiffControlNetPipeline"
 DIFFUSERS_VERSION = "0.42.1"
 WEIGHTS = "diffusion_pytorch_model"
 # the stage's models: name -> registry kind
@@ -103,17 +119,49 @@ DIFFUSERS_IMAGE_LAYER = -2
 DDIM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "clip_sample",
              "set_alpha_to_one", "steps_offset", "prediction_type", "clip_sample_range", "timestep_spacing",
              "rescale_betas_zero_snr")
-# i2v.json entries that repeat a field of its "config" (checked to agree on reading)
+# meta entries that repeat a field of its "config" (checked to agree on reading)
 _REPEATED = {"conditioning_scale": lambda c: c.conditioning_scale,
              "ip_adapter_scale": lambda c: c.unet.image_attention_scale,
              "reference_factor": lambda c: c.reference_factor}
+# how a V2V stage's low-resolution clip enters the U-Net (`task_options.low_res_input`), and the defaults of the
+# V2V task options the export reads
+LOW_RES_INPUTS = ("sdedit", "concat")
+V2V_DEFAULTS = {"low_res_input": "sdedit", "strength": 0.5, "scale": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskExport:
+    """What tells the folders of the two stages apart: the diffusers pipeline, the meta file and its format, and
+    the meta entries only that task writes (all others are common)."""
+
+    task: str
+    pipeline_class: str
+    meta_file: str
+    format: str
+    own_entries: tuple[str, ...]
+
+
+TASK_EXPORTS = {
+    "i2v": TaskExport("i2v", "AnimateDiffControlNetPipeline", "i2v.json", "magdiff_jax_i2v_diffusers",
+                      ("noise_prior",)),
+    "v2v": TaskExport("v2v", "AnimateDiffVideoToVideoControlNetPipeline", "v2v.json", "magdiff_jax_v2v_diffusers",
+                      tuple(V2V_DEFAULTS)),
+}
+
+
+def task_export(task: str) -> TaskExport:
+    """The folder layout of `task` ("i2v" or "v2v")."""
+    if task not in TASK_EXPORTS:
+        raise ValueError(f"no diffusers pipeline export for task {task!r}; one of {sorted(TASK_EXPORTS)}")
+    return TASK_EXPORTS[task]
 
 
 # --- the files that are not weights --------------------------------------------------------------------------------
-def model_index(text_encoder_class: str) -> dict:
-    """model_index.json of the pipeline folder (module docstring)."""
+def model_index(text_encoder_class: str, task: str = "i2v") -> dict:
+    """model_index.json of the pipeline folder of `task` (module docstring; both pipelines' __init__ take these
+    components)."""
     return {
-        "_class_name": PIPELINE_CLASS,
+        "_class_name": task_export(task).pipeline_class,
         "_diffusers_version": DIFFUSERS_VERSION,
         "controlnet": ["diffusers", "ControlNetModel"],
         "feature_extractor": ["transformers", "CLIPImageProcessor"],
@@ -164,25 +212,55 @@ def text_max_length(stage) -> int:
     return length
 
 
+def _task_options(stage) -> dict:
+    return dict(stage.config.get("task_options") or {})
+
+
 def _image_layer(stage) -> int:
-    return int((stage.config.get("task_options") or {}).get("image_layer", DIFFUSERS_IMAGE_LAYER))
+    return int(_task_options(stage).get("image_layer", DIFFUSERS_IMAGE_LAYER))
 
 
-def _check_stage(stage) -> I2VConfig:
-    """The stage must be an I2V one with every model the pipeline needs; returns the denoiser's config."""
-    if stage.task != "i2v":
-        raise ValueError(f"{stage.path} holds a {stage.task!r} stage, not i2v")
+def v2v_options(stage) -> dict:
+    """The V2V stage's sampling options the pipeline needs: {"low_res_input", "strength", "scale"} from
+    `task_options` (defaults `V2V_DEFAULTS`), checked. "concat" input has no diffusers pipeline and is refused."""
+    opts = _task_options(stage)
+    out = {k: opts.get(k, v) for k, v in V2V_DEFAULTS.items()}
+    low_res, strength, scale = out["low_res_input"], out["strength"], out["scale"]
+    if low_res not in LOW_RES_INPUTS:
+        raise ValueError(f"{stage.path}: task_options.low_res_input={low_res!r} must be one of {LOW_RES_INPUTS}")
+    if low_res == "concat":
+        raise ValueError(f"{stage.path}: task_options.low_res_input='concat': the U-Net reads the upsampled "
+                         "low-resolution latent concatenated to the noisy one, and "
+                         f"{TASK_EXPORTS['v2v'].pipeline_class} gives its U-Net the noisy latent alone; only an "
+                         "'sdedit' V2V stage can be exported")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise ValueError(f"{stage.path}: task_options.strength={strength!r} must be a number in (0, 1]")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"{stage.path}: task_options.scale={scale!r} must be an int >= 1")
+    return {"low_res_input": low_res, "strength": float(strength), "scale": scale}
+
+
+def _check_stage(stage, export: TaskExport) -> I2VConfig:
+    """The stage must be one of `export.task` with every model the pipeline needs; returns the denoiser's config."""
+    if stage.task != export.task:
+        raise ValueError(f"{stage.path} holds a {stage.task!r} stage, not {export.task}")
+    if export.task == "v2v":
+        v2v_options(stage)
     wrong = [f"{name} ({stage.kinds.get(name, 'absent')}, expected {kind})" for name, kind in STAGE_MODELS.items()
              if stage.kinds.get(name) != kind]
     if wrong:
-        raise ValueError(f"{stage.path}: the I2V pipeline needs the stage's models {STAGE_MODELS}; these differ: "
-                         + ", ".join(wrong))
+        raise ValueError(f"{stage.path}: the {export.task.upper()} pipeline needs the stage's models {STAGE_MODELS}; "
+                         "these differ: " + ", ".join(wrong))
     if stage.tokenizer is None:
         raise ValueError(f"{stage.path}: the stage has no tokenizer (the pipeline's `tokenizer`)")
     cfg = stage.modules["unet"].config
     if cfg.controlnet is None:
         raise ValueError(f"{stage.path}: the I2V model has no ControlNet (use_controlnet=False); "
-                         f"{PIPELINE_CLASS} needs one")
+                         f"{export.pipeline_class} needs one")
+    latent = stage.modules["vae"].config.latent_channels
+    if cfg.unet.in_channels != latent:
+        raise ValueError(f"{stage.path}: the U-Net reads {cfg.unet.in_channels} input channels, the VAE's latents "
+                         f"have {latent}: {export.pipeline_class} gives its U-Net the noisy latent alone")
     vae_factor = stage.modules["vae"].config.downsample_factor
     if cfg.reference_factor != vae_factor:
         raise ValueError(f"{stage.path}: the ControlNet reads the reference at {cfg.reference_factor}x the latent "
@@ -199,11 +277,12 @@ def _split_unet(params) -> tuple[dict, dict]:
     return traverse_util.unflatten_dict(base), traverse_util.unflatten_dict(flat)
 
 
-def _meta(stage, cfg: I2VConfig, prior: NoisePriorConfig, projection: str) -> dict:
+def _meta(stage, export: TaskExport, cfg: I2VConfig, prior: NoisePriorConfig | None, projection: str) -> dict:
     data = stage.config.get("data") or {}
     resolution = data.get("resolution")
+    own = {"noise_prior": prior.to_dict()} if export.task == "i2v" else v2v_options(stage)
     return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "task": stage.task, "step": int(stage.step),
+        "format": export.format, "format_version": FORMAT_VERSION, "task": stage.task, "step": int(stage.step),
         "config": json.loads(json.dumps(cfg.to_dict())),
         "conditioning_scale": cfg.conditioning_scale,
         "ip_adapter_scale": cfg.unet.image_attention_scale,
@@ -212,20 +291,25 @@ def _meta(stage, cfg: I2VConfig, prior: NoisePriorConfig, projection: str) -> di
         "text_max_length": text_max_length(stage),
         "num_frames": data.get("num_frames"),
         "resolution": list(resolution) if resolution is not None else None,
-        "noise_prior": prior.to_dict(),
         "image_encoder_projection": projection,
+        **own,
     }
 
 
 # --- Flax stage -> diffusers folder ---------------------------------------------------------------------------------
 def i2v_to_diffusers(stage, dst: str | os.PathLike, overwrite: bool = False, prior: NoisePriorConfig | None = None,
-                     max_shard_bytes: int | None = None) -> epath.Path:
-    """Write the I2V `stage` (`export.stage.load_stage` of an export or a training workdir) as the
-    AnimateDiffControlNetPipeline folder of the module docstring. `prior` is recorded in i2v.json (default: the
-    I2V pipeline's, `NoisePriorConfig()`). The folder is assembled beside DST and swapped into place; a non-empty
-    DST is refused unless `overwrite`. Returns DST."""
-    cfg = _check_stage(stage)
-    prior = NoisePriorConfig() if prior is None else prior
+                     max_shard_bytes: int | None = None, task: str = "i2v") -> epath.Path:
+    """Write the `task` stage (`export.stage.load_stage` of an export or a training workdir; "i2v" or "v2v") as
+    the pipeline folder of the module docstring: AnimateDiffControlNetPipeline with i2v.json, or
+    AnimateDiffVideoToVideoControlNetPipeline with v2v.json. For i2v, `prior` is recorded in i2v.json (default: the
+    I2V pipeline's, `NoisePriorConfig()`); a V2V stage starts from its noised input video and takes none. A stage of
+    another task, or one the pipeline cannot run, is refused before anything is written. The folder is assembled
+    beside DST and swapped into place; a non-empty DST is refused unless `overwrite`. Returns DST."""
+    export = task_export(task)
+    cfg = _check_stage(stage, export)
+    if task == "v2v" and prior is not None:
+        raise ValueError("a V2V stage starts from its noised low-resolution video (SDEdit): no noise prior applies")
+    prior = NoisePriorConfig() if prior is None and task == "i2v" else prior
     dst = as_path(dst)
     check_destination(dst, overwrite)
     layer = _image_layer(stage)
@@ -245,7 +329,7 @@ def i2v_to_diffusers(stage, dst: str | os.PathLike, overwrite: bool = False, pri
         vision_params = {**vision_params, "visual_projection": {
             "kernel": np.zeros((vcfg.hidden_size, vcfg.projection_dim), np.float32)}}
     length = text_max_length(stage)
-    meta = _meta(stage, cfg, prior, projection)
+    meta = _meta(stage, export, cfg, prior, projection)
 
     with atomic_dir(dst) as tmp:
         save_torch("unet_motion", UNetMotionModel(base), unet_base, tmp / "unet", max_shard_bytes=max_shard_bytes)
@@ -267,35 +351,61 @@ def i2v_to_diffusers(stage, dst: str | os.PathLike, overwrite: bool = False, pri
         (tmp / "feature_extractor").mkdir()
         (tmp / "feature_extractor" / "preprocessor_config.json").write_text(
             json.dumps(image_processor_config(vision_module.config.image_size), indent=2))
-        (tmp / "model_index.json").write_text(json.dumps(model_index(text_torch_class(text_module.config)), indent=2))
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        (tmp / "model_index.json").write_text(
+            json.dumps(model_index(text_torch_class(text_module.config), task), indent=2))
+        (tmp / export.meta_file).write_text(json.dumps(meta, indent=2))
     return dst
 
 
 # --- diffusers folder -> Flax I2VUNet -------------------------------------------------------------------------------
+def _folder_export(src) -> TaskExport:
+    """Which of the two folders `src` is: the one meta file it holds."""
+    found = [e for e in TASK_EXPORTS.values() if (src / e.meta_file).exists()]
+    if not found:
+        names = " or ".join(e.meta_file for e in TASK_EXPORTS.values())
+        kinds = "|".join(TASK_EXPORTS)
+        raise safetensors_io.CheckpointFormatError(f"{src}: no {names}; expected a folder written by "
+                                                   f"`magdiff-jax convert to-torch --kind {kinds}`")
+    if len(found) > 1:
+        raise safetensors_io.CheckpointFormatError(f"{src} holds {' and '.join(e.meta_file for e in found)}; a "
+                                                   "folder written by `i2v_to_diffusers` holds one")
+    return found[0]
+
+
 def read_i2v_meta(src: str | os.PathLike) -> dict:
-    """i2v.json of a folder written by `i2v_to_diffusers`, checked for its format, version and entries."""
+    """The meta file (i2v.json or v2v.json) of a folder written by `i2v_to_diffusers`, checked for its format,
+    version, task and entries, and against model_index.json's pipeline class."""
     src = user_path(src)
-    path = src / META_FILE
-    if not path.exists():
-        raise safetensors_io.CheckpointFormatError(f"{src}: no {META_FILE}; expected a folder written by "
-                                                   "`magdiff-jax convert to-torch --kind i2v`")
+    export = _folder_export(src)
+    path = src / export.meta_file
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise safetensors_io.CheckpointFormatError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise safetensors_io.CheckpointFormatError(f"{path}: not an I2V diffusers export (format != {FORMAT!r})")
+    if not isinstance(meta, dict) or meta.get("format") != export.format:
+        raise safetensors_io.CheckpointFormatError(f"{path}: not an {export.task.upper()} diffusers export "
+                                                   f"(format != {export.format!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise safetensors_io.CheckpointFormatError(f"{path}: format_version {meta.get('format_version')!r} is not "
                                                    f"the supported {FORMAT_VERSION}")
-    missing = [k for k in ("config", *_REPEATED) if k not in meta]
+    if meta.get("task") != export.task:
+        raise safetensors_io.CheckpointFormatError(f"{path}: task {meta.get('task')!r}, expected {export.task!r}")
+    missing = [k for k in ("config", *_REPEATED, *export.own_entries) if k not in meta]
     if missing:
         raise safetensors_io.CheckpointFormatError(f"{path}: missing entries {missing}")
+    index = src / "model_index.json"
+    if index.exists():
+        try:
+            pipeline = json.loads(index.read_text()).get("_class_name")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise safetensors_io.CheckpointFormatError(f"{index}: not a JSON object ({e})") from e
+        if pipeline != export.pipeline_class:
+            raise safetensors_io.CheckpointFormatError(f"{index}: _class_name {pipeline!r}, but {export.meta_file} "
+                                                       f"is written beside {export.pipeline_class}")
     return meta
 
 
-def _check_config_jsons(src, cfg: I2VConfig) -> None:
+def _check_config_jsons(src, cfg: I2VConfig, export: TaskExport) -> None:
     """unet/, controlnet/ and motion_adapter/config.json must be what i2v.json's config implies."""
     base = base_config(cfg.unet)
     wanted = {"unet": torch_format("unet_motion").config_to_torch(base),
@@ -305,14 +415,14 @@ def _check_config_jsons(src, cfg: I2VConfig) -> None:
     for folder, want in wanted.items():
         have = {k: v for k, v in read_config(src / folder).items() if not k.startswith("_")}
         want = json.loads(json.dumps({k: v for k, v in want.items() if not k.startswith("_")}))
-        problems += [f"{folder}/config.json {k}: {have.get(k, '<absent>')!r}, {META_FILE}'s config implies "
+        problems += [f"{folder}/config.json {k}: {have.get(k, '<absent>')!r}, {export.meta_file}'s config implies "
                      f"{want.get(k, '<absent>')!r}" for k in sorted(set(have) | set(want))
                      if have.get(k, "<absent>") != want.get(k, "<absent>")]
     if problems:
-        raise ConversionError(f"[i2v] {src} is inconsistent:" + key_list(problems))
+        raise ConversionError(f"[{export.task}] {src} is inconsistent:" + key_list(problems))
 
 
-def _check_motion_adapter(src, base, unet_base) -> None:
+def _check_motion_adapter(src, base, unet_base, task: str) -> None:
     """motion_adapter/ must hold exactly unet/'s motion modules (the pipeline runs unet/'s)."""
     folder = src / "motion_adapter"
     have = safetensors_io.read_state_dict(folder, WEIGHTS)
@@ -322,34 +432,37 @@ def _check_motion_adapter(src, base, unet_base) -> None:
     misshaped = sorted(f"{k}: file has {tuple(np.shape(have[k]))}, expected {tuple(want[k].shape)}" for k in want
                        if k in have and tuple(np.shape(have[k])) != tuple(want[k].shape))
     if missing or unexpected or misshaped:
-        raise ConversionError(mismatch_message(f"[i2v] {folder} does not match the config's motion modules:", missing,
-                                               unexpected, misshaped))
+        raise ConversionError(mismatch_message(f"[{task}] {folder} does not match the config's motion modules:",
+                                               missing, unexpected, misshaped))
     differ = sorted(k for k in want if not np.array_equal(np.asarray(have[k], np.float32), want[k]))
     if differ:
-        raise ConversionError(f"[i2v] {folder} differs from unet/'s motion modules (the pipeline runs unet/'s) in:"
+        raise ConversionError(f"[{task}] {folder} differs from unet/'s motion modules (the pipeline runs unet/'s) in:"
                               + key_list(differ))
 
 
 def i2v_from_diffusers(src: str | os.PathLike, dtype=np.float32) -> tuple[I2VUNet, dict]:
-    """Read a folder written by `i2v_to_diffusers` back into `(I2VUNet, params)`: the model from i2v.json's config,
+    """Read a folder written by `i2v_to_diffusers` (either task) back into `(I2VUNet, params)`: the model from the
+    meta file's config,
     the U-Net from unet/, the ControlNet from controlnet/, the resampler and the image projections from
     ip_adapter.safetensors (checked against unet/'s config.json, controlnet/'s and motion_adapter/'s, and
     motion_adapter/'s weights against unet/'s motion modules). Params are numpy arrays of `dtype` (a float32
     export reads back bit-exactly). The VAE and the CLIP towers are plain model folders (`convert.load_torch`)."""
     src = user_path(src)
     meta = read_i2v_meta(src)
+    export = task_export(meta["task"])
+    meta_path, task = src / export.meta_file, export.task
     try:
         cfg = I2VConfig.from_dict(meta["config"])
     except ConfigError as e:
-        raise ConfigError(f"{src / META_FILE}: {e.within('config')}") from e
+        raise ConfigError(f"{meta_path}: {e.within('config')}") from e
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"{src / META_FILE}: config: {e}") from e
+        raise ConfigError(f"{meta_path}: config: {e}") from e
     differ = [f"{k}: {meta[k]!r}, the config has {get(cfg)!r}" for k, get in _REPEATED.items() if meta[k] != get(cfg)]
     if differ:
-        raise ConversionError(f"[i2v] {src / META_FILE} contradicts its config:" + key_list(differ))
+        raise ConversionError(f"[{task}] {meta_path} contradicts its config:" + key_list(differ))
     if cfg.controlnet is None:
-        raise ConversionError(f"[i2v] {src / META_FILE}: the config has no ControlNet (use_controlnet=False)")
-    _check_config_jsons(src, cfg)
+        raise ConversionError(f"[{task}] {meta_path}: the config has no ControlNet (use_controlnet=False)")
+    _check_config_jsons(src, cfg, export)
     module = I2VUNet(cfg)
     abstract = get_model("i2v").abstract_params(module)
     part = lambda name: {p[1:]: a for p, a in abstract.items() if p[0] == name}
@@ -362,15 +475,15 @@ def i2v_from_diffusers(src: str | os.PathLike, dtype=np.float32) -> tuple[I2VUNe
     controlnet = torch_to_flax(safetensors_io.read_state_dict(src / "controlnet", WEIGHTS),
                                controlnet_rules(cfg.controlnet), part("controlnet"), "i2v <- controlnet",
                                source=str(src / "controlnet"), dtype=np.float32)
-    _check_motion_adapter(src, base, unet_base)
+    _check_motion_adapter(src, base, unet_base, task)
     rcfg, resampler, unet = load_ip_adapter(src / IP_ADAPTER_FILE, cfg.unet, unet_base,
                                             dim_head=cfg.resampler.dim_head, abstract=unet_abstract)
     if rcfg != cfg.resampler:
-        raise ConversionError(f"[i2v] {src / IP_ADAPTER_FILE}: its resampler is {rcfg}, {META_FILE}'s config has "
-                              f"{cfg.resampler}")
+        raise ConversionError(f"[{task}] {src / IP_ADAPTER_FILE}: its resampler is {rcfg}, {export.meta_file}'s "
+                              f"config has {cfg.resampler}")
     params = {"unet": unet, "image_proj": resampler, "controlnet": controlnet}
     return module, jax.tree.map(lambda x: np.asarray(x, dtype=dtype), params)
 
 
-__all__ = ["i2v_from_diffusers", "i2v_to_diffusers", "image_processor_config", "model_index", "read_i2v_meta",
-           "scheduler_config", "text_max_length"]
+__all__ = ["TASK_EXPORTS", "TaskExport", "i2v_from_diffusers", "i2v_to_diffusers", "image_processor_config",
+           "model_index", "read_i2v_meta", "scheduler_config", "task_export", "text_max_length", "v2v_options"]
