@@ -83,6 +83,7 @@ def test_every_component_loads_and_the_meta_holds_the_sampling_options(case):
     assert sorted(p.name for p in dst.glob("*.json")) == ["model_index.json", "v2v.json"]
     assert meta["format"] == "magdiff_jax_v2v_diffusers" and meta["task"] == "v2v" and meta["step"] == 7
     assert {k: meta[k] for k in OPTIONS} == OPTIONS and "noise_prior" not in meta
+    assert meta["residual_decode"] is False  # the default: the pipeline's decoded output is the stage's
     assert meta["conditioning_scale"] == 0.7 and meta["ip_adapter_scale"] == 0.8 and meta["image_layer"] == -2
     assert meta["reference_factor"] == 2 and meta["text_max_length"] == 16
     assert meta["resolution"] == list(stage.config.data.resolution)

@@ -100,7 +100,7 @@ from magdiff_jax.convert.unet_motion import (
 )
 from magdiff_jax.diffusion.noise_prior import NoisePriorConfig
 from magdiff_jax.models.controlnet import ControlNetModel
-from magdiff_jax.models.i2v import I2VConfig, I2VUNet
+from magdiff_jax.models.i2v import LOW_RES_INPUTS, I2VConfig, I2VUNet
 from magdiff_jax.models.registry import ConfigError, get_model
 from magdiff_jax.models.unet_motion import UNetMotionModel
 from magdiff_jax.utils.errors import ConversionError, key_list, mismatch_message
@@ -123,10 +123,9 @@ DDIM_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "
 _REPEATED = {"conditioning_scale": lambda c: c.conditioning_scale,
              "ip_adapter_scale": lambda c: c.unet.image_attention_scale,
              "reference_factor": lambda c: c.reference_factor}
-# how a V2V stage's low-resolution clip enters the U-Net (`task_options.low_res_input`), and the defaults of the
-# V2V task options the export reads
-LOW_RES_INPUTS = ("sdedit", "concat")
-V2V_DEFAULTS = {"low_res_input": "sdedit", "strength": 0.5, "scale": 2}
+# the defaults of the V2V task options the export reads (`residual_decode`: the stage's output is the bicubic input
+# plus D(z) - D(E(input)), a step after the pipeline's decode that a caller of the diffusers pipeline adds)
+V2V_DEFAULTS = {"low_res_input": "sdedit", "strength": 0.5, "scale": 2, "residual_decode": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,7 +236,8 @@ def v2v_options(stage) -> dict:
         raise ValueError(f"{stage.path}: task_options.strength={strength!r} must be a number in (0, 1]")
     if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
         raise ValueError(f"{stage.path}: task_options.scale={scale!r} must be an int >= 1")
-    return {"low_res_input": low_res, "strength": float(strength), "scale": scale}
+    return {"low_res_input": low_res, "strength": float(strength), "scale": scale,
+            "residual_decode": bool(out["residual_decode"])}
 
 
 def _check_stage(stage, export: TaskExport) -> I2VConfig:

@@ -41,6 +41,10 @@ from magdiff_jax.models.registry import ModelSpec, config_from_dict, register
 from magdiff_jax.models.unet_motion import UNetMotionConfig, UNetMotionModel
 from magdiff_jax.utils.images import CLIP_MEAN, CLIP_STD
 
+# how a V2V stage (the I2V denoiser fine-tuned for super-resolution) reads its low-resolution clip
+# (`task_options.low_res_input`; train.tasks.v2v): noised to a strength and denoised, or concatenated at every step
+LOW_RES_INPUTS = ("sdedit", "concat")
+
 
 def _sd15_resampler() -> ResamplerConfig:
     """IP-Adapter-Plus for SD1.5: OpenCLIP ViT-H/14 penultimate tokens (1280 wide) -> 16 tokens of 768."""

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 
 from magdiff_jax.diffusion.losses import diffusion_loss
+from magdiff_jax.models.i2v import LOW_RES_INPUTS
 from magdiff_jax.models.vae import encode_video
 from magdiff_jax.train.groups import param_groups
 from magdiff_jax.train.tasks.base import model_config, schedule_from, timestep_bias
 from magdiff_jax.train.tasks.i2v import GROUPS, SPATIAL, I2VTask, clip_condition
 from magdiff_jax.utils.images import upscale_video
 
-LOW_RES_INPUTS = ("sdedit", "concat")
 # with concat input the input convolutions read twice the latent channels: they train with the motion modules
 CONV_IN = r"^unet/(unet|controlnet)/conv_in/"
 
