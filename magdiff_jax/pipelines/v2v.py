@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from magdiff_jax import cpu
 from magdiff_jax.diffusion import sample_loop
@@ -63,7 +64,7 @@ def super_resolve(models, params, *, low_res, reference, tokens, null_tokens, ke
     null_ctx = text.apply({"params": params["text_encoder"]}, null_tokens).last_hidden_state
 
     tile = _trained_latent_size(models, config) if tile is None else tile
-    tile = (int(tile), int(tile)) if jnp.ndim(tile) == 0 else tuple(int(t) for t in tile)
+    tile = (int(tile), int(tile)) if np.ndim(tile) == 0 else tuple(int(t) for t in tile)
     overlap = (tile[0] // 4, tile[1] // 4) if overlap is None else overlap
     k = unet.config.reference_factor
 
