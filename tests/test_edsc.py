@@ -16,7 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch_edsc  # noqa: E402
-from helpers import nchw, nhwc, perturb_, rel_err  # noqa: E402
+from helpers import assert_same_state_dict, nchw, nhwc, perturb_, rel_err  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 from magdiff_jax.convert import ConversionError, load_torch, save_torch  # noqa: E402
 from magdiff_jax.models.edsc import EDSC, EDSCConfig, deformable_separable_conv  # noqa: E402
@@ -83,8 +84,6 @@ def test_forward_matches_released_network(released, frames):
 def test_midpoint_network_matches(tmp_path, frames):
     """The release's `Network(isMultiple=False, useBias=False)` (EDSC_s layout; no time map, no bias head),
     read from a bare state dict in .safetensors: 1e-4 relative."""
-    from safetensors.torch import save_file
-
     net = _torch_net(seed=1, multiple=False, use_bias=False)
     path = tmp_path / "edsc_s.safetensors"
     save_file(net.state_dict(), path)
@@ -153,27 +152,15 @@ def test_synthesis_op_refuses_bad_shapes():
 
 
 # --- the converter --------------------------------------------------------------------------------------------
-def _torch_state(path):
-    return {k: v for k, v in torch.load(path, weights_only=True)["model_state"].items()}
-
-
-@pytest.mark.parametrize("suffix", [".pth", ".safetensors", ""])
+@pytest.mark.parametrize("suffix", [".safetensors", ""])
 def test_round_trip(released, tmp_path, suffix):
-    """load_torch(.pth) -> save_torch(.pth / .safetensors / folder) -> load_torch: the released `Network` loads
-    the written file strictly and every tensor is bit-identical."""
-    from helpers import assert_same_state_dict
-
+    """load_torch(released .pth) -> save_torch(.safetensors file / folder) -> load_torch: the released `Network`
+    loads the written weights strictly and every tensor is bit-identical."""
     net, _, (module, params) = released
     out = save_torch("edsc", module, params, tmp_path / f"edsc{suffix}")
-    if suffix == ".pth":
-        state = _torch_state(out)
-    elif suffix == ".safetensors":
-        from safetensors.torch import load_file
-
+    if suffix:
         state = load_file(out)
     else:
-        from safetensors.torch import load_file
-
         assert (out / "config.json").exists()
         state = load_file(out / "model.safetensors")
     fresh = torch_edsc.Network(widths=WIDTHS, head_channels=HEADS)
@@ -184,12 +171,15 @@ def test_round_trip(released, tmp_path, suffix):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, params2)
 
 
-def test_save_refuses_an_existing_file(released, tmp_path):
+def test_save_refuses_an_existing_file_and_pickles(released, tmp_path):
     _, _, (module, params) = released
-    out = save_torch("edsc", module, params, tmp_path / "edsc.pth")
-    with pytest.raises(FileExistsError, match=r"edsc\.pth exists"):
+    out = save_torch("edsc", module, params, tmp_path / "edsc.safetensors")
+    with pytest.raises(FileExistsError, match=r"edsc\.safetensors exists"):
         save_torch("edsc", module, params, out)
     save_torch("edsc", module, params, out, overwrite=True)
+    with pytest.raises(ValueError, match=r"edsc\.pth: an EDSC file is written as \.safetensors"):
+        save_torch("edsc", module, params, tmp_path / "edsc.pth")
+    assert not (tmp_path / "edsc.pth").exists()
 
 
 def test_bad_keys_are_named(released, tmp_path):
@@ -217,14 +207,14 @@ def test_not_an_edsc_file_is_named(tmp_path):
 
 
 def test_cli_converts_a_released_file(released, tmp_path):
-    """`magdiff-jax convert to-flax --kind edsc SRC.pth DST` and back with `to-torch --kind edsc DST OUT.pth`."""
+    """`magdiff-jax convert to-flax --kind edsc SRC.pth DST`, and back: `to-torch --kind edsc DST OUT.safetensors`."""
     from magdiff_jax import cli
 
     net, path, _ = released
     convert = lambda *argv: cli._convert(cli.build_parser().parse_args(["convert", *argv]))
     convert("to-flax", "--kind", "edsc", str(path), str(tmp_path / "flax"))
-    convert("to-torch", "--kind", "edsc", str(tmp_path / "flax"), str(tmp_path / "back.pth"))
-    back = _torch_state(tmp_path / "back.pth")
+    convert("to-torch", "--kind", "edsc", str(tmp_path / "flax"), str(tmp_path / "back.safetensors"))
+    back = load_file(tmp_path / "back.safetensors")
     assert set(back) == set(net.state_dict())
     assert all(torch.equal(back[k], v) for k, v in net.state_dict().items())
 
@@ -238,3 +228,17 @@ def test_config_errors_are_named():
     x = jnp.zeros((1, 8, 8, 3))
     with pytest.raises(ValueError, match=r"t must be a scalar or one value per example \(1,\)"):
         module.init(jax.random.key(0), x, x, jnp.zeros((2,)))
+
+
+def test_released_size_layout():
+    """The default config is the released EDSC_m `Network()`: its full-size state dict (untrained) is read back
+    with that config and converts key for key, shape for shape (no forward at this size)."""
+    from magdiff_jax.convert.core import torch_to_flax
+    from magdiff_jax.convert.edsc import config_from_state, edsc_rules
+    from magdiff_jax.models.registry import get_model
+
+    state = {k: v.numpy() for k, v in torch_edsc.Network().state_dict().items()}
+    cfg = config_from_state(state)
+    assert cfg == EDSCConfig()
+    params = torch_to_flax(state, edsc_rules(cfg), get_model("edsc").abstract_params(EDSC(cfg)), "edsc")
+    assert sum(x.size for x in jax.tree.leaves(params)) == sum(x.size for x in state.values())

@@ -1,8 +1,7 @@
 """Kind `edsc`: the released EDSC-pytorch `Network` (`networks/EDSC.py`) <-> `magdiff_jax.models.edsc`.
 
     module, params = load_torch("edsc", "EDSC_m.ckpt")           # the released checkpoint: one file, no config
-    save_torch("edsc", module, params, "out/edsc.pth")           # {"model_state": state dict}, as released
-    save_torch("edsc", module, params, "out/edsc.safetensors")   # the bare state dict
+    save_torch("edsc", module, params, "out/edsc.safetensors")   # the bare state dict (pickles are only read)
     save_torch("edsc", module, params, "out/edsc")               # a folder: config.json + model.safetensors
 
 The released checkpoints (EDSC_s_l1/lf.ckpt, EDSC_m.ckpt) are pickles holding the state dict under "model_state"
@@ -18,7 +17,6 @@ moduleVertical1_7/kernel), an upsampling block's HetConv at 1.
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
@@ -117,17 +115,15 @@ def read_edsc_file(path: str | os.PathLike) -> tuple[EDSCConfig, dict]:
 
 
 def write_edsc_file(cfg: EDSCConfig, state: dict, path) -> None:
-    """A `.pth`/`.ckpt`/`.pt` file holding {"model_state": state dict} (the release's layout, loadable by its
-    `run.py`), written with torch.save; or a `.safetensors` file of the bare state dict."""
+    """A `.safetensors` file of the bare state dict: `Network().load_state_dict(safetensors.torch.load_file(path))`
+    loads it. Pickle files are not written (as for every export here); the release's `run.py` reads
+    `torch.load(path)["model_state"]`, which `torch.save({"model_state": load_file(path)}, "EDSC.pth")` makes."""
     path = user_path(path)
-    if path.suffix == ".safetensors":
-        safetensors_io.atomic_write_bytes(path, safetensors_io._serialise(state))
-        return
-    import torch
-
-    buf = io.BytesIO()
-    torch.save({"model_state": {k: torch.from_numpy(np.array(v)) for k, v in state.items()}}, buf)
-    safetensors_io.atomic_write_bytes(path, buf.getvalue())
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: an EDSC file is written as .safetensors (pickle files such as {path.suffix} are "
+                         "only read); in PyTorch, torch.save({'model_state': safetensors.torch.load_file(p)}, out) "
+                         "gives the release's layout")
+    safetensors_io.atomic_write_bytes(path, safetensors_io._serialise(state))
 
 
 FORMAT = attach("edsc", TorchFormat(
