@@ -73,8 +73,9 @@ def _sampling(shape, kernel_size: int, offset_y: jax.Array, offset_x: jax.Array)
     wl = 1 + l - pc and wr = 1 + pc - r: the usual (1 - frac, frac) inside the frame, and (1, 1) on the same edge
     pixel at and beyond the border (the release's border handling, kept as is).
 
-    Returns the flat quad index (B, H, W, K) into `_quads(frame, c + 1)` and the weights (wy_top, wy_bottom,
-    wx_left, wx_right), each (B, H, W, K), with K = ks * ks taps ordered fy * ks + fx."""
+    Returns the flat quad index (B, H, W, K) into `_quads(frame, c + 1)`, the weights (wy_top, wy_bottom,
+    wx_left, wx_right) and whether p lies inside the padded frame (rows, columns: where the weights move with p),
+    each (B, H, W, K), with K = ks * ks taps ordered fy * ks + fx."""
     _, h, w = shape
     c = (kernel_size - 1) // 2
     hp, wp = h + 2 * c, w + 2 * c
@@ -87,11 +88,11 @@ def _sampling(shape, kernel_size: int, offset_y: jax.Array, offset_x: jax.Array)
         pc = jnp.clip(p, 0, size - 1)
         lo, hi = jnp.clip(q, 0, size - 1), jnp.clip(q + 1, 0, size - 1)
         corner = jnp.clip(q, -1, size - 1).astype(jnp.int32) + 1  # index into the quads, which start at -1
-        return corner, 1 + lo - pc, 1 + pc - hi
+        return corner, 1 + lo - pc, 1 + pc - hi, (p >= 0) & (p <= size - 1)
 
-    cy, wt, wb = axis(py, hp)
-    cx, wl, wr = axis(px, wp)
-    return cy * (wp + 1) + cx, (wt, wb, wl, wr)
+    cy, wt, wb, inside_y = axis(py, hp)
+    cx, wl, wr, inside_x = axis(px, wp)
+    return cy * (wp + 1) + cx, (wt, wb, wl, wr), (inside_y, inside_x)
 
 
 def _gather(quads: jax.Array, index: jax.Array) -> jax.Array:
@@ -113,7 +114,7 @@ def _corner_weights(wt, wb, wl, wr):
 
 def _dsepconv_plain(frame, vertical, horizontal, offset_y, offset_x, mask):
     ks = vertical.shape[-1]
-    index, (wt, wb, wl, wr) = _sampling(frame.shape[:3], ks, offset_y, offset_x)
+    index, (wt, wb, wl, wr), _ = _sampling(frame.shape[:3], ks, offset_y, offset_x)
     samples = _gather(_quads(frame, (ks - 1) // 2 + 1), index)
     a = _corner_weights(wt, wb, wl, wr) * _tap_weights(vertical, horizontal, mask)[..., None]
     return jnp.sum(a[..., None] * samples, axis=(3, 4))  # a product and a sum: XLA's CPU dot is slower here
@@ -132,14 +133,14 @@ def _dsepconv_fwd(frame, vertical, horizontal, offset_y, offset_x, mask):
 def _dsepconv_bwd(res, g):
     """The gradient of every input from one re-gather of the sampled pixels (nothing (B, H, W, K, 4, C)-sized is
     kept from the forward). With S_q the corner pixels of a tap, D_q = <g, S_q> over channels and W the tap weight
-    v[fy] h[fx] m[k]: dW = sum_q a_q D_q; d(dx) = W (-(wt D0 + wb D2) + (wt D1 + wb D3)) where the position is
-    inside the padded frame (0 outside, where both corners are the same edge pixel); d(dy) likewise; the frame's
-    gradient scatters a_q W g into the quads."""
+    v[fy] h[fx] m[k] and a_q the corner weights (wt wl, wt wr, wb wl, wb wr): dW = sum_q a_q D_q;
+    d(dx) = W (wt (D1 - D0) + wb (D3 - D2)) and d(dy) = W (wl (D2 - D0) + wr (D3 - D1)) where the position is inside
+    the padded frame (0 outside, where it is clamped); the frame's gradient scatters a_q W g into the quads."""
     frame, vertical, horizontal, offset_y, offset_x, mask = res
     ks = vertical.shape[-1]
     b, h, w, _ = vertical.shape
     pad = (ks - 1) // 2 + 1
-    index, (wt, wb, wl, wr) = _sampling(frame.shape[:3], ks, offset_y, offset_x)
+    index, (wt, wb, wl, wr), (inside_y, inside_x) = _sampling(frame.shape[:3], ks, offset_y, offset_x)
     quads, quads_vjp = jax.vjp(lambda f: _quads(f, pad), frame)
     samples = _gather(quads, index)
     d = jnp.einsum("bhwc,bhwkqc->bhwkq", g, samples)  # (B, H, W, K, 4)
@@ -150,11 +151,6 @@ def _dsepconv_bwd(res, g):
     d_vertical = jnp.einsum("bhwyx,bhwx->bhwy", d_vh, horizontal)
     d_horizontal = jnp.einsum("bhwyx,bhwy->bhwx", d_vh, vertical)
     d_mask = d_tap * (vertical[..., :, None] * horizontal[..., None, :]).reshape(b, h, w, ks * ks)
-    hp, wp = frame.shape[1] + ks - 1, frame.shape[2] + ks - 1
-    base = _sampling_bases(frame.shape[1], frame.shape[2], ks)
-    py, px = offset_y + base[0], offset_x + base[1]
-    inside_y = (py >= 0) & (py <= hp - 1)
-    inside_x = (px >= 0) & (px <= wp - 1)
     d0, d1, d2, d3 = (d[..., i] for i in range(4))
     d_offset_x = jnp.where(inside_x, tap * (wt * (d1 - d0) + wb * (d3 - d2)), 0)
     d_offset_y = jnp.where(inside_y, tap * (wl * (d2 - d0) + wr * (d3 - d1)), 0)
@@ -184,9 +180,10 @@ def deformable_separable_conv(frame, vertical, horizontal, offset_y, offset_x, m
     The released network's `moduleOffset{k}x` head gives the row offsets (offset_y here) and `moduleOffset{k}y` the
     column offsets: its CUDA kernel reads them that way round.
 
-    `custom_vjp` picks the hand-written gradient, which re-gathers the sampled pixels in the backward pass instead
-    of keeping them from the forward (ks*ks*4 pixels per output pixel); False differentiates the same forward with
-    plain autodiff.
+    `custom_vjp` (the default) picks the hand-written gradient (`_dsepconv_bwd`), which re-gathers the sampled
+    pixels in the backward pass instead of keeping them from the forward (ks*ks*4*C values per output pixel, the
+    bulk of the op's memory): less memory, and on CPU a faster forward + backward than plain autodiff, which
+    `custom_vjp=False` uses on the same forward.
     """
     ks = vertical.shape[-1]
     if ks % 2 == 0 or horizontal.shape[-1] != ks:
