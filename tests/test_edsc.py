@@ -40,8 +40,8 @@ def _torch_net(seed: int = 0, **kw):
 
 
 def _save_released(net, path):
-    """The release's checkpoint layout: {"model_state": state_dict}."""
-    torch.save({"model_state": net.state_dict()}, path)
+    """The release's checkpoint layout: {"model_state": state_dict}, here with training state beside it."""
+    torch.save({"model_state": net.state_dict(), "epoch": 7, "optimizer_state": {"lr": torch.tensor(1e-3)}}, path)
     return path
 
 

@@ -30,8 +30,8 @@ from magdiff_jax.utils.files import user_path
 
 TORCH_CLASS = "EDSC-pytorch networks.EDSC.Network"
 HEAD_CONVS = (0, 2, 4, 7)
-# what a single released file is wrapped in (run.py reads "model_state")
-WRAPPERS = ("model_state.", "module.")
+MODEL_STATE = "model_state."  # the released files' wrapper (run.py reads torch.load(path)["model_state"])
+DATA_PARALLEL = "module."
 
 
 def het_conv(t: str, f: str) -> list[Rule]:
@@ -61,10 +61,13 @@ def edsc_rules(cfg: EDSCConfig) -> list[Rule]:
 
 
 def normalise_keys(state: dict) -> dict:
-    """Strip the wrappers a released or DataParallel-saved file puts before the `Network`'s own keys."""
-    for prefix in WRAPPERS:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+    """The `Network`'s own keys: those under "model_state." when the file has them (what the release's `run.py`
+    reads; training state beside them is not the network's), without the "module." prefix of a DataParallel
+    model."""
+    if any(k.startswith(MODEL_STATE) for k in state):
+        state = {k[len(MODEL_STATE):]: v for k, v in state.items() if k.startswith(MODEL_STATE)}
+    if state and all(k.startswith(DATA_PARALLEL) for k in state):
+        state = {k[len(DATA_PARALLEL):]: v for k, v in state.items()}
     return state
 
 
