@@ -171,6 +171,10 @@ class TorchFormat:
     config_to_torch: Callable[[Any], dict]
     rules: Callable[[Any], list[Rule]]
     normalise_keys: Callable[[dict], dict] = lambda state: state  # import only: legacy names, prefixes
+    # a kind also released as one weights file with no config (`WEIGHT_FILES`): file -> (config, state dict), and
+    # (config, state dict, file) -> None; `load_torch` / `save_torch` use them for a path with such a suffix
+    read_file: Callable[[Any], tuple[Any, dict]] | None = None
+    write_file: Callable[[Any, dict, Any], None] | None = None
 
     @property
     def weights_stem(self) -> str:
@@ -179,7 +183,8 @@ class TorchFormat:
 
 _FORMATS: dict[str, TorchFormat] = {}
 # the modules that attach formats (imported on the first lookup)
-FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet")
+FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet", "edsc")
+WEIGHT_FILES = (".safetensors", *safetensors_io.PICKLE_SUFFIXES)
 
 
 def attach(name: str, fmt: TorchFormat) -> TorchFormat:
@@ -234,16 +239,20 @@ def torch_config(kind: str, folder: str | os.PathLike):
 
 
 def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=None):
-    """Read a diffusers/transformers model folder (config.json + safetensors) into `(module, params)`.
+    """Read a diffusers/transformers model folder (config.json + safetensors) into `(module, params)`; for a kind
+    with `TorchFormat.read_file`, also one weights file (`WEIGHT_FILES`).
 
     `shardings`, when given, is a pytree of `jax.sharding.Sharding` matching params: each array is placed with its
     sharding as it is converted (never whole on one device).
     """
     spec, fmt = get_model(kind), torch_format(kind)
     folder = user_path(path)
-    config = torch_config(kind, folder)
+    if fmt.read_file is not None and folder.suffix in WEIGHT_FILES:
+        config, state = fmt.read_file(folder)
+    else:
+        config = torch_config(kind, folder)
+        state = fmt.normalise_keys(safetensors_io.read_state_dict(folder, fmt.weights_stem))
     module = spec.build(config)
-    state = fmt.normalise_keys(safetensors_io.read_state_dict(folder, fmt.weights_stem))
     params = torch_to_flax(state, fmt.rules(config), spec.abstract_params(module), kind, source=str(folder))
     if shardings is not None:
         params = jax.tree.map(lambda x, s: jax.device_put(x.astype(dtype), s), params, shardings)
@@ -256,14 +265,23 @@ def save_torch(kind: str, module: nn.Module, params, out_dir: str | os.PathLike,
                overwrite: bool = False) -> epath.Path:
     """Write a folder that the matching PyTorch class loads with `from_pretrained(out_dir)`. It is assembled beside
     OUT_DIR and swapped into place, so no file of an older export survives to be preferred by a loader; a non-empty
-    OUT_DIR is refused unless `overwrite`."""
+    OUT_DIR is refused unless `overwrite`. For a kind with `TorchFormat.write_file`, an OUT_DIR with a suffix of
+    `WEIGHT_FILES` is written as that one file (an existing one is refused unless `overwrite`)."""
     fmt = torch_format(kind)
     out = as_path(out_dir)
-    check_destination(out, overwrite)
+    one_file = fmt.write_file is not None and out.suffix in WEIGHT_FILES
+    if one_file and out.exists() and (out.is_dir() or not overwrite):
+        raise FileExistsError(f"{out} exists; choose another destination" + ("" if out.is_dir() else
+                              " or pass overwrite (--overwrite) to replace it"))
+    if not one_file:
+        check_destination(out, overwrite)
     config = module.config
     params = jax.device_get(nn.meta.unbox(params))
     state = flax_to_torch(params, fmt.rules(config), kind)
     state = {k: np.asarray(v, dtype=np.float32) if v.dtype != np.float16 else v for k, v in state.items()}
+    if one_file:
+        fmt.write_file(config, state, out)
+        return out
     torch_config = fmt.config_to_torch(config)
     with atomic_dir(out) as tmp:
         safetensors_io.write_state_dict(state, tmp, fmt.weights_stem, max_shard_bytes=max_shard_bytes)

@@ -53,7 +53,7 @@ def flatten_targets(batch) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     `targets` (B, K, H, W, 3) and `times` (B, K) (the data pipeline's `interp` task)."""
     targets, times = batch["targets"], batch["times"]
     b, k = times.shape
-    rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
+    rep = lambda x: jnp.repeat(x, k, axis=0)
     return rep(batch["frame0"]), rep(batch["frame1"]), targets.reshape(b * k, *targets.shape[2:]), times.reshape(-1)
 
 
@@ -134,5 +134,5 @@ class VFITask:
         pred = interpolate(modules["interpolator"], params["interpolator"], f0, f1, t)
         b, k = batch["times"].shape
         pred = pred.reshape(b, k, *pred.shape[1:])
-        ends = lambda mid: jnp.concatenate([batch["frame0"][:, None], mid, batch["frame1"][:, None]], 1)  # noqa: E731
+        ends = lambda mid: jnp.concatenate([batch["frame0"][:, None], mid, batch["frame1"][:, None]], 1)
         return jnp.concatenate([ends(pred), ends(batch["targets"].astype(jnp.float32))]).astype(jnp.float32)
