@@ -303,12 +303,13 @@ def _add_generation(sub):
                                     "generates from held-out subjects and edits a held-out clip; writes mp4s, a "
                                     "contact sheet, a loss plot and summary.json to the workdir. --config.key=value "
                                     "overrides apply to the MagDiff config.")
-    de.add_argument("--workdir", default=None, help="default: magdiff_demo (i2v_demo, v2v_demo with --system i2v, v2v)")
-    de.add_argument("--system", choices=("magdiff", "i2v", "v2v"), default="magdiff",
+    de.add_argument("--workdir", default=None, help="default: magdiff_demo (<system>_demo with another --system)")
+    de.add_argument("--system", choices=("magdiff", "i2v", "v2v", "vfi"), default="magdiff",
                     help="magdiff: the MagDiff demo; i2v: MagicVideo-V2's image-to-video stage alone (the tiny VAE, "
                          "then configs/i2v.py:demo, scored on held-out subjects and captions); v2v: its "
                          "super-resolution stage alone (the tiny VAE, then configs/v2v.py:demo, scored against "
-                         "bicubic upsampling on held-out clips)")
+                         "bicubic upsampling on held-out clips); vfi: its frame interpolation stage alone "
+                         "(configs/vfi.py:demo, scored against blending the neighbours)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -678,6 +679,14 @@ def _interpolate(args) -> None:
 
 
 def _demo(args) -> None:
+    if args.system == "vfi":
+        from magdiff_jax.demo import run_vfi_demo
+
+        summary = run_vfi_demo(args.workdir or "vfi_demo", FLAGS.config)
+        print(f"vfi demo done in {args.workdir or 'vfi_demo'}: PSNR of the in-between frames "
+              f"{summary['psnr_vfi']:.2f} dB (blending the neighbours {summary['psnr_blend']:.2f} dB, gain "
+              f"{summary['psnr_gain']:+.2f} dB); see summary.json")
+        return
     if args.system == "v2v":
         from magdiff_jax.demo import run_v2v_demo
 

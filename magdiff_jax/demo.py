@@ -382,8 +382,9 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     it, then each held-out clip's box-downsampled frames upsampled by the stage (SDEdit at the stage's strength, the
     clip's first high-resolution frame as the reference image, as the text-to-image stage's image is in the
     four-stage pipeline) and by bicubic interpolation, both scored by PSNR (dB, on [0, 255] frames) to the
-    high-resolution truth: `psnr_v2v`, `psnr_bicubic`, `psnr_gain`, and the same over the frames after the first
-    (`*_later_frames`: frames the reference does not show). Writes `hires_<k>.mp4` (low-res input, bicubic, V2V,
+    high-resolution truth (mean per-frame PSNR in dB and SSIM, `frame_scores`): `psnr_v2v`, `psnr_bicubic`,
+    `psnr_gain`, `ssim_*`, and the PSNRs over the frames after the first (`*_later_frames`: frames the reference does
+    not show). Writes `hires_<k>.mp4` (low-res input, bicubic, V2V,
     truth side by side), `contact_sheet.png`, `loss.png` and `summary.json` in `workdir`; returns the summary.
     `models`: a folder holding a trained tiny `vae` (another demo's WORKDIR/models) instead of training one."""
     import time
@@ -418,14 +419,11 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     bicubic = np.round((np.asarray(upscale_video(held["low_res"].astype(np.float32) / 127.5 - 1, size)) + 1)
                        * 127.5).clip(0, 255).astype(np.uint8)
 
-    def psnr(x, y):  # over a whole set of frames
-        mse = np.mean((x.astype(np.float64) - y.astype(np.float64)) ** 2)
-        return float(10 * np.log10(255.0 ** 2 / max(mse, 1e-12)))
-
     truth = held["hires"]
-    scores = {"psnr_v2v": psnr(out, truth), "psnr_bicubic": psnr(bicubic, truth),
-              "psnr_v2v_later_frames": psnr(out[:, 1:], truth[:, 1:]),
-              "psnr_bicubic_later_frames": psnr(bicubic[:, 1:], truth[:, 1:])}
+    scores = {}
+    for name, video in (("v2v", out), ("bicubic", bicubic)):
+        scores[f"psnr_{name}"], scores[f"ssim_{name}"] = frame_scores(video, truth)
+        scores[f"psnr_{name}_later_frames"], _ = frame_scores(video[:, 1:], truth[:, 1:])
     scores["psnr_gain"] = scores["psnr_v2v"] - scores["psnr_bicubic"]
     scores["psnr_gain_later_frames"] = scores["psnr_v2v_later_frames"] - scores["psnr_bicubic_later_frames"]
     logging.info("PSNR to the truth: v2v %.2f dB, bicubic %.2f dB (gain %+.2f dB)", scores["psnr_v2v"],
@@ -445,5 +443,89 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
                "scale": int(config.data.vsr.scale), "resolution": list(size), "videos": [str(p) for p in videos],
                "contact_sheet": str(workdir / "contact_sheet.png"), "loss_plot": str(workdir / "loss.png"),
                "v2v_final_loss": _losses(workdir / "v2v")[-1][1]}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def frame_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Mean per-frame PSNR (dB) and SSIM of uint8 frames (..., H, W, 3) against the truth, on [0, 255]."""
+    from magdiff_jax.eval import psnr, ssim
+
+    x, y = (np.asarray(a, np.float32).reshape(-1, *a.shape[-3:]) for a in (pred, truth))
+    return float(np.mean(psnr(x, y, data_range=255.0))), float(np.mean(ssim(x, y, data_range=255.0)))
+
+
+def vfi_held_out(config: ml_collections.ConfigDict, num_clips: int) -> dict:
+    """The VFI stage's held-out set: synthetic clips `synth.num + k` (never trained on), their first `interp.window`
+    frames `data.stride` apart at the training resolution. `videos` (N, window, H, W, 3) uint8 (the ends given, the
+    inner frames the truth at t = i / (window - 1)) and `captions`."""
+    from magdiff_jax.data.pipeline import synthetic_config
+    from magdiff_jax.data.synthetic import make_clip
+    from magdiff_jax.data.transforms import resize_images
+
+    data = config.data
+    window, stride = int(data.interp.window), int(data.stride)
+    clip_cfg = synthetic_config(data.synthetic)
+    clips = [make_clip(data.synthetic.num + k, clip_cfg) for k in range(num_clips)]
+    videos = [resize_images(np.asarray(c.frames)[[i * stride for i in range(window)]], tuple(data.resolution))
+              for c in clips]
+    return {"videos": np.stack(videos), "captions": [c.caption for c in clips]}
+
+
+def run_vfi_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = None, *, num_clips: int = 16) -> dict:
+    """MagicVideo-V2's frame-interpolation stage on the synthetic dataset: configs/vfi.py:demo from scratch, then
+    for each held-out clip the frames at t = 1/3 and 2/3 between its first and last frame (3 frames apart) predicted
+    by the stage (`VFIPipeline`, factor 3) and by blending the two ends ((1 - t) x0 + t x1), both scored against
+    the true frames: `psnr_vfi`, `psnr_blend`, `psnr_gain` (dB), `ssim_vfi`, `ssim_blend`. Writes
+    `interpolated_<k>.mp4` (blend, stage, truth side by side), `contact_sheet.png`, `loss.png` and `summary.json`
+    in `workdir`; returns the summary."""
+    import time
+
+    from magdiff_jax.data.video_io import write_video
+    from magdiff_jax.pipelines.vfi import VFIPipeline
+    from magdiff_jax.train.trainer import train
+    from magdiff_jax.utils.images import contact_sheet, save_png
+
+    workdir = Path(workdir).absolute()
+    config = load_config("vfi", "demo") if config is None else config
+    window = int(config.data.interp.window)
+    if window != 4:
+        raise ValueError(f"the VFI demo scores factor 3 (t = 1/3, 2/3): data.interp.window must be 4, got {window}")
+    logging.info("vfi demo [1/2]: training the VFI stage (configs/vfi.py) in %s", workdir / "vfi")
+    t0 = time.perf_counter()
+    train(config, workdir / "vfi")
+    train_s = time.perf_counter() - t0
+
+    logging.info("vfi demo [2/2]: interpolating %d held-out clips", num_clips)
+    pipe = VFIPipeline.load(workdir / "vfi" / "export")
+    held = vfi_held_out(config, num_clips)
+    videos = held["videos"]
+    t0 = time.perf_counter()
+    out = pipe(videos[:, [0, -1]], factor=3)  # (N, 4, H, W, 3): the ends and the two frames between
+    sample_s = time.perf_counter() - t0
+    t = np.asarray([1 / 3, 2 / 3], np.float32)[None, :, None, None, None]
+    ends = videos[:, [0, -1]].astype(np.float32)
+    blend = np.round((1 - t) * ends[:, :1] + t * ends[:, 1:]).clip(0, 255).astype(np.uint8)
+    truth = videos[:, 1:-1]
+    psnr_vfi, ssim_vfi = frame_scores(out[:, 1:-1], truth)
+    psnr_blend, ssim_blend = frame_scores(blend, truth)
+    logging.info("PSNR of the in-between frames: vfi %.2f dB, blending %.2f dB (gain %+.2f dB); SSIM %.3f vs %.3f",
+                 psnr_vfi, psnr_blend, psnr_vfi - psnr_blend, ssim_vfi, ssim_blend)
+    blended = out.copy()
+    blended[:, 1:-1] = blend
+    files, rows, labels = [], [], []
+    for k in range(num_clips):
+        side = np.concatenate([blended[k], out[k], videos[k]], axis=2)
+        files.append(write_video(workdir / f"interpolated_{k}.mp4", side, fps=4))
+        if k < 4:
+            rows += [blended[k], out[k], videos[k]]
+            labels += [f"{held['captions'][k]}: blending", "VFI", "truth"]
+    save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=96))
+    loss_plot({"vfi": _losses(workdir / "vfi")}, workdir / "loss.png")
+    summary = {"psnr_vfi": psnr_vfi, "psnr_blend": psnr_blend, "psnr_gain": psnr_vfi - psnr_blend,
+               "ssim_vfi": ssim_vfi, "ssim_blend": ssim_blend, "train_seconds": train_s, "sample_seconds": sample_s,
+               "steps": int(config.steps), "num_clips": num_clips, "resolution": list(videos.shape[2:4]),
+               "videos": [str(p) for p in files], "contact_sheet": str(workdir / "contact_sheet.png"),
+               "loss_plot": str(workdir / "loss.png"), "vfi_final_loss": _losses(workdir / "vfi")[-1][1]}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -62,7 +62,7 @@ def released(tmp_path_factory):
 def test_config_read_from_the_weights(released):
     _, _, (module, _) = released
     assert module.config == EDSCConfig(block_out_channels=WIDTHS, head_channels=HEADS, kernel_size=5, het_groups=4,
-                                       multiple=True, use_bias=True)
+                                       multiple=True, use_bias=True, channel_order="bgr")
 
 
 def test_forward_matches_released_network(released, frames):
@@ -239,6 +239,6 @@ def test_released_size_layout():
 
     state = {k: v.numpy() for k, v in torch_edsc.Network().state_dict().items()}
     cfg = config_from_state(state)
-    assert cfg == EDSCConfig()
+    assert cfg == EDSCConfig(channel_order="bgr")  # a bare state dict is taken for the release's (BGR)
     params = torch_to_flax(state, edsc_rules(cfg), get_model("edsc").abstract_params(EDSC(cfg)), "edsc")
     assert sum(x.size for x in jax.tree.leaves(params)) == sum(x.size for x in state.values())

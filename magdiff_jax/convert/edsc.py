@@ -94,7 +94,8 @@ def config_from_state(state: dict, source: str = "") -> EDSCConfig:
     ks = shape("moduleVertical1.4.weight")[0]
     fields = {"block_out_channels": widths, "head_channels": [first[0], second[0]], "kernel_size": ks,
               "het_groups": groups, "multiple": first[1] == widths[1] + 1 if len(widths) > 1 else False,
-              "use_bias": any(k.startswith("moduleBias.") for k in state)}
+              "use_bias": any(k.startswith("moduleBias.") for k in state),
+              "channel_order": "bgr"}  # a bare state dict is the release's: trained on OpenCV's BGR frames
     try:
         return config_from_dict(EDSCConfig, fields)
     except ConfigError as e:

@@ -210,6 +210,9 @@ class EDSCConfig:
     het_groups: int = 4  # p of the efficient HetConv
     multiple: bool = True  # the time input (arbitrary t); False: the midpoint network, t is not read
     use_bias: bool = True  # the bias (residual) head
+    # the colour order the weights were trained on: "bgr" for the released networks (OpenCV frames), "rgb" for ours;
+    # `interpolate` swaps RGB frames into it (the network itself reads whatever it is given)
+    channel_order: str = "rgb"
     dtype: str = "float32"  # compute dtype of the convolutions; the synthesis runs in float32
 
     def __post_init__(self):
@@ -224,6 +227,8 @@ class EDSCConfig:
             raise ValueError(f"EDSCConfig: block_out_channels {bad} do not split into het_groups={self.het_groups}")
         if self.kernel_size % 2 == 0:
             raise ValueError(f"EDSCConfig: kernel_size must be odd, got {self.kernel_size}")
+        if self.channel_order not in ("rgb", "bgr"):
+            raise ValueError(f"EDSCConfig: channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
 
     @classmethod
     def tiny(cls, **overrides) -> EDSCConfig:
@@ -364,6 +369,22 @@ class EDSC(nn.Module):
         if c.use_bias:
             out = out + self._head(combine, "moduleBias", 3, dt).astype(jnp.float32)
         return out[:, :h, :w]
+
+
+def interpolate(module: EDSC, params, frame0, frame1, t) -> jax.Array:
+    """The frames at times t (B,) between frame0 and frame1 (B, H, W, 3), RGB in [-1, 1] as everywhere else in the
+    project -> (B, H, W, 3) float32 in [-1, 1]: mapped to the network's [0, 1] and colour order
+    (`config.channel_order`) and back; the output is clipped to the range."""
+    bgr = module.config.channel_order == "bgr"
+
+    def to_net(x):
+        x = (x.astype(jnp.float32) + 1.0) * 0.5
+        return x[..., ::-1] if bgr else x
+
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (frame0.shape[0],))
+    out = module.apply({"params": params}, to_net(frame0), to_net(frame1), t)
+    out = out[..., ::-1] if bgr else out
+    return jnp.clip(out.astype(jnp.float32) * 2.0 - 1.0, -1.0, 1.0)
 
 
 def example_inputs(config: EDSCConfig) -> tuple:
