@@ -39,18 +39,6 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "training config: configs/X.py:VARIANT", lock_config=True)
 
 
-# kinds whose PyTorch form is one weights file with no config.json: kind -> "module:function", the function reading
-# that file into (module, params) (the config from its tensor shapes)
-SINGLE_FILE_KINDS = {"vgg16": "magdiff_jax.convert.vgg:vgg16_from_torch"}
-
-
-def _single_file_reader(kind: str):
-    import importlib
-
-    module, _, function = SINGLE_FILE_KINDS[kind].partition(":")
-    return getattr(importlib.import_module(module), function)
-
-
 def _kinds() -> tuple[str, ...]:
     """The registered models with a PyTorch form: a single-folder table, or MagDiff's multi-file folder."""
     from magdiff_jax.convert.core import torch_formats
@@ -63,7 +51,7 @@ def _add_convert(sub):
                        description="Convert model checkpoints between PyTorch safetensors folders "
                                    "(diffusers/transformers layout) and magdiff_jax Flax checkpoints.")
     csub = p.add_subparsers(dest="direction", required=True, metavar="{to-flax,to-torch,magdiff-init,i2v-init}")
-    kinds = (*_kinds(), *SINGLE_FILE_KINDS, "pipeline")
+    kinds = (*_kinds(), "pipeline")
     tf = csub.add_parser("to-flax", help="PyTorch model folder -> Orbax checkpoint + config.json",
                          description="Read a diffusers/transformers model folder (config.json + safetensors, single "
                                      "or sharded) and write DST: an Orbax checkpoint of the params plus our config. "
@@ -71,7 +59,7 @@ def _add_convert(sub):
                                      "into DST/<component>.")
     tf.add_argument("--kind", required=True, choices=kinds)
     tf.add_argument("src", help="PyTorch model folder (or pipeline folder with --kind pipeline; one weights file "
-                                f"with --kind {'/'.join(SINGLE_FILE_KINDS)})")
+                                "with --kind edsc or vgg16)")
     tf.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
     tf.add_argument("--overwrite", action="store_true")
     tf.add_argument("--motion-adapter", default=None, metavar="ADAPTER",
@@ -422,9 +410,7 @@ def _convert(args) -> None:
                 logging.info("wrote %s (%s)", out, kind)
             pipe.save_extras(args.dst)
         else:
-            if args.kind in SINGLE_FILE_KINDS:
-                module, params = _single_file_reader(args.kind)(args.src)
-            elif args.kind == "magdiff":  # a multi-file folder (convert.magdiff)
+            if args.kind == "magdiff":  # a multi-file folder (convert.magdiff)
                 from magdiff_jax.convert.magdiff import magdiff_from_torch
 
                 module, params = magdiff_from_torch(args.src)

@@ -177,7 +177,7 @@ def test_save_refuses_an_existing_file_and_pickles(released, tmp_path):
     with pytest.raises(FileExistsError, match=r"edsc\.safetensors exists"):
         save_torch("edsc", module, params, out)
     save_torch("edsc", module, params, out, overwrite=True)
-    with pytest.raises(ValueError, match=r"edsc\.pth: an EDSC file is written as \.safetensors"):
+    with pytest.raises(ValueError, match=r"edsc\.pth: an EDSC network is written as one \.safetensors file"):
         save_torch("edsc", module, params, tmp_path / "edsc.pth")
     assert not (tmp_path / "edsc.pth").exists()
 

@@ -183,7 +183,7 @@ class TorchFormat:
 
 _FORMATS: dict[str, TorchFormat] = {}
 # the modules that attach formats (imported on the first lookup)
-FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet", "edsc")
+FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet", "edsc", "vgg")
 WEIGHT_FILES = (".safetensors", *safetensors_io.PICKLE_SUFFIXES)
 
 
@@ -236,6 +236,17 @@ def torch_config(kind: str, folder: str | os.PathLike):
         return torch_format(kind).config_from_torch(d)
     except ValueError as e:
         raise ConfigError(f"{folder / 'config.json'}: {e}") from e
+
+
+def write_weights_file(state: dict, path, what: str, hint: str = "") -> None:
+    """One `.safetensors` file of a bare state dict (a `TorchFormat.write_file` for kinds released as one weights
+    file): pickle formats are only ever read, so another suffix is refused, with `hint` saying how to make the
+    released layout in PyTorch."""
+    path = user_path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: {what} is written as one .safetensors file (pickle files such as {path.suffix} are "
+                         f"only read){'; ' + hint if hint else ''}")
+    safetensors_io.atomic_write_bytes(path, safetensors_io._serialise(state))
 
 
 def load_torch(kind: str, path: str | os.PathLike, dtype=jnp.float32, shardings=None):

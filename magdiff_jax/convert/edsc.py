@@ -22,11 +22,10 @@ import os
 import numpy as np
 
 from magdiff_jax.convert import safetensors_io
-from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv
+from magdiff_jax.convert.core import Rule, TorchFormat, attach, conv, write_weights_file
 from magdiff_jax.models.edsc import EDSCConfig
 from magdiff_jax.models.registry import ConfigError, config_from_dict, config_to_dict
 from magdiff_jax.utils.errors import ConversionError
-from magdiff_jax.utils.files import user_path
 
 TORCH_CLASS = "EDSC-pytorch networks.EDSC.Network"
 HEAD_CONVS = (0, 2, 4, 7)
@@ -120,14 +119,10 @@ def read_edsc_file(path: str | os.PathLike) -> tuple[EDSCConfig, dict]:
 
 def write_edsc_file(cfg: EDSCConfig, state: dict, path) -> None:
     """A `.safetensors` file of the bare state dict: `Network().load_state_dict(safetensors.torch.load_file(path))`
-    loads it. Pickle files are not written (as for every export here); the release's `run.py` reads
-    `torch.load(path)["model_state"]`, which `torch.save({"model_state": load_file(path)}, "EDSC.pth")` makes."""
-    path = user_path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: an EDSC file is written as .safetensors (pickle files such as {path.suffix} are "
-                         "only read); in PyTorch, torch.save({'model_state': safetensors.torch.load_file(p)}, out) "
-                         "gives the release's layout")
-    safetensors_io.atomic_write_bytes(path, safetensors_io._serialise(state))
+    loads it. The release's `run.py` reads `torch.load(path)["model_state"]`, which
+    `torch.save({"model_state": load_file(path)}, "EDSC.pth")` makes."""
+    write_weights_file(state, path, "an EDSC network", "in PyTorch, torch.save({'model_state': "
+                       "safetensors.torch.load_file(p)}, out) gives the release's layout")
 
 
 FORMAT = attach("edsc", TorchFormat(

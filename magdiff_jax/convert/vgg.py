@@ -23,11 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from magdiff_jax.convert import safetensors_io
-from magdiff_jax.convert.core import Rule, conv, flax_to_torch, linear, torch_to_flax
-from magdiff_jax.models.registry import get_model
+from magdiff_jax.convert.core import (
+    Rule,
+    TorchFormat,
+    attach,
+    conv,
+    flax_to_torch,
+    linear,
+    load_torch,
+    save_torch,
+    torch_to_flax,
+    write_weights_file,
+)
+from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
 from magdiff_jax.models.vgg import LPIPSConfig, VGG16Config, conv_indices
 from magdiff_jax.utils.errors import ConversionError
-from magdiff_jax.utils.files import as_path, user_path
+from magdiff_jax.utils.files import user_path
 
 IGNORED_PREFIXES = ("classifier.",)  # torchvision's fully connected head: not part of the feature network
 
@@ -73,12 +84,26 @@ def _drop_ignored(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
 
 
+def read_vgg16_file(path: str | os.PathLike) -> tuple[VGG16Config, dict]:
+    """torchvision's VGG16 weights file -> (the config its shapes give, the `features.*` state dict)."""
+    state = _drop_ignored(_read(path, "a torchvision VGG16 state dict"))
+    return vgg16_config_from_state(state), state
+
+
+def write_vgg16_file(config: VGG16Config, state: dict, path) -> None:
+    """One .safetensors file of torchvision's `features.*` keys, which `torchvision.models.vgg16()` loads with
+    `load_state_dict(..., strict=False)` (the classifier left as it was)."""
+    write_weights_file(state, path, "VGG16's features")
+
+
 def vgg16_from_torch(path: str | os.PathLike, config: VGG16Config | None = None, dtype=jnp.float32):
     """torchvision's VGG16 weights file (`vgg16-397923af.pth`, or a .safetensors of the same keys) -> `(module,
-    params)` of model kind `vgg16`. `config` defaults to the one the shapes give (`vgg16_config_from_state`); the
-    `classifier.*` keys are ignored, every missing, unexpected or mis-shaped `features.*` key is reported."""
-    state = _drop_ignored(_read(path, "a torchvision VGG16 state dict"))
-    config = config or vgg16_config_from_state(state)
+    params)` of model kind `vgg16` (`load_torch("vgg16", path)`, with a given `config` instead of the one the shapes
+    give); the `classifier.*` keys are ignored, every missing, unexpected or mis-shaped `features.*` key is
+    reported."""
+    if config is None:
+        return load_torch("vgg16", path, dtype=dtype)
+    _, state = read_vgg16_file(path)
     spec = get_model("vgg16")
     module = spec.build(config)
     params = torch_to_flax(state, vgg16_rules(config), spec.abstract_params(module), "vgg16", source=str(path))
@@ -91,19 +116,14 @@ def vgg16_state_dict(config: VGG16Config, params) -> dict[str, np.ndarray]:
 
 
 def vgg16_to_torch(module, params, dst: str | os.PathLike, overwrite: bool = False):
-    """Write `vgg16` params as one .safetensors file DST with torchvision's `features.*` keys (fp32), which
-    `torchvision.models.vgg16().features` loads after stripping `features.` (or the whole model with
-    `load_state_dict(..., strict=False)`, the classifier left as it was). An existing DST is refused unless
-    `overwrite`."""
-    out = as_path(dst)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"{out}: the VGG16 weights are written as one .safetensors file (name it *.safetensors)")
-    if out.exists() and (out.is_dir() or not overwrite):
-        raise FileExistsError(f"{out} exists; choose another destination"
-                              + ("" if out.is_dir() else " or pass overwrite to replace it"))
-    state = {k: np.asarray(v, np.float32) for k, v in vgg16_state_dict(module.config, params).items()}
-    safetensors_io.write_state_dict(state, out.parent, out.name.removesuffix(".safetensors"))
-    return out
+    """Write `vgg16` params as one .safetensors file DST with torchvision's `features.*` keys (fp32)
+    (`save_torch("vgg16", ...)`; a DST without that suffix is a folder with config.json). An existing DST is refused
+    unless `overwrite`."""
+    return save_torch("vgg16", module, params, dst, overwrite=overwrite)
+
+
+def _config_from_torch(d: dict) -> VGG16Config:
+    return config_from_dict(VGG16Config, {k: v for k, v in d.items() if k != "_class_name"})
 
 
 def lpips_from_torch(vgg_path: str | os.PathLike, lin_path: str | os.PathLike | None = None,
@@ -140,3 +160,15 @@ def lpips_state_dicts(config: LPIPSConfig, params) -> tuple[dict[str, np.ndarray
 
 def _as_jax(params, dtype):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+
+
+FORMAT = attach("vgg16", TorchFormat(
+    library="torchvision",
+    torch_class=lambda cfg: "VGG16",
+    config_from_torch=_config_from_torch,
+    config_to_torch=lambda cfg: {"_class_name": "VGG16", **config_to_dict(cfg)},
+    rules=vgg16_rules,
+    normalise_keys=_drop_ignored,
+    read_file=read_vgg16_file,
+    write_file=write_vgg16_file,
+))
