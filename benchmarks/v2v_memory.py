@@ -51,16 +51,22 @@ def step_config(tiny: bool, frames: int, size: int, remat: str, dtype: str):
 
     from magdiff_jax.models.clip import CLIPTextConfig, CLIPVisionConfig
     from magdiff_jax.models.registry import config_to_dict
+    from magdiff_jax.models.unet_motion import UNetMotionConfig
     from magdiff_jax.models.vae import AutoencoderKLConfig
 
     c = v2v.get_config("tiny" if tiny else "base")
     c.compute_dtype = dtype
     c.data.num_frames, c.data.resolution = frames, (size, size)
     if not tiny:
+        # the I2V stage's models as `magdiff-jax convert i2v-init` writes them (the ControlNet derived from the U-Net,
+        # its dtype and remat policy the U-Net's); dtypes left to the run's compute dtype (tasks.base.model_config)
+        unet = config_to_dict(UNetMotionConfig.animatediff_sd15())
+        unet.pop("dtype")
+        c.model.unet.unet = {**unet, **c.model.unet.unet.to_dict()}
         for name, preset in (("vae", AutoencoderKLConfig.sd()), ("text_encoder", CLIPTextConfig.sd15()),
                              ("image_encoder", CLIPVisionConfig.vit_h14())):
             given = config_to_dict(preset)
-            given.pop("dtype")  # the run's compute dtype (train.tasks.base.model_config)
+            given.pop("dtype")
             c.model[name] = given
     factor = 2 ** (len(c.model.vae.block_out_channels) - 1)
     if size % factor:
@@ -125,7 +131,7 @@ def measure(config, *, batch_size: int = 1) -> dict:
     fields = ("argument", "output", "alias", "temp", "generated_code")
     row["bytes"] = {k: int(getattr(mem, f"{k}_size_in_bytes")) for k in fields}
     peak = getattr(mem, "peak_memory_in_bytes", 0)
-    if peak:
+    if peak and not on_cpu:  # the CPU backend's counts the arguments alone
         row["bytes"]["peak_memory"] = int(peak)
     b = row["bytes"]
     row["total_gib"] = round((b["argument"] + b["output"] + b["temp"] - b["alias"]) / GIB, 3)
