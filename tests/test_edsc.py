@@ -242,3 +242,20 @@ def test_released_size_layout():
     assert cfg == EDSCConfig(channel_order="bgr")  # a bare state dict is taken for the release's (BGR)
     params = torch_to_flax(state, edsc_rules(cfg), get_model("edsc").abstract_params(EDSC(cfg)), "edsc")
     assert sum(x.size for x in jax.tree.leaves(params)) == sum(x.size for x in state.values())
+
+
+@pytest.mark.parametrize("ks", [5, 3])
+def test_blend_init_starts_at_the_blend_of_the_two_frames(ks):
+    """`blend_init`: the untrained network outputs (frame0 + frame1) / 2 at any t (centre taps, masks 1/2, no
+    offsets, no residual): training from scratch starts at the blending baseline."""
+    from magdiff_jax.models.edsc import interpolate
+
+    module = EDSC(EDSCConfig.tiny(blend_init=True, kernel_size=ks))
+    rng = np.random.default_rng(0)
+    f0, f1 = (jnp.asarray(rng.uniform(-1, 1, (2, 12, 20, 3)), jnp.float32) for _ in range(2))
+    params = module.init(jax.random.key(0), f0, f1, jnp.full((2,), 0.3))["params"]
+    out = interpolate(module, params, f0, f1, jnp.asarray([0.3, 0.7]))
+    np.testing.assert_allclose(np.asarray(out), np.asarray((f0 + f1) / 2), atol=1e-6)
+    plain = EDSC(EDSCConfig.tiny())
+    p2 = plain.init(jax.random.key(0), f0, f1, jnp.full((2,), 0.3))["params"]
+    assert float(jnp.abs(interpolate(plain, p2, f0, f1, 0.3) - (f0 + f1) / 2).max()) > 0.05

@@ -26,7 +26,7 @@ def micro_v2v_config():
     c.model.image_encoder.update(image_size=16, patch_size=8)
     c.steps, c.ckpt_every, c.log_every, c.progress = 2, 2, 1, False
     c.global_batch_size = 2
-    c.data.synthetic.update(num=8, size=16)
+    c.data.synthetic.update(num=8, size=16, shape_size=0.4)
     c.data.resolution = (16, 16)
     c.preview.every = 0
     return c
@@ -110,3 +110,36 @@ def test_concat_input_reaches_the_denoiser_at_every_step():
     assert jax.eval_shape(lambda p: run(p, "concat"), params).shape == (1, 2, 16, 16, 3)
     with pytest.raises(ValueError, match=r"must be \(B, h, w, 8\)"):  # the same U-Net without the concatenation
         jax.eval_shape(lambda p: run(p, "sdedit"), params)
+
+
+def test_v2v_command_tiles_beyond_the_trained_size(trained, tmp_path):
+    """`magdiff-jax v2v` on the trained export: a 16 px clip x 2 -> 32 px, twice the trained 16 px, so the
+    denoiser runs on overlapping tiles of the trained latent size; the residual decoding path and the strength
+    refusal too."""
+    from magdiff_jax import cli
+    from magdiff_jax.data.video_io import read_video, write_video
+    from magdiff_jax.pipelines.v2v import V2VPipeline
+    from magdiff_jax.utils.images import save_png
+
+    workdir, _ = trained
+    rng = np.random.default_rng(0)
+    src = write_video(tmp_path / "low.mp4", rng.integers(0, 255, (2, 16, 16, 3), np.uint8), fps=4)
+    save_png(tmp_path / "ref.png", rng.integers(0, 255, (40, 30, 3), np.uint8))
+    out = tmp_path / "high.mp4"
+    cli.main(cli.parse_flags(["magdiff-jax", "v2v", "--export", str(workdir / "export"), "--video", str(src),
+                              "--image", str(tmp_path / "ref.png"), "--prompt", "a red circle moves left",
+                              "--scale", "2", "--strength", "0.5", "--num-steps", "4", "--vae-frames", "1",
+                              "--out", str(out)]))
+    assert read_video(out).shape == (2, 32, 32, 3)
+    pipe = V2VPipeline.load(workdir / "export")
+    low = rng.integers(0, 255, (1, 2, 8, 8, 3), np.uint8)
+    plain = pipe(low, [low[0, 0]], ["x"], [0], num_steps=4, guidance=1.0)
+    pipe.config = pipe.config.copy_and_resolve_references()
+    pipe.config.task_options.residual_decode = True
+    pipe._fns.clear()
+    resid = pipe(low, [low[0, 0]], ["x"], [0], num_steps=4, guidance=1.0)
+    assert plain.shape == resid.shape == (1, 2, 16, 16, 3) and not np.array_equal(plain, resid)
+    with pytest.raises(ValueError, match="strength"):
+        pipe(low, [low[0, 0]], ["x"], [0], num_steps=4, strength=0.1)  # no step of 4 left to run
+    with pytest.raises(ValueError, match="multiple of"):
+        pipe(rng.integers(0, 255, (1, 2, 5, 5, 3), np.uint8), [low[0, 0]], ["x"], [0], scale=3)

@@ -78,6 +78,9 @@ def dense(
     )
 
 
+_ZEROS = nn.initializers.zeros_init()
+
+
 def conv(
     features: int,
     kernel_size: Sequence[int] = (3, 3),
@@ -88,6 +91,7 @@ def conv(
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
     kernel_init=default_kernel_init,
+    bias_init=_ZEROS,
     name: str | None = None,
 ) -> nn.Conv:
     """Channels-last `nn.Conv` with logical names `([conv_t,] [conv_h,] conv_w, conv_in, conv_out)` on its kernel."""
@@ -103,7 +107,7 @@ def conv(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=_named(kernel_init, names),
-        bias_init=_named(nn.initializers.zeros_init(), ("conv_out",)),
+        bias_init=_named(bias_init, ("conv_out",)),
         name=name,
     )
 

@@ -213,6 +213,10 @@ class EDSCConfig:
     # the colour order the weights were trained on: "bgr" for the released networks (OpenCV frames), "rgb" for ours;
     # `interpolate` swaps RGB frames into it (the network itself reads whatever it is given)
     channel_order: str = "rgb"
+    # True: the heads' last convolutions start at zero with biases that make the untrained network blend its inputs
+    # ((frame0 + frame1) / 2: centre taps, masks 1/2, no offsets, no residual), so training from scratch starts at
+    # that baseline instead of at noise; False: Flax's default initialisers (converted weights replace either)
+    blend_init: bool = False
     dtype: str = "float32"  # compute dtype of the convolutions; the synthesis runs in float32
 
     def __post_init__(self):
@@ -296,13 +300,19 @@ class EDSC(nn.Module):
 
     config: EDSCConfig
 
-    def _head(self, x, name: str, out: int, dt, sigmoid: bool = False):
-        """3x (conv3x3 + ReLU) at indices 0, 2, 4; bilinear x2; conv3x3 at index 7 (+ sigmoid at 8)."""
+    def _head(self, x, name: str, out: int, dt, sigmoid: bool = False, start=None):
+        """3x (conv3x3 + ReLU) at indices 0, 2, 4; bilinear x2; conv3x3 at index 7 (+ sigmoid at 8). With
+        `config.blend_init` the last conv starts at zero with bias `start` (out,) (zeros when None)."""
         h0, h1 = self.config.head_channels
         x = nn.relu(conv(h0, dtype=dt, name=f"{name}_0")(x))
         x = nn.relu(conv(h1, dtype=dt, name=f"{name}_2")(x))
         x = nn.relu(conv(out, dtype=dt, name=f"{name}_4")(x))
-        x = conv(out, dtype=dt, name=f"{name}_7")(upsample_bilinear_aligned(x))
+        init = {}
+        if self.config.blend_init:
+            bias = np.zeros(out, np.float32) if start is None else np.asarray(start, np.float32)
+            init = {"kernel_init": nn.initializers.zeros_init(),
+                    "bias_init": lambda key, shape, dtype=jnp.float32: jnp.asarray(bias, dtype).reshape(shape)}
+        x = conv(out, dtype=dt, name=f"{name}_7", **init)(upsample_bilinear_aligned(x))
         return jax.nn.sigmoid(x) if sigmoid else x
 
     def _basic(self, x, name: str, features: int, dt):
@@ -356,12 +366,13 @@ class EDSC(nn.Module):
             in0 = in1 = combine
 
         ks = c.kernel_size
+        centre = np.eye(ks, dtype=np.float32)[ks - 2]  # the tap at offset 0: fy = 2c - 1 (`_sampling`)
         out = 0.0
         for k, (frame, feats) in enumerate(((frame0, in0), (frame1, in1)), start=1):
             out = out + deformable_separable_conv(
                 frame,
-                self._head(feats, f"moduleVertical{k}", ks, dt),
-                self._head(feats, f"moduleHorizontal{k}", ks, dt),
+                self._head(feats, f"moduleVertical{k}", ks, dt, start=centre),
+                self._head(feats, f"moduleHorizontal{k}", ks, dt, start=centre),
                 self._head(feats, f"moduleOffset{k}x", ks * ks, dt),  # rows (the release's naming: see the op)
                 self._head(feats, f"moduleOffset{k}y", ks * ks, dt),  # columns
                 self._head(feats, f"moduleMask{k}", ks * ks, dt, sigmoid=True),

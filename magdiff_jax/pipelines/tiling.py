@@ -9,7 +9,8 @@ Every array is channels-last with its spatial axes at -3 and -2; `scales[k]` is 
 the tile's grid size (scale 1). The tiles cover the grid with at least `overlap` cells shared between neighbours
 (the last tile of a row moves back to end at the border); each output is weighted by a window that ramps linearly
 over the overlap (1 inside), so a seam is a cross-fade and a cell covered once keeps its tile's value exactly.
-The tile positions are static: the tiles run one after another inside one jitted function.
+The tile positions are static; the tiles run one after another (`lax.map`), so fn is traced and compiled once
+whatever the number of tiles, and holds one tile's memory at a time.
 """
 
 from __future__ import annotations
@@ -58,18 +59,19 @@ def tiled(fn: Callable[..., jax.Array], arrays: Sequence[jax.Array], *, scales: 
             raise ValueError(f"an array of spatial size {tuple(a.shape[-3:-1])} is not the grid {h}x{w} at scale {s}")
     if h <= th and w <= tw:
         return fn(*arrays)
-    ys, xs = tile_starts(h, min(th, h), oh), tile_starts(w, min(tw, w), ow)
     th, tw = min(th, h), min(tw, w)
-    out = weight = None
-    for i, y in enumerate(ys):
-        for j, x in enumerate(xs):
-            crops = [a[..., y * s:(y + th) * s, x * s:(x + tw) * s, :] for a, s in zip(arrays, scales, strict=True)]
-            part = fn(*crops)
-            win = np.outer(_ramp(th, oh if len(ys) > 1 else 0, i == 0, i == len(ys) - 1),
-                           _ramp(tw, ow if len(xs) > 1 else 0, j == 0, j == len(xs) - 1))[:, :, None]
-            if out is None:
-                out = jnp.zeros((*part.shape[:-3], h, w, part.shape[-1]), part.dtype)
-                weight = np.zeros((h, w, 1), np.float32)
-            out = out.at[..., y:y + th, x:x + tw, :].add(part * win.astype(part.dtype))
-            weight[y:y + th, x:x + tw] += win
+    ys, xs = tile_starts(h, th, oh), tile_starts(w, tw, ow)
+    spots = [(i, j, y, x) for i, y in enumerate(ys) for j, x in enumerate(xs)]
+    crops = [jnp.stack([a[..., y * s:(y + th) * s, x * s:(x + tw) * s, :] for _, _, y, x in spots])
+             for a, s in zip(arrays, scales, strict=True)]
+    parts = jax.lax.map(lambda cs: fn(*cs), crops)  # one tile at a time: fn traced once, memory of one tile
+    out, weight = None, np.zeros((h, w, 1), np.float32)
+    for n, (i, j, y, x) in enumerate(spots):
+        win = np.outer(_ramp(th, oh if len(ys) > 1 else 0, i == 0, i == len(ys) - 1),
+                       _ramp(tw, ow if len(xs) > 1 else 0, j == 0, j == len(xs) - 1))[:, :, None]
+        part = parts[n]
+        if out is None:
+            out = jnp.zeros((*part.shape[:-3], h, w, part.shape[-1]), part.dtype)
+        out = out.at[..., y:y + th, x:x + tw, :].add(part * win.astype(part.dtype))
+        weight[y:y + th, x:x + tw] += win
     return out / jnp.asarray(weight, out.dtype)
