@@ -15,7 +15,7 @@ from magdiff_jax.demo import load_config
 
 
 def micro_v2v_config():
-    """configs/v2v.py:tiny with one-block models on 16 px clips (8 px low-res), 2 steps."""
+    """configs/v2v.py:tiny with one-block models on 16 px clips (8 px low-res), SDEdit input, 2 steps."""
     c = load_config("v2v", "tiny")  # puts configs/ on sys.path
     import t2i
 
@@ -26,6 +26,8 @@ def micro_v2v_config():
     c.model.image_encoder.update(image_size=16, patch_size=8)
     c.steps, c.ckpt_every, c.log_every, c.progress = 2, 2, 1, False
     c.global_batch_size = 2
+    # SDEdit input here (the tiny config's concat input is traced in test_concat_input_...)
+    c.task_options.update(low_res_input="sdedit", max_timestep=600, strength=0.5, residual_decode=False)
     c.data.synthetic.update(num=8, size=16, shape_size=0.4)
     c.data.resolution = (16, 16)
     c.preview.every = 0
