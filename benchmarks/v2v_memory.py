@@ -85,10 +85,9 @@ def measure(config, *, batch_size: int = 1) -> dict:
 
     from magdiff_jax import cpu
     from magdiff_jax import sharding as shd
-    from magdiff_jax.data.transforms import normalize_example
     from magdiff_jax.train import groups as grp
     from magdiff_jax.train.tasks import get_task
-    from magdiff_jax.train.trainer import _abstract_models, compiler_options, run_rules
+    from magdiff_jax.train.trainer import _abstract_models, compiler_options, make_train_step, run_rules
 
     task = get_task(config.task)
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1, "context": 1}, devices=jax.devices()[:1])
@@ -106,13 +105,7 @@ def measure(config, *, batch_size: int = 1) -> dict:
              "tokens": jax.ShapeDtypeStruct((batch_size, config.data.max_length), np.int32)}
     assert set(batch) == set(task.batch_keys(config))
 
-    def train_step(state, frozen, batch):  # train.trainer's step, as it is there
-        batch = normalize_example(batch)
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        ctx = grp.StepContext(modules, config, state["step"], state["groups"], frozen, groups, optimizers,
-                              metrics={"nonfinite": jnp.zeros((), jnp.int32)})
-        ctx = task.update(ctx, batch, step_key)
-        return dict(state, step=state["step"] + 1, groups=ctx.state), ctx.metrics
+    train_step = make_train_step(task, modules, config, groups, optimizers)
 
     on_cpu = jax.default_backend() == "cpu"
     with cpu.tuning(on_cpu), jax.set_mesh(mesh), nn.logical_axis_rules(run_rules(config)):

@@ -519,6 +519,22 @@ def train(config, workdir: str | os.PathLike) -> dict:
         return _train(config, workdir)
 
 
+def make_train_step(task, modules: dict, config, groups: dict, optimizers: dict):
+    """The update step `(state, frozen, batch) -> (state, metrics)` the trainer compiles: the batch normalised on
+    device (uint8 images with data.normalize=False), the step's key folded from the run's rng, the task's update on
+    the groups' state. `state` = {"step", "rng" (key data), "groups": {name: optimizer state}}."""
+
+    def train_step(state, frozen, batch):
+        batch = normalize_example(batch)
+        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        ctx = grp.StepContext(modules, config, state["step"], state["groups"], frozen, groups, optimizers,
+                              metrics={"nonfinite": jnp.zeros((), jnp.int32)})
+        ctx = task.update(ctx, batch, step_key)
+        return dict(state, step=state["step"] + 1, groups=ctx.state), ctx.metrics
+
+    return train_step
+
+
 def _train(config, workdir: str | os.PathLike) -> dict:
     from magdiff_jax.data.pipeline import default_report_path, make_dataset, process_rows
 
@@ -625,14 +641,7 @@ def _train(config, workdir: str | os.PathLike) -> dict:
             **{item: ocp.args.StandardSave(state["groups"][g]) for g, item in group_items.items()}))
 
     # --- the update step ----------------------------------------------------------------------------------------
-    def train_step(state, frozen, batch):
-        batch = normalize_example(batch)  # uint8 images (data.normalize=False) are scaled here, on device
-        step_key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        ctx = grp.StepContext(modules, config, state["step"], state["groups"], frozen, groups, optimizers,
-                              metrics={"nonfinite": jnp.zeros((), jnp.int32)})
-        ctx = task.update(ctx, batch, step_key)
-        return dict(state, step=state["step"] + 1, groups=ctx.state), ctx.metrics
-
+    train_step = make_train_step(task, modules, config, groups, optimizers)
     step_fn = jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, batch_sharding),
                       out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
