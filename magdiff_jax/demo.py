@@ -389,7 +389,6 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     `models`: a folder holding a trained tiny `vae` (another demo's WORKDIR/models) instead of training one."""
     import time
 
-    from magdiff_jax.data.transforms import resize_images
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.pipelines.v2v import V2VPipeline
     from magdiff_jax.train.trainer import train
@@ -428,7 +427,8 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     scores["psnr_gain_later_frames"] = scores["psnr_v2v_later_frames"] - scores["psnr_bicubic_later_frames"]
     logging.info("PSNR to the truth: v2v %.2f dB, bicubic %.2f dB (gain %+.2f dB)", scores["psnr_v2v"],
                  scores["psnr_bicubic"], scores["psnr_gain"])
-    nearest = np.stack([resize_images(v, size) for v in held["low_res"]])  # the input, enlarged to compare
+    scale = int(config.data.vsr.scale)
+    nearest = held["low_res"].repeat(scale, axis=2).repeat(scale, axis=3)  # the input's pixels, enlarged
     videos, rows, labels = [], [], []
     for k in range(num_clips):
         side = np.concatenate([nearest[k], bicubic[k], out[k], truth[k]], axis=2)
