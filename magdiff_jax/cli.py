@@ -526,12 +526,10 @@ def _generate(args) -> None:
 def _generate_local_inputs(args) -> None:
     import time
 
-    import numpy as np
-
-    from magdiff_jax.data.video_io import read_frames, read_image, write_video
+    from magdiff_jax.data.video_io import read_frames, read_image
     from magdiff_jax.export.stage import read_stage_config
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
-    from magdiff_jax.utils.files import atomic_path, is_remote, user_path
+    from magdiff_jax.utils.files import user_path
 
     # the inputs first: an unreadable image or video is one error naming it, before a model is loaded
     if args.command == "sample":
@@ -561,24 +559,32 @@ def _generate_local_inputs(args) -> None:
     out = user_path(args.out)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(videos))]
     for path, video in zip(paths, videos):
-        if is_remote(path):  # written locally, then uploaded as one object
-            with atomic_path(path) as tmp:
-                write_video(tmp, np.asarray(video), fps=args.fps)
-        else:
-            write_video(path, np.asarray(video), fps=args.fps)
+        _write_output_video(path, video, args.fps)
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - t0:.1f} s")
+
+
+def _write_output_video(path, frames, fps: int):
+    """One output video, local or in an object store (written locally, then uploaded as one object)."""
+    import numpy as np
+
+    from magdiff_jax.data.video_io import write_video
+    from magdiff_jax.utils.files import atomic_path, is_remote
+
+    if is_remote(path):
+        with atomic_path(path) as tmp:
+            write_video(tmp, np.asarray(frames), fps=fps)
+    else:
+        write_video(path, np.asarray(frames), fps=fps)
 
 
 def _i2v(args) -> None:
     import contextlib
     import time
 
-    import numpy as np
-
-    from magdiff_jax.data.video_io import read_image, write_video
+    from magdiff_jax.data.video_io import read_image
     from magdiff_jax.diffusion.noise_prior import NoisePriorConfig
     from magdiff_jax.pipelines.i2v import I2VPipeline
-    from magdiff_jax.utils.files import atomic_path, is_remote, user_path
+    from magdiff_jax.utils.files import user_path
 
     settings = {"kind": args.prior, **{k: getattr(args, k) for k in ("strength", "gamma", "correlation", "alpha")
                                        if getattr(args, k) is not None}}
@@ -598,11 +604,7 @@ def _i2v(args) -> None:
     out = user_path(args.out)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(videos))]
     for path, video in zip(paths, videos):
-        if is_remote(path):
-            with atomic_path(path) as tmp:
-                write_video(tmp, np.asarray(video), fps=args.fps)
-        else:
-            write_video(path, np.asarray(video), fps=args.fps)
+        _write_output_video(path, video, args.fps)
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -610,11 +612,9 @@ def _v2v(args) -> None:
     import contextlib
     import time
 
-    import numpy as np
-
-    from magdiff_jax.data.video_io import probe, read_frames, read_image, write_video
+    from magdiff_jax.data.video_io import probe, read_frames, read_image
     from magdiff_jax.pipelines.v2v import V2VPipeline
-    from magdiff_jax.utils.files import atomic_path, is_remote, user_path
+    from magdiff_jax.utils.files import user_path
 
     with contextlib.ExitStack() as stack:  # every input read before the model loads
         image = read_image(_local_input(args.image, stack))
@@ -629,11 +629,7 @@ def _v2v(args) -> None:
                      num_steps=args.num_steps, guidance=args.guidance, sampler=args.sampler,
                      frames_per_call=args.vae_frames, progress=True)[0]
     out = user_path(args.out)
-    if is_remote(out):
-        with atomic_path(out) as tmp:
-            write_video(tmp, np.asarray(out_video), fps=round(fps))
-    else:
-        write_video(out, np.asarray(out_video), fps=round(fps))
+    _write_output_video(out, out_video, round(fps))
     print(f"wrote {out} ({out_video.shape[0]} frames of {out_video.shape[1]}x{out_video.shape[2]}) in "
           f"{time.perf_counter() - t0:.1f} s")
 
@@ -642,9 +638,9 @@ def _interpolate(args) -> None:
     import contextlib
     import time
 
-    from magdiff_jax.data.video_io import probe, read_frames, write_video
+    from magdiff_jax.data.video_io import probe, read_frames
     from magdiff_jax.pipelines.vfi import VFIPipeline
-    from magdiff_jax.utils.files import atomic_path, is_remote, user_path
+    from magdiff_jax.utils.files import user_path
 
     with contextlib.ExitStack() as stack:  # the input read before the model loads
         source = _local_input(args.video, stack)
@@ -655,11 +651,7 @@ def _interpolate(args) -> None:
     out_video = pipe(video[None], factor=args.factor)[0]
     fps = round(args.fps or src_fps * args.factor)
     out = user_path(args.out)
-    if is_remote(out):
-        with atomic_path(out) as tmp:
-            write_video(tmp, out_video, fps=fps)
-    else:
-        write_video(out, out_video, fps=fps)
+    _write_output_video(out, out_video, fps)
     print(f"wrote {out}: {video.shape[0]} -> {out_video.shape[0]} frames of {out_video.shape[1]}x"
           f"{out_video.shape[2]} at {fps} fps in {time.perf_counter() - t0:.1f} s")
 

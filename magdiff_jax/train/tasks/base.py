@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
 
 from magdiff_jax.diffusion.losses import check_timestep_bias
 from magdiff_jax.diffusion.schedules import NoiseSchedule, ScheduleConfig
+from magdiff_jax.models.discriminator import hinge_discriminator_loss
 from magdiff_jax.models.registry import config_from_dict, get_model
 from magdiff_jax.train.groups import ParamGroup, StepContext
 
@@ -92,3 +94,16 @@ def schedule_from(config) -> NoiseSchedule:
 def timestep_bias(config) -> float:
     """`schedule.timestep_bias` (0 when absent), checked."""
     return check_timestep_bias(config.schedule.get("timestep_bias", 0.0))
+
+
+def discriminator_update(ctx, disc, real, fake):
+    """The patch discriminator's step of a GAN task (group `discriminator`, metric `loss_d`): the hinge loss of its
+    logits on `real` against `fake` (outputs the generator's update started from, gradients stopped)."""
+    fake = jax.lax.stop_gradient(fake)
+
+    def disc_loss(params):
+        logits = disc.apply({"params": params["discriminator"]}, jnp.concatenate([real, fake]))
+        real_logits, fake_logits = jnp.split(logits, 2)
+        return hinge_discriminator_loss(real_logits, fake_logits), {}
+
+    return ctx.minimize(disc_loss, groups=("discriminator",), metric="loss_d")[0]

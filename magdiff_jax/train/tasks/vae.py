@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 
-from magdiff_jax.models.discriminator import generator_adversarial_loss, hinge_discriminator_loss
+from magdiff_jax.models.discriminator import generator_adversarial_loss
 from magdiff_jax.models.vae import decode_video, encode_video
 from magdiff_jax.train.groups import param_groups
-from magdiff_jax.train.tasks.base import model_config
+from magdiff_jax.train.tasks.base import discriminator_update, model_config
 
 
 def _options(config) -> tuple[float, float, int]:
@@ -74,14 +73,7 @@ class VAETask:
         ctx, aux = ctx.minimize(vae_loss, groups=("vae",))
         if disc is None:
             return ctx
-        fake = jax.lax.stop_gradient(aux["recon"])
-
-        def disc_loss(params):
-            logits = disc.apply({"params": params["discriminator"]}, jnp.concatenate([images, fake]))
-            real, fake_logits = jnp.split(logits, 2)
-            return hinge_discriminator_loss(real, fake_logits), {}
-
-        return ctx.minimize(disc_loss, groups=("discriminator",), metric="loss_d")[0]
+        return discriminator_update(ctx, disc, images, aux["recon"])
 
     def preview(self, modules, params, batch, key, *, config):
         """Reconstructions (posterior means) beside the inputs: (2N, F, H, W, 3)."""

@@ -7,10 +7,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax.models.discriminator import generator_adversarial_loss, hinge_discriminator_loss
+from magdiff_jax.models.discriminator import generator_adversarial_loss
 from magdiff_jax.models.edsc import interpolate
 from magdiff_jax.train.groups import param_groups
-from magdiff_jax.train.tasks.base import model_config
+from magdiff_jax.train.tasks.base import discriminator_update, model_config
 
 RECONSTRUCTION = ("charbonnier", "l1")
 
@@ -118,14 +118,7 @@ class VFITask:
         ctx, aux = ctx.minimize(gen_loss, groups=("interpolator",))
         if disc is None:
             return ctx
-        fake = jax.lax.stop_gradient(aux["pred"])
-
-        def disc_loss(params):
-            logits = disc.apply({"params": params["discriminator"]}, jnp.concatenate([target, fake]))
-            real, fake_logits = jnp.split(logits, 2)
-            return hinge_discriminator_loss(real, fake_logits), {}
-
-        return ctx.minimize(disc_loss, groups=("discriminator",), metric="loss_d")[0]
+        return discriminator_update(ctx, disc, target, aux["pred"])
 
     def preview(self, modules, params, batch, key, *, config):
         """Each example's first frame, its predicted in-between frames and its last frame, in time order, above the
