@@ -29,6 +29,7 @@ CORE = [
     "imageio==2.38.1",
     "imageio-ffmpeg==0.7.0",
     "mediapy==1.2.7",
+    "matplotlib==3.11.2",  # the demos' loss and metric plots
     "absl-py",
     "etils[epath]==1.15.0",  # local and cloud-storage paths (gs://...), as Orbax and TFDS reach them
 ]
