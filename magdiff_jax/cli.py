@@ -285,6 +285,34 @@ def _add_generation(sub):
     fi.add_argument("--pairs-per-call", type=int, default=8, help="frame pairs interpolated per compiled call")
     fi.add_argument("--fps", type=float, default=None,
                     help="output fps (default: the input's x factor, so the clip keeps its duration)")
+    mv = sub.add_parser("magicvideo", help="MagicVideo-V2 end to end: prompt -> reference image -> keyframes -> "
+                                           "high-res video -> interpolated video",
+                        description="Runs the four stages (T2I, I2V, V2V, VFI), each loaded from its export when its "
+                                    "turn comes, after checking that they chain. Writes reference.png, "
+                                    "keyframes.mp4, hires.mp4, final.mp4 and summary.json to --out as each stage "
+                                    "finishes (one file per prompt with several prompts); a rerun skips the stages "
+                                    "whose outputs exist for the same settings.")
+    mv.add_argument("--stages", required=True,
+                    help="a folder holding t2i/ i2v/ v2v/ vfi/ (exports or training workdirs), or a JSON file "
+                         '{"t2i": path, "i2v": ..., "v2v": ..., "vfi": ...} (paths relative to the file)')
+    mv.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for a batch)")
+    mv.add_argument("--prompts", default=None, help="a text file of prompts, one per line")
+    mv.add_argument("--out", required=True, help="output folder")
+    mv.add_argument("--seed", type=int, default=42, help="the first prompt's seed (the next: seed + 1, ...)")
+    mv.add_argument("--frames", type=int, default=None, help="keyframes (default: the I2V stage's training frames)")
+    mv.add_argument("--steps", default="25", help="denoising steps: one number, or three for t2i,i2v,v2v")
+    mv.add_argument("--guidance", default="7.5", help="text guidance: one scale, or three for t2i,i2v,v2v")
+    mv.add_argument("--t2i-size", default=None, help="reference image size HxW (default: the T2I stage's)")
+    mv.add_argument("--scale", type=int, default=None, help="V2V upsampling factor (default: the stage's)")
+    mv.add_argument("--strength", type=float, default=None, help="V2V SDEdit strength (default: the stage's)")
+    mv.add_argument("--vae-frames", type=int, default=0,
+                    help="frames V2V's VAE encodes / decodes at once (0: the stage's setting, else all)")
+    mv.add_argument("--factor", type=int, default=3, help="VFI: output frames per keyframe interval (32 -> 94 at 3)")
+    mv.add_argument("--tile", type=int, default=512, help="VFI tile size in pixels for large frames")
+    mv.add_argument("--overlap", type=int, default=64, help="VFI: pixels neighbouring tiles share")
+    mv.add_argument("--sampler", choices=("ddim", "dpm", "euler"), default="ddim")
+    mv.add_argument("--fps", type=int, default=8, help="keyframe fps (the final video: fps x factor)")
+    mv.add_argument("--force", action="store_true", help="run every stage even when its outputs exist")
     de = sub.add_parser("demo", help="MagDiff end to end on the synthetic dataset (about 6 minutes on 2 CPU cores)",
                         description="Trains the tiny VAE and configs/magdiff.py:demo (tiny, without previews) on "
                                     "synthetic clips, then "
@@ -292,7 +320,7 @@ def _add_generation(sub):
                                     "contact sheet, a loss plot and summary.json to the workdir. --config.key=value "
                                     "overrides apply to the MagDiff config.")
     de.add_argument("--workdir", default=None, help="default: magdiff_demo (<system>_demo with another --system)")
-    de.add_argument("--system", choices=("magdiff", "i2v", "v2v", "vfi"), default="magdiff",
+    de.add_argument("--system", choices=("magdiff", "i2v", "v2v", "vfi", "magicvideo"), default="magdiff",
                     help="magdiff: the MagDiff demo; i2v: MagicVideo-V2's image-to-video stage alone (the tiny VAE, "
                          "then configs/i2v.py:demo, scored on held-out subjects and captions); v2v: its "
                          "super-resolution stage alone (the tiny VAE, then configs/v2v.py:demo, scored against "
@@ -316,7 +344,8 @@ class UsageError(ValueError):
 
 def parse_flags(argv: list[str]) -> argparse.Namespace:
     args, rest = build_parser().parse_known_args(argv[1:])
-    if args.command == "demo" and not any(a == "--config" or a.startswith("--config=") for a in rest):
+    given = any(a == "--config" or a.startswith("--config=") for a in rest)
+    if args.command == "demo" and args.system != "magicvideo" and not given:
         from magdiff_jax.demo import CONFIGS
 
         name = args.system
@@ -526,7 +555,7 @@ def _generate(args) -> None:
 def _generate_local_inputs(args) -> None:
     import time
 
-    from magdiff_jax.data.video_io import read_frames, read_image
+    from magdiff_jax.data.video_io import read_frames, read_image, write_video
     from magdiff_jax.export.stage import read_stage_config
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
     from magdiff_jax.utils.files import user_path
@@ -559,29 +588,15 @@ def _generate_local_inputs(args) -> None:
     out = user_path(args.out)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(videos))]
     for path, video in zip(paths, videos):
-        _write_output_video(path, video, args.fps)
+        write_video(path, video, fps=args.fps)
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - t0:.1f} s")
-
-
-def _write_output_video(path, frames, fps: int):
-    """One output video, local or in an object store (written locally, then uploaded as one object)."""
-    import numpy as np
-
-    from magdiff_jax.data.video_io import write_video
-    from magdiff_jax.utils.files import atomic_path, is_remote
-
-    if is_remote(path):
-        with atomic_path(path) as tmp:
-            write_video(tmp, np.asarray(frames), fps=fps)
-    else:
-        write_video(path, np.asarray(frames), fps=fps)
 
 
 def _i2v(args) -> None:
     import contextlib
     import time
 
-    from magdiff_jax.data.video_io import read_image
+    from magdiff_jax.data.video_io import read_image, write_video
     from magdiff_jax.diffusion.noise_prior import NoisePriorConfig
     from magdiff_jax.pipelines.i2v import I2VPipeline
     from magdiff_jax.utils.files import user_path
@@ -604,7 +619,7 @@ def _i2v(args) -> None:
     out = user_path(args.out)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(videos))]
     for path, video in zip(paths, videos):
-        _write_output_video(path, video, args.fps)
+        write_video(path, video, fps=args.fps)
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - t0:.1f} s")
 
 
@@ -612,7 +627,7 @@ def _v2v(args) -> None:
     import contextlib
     import time
 
-    from magdiff_jax.data.video_io import probe, read_frames, read_image
+    from magdiff_jax.data.video_io import probe, read_frames, read_image, write_video
     from magdiff_jax.pipelines.v2v import V2VPipeline
     from magdiff_jax.utils.files import user_path
 
@@ -629,7 +644,7 @@ def _v2v(args) -> None:
                      num_steps=args.num_steps, guidance=args.guidance, sampler=args.sampler,
                      frames_per_call=args.vae_frames, progress=True)[0]
     out = user_path(args.out)
-    _write_output_video(out, out_video, round(fps))
+    write_video(out, out_video, fps=round(fps))
     print(f"wrote {out} ({out_video.shape[0]} frames of {out_video.shape[1]}x{out_video.shape[2]}) in "
           f"{time.perf_counter() - t0:.1f} s")
 
@@ -638,7 +653,7 @@ def _interpolate(args) -> None:
     import contextlib
     import time
 
-    from magdiff_jax.data.video_io import probe, read_frames
+    from magdiff_jax.data.video_io import probe, read_frames, write_video
     from magdiff_jax.pipelines.vfi import VFIPipeline
     from magdiff_jax.utils.files import user_path
 
@@ -651,9 +666,57 @@ def _interpolate(args) -> None:
     out_video = pipe(video[None], factor=args.factor)[0]
     fps = round(args.fps or src_fps * args.factor)
     out = user_path(args.out)
-    _write_output_video(out, out_video, fps)
+    write_video(out, out_video, fps=fps)
     print(f"wrote {out}: {video.shape[0]} -> {out_video.shape[0]} frames of {out_video.shape[1]}x"
           f"{out_video.shape[2]} at {fps} fps in {time.perf_counter() - t0:.1f} s")
+
+
+def _per_stage(value: str, what: str, cast) -> tuple:
+    """'25' -> (25, 25, 25); '20,25,10' -> (20, 25, 10): the t2i, i2v and v2v values of a --steps/--guidance."""
+    parts = [p.strip() for p in str(value).split(",")]
+    try:
+        values = tuple(cast(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"--{what} {value!r}: expected a number or three comma-separated numbers") from None
+    if len(values) not in (1, 3):
+        raise ValueError(f"--{what} {value!r}: one value for every diffusion stage or three (t2i,i2v,v2v)")
+    return values * 3 if len(values) == 1 else values
+
+
+def _magicvideo(args) -> None:
+    import time
+
+    from magdiff_jax.pipelines.magicvideo import MagicVideoPipeline, MagicVideoSettings
+    from magdiff_jax.utils.files import as_path
+
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        prompts += [line.strip() for line in as_path(args.prompts).read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt (or --prompts FILE)")
+    steps = _per_stage(args.steps, "steps", int)
+    guidance = _per_stage(args.guidance, "guidance", float)
+    size = None
+    if args.t2i_size:
+        try:
+            size = tuple(int(v) for v in args.t2i_size.lower().split("x"))
+        except ValueError:
+            size = ()
+        if len(size) != 2:
+            raise ValueError(f"--t2i-size {args.t2i_size!r}: expected HxW, e.g. 512x512")
+    settings = MagicVideoSettings(
+        t2i_steps=steps[0], i2v_steps=steps[1], v2v_steps=steps[2], t2i_guidance=guidance[0],
+        i2v_guidance=guidance[1], v2v_guidance=guidance[2], t2i_size=size, frames=args.frames, scale=args.scale,
+        strength=args.strength, vae_frames=args.vae_frames, factor=args.factor, tile=args.tile, overlap=args.overlap,
+        sampler=args.sampler, fps=args.fps)
+    pipe = MagicVideoPipeline.load(args.stages, settings)  # the stages checked against each other, nothing loaded
+    t0 = time.perf_counter()
+    result = pipe.run(prompts, args.out, seeds=[args.seed + k for k in range(len(prompts))], force=args.force)
+    stages = result.summary["stages"]
+    timing = ", ".join(f"{name} " + ("skipped" if st["skipped"] else f"{st['seconds']:.1f} s")
+                       for name, st in stages.items())
+    print(f"wrote {args.out}: final video {'x'.join(map(str, result.final.shape[1:4]))} per prompt "
+          f"({timing}; {time.perf_counter() - t0:.1f} s in all); see summary.json")
 
 
 def _demo(args) -> None:
@@ -692,7 +755,7 @@ def _demo(args) -> None:
 
 COMMANDS = {"convert": _convert, "data": _data, "train": _train, "export": _export, "sample": _generate,
             "edit": _generate, "i2v": _i2v, "v2v": _v2v,
-            "interpolate": _interpolate,
+            "interpolate": _interpolate, "magicvideo": _magicvideo,
             "demo": _demo}
 
 

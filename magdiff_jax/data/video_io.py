@@ -39,8 +39,9 @@ class VideoError(ValueError):
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: int = 8, crf: int = 12) -> Path:
-    """Encode (F, H, W, 3) uint8 frames as H.264 (yuv420p; H and W must be even)."""
-    path = Path(path)
+    """Encode (F, H, W, 3) uint8 frames as H.264 (yuv420p; H and W must be even), never half-written; `path` local
+    or in an object store (encoded locally, then uploaded as one object)."""
+    path = as_path(path) if is_remote(path) else Path(path)
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"{path}: frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")

@@ -35,7 +35,7 @@ from etils import epath
 from flax import traverse_util
 
 from magdiff_jax.diffusion.schedules import ScheduleConfig
-from magdiff_jax.export.model import folder_written_whole, load_model, model_config, save_model
+from magdiff_jax.export.model import folder_written_whole, load_model, model_config, read_model_config, save_model
 from magdiff_jax.models.registry import ConfigError, config_to_dict, get_model
 from magdiff_jax.utils.errors import ConversionError, mismatch_message
 from magdiff_jax.utils.files import as_path, check_complete, copy_tree
@@ -153,6 +153,39 @@ def read_stage_config(path: str | os.PathLike) -> ml_collections.ConfigDict:
         return ml_collections.ConfigDict(json.loads((path / "config.json").read_text()))
     raise FileNotFoundError(f"{path}: neither a stage export (no {STAGE_FILE}) nor a training workdir (no "
                             f"{CHECKPOINTS}/)")
+
+
+@dataclasses.dataclass
+class StageInfo:
+    """What a stage is, read from its JSON files alone (no weights): its task, training config, each model's kind
+    and config dataclass ({name: (kind, config)}) and its tokenizer folder."""
+
+    task: str
+    config: ml_collections.ConfigDict
+    models: dict[str, tuple[str, Any]]
+    tokenizer: epath.Path | None
+    path: epath.Path
+
+
+def read_stage_info(path: str | os.PathLike) -> StageInfo:
+    """A stage export's or training workdir's `StageInfo`, from stage.json and the model folders' config.json (an
+    export) or models.json and config.json (a workdir): cheap enough to check several stages against each other
+    before any of them loads."""
+    path = as_path(path)
+    config = read_stage_config(path)  # also: what the folder is, or a clear error
+    if (path / STAGE_FILE).exists():
+        meta = _read_json(path / STAGE_FILE, "a stage export")
+        models = {name: read_model_config(path / name, kind=kind) for name, kind in meta["models"].items()}
+    else:
+        meta = _read_json(path / WORKDIR_MODELS, "written by the trainer when the run starts")
+        models = {}
+        for name in meta["export"]:
+            try:
+                models[name] = model_config(meta["models"][name])
+            except ConfigError as e:
+                raise ConfigError(f"{path / WORKDIR_MODELS}: {e.within(f'models.{name}')}") from e
+    tokenizer = path / meta["tokenizer"] if meta.get("tokenizer") else None
+    return StageInfo(meta["task"], config, models, tokenizer, path)
 
 
 def _load_export(path: epath.Path) -> Stage:

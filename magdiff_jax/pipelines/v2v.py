@@ -37,6 +37,15 @@ def _trained_latent_size(models, config) -> tuple[int, int]:
     return tuple(int(s) // f for s in config.data.resolution)
 
 
+def default_strength(config, strength: float | None = None) -> float:
+    """The strength a run uses: `strength`, else the stage's `task_options.strength` (0.5 for SDEdit input, 1.0 for
+    concat input)."""
+    if strength is not None:
+        return float(strength)
+    mode = config.task_options.get("low_res_input", "sdedit")
+    return float(config.task_options.get("strength", 0.5 if mode == "sdedit" else 1.0))
+
+
 def super_resolve(models, params, *, low_res, reference, tokens, null_tokens, key, size, schedule: ScheduleConfig,
                   config, num_steps: int = 25, strength: float | None = None, guidance: float = 7.5,
                   sampler: str = "ddim", tile=None, overlap=None, frames_per_call: int = 0, progress=None):
@@ -49,8 +58,7 @@ def super_resolve(models, params, *, low_res, reference, tokens, null_tokens, ke
     latent size, overlap a quarter of it); frames_per_call: frames the VAE encodes or decodes at once (0: all)."""
     unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
     mode = config.task_options.get("low_res_input", "sdedit")
-    if strength is None:
-        strength = float(config.task_options.get("strength", 0.5 if mode == "sdedit" else 1.0))
+    strength = default_strength(config, strength)
     f = vae.config.downsample_factor
     size = tuple(int(s) for s in size)
     if size[0] % f or size[1] % f:

@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from magdiff_jax.diffusion.losses import diffusion_loss
-from magdiff_jax.models.vae import decode_video, encode_images
+from magdiff_jax.models.vae import encode_images
 from magdiff_jax.train.groups import param_groups
 from magdiff_jax.train.tasks.base import model_config, schedule_from, timestep_bias
 
@@ -51,24 +50,13 @@ class T2ITask:
         return ctx.minimize(loss_fn)[0]
 
     def preview(self, modules, params, batch, key, *, config):
-        """DDIM with classifier-free guidance at `config.data.resolution` -> (N, 1, H, W, 3) in [-1, 1]."""
-        from magdiff_jax.diffusion import DDIMSampler, classifier_free_guidance, sample_loop
+        """DDIM with classifier-free guidance at `config.data.resolution` (`pipelines.t2i.generate_images`) ->
+        (N, 1, H, W, 3) in [-1, 1]."""
+        from magdiff_jax.pipelines.t2i import generate_images
 
-        vae, unet, text = modules["vae"], modules["unet"], modules["text_encoder"]
-        tokens, null_tokens = batch["tokens"], batch["null_tokens"]
-        n = tokens.shape[0]
-        context = text.apply({"params": params["text_encoder"]}, jnp.concatenate([null_tokens, tokens]))
-        context = context.last_hidden_state
-        f = vae.config.downsample_factor
-        h, w = (s // f for s in config.data.resolution)
-        sampler = DDIMSampler(schedule_from(config).config)
-        state = sampler.set_timesteps(config.preview.num_steps)
-
-        def model_fn(x, t):
-            out = unet.apply({"params": params["unet"]}, jnp.concatenate([x, x]), jnp.full((2 * n,), t), context)
-            uncond, cond = jnp.split(out, 2)
-            return classifier_free_guidance(uncond, cond, config.preview.guidance)
-
-        noise = jax.random.normal(key, (n, h, w, vae.config.latent_channels), jnp.float32)
-        latents = sample_loop(sampler, state, model_fn, noise * state.init_noise_sigma)
-        return decode_video(vae, params["vae"], latents[:, None])
+        f = modules["vae"].config.downsample_factor
+        latent_size = tuple(s // f for s in config.data.resolution)
+        images = generate_images(modules, params, tokens=batch["tokens"], null_tokens=batch["null_tokens"], key=key,
+                                 latent_size=latent_size, schedule=schedule_from(config).config,
+                                 num_steps=config.preview.num_steps, guidance=config.preview.guidance)
+        return images[:, None]
