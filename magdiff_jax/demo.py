@@ -529,3 +529,188 @@ def run_vfi_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
                "loss_plot": str(workdir / "loss.png"), "vfi_final_loss": _losses(workdir / "vfi")[-1][1]}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+# --- MagicVideo-V2 end to end ------------------------------------------------------------------------------------
+MAGICVIDEO_STEPS = {"vae": 200, "t2i": 200, "i2v": 450, "v2v": 150, "vfi": 150}
+
+
+def magicvideo_configs(steps: dict | None = None) -> dict[str, ml_collections.ConfigDict]:
+    """The four tiny stages of `run_magicvideo_demo` on one synthetic dataset (configs/i2v.py:demo's clips: 32 px,
+    a subject half the frame wide travelling a fifth of it; V2V's at 64 px): configs/t2i.py:tiny, i2v.py:demo,
+    v2v.py:demo and vfi.py:demo with the training steps of `MAGICVIDEO_STEPS` (updated by `steps`), the tiny VAE
+    shared by T2I, I2V and V2V."""
+    steps = {**MAGICVIDEO_STEPS, **(steps or {})}
+    configs = {"t2i": load_config("t2i", "tiny"), "i2v": load_config("i2v", "demo"),
+               "v2v": load_config("v2v", "demo"), "vfi": load_config("vfi", "demo")}
+    synth = configs["i2v"].data.synthetic
+    for name, c in configs.items():
+        c.steps, c.ckpt_every = steps[name], steps[name]
+        c.log_every = max(1, min(int(c.log_every), steps[name] // 4))
+        c.preview.every = 0
+        c.compiler_options = configs["i2v"].compiler_options
+        size = int(c.data.synthetic.size)
+        c.data.synthetic = synth.copy_and_resolve_references()
+        c.data.synthetic.size = size  # V2V trains at 64 px
+        if name != "vfi":
+            c.model.vae = configs["i2v"].model.vae
+    configs["vfi"].data.synthetic.num_frames = 4  # the interpolation window
+    return configs
+
+
+def dominant_colour(image: np.ndarray, max_distance: float = 60.0, min_pixels: int = 3) -> str | None:
+    """The palette colour most pixels of `image` (H, W, 3) uint8 are nearest to (within `max_distance`): the
+    synthetic subject's colour (the textured background is far from every palette colour); None if fewer than
+    `min_pixels` pixels are near any."""
+    names, palette = _palette()
+    dist = np.linalg.norm(image.astype(np.float32)[..., None, :] - palette, axis=-1)  # (H, W, 6)
+    counts = np.bincount(dist.argmin(-1)[dist.min(-1) <= max_distance], minlength=len(names))
+    return names[int(counts.argmax())] if counts.max() >= min_pixels else None
+
+
+def v2v_scores(pipe, config: ml_collections.ConfigDict, num_clips: int, *, num_steps: int = 25,
+               guidance: float = 1.0) -> tuple[dict, dict]:
+    """A V2V stage on `v2v_held_out` clips of `config`, against bicubic upsampling: ({psnr_v2v, psnr_bicubic,
+    psnr_gain, ssim_*, the same over the frames after the first}, {low_res, bicubic, v2v, truth, prompts})."""
+    from magdiff_jax.utils.images import upscale_video
+
+    held = v2v_held_out(config, num_clips)
+    out = pipe(held["low_res"], held["references"], held["prompts"], list(range(num_clips)), num_steps=num_steps,
+               guidance=guidance)
+    size = held["hires"].shape[2:4]
+    bicubic = np.round((np.asarray(upscale_video(held["low_res"].astype(np.float32) / 127.5 - 1, size)) + 1)
+                       * 127.5).clip(0, 255).astype(np.uint8)
+    truth, scores = held["hires"], {}
+    for name, video in (("v2v", out), ("bicubic", bicubic)):
+        scores[f"psnr_{name}"], scores[f"ssim_{name}"] = frame_scores(video, truth)
+        scores[f"psnr_{name}_later_frames"], _ = frame_scores(video[:, 1:], truth[:, 1:])
+    scores["psnr_gain"] = scores["psnr_v2v"] - scores["psnr_bicubic"]
+    scores["psnr_gain_later_frames"] = scores["psnr_v2v_later_frames"] - scores["psnr_bicubic_later_frames"]
+    return scores, {"low_res": held["low_res"], "bicubic": bicubic, "v2v": out, "truth": truth,
+                    "prompts": held["prompts"]}
+
+
+def vfi_scores(pipe, config: ml_collections.ConfigDict, num_clips: int) -> tuple[dict, dict]:
+    """A VFI stage on `vfi_held_out` clips of `config` (window 4: the frames at t = 1/3, 2/3 between the ends),
+    against blending the ends ((1 - t) x0 + t x1): ({psnr_vfi, psnr_blend, psnr_gain, ssim_vfi, ssim_blend},
+    {videos (the truth), vfi (ends and interpolated frames), blend (likewise), captions})."""
+    held = vfi_held_out(config, num_clips)
+    videos = held["videos"]
+    out = pipe(videos[:, [0, -1]], factor=3)  # (N, 4, H, W, 3): the ends and the two frames between
+    t = np.asarray([1 / 3, 2 / 3], np.float32)[None, :, None, None, None]
+    ends = videos[:, [0, -1]].astype(np.float32)
+    blend = out.copy()
+    blend[:, 1:-1] = np.round((1 - t) * ends[:, :1] + t * ends[:, 1:]).clip(0, 255).astype(np.uint8)
+    truth = videos[:, 1:-1]
+    psnr_vfi, ssim_vfi = frame_scores(out[:, 1:-1], truth)
+    psnr_blend, ssim_blend = frame_scores(blend[:, 1:-1], truth)
+    scores = {"psnr_vfi": psnr_vfi, "psnr_blend": psnr_blend, "psnr_gain": psnr_vfi - psnr_blend,
+              "ssim_vfi": ssim_vfi, "ssim_blend": ssim_blend}
+    return scores, {"videos": videos, "vfi": out, "blend": blend, "captions": held["captions"]}
+
+
+def magicvideo_prompts(synth: ml_collections.ConfigDict, num_subjects: int) -> dict:
+    """Held-out captions: subjects `synth.num + k` (never trained on) asked for each of the four motions. Lists
+    `prompts`, `colours`, `motions`."""
+    from magdiff_jax.data.pipeline import synthetic_config
+    from magdiff_jax.data.synthetic import MOTIONS, make_clip
+
+    clip_cfg = synthetic_config(synth)
+    out = {"prompts": [], "colours": [], "motions": []}
+    for k in range(num_subjects):
+        for motion in MOTIONS:
+            clip = make_clip(synth.num + k, clip_cfg, motion=motion)
+            out["prompts"].append(clip.caption)
+            out["colours"].append(clip.color)
+            out["motions"].append(motion)
+    return out
+
+
+def run_magicvideo_demo(workdir: str | Path, *, steps: dict | None = None, num_subjects: int = 2,
+                        num_steps: int = 25, guidance: tuple[float, float, float] = (3.0, 3.0, 1.0),
+                        num_clips: int = 8) -> dict:
+    """MagicVideo-V2 end to end on the synthetic dataset: trains the tiny VAE and the four tiny stages
+    (`magicvideo_configs`), runs the four-stage pipeline (`pipelines.magicvideo`) on held-out captions
+    (`num_subjects` x the four motions) and measures each stage:
+    - T2I `reference_colour_accuracy`: the reference's dominant palette colour is the caption's (chance 1/6);
+    - I2V `keyframe_motion_accuracy`: the keyframes' subject (the caption's colour) moves the caption's way (chance
+      1/4), and `keyframe_colour_kept`: the first keyframe's dominant colour is the reference's;
+    - V2V `psnr_gain` over bicubic upsampling and VFI `psnr_gain` over blending the neighbours, each on held-out
+      clips with a known truth (`v2v_scores`, `vfi_scores`).
+    Writes WORKDIR/stages.json (the four exports), WORKDIR/videos/ (the pipeline's outputs: reference_<k>.png,
+    keyframes_<k>.mp4, hires_<k>.mp4, final_<k>.mp4, its summary.json), `contact_sheet.png` (one row per prompt:
+    reference, keyframes, high-resolution and final frames), `loss.png`, `metrics.png` and `summary.json`; returns
+    the summary."""
+    import time
+
+    from magdiff_jax.pipelines.magicvideo import STAGES, MagicVideoPipeline, MagicVideoSettings
+    from magdiff_jax.pipelines.v2v import V2VPipeline
+    from magdiff_jax.pipelines.vfi import VFIPipeline
+    from magdiff_jax.train.trainer import train
+    from magdiff_jax.utils.images import contact_sheet, save_png
+
+    t_start = time.perf_counter()
+    workdir = Path(workdir).absolute()
+    configs = magicvideo_configs(steps)
+    train_s = {}
+    logging.info("magicvideo demo [1/6]: training the tiny VAE in %s", workdir / "vae")
+    t0 = time.perf_counter()
+    models = train_tiny_vae(workdir, configs["i2v"], {**MAGICVIDEO_STEPS, **(steps or {})}["vae"])
+    train_s["vae"] = time.perf_counter() - t0
+    for k, name in enumerate(STAGES):
+        logging.info("magicvideo demo [%d/6]: training the %s stage in %s (%d steps)", k + 2, name, workdir / name,
+                     configs[name].steps)
+        config = configs[name].copy_and_resolve_references()
+        if name != "vfi":
+            config.init_from = str(models)
+        t0 = time.perf_counter()
+        train(config, workdir / name)
+        train_s[name] = time.perf_counter() - t0
+    listing = workdir / "stages.json"
+    listing.write_text(json.dumps({name: f"{name}/export" for name in STAGES}, indent=1) + "\n")
+
+    logging.info("magicvideo demo [6/6]: the four-stage pipeline on %d held-out captions, then each stage scored",
+                 num_subjects * 4)
+    held = magicvideo_prompts(configs["i2v"].data.synthetic, num_subjects)
+    settings = MagicVideoSettings(t2i_steps=num_steps, i2v_steps=num_steps, v2v_steps=num_steps,
+                                  t2i_guidance=guidance[0], i2v_guidance=guidance[1], v2v_guidance=guidance[2], fps=4)
+    pipe = MagicVideoPipeline.load(listing, settings)
+    seeds = list(range(len(held["prompts"])))
+    result = pipe.run(held["prompts"], workdir / "videos", seeds=seeds, progress=False)
+    refs = [dominant_colour(im) for im in result.reference]
+    firsts = [dominant_colour(v[0]) for v in result.keyframes]
+    colour_acc = float(np.mean([r == c for r, c in zip(refs, held["colours"], strict=True)]))
+    kept = float(np.mean([f == r for f, r in zip(firsts, refs, strict=True) if r is not None] or [0.0]))
+    motion_acc, detected = subject_motion_accuracy(result.keyframes, held["colours"], held["motions"])
+    logging.info("reference colour %.2f (chance 1/6), keyframe motion %.2f (chance 1/4)", colour_acc, motion_acc)
+    t0 = time.perf_counter()
+    v2v = v2v_scores(V2VPipeline.load(workdir / "v2v" / "export"), configs["v2v"], num_clips, num_steps=num_steps,
+                     guidance=guidance[2])[0]
+    vfi = vfi_scores(VFIPipeline.load(workdir / "vfi" / "export"), configs["vfi"], 2 * num_clips)[0]
+    score_s = time.perf_counter() - t0
+    logging.info("V2V %.2f dB vs bicubic %.2f; VFI %.2f dB vs blending %.2f", v2v["psnr_v2v"], v2v["psnr_bicubic"],
+                 vfi["psnr_vfi"], vfi["psnr_blend"])
+
+    rows, labels = [], []
+    for n, prompt in enumerate(held["prompts"]):
+        rows += [result.reference[n][None], result.keyframes[n], result.hires[n], result.final[n]]
+        labels += [f"{prompt}: reference ({refs[n]})", f"keyframes (moves: {detected[n]})", "V2V", "VFI"]
+    save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=64))
+    loss_plot({name: _losses(workdir / name) for name in ("vae", *STAGES)}, workdir / "loss.png")
+    pipeline_s = {name: result.summary["stages"][name]["seconds"] for name in STAGES}
+    summary = {
+        "t2i": {"reference_colour_accuracy": colour_acc, "chance": 1 / 6, "detected_colours": refs,
+                "train_seconds": train_s["t2i"], "steps": int(configs["t2i"].steps)},
+        "i2v": {"keyframe_motion_accuracy": motion_acc, "chance": 1 / 4, "detected_motions": detected,
+                "keyframe_colour_kept": kept, "train_seconds": train_s["i2v"], "steps": int(configs["i2v"].steps)},
+        "v2v": {**v2v, "num_clips": num_clips, "train_seconds": train_s["v2v"], "steps": int(configs["v2v"].steps)},
+        "vfi": {**vfi, "num_clips": 2 * num_clips, "train_seconds": train_s["vfi"],
+                "steps": int(configs["vfi"].steps)},
+        "vae": {"train_seconds": train_s["vae"]},
+        "prompts": held["prompts"], "colours": held["colours"], "motions": held["motions"],
+        "pipeline_seconds": pipeline_s, "scoring_seconds": score_s,
+        "videos": str(workdir / "videos"), "contact_sheet": str(workdir / "contact_sheet.png"),
+        "loss_plot": str(workdir / "loss.png"), "wall_seconds": time.perf_counter() - t_start,
+    }
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary

@@ -263,3 +263,55 @@ def assert_i2v_reads_back(stage, dst) -> None:
         if name == "image_encoder" and not stage.modules[name].config.with_projection:
             assert not np.any(np.asarray(back.pop(("visual_projection", "kernel"))))
         assert set(back) == set(want) and all(np.array_equal(back[p], want[p]) for p in want), name
+
+
+T2I_UNET = {"sample_size": 8, "block_out_channels": (32,), "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D",), "up_block_types": ("CrossAttnUpBlock2D",),
+            "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8}
+
+
+def tiny_t2i_stage(root):
+    """A tiny random T2I stage (a one-level unet2d, the stage VAE and text encoder above) at 16 px."""
+    from etils import epath
+
+    from magdiff_jax.data.synthetic import write_tokenizer
+    from magdiff_jax.demo import load_config
+    from magdiff_jax.export.stage import Stage
+
+    configs = {"unet": ("unet2d", T2I_UNET), "vae": ("vae", STAGE_CONFIGS["vae"]),
+               "text_encoder": ("clip_text", STAGE_CONFIGS["text_encoder"])}
+    modules, params = {}, {}
+    for n, (name, (kind, cfg)) in enumerate(configs.items()):
+        modules[name], params[name] = random_model(kind, cfg, seed=20 + n)
+    config = load_config("t2i", "tiny")
+    config.model = {name: cfg for name, (_, cfg) in configs.items()}
+    config.data.resolution = (16, 16)
+    write_tokenizer(root / "t2i_tokenizer")
+    return Stage("t2i", 5, config, {n: k for n, (k, _) in configs.items()}, modules, params,
+                 epath.Path(root / "t2i_tokenizer"), epath.Path(root))
+
+
+def tiny_vfi_stage(root):
+    """A tiny random EDSC (three levels of 8 channels) as a VFI stage."""
+    from etils import epath
+
+    from magdiff_jax.demo import load_config
+    from magdiff_jax.export.stage import Stage
+
+    module, params = random_model("edsc", {"block_out_channels": (8, 8, 8), "head_channels": (8, 8)}, seed=30)
+    return Stage("vfi", 4, load_config("vfi", "tiny"), {"interpolator": "edsc"}, {"interpolator": module},
+                 {"interpolator": params}, None, epath.Path(root))
+
+
+def tiny_magicvideo_stages(root):
+    """root/stages/{t2i,i2v,v2v,vfi}: tiny random MagicVideo-V2 stage exports that chain (16 px references and
+    keyframes, x2 to 32 px by V2V, SDEdit at strength 0.6); returns root/stages."""
+    from magdiff_jax.export.stage import save_stage
+
+    i2v = tiny_i2v_stage(root / "src_i2v", "i2v", seed=0)
+    i2v.config.data.resolution = (16, 16)
+    v2v = tiny_i2v_stage(root / "src_v2v", "v2v", seed=10, scale=2, strength=0.6, low_res_input="sdedit")
+    v2v.config.data.resolution = (32, 32)
+    for name, stage in (("t2i", tiny_t2i_stage(root)), ("i2v", i2v), ("v2v", v2v), ("vfi", tiny_vfi_stage(root))):
+        save_stage(stage, root / "stages" / name)
+    return root / "stages"

@@ -9,10 +9,9 @@ import os
 
 import numpy as np
 import pytest
-from helpers import STAGE_CONFIGS, random_model, tiny_i2v_stage
+from helpers import tiny_magicvideo_stages
 
-from magdiff_jax.demo import load_config
-from magdiff_jax.export.stage import Stage, read_stage_info, save_stage
+from magdiff_jax.export.stage import read_stage_info
 from magdiff_jax.pipelines.magicvideo import (
     STAGES,
     MagicVideoPipeline,
@@ -23,49 +22,11 @@ from magdiff_jax.pipelines.magicvideo import (
 
 PROMPTS = ["a red circle moves left", "a blue square moves up"]
 SETTINGS = MagicVideoSettings(t2i_steps=2, i2v_steps=2, v2v_steps=2, frames=3, i2v_guidance=3.0, v2v_guidance=1.0)
-T2I_UNET = {"sample_size": 8, "block_out_channels": (32,), "layers_per_block": 1,
-            "down_block_types": ("CrossAttnDownBlock2D",), "up_block_types": ("CrossAttnUpBlock2D",),
-            "attention_head_dim": 4, "cross_attention_dim": 32, "norm_num_groups": 8}
-
-
-def t2i_stage(root):
-    from etils import epath
-
-    from magdiff_jax.data.synthetic import write_tokenizer
-
-    configs = {"unet": ("unet2d", T2I_UNET), "vae": ("vae", STAGE_CONFIGS["vae"]),
-               "text_encoder": ("clip_text", STAGE_CONFIGS["text_encoder"])}
-    modules, params = {}, {}
-    for n, (name, (kind, cfg)) in enumerate(configs.items()):
-        modules[name], params[name] = random_model(kind, cfg, seed=20 + n)
-    config = load_config("t2i", "tiny")
-    config.model = {name: cfg for name, (_, cfg) in configs.items()}
-    config.data.resolution = (16, 16)
-    write_synthetic = root / "t2i_tokenizer"
-    write_tokenizer(write_synthetic)
-    return Stage("t2i", 5, config, {n: k for n, (k, _) in configs.items()}, modules, params,
-                 epath.Path(write_synthetic), epath.Path(root))
-
-
-def vfi_stage(root):
-    from etils import epath
-
-    module, params = random_model("edsc", {"block_out_channels": (8, 8, 8), "head_channels": (8, 8)}, seed=30)
-    return Stage("vfi", 4, load_config("vfi", "tiny"), {"interpolator": "edsc"}, {"interpolator": module},
-                 {"interpolator": params}, None, epath.Path(root))
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
-    """root/{t2i,i2v,v2v,vfi}: tiny random exports that chain: 16 px references and keyframes, x2 to 32 px."""
-    root = tmp_path_factory.mktemp("magicvideo")
-    i2v = tiny_i2v_stage(root / "src_i2v", "i2v", seed=0)
-    i2v.config.data.resolution = (16, 16)
-    v2v = tiny_i2v_stage(root / "src_v2v", "v2v", seed=10, scale=2, strength=0.6, low_res_input="sdedit")
-    v2v.config.data.resolution = (32, 32)
-    for name, stage in (("t2i", t2i_stage(root)), ("i2v", i2v), ("v2v", v2v), ("vfi", vfi_stage(root))):
-        save_stage(stage, root / "stages" / name)
-    return root / "stages"
+    return tiny_magicvideo_stages(tmp_path_factory.mktemp("magicvideo"))
 
 
 @pytest.fixture(scope="module")
