@@ -555,22 +555,16 @@ def _generate(args) -> None:
 def _generate_local_inputs(args) -> None:
     import time
 
-    from magdiff_jax.data.video_io import read_frames, read_image, write_video
+    from magdiff_jax.data.video_io import write_video
     from magdiff_jax.export.stage import read_stage_config
-    from magdiff_jax.pipelines.magdiff import MagDiffPipeline
+    from magdiff_jax.pipelines.magdiff import MagDiffPipeline, read_edit_source, read_subject
     from magdiff_jax.utils.files import user_path
 
     # the inputs first: an unreadable image or video is one error naming it, before a model is loaded
     if args.command == "sample":
-        image = read_image(args.subject)
-        mask = read_image(args.mask, mode="L") if args.mask else None
-        if mask is not None and mask.shape != image.shape[:2]:
-            raise ValueError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]}, the subject "
-                             f"{image.shape[1]}x{image.shape[0]}")
+        image, mask = read_subject(args.subject, args.mask)
     else:  # as many frames as the model makes (the stage's config says how many, no model loaded yet)
-        num = int(read_stage_config(args.workdir).data.num_frames)
-        frames = read_frames(args.video, indices=range(num))
-        masks = read_frames(args.masks, indices=range(num), resize=frames.shape[1:3], gray=True)
+        frames, masks = read_edit_source(args.video, args.masks, int(read_stage_config(args.workdir).data.num_frames))
     pipe = MagDiffPipeline.load(args.workdir)
     f = pipe.num_frames
     if args.command == "sample":

@@ -77,13 +77,41 @@ def _invert(models, params, latents, cond, null_ctx, schedule, num_steps: int, s
     return sample_loop(inverse, state, eps, latents, stop=steps)
 
 
+def read_subject(image, mask=None):
+    """The inputs of generation, read before a model loads: a subject image (PNG/JPEG/WebP/BMP, local or in an object
+    store) -> (H, W, 3) uint8, and its mask (non-zero inside the subject) -> (H, W) uint8, or None (no mask: the
+    whole image). An unreadable file, or a mask of another size than the image, is an error naming the file."""
+    from magdiff_jax.data.video_io import read_image
+
+    subject = read_image(image)
+    masks = read_image(mask, mode="L") if mask else None
+    if masks is not None and masks.shape != subject.shape[:2]:
+        raise ValueError(f"{mask}: the mask is {masks.shape[1]}x{masks.shape[0]}, the subject image {image} is "
+                         f"{subject.shape[1]}x{subject.shape[0]}")
+    return subject, masks
+
+
+def read_edit_source(video, masks, num_frames: int):
+    """The inputs of editing, read before a model loads: the first `num_frames` frames of the source video (mp4, webm,
+    mov or a folder of frames) -> (T, H, W, 3) uint8, and the masks of the region to keep (a folder of PNGs or a mask
+    video, non-zero inside; resized to the frames) -> (T, H, W) uint8. A source with fewer frames, or an unreadable
+    one, is an error naming the file."""
+    from magdiff_jax.data.video_io import read_frames
+
+    frames = read_frames(video, indices=range(num_frames))
+    return frames, read_frames(masks, indices=range(num_frames), resize=frames.shape[1:3], gray=True)
+
+
 class MagDiffPipeline:
     """Generation and editing from a MagDiff stage (`magdiff-jax sample` / `magdiff-jax edit`): its export, or a
     training workdir exported on the fly (`export.load_stage`).
 
         pipe = MagDiffPipeline.load("/tmp/magdiff_tiny")                       # or /tmp/magdiff_tiny/export
+        image, mask = read_subject("dog.png", "dog_mask.png")                 # (H, W, 3), (H, W) uint8
         ex = pipe.example(image[None], mask[None], "a red square moves left", mode="first")   # one subject image
         videos = pipe([ex, ex], seeds=[0, 1])                                 # (2, F, H, W, 3) uint8
+        frames, masks = read_edit_source("in.mp4", "masks/", pipe.num_frames)  # editing: the region to keep
+        edited = pipe([pipe.example(frames, masks, "a dog swims", mode="all")], seeds=[0], strength=0.8)
 
     An example is what the training loader makes of a clip (resize, centre crop, subject inputs, tokens), built by
     the same loader from in-memory frames; mode "first" keeps the first frame's subject (generation), "all" every

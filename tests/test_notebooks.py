@@ -1,0 +1,223 @@
+"""The notebooks of notebooks/, executed headlessly as a user runs them: papermill with parameters, in a Jupyter
+kernel of this Python (a kernelspec written to a temporary prefix, this checkout first on the kernel's PYTHONPATH),
+on tiny inputs. A cell that raises fails the test (papermill's PapermillExecutionError names the cell).
+
+- magdiff_sample.ipynb on a tiny random MagDiff stage export (configs/magdiff.py:tiny's models with a one-level U-Net
+  and one-layer CLIP towers, every parameter N(0, 0.1^2): `helpers.random_model`; written by
+  `export.stage.save_stage`), a 48x48 synthetic subject PNG and mask,
+  a 4-frame synthetic source mp4 and its PNG masks; 2 DDIM steps, two seeds, an edit at strength 0.5 (one step of
+  DDIM inversion): every mp4 it promises is written (2 frames of 32x32 each), each video cell displays <video>s,
+  the kernel imported this checkout's magdiff_jax, and off Colab the set-up cell does nothing;
+- the readers the notebook shares with `magdiff-jax sample` / `edit` (`pipelines.magdiff.read_subject`,
+  `read_edit_source`) name a bad input;
+- the set-up cell's Colab branch, run in-process with a stand-in `google.colab` module and `subprocess.run`
+  recorded: Drive is mounted for a Drive path, and pip installs the repository with the JAX extra of the runtime;
+- every committed notebook is registered here (so it is executed), carries no outputs, has one `parameters`-tagged
+  cell before its set-up cell, and defaults its paths into Google Drive.
+"""
+
+import ast
+import json
+import os
+import re
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from helpers import random_model
+
+REPO = Path(__file__).parents[1]
+NOTEBOOKS = REPO / "notebooks"
+KERNEL = "magdiff-jax-notebooks"
+STAGE_MODELS = {"unet": "magdiff", "vae": "vae", "text_encoder": "clip_text", "image_encoder": "clip_vision"}
+SEEDS = [3, 5]
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    """A kernelspec running this Python with this checkout first on its path, found through JUPYTER_PATH."""
+    from ipykernel.kernelspec import install
+
+    prefix = tmp_path_factory.mktemp("jupyter")
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    install(kernel_name=KERNEL, prefix=str(prefix), env={"PYTHONPATH": path})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+        yield KERNEL
+
+
+@pytest.fixture(scope="module")
+def magdiff_inputs(tmp_path_factory):
+    """A tiny random MagDiff stage export (2 frames of 32x32), a subject image + mask and a source video + masks."""
+    from etils import epath
+    from PIL import Image
+
+    from magdiff_jax.data.synthetic import SyntheticConfig, make_clip, write_tokenizer
+    from magdiff_jax.data.video_io import write_video
+    from magdiff_jax.demo import load_config
+    from magdiff_jax.export.stage import Stage, save_stage
+
+    root = tmp_path_factory.mktemp("magdiff_nb")
+    config = load_config("magdiff", "tiny")
+    # smaller still, for a shorter compile: one U-Net level, one layer in each CLIP tower
+    config.model.unet.unet.update(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock3D",),
+                                  up_block_types=("CrossAttnUpBlock3D",))
+    config.model.text_encoder.num_hidden_layers = config.model.image_encoder.num_hidden_layers = 1
+    modules, params = {}, {}
+    for n, (name, kind) in enumerate(STAGE_MODELS.items()):
+        modules[name], params[name] = random_model(kind, config.model[name].to_dict(), seed=n)
+    tokenizer = write_tokenizer(root / "tokenizer")
+    stage = Stage("magdiff", 1, config, dict(STAGE_MODELS), modules, params, epath.Path(tokenizer), epath.Path(root))
+    save_stage(stage, root / "export")
+
+    clip = make_clip(0, SyntheticConfig(num_frames=4, size=48, shape_size=0.4, travel=0.2))
+    Image.fromarray(clip.frames[0]).save(root / "subject.png")
+    Image.fromarray(clip.masks[0].astype(np.uint8) * 255).save(root / "subject_mask.png")
+    write_video(root / "source.mp4", clip.frames)
+    (root / "masks").mkdir()
+    for k, m in enumerate(clip.masks):
+        Image.fromarray(m.astype(np.uint8) * 255).save(root / "masks" / f"{k:03d}.png")
+    return root
+
+
+def _run(notebook: str, kernel: str, parameters: dict, workdir: Path):
+    import papermill
+
+    out = workdir / f"executed_{notebook}"
+    papermill.execute_notebook(str(NOTEBOOKS / notebook), str(out), parameters=parameters, kernel_name=kernel,
+                               cwd=str(workdir), progress_bar=False, log_output=False, execution_timeout=600)
+    return nbformat.read(out, as_version=4)
+
+
+def _cell(nb, cell_id: str):
+    return next(c for c in nb.cells if c.get("id") == cell_id)
+
+
+def _text(cell) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def _videos(cell) -> int:
+    return sum(o.get("data", {}).get("text/html", "").count("<video") for o in cell.outputs
+               if o.output_type == "display_data")
+
+
+def test_magdiff_sample_generates_and_edits(kernel, magdiff_inputs, tmp_path):
+    from magdiff_jax.data.video_io import read_video
+
+    root = magdiff_inputs
+    params = dict(REPO_URL="", EXPORT=str(root / "export"), SUBJECT_IMAGE=str(root / "subject.png"),
+                  SUBJECT_MASK=str(root / "subject_mask.png"), PROMPT="a red circle moves left", SEEDS=SEEDS,
+                  EDIT_VIDEO=str(root / "source.mp4"), EDIT_MASKS=str(root / "masks"),
+                  EDIT_PROMPT="a blue square moves up", EDIT_STRENGTH=0.5, NUM_STEPS=2, GUIDANCE=3.0,
+                  OUTPUT_DIR=str(tmp_path / "outputs"), DISPLAY_HEIGHT=64)
+    nb = _run("magdiff_sample.ipynb", kernel, params, tmp_path)
+
+    expected = [tmp_path / "outputs" / f"generated_seed{s}.mp4" for s in SEEDS] + [tmp_path / "outputs" / "edited.mp4"]
+    for path in expected:
+        assert read_video(path).shape == (2, 32, 32, 3), path
+    assert _text(_cell(nb, "outputs")).split() == [str(p) for p in expected]
+    assert _videos(_cell(nb, "generate")) == len(SEEDS)
+    assert _videos(_cell(nb, "edit")) == 3  # source, kept region, edited
+    assert sum(o.get("data", {}).get("text/html", "").count("<img") for o in _cell(nb, "inputs").outputs) == 2
+    assert f"magdiff_jax from {REPO / 'magdiff_jax'}" in _text(_cell(nb, "imports"))
+    assert _cell(nb, "setup").outputs == []  # off Colab: nothing mounted, nothing installed
+
+
+def test_the_readers_name_a_bad_input(magdiff_inputs, tmp_path):
+    """`read_subject` / `read_edit_source` (the notebook's and the CLI's readers): masks resized to the frames, and
+    a mask of another size or a source too short is an error naming the file."""
+    from PIL import Image
+
+    from magdiff_jax.data.video_io import VideoError
+    from magdiff_jax.pipelines.magdiff import read_edit_source, read_subject
+
+    root = magdiff_inputs
+    image, mask = read_subject(root / "subject.png", root / "subject_mask.png")
+    assert image.shape == (48, 48, 3) and mask.shape == (48, 48) and mask.max() == 255
+    assert read_subject(root / "subject.png")[1] is None
+    Image.fromarray(np.zeros((16, 24), np.uint8)).save(tmp_path / "small.png")
+    message = f"{tmp_path / 'small.png'}: the mask is 24x16, the subject image {root / 'subject.png'} is 48x48"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        read_subject(root / "subject.png", tmp_path / "small.png")
+
+    (tmp_path / "masks").mkdir()
+    for k in range(3):
+        Image.fromarray(np.full((24, 24), 255 * (k % 2), np.uint8)).save(tmp_path / "masks" / f"{k:03d}.png")
+    frames, masks = read_edit_source(root / "source.mp4", tmp_path / "masks", 3)
+    assert frames.shape == (3, 48, 48, 3) and masks.shape == (3, 48, 48)
+    assert masks[0].max() == 0 and masks[1].min() == 255
+    with pytest.raises(VideoError, match=f"^{re.escape(str(root / 'source.mp4'))}: has 4 frames, frame 4 "):
+        read_edit_source(root / "source.mp4", root / "masks", 5)
+    with pytest.raises(VideoError, match=f"^{re.escape(str(tmp_path / 'masks'))}: has 3 frames, frame 3 "):
+        read_edit_source(root / "source.mp4", tmp_path / "masks", 4)
+
+
+class _Drive(types.ModuleType):
+    def __init__(self):
+        super().__init__("google.colab.drive")
+        self.mounted = []
+
+    def mount(self, path):
+        self.mounted.append(path)
+
+
+@pytest.mark.parametrize(("runtime", "extra", "drive"), [("gpu", "[cuda]", True), ("tpu", "[tpu]", False),
+                                                       ("cpu", "", False)])
+def test_the_colab_setup_mounts_drive_and_installs(monkeypatch, runtime, extra, drive):
+    """The set-up cell as Colab runs it (a `google.colab` module imported): Drive mounted when a path is on it, pip
+    given the repository URL with the extra of the runtime's accelerator, and no restart when nothing imported
+    changed version."""
+    import shutil
+    import subprocess
+
+    nb = nbformat.read(NOTEBOOKS / "magdiff_sample.ipynb", as_version=4)
+    fake = _Drive()
+    colab = types.ModuleType("google.colab")
+    colab.drive = fake
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.setitem(sys.modules, "google.colab.drive", fake)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or types.SimpleNamespace(
+        returncode=0, stdout="", stderr=""))
+    gpu = runtime == "gpu"
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if gpu and name == "nvidia-smi" else None)
+    exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: runtime == "tpu" if p == "/dev/accel0" else exists(p))
+    monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
+    monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("the runtime was restarted"))
+    namespace = {}
+    exec(_cell(nb, "parameters").source, namespace)
+    if not drive:
+        for name in ("EXPORT", "SUBJECT_IMAGE", "SUBJECT_MASK", "EDIT_VIDEO", "EDIT_MASKS", "OUTPUT_DIR"):
+            namespace[name] = f"/tmp/{name.lower()}"
+    namespace["REPO_URL"] = "git+https://example.com/magdiff_jax.git"
+    exec(_cell(nb, "setup").source, namespace)
+    assert fake.mounted == (["/content/drive"] if drive else [])
+    assert calls == [[sys.executable, "-m", "pip", "install", "-q",
+                      f"magdiff_jax{extra} @ git+https://example.com/magdiff_jax.git"]]
+
+
+# every notebook of notebooks/ and the test that executes it
+EXECUTED = {"magdiff_sample.ipynb": test_magdiff_sample_generates_and_edits}
+
+
+@pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
+def test_committed_notebooks_are_clean(path):
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert path.name in EXECUTED, f"{path.name} is executed by no test: add it to EXECUTED"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    for cell in code:
+        assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: cell {cell.id} has outputs"
+    tagged = [k for k, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
+    assert tagged == [0], f"{path.name}: the first code cell, and only it, must be tagged 'parameters'"
+    assert '"google.colab" in sys.modules' in code[1].source, f"{path.name}: the set-up must follow the parameters"
+    defaults = {t.id: ast.literal_eval(s.value) for s in ast.parse(code[0].source).body if isinstance(s, ast.Assign)
+                for t in s.targets}
+    paths = {k: v for k, v in defaults.items() if k.endswith(("EXPORT", "IMAGE", "MASK", "VIDEO", "MASKS", "_DIR"))}
+    assert paths and all(v.startswith("/content/drive/MyDrive/") for v in paths.values()), paths
+    assert json.loads(path.read_text())["metadata"]["kernelspec"]["name"] == "python3"
