@@ -178,3 +178,18 @@ def test_tpu_variable_stops_the_restart_in_a_real_process():
     out = subprocess.run([sys.executable, "-c", PRINT_TUNABLES], env=env, capture_output=True, text=True,
                          check=True).stdout.splitlines()
     assert out == [""]
+
+
+def test_setup_process_restarts_a_cpu_process_that_imported_jax():
+    """`cpu.setup_process` (the command line's first step) restarts with the tunables on a CPU host, also when jax
+    was imported first: importing jax sets TPU_SKIP_MDS_QUERY on every host without TPU chips, which must not read
+    as a TPU host."""
+    code = ("import jax.numpy, os; from magdiff_jax import cpu; "
+            "cpu.setup_process(); print(os.environ.get('GLIBC_TUNABLES', ''))")
+    env = _clean_env()
+    env.pop("TPU_SKIP_MDS_QUERY", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    expected = ":".join(allocator.supported_tunables()) if allocator.accelerator_host(env) is None else ""
+    assert out == [expected]
+    assert allocator.accelerator_host({"TPU_SKIP_MDS_QUERY": "1"}, files=_no_files) is None

@@ -84,8 +84,8 @@ def setup_process() -> None:
     `allocator.accelerator_host`), CPU programs run on the calling
     thread, then `enable()`. Call it before JAX starts a backend; the restart replaces the process, so call it
     before any other work."""
+    allocator.reexec_with_tunables()  # first: nothing of this process is kept, and jax not yet imported
     xla_flags.add_to_xla_flags()
-    allocator.reexec_with_tunables()
     allocator.run_cpu_programs_on_calling_thread()
     enable()
 

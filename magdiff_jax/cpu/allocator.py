@@ -35,10 +35,10 @@ TUNABLES = (HUGEPAGES, *KEEP_FREED)  # what `cpu.setup_process` runs CPU program
 THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # NVIDIA GPUs; TPUs (older generations: /dev/accelN; v5e and later: VFIO groups /dev/vfio/N)
 ACCELERATOR_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/accel0", "/dev/vfio/[0-9]*")
-# set on Cloud TPU VMs and in TPU containers (GKE, multislice)
+# set on Cloud TPU VMs and in TPU containers (GKE, multislice). Not TPU_SKIP_MDS_QUERY: importing jax sets it on
+# every host without TPU chips (jax._src.cloud_tpu_init), so it marks the opposite
 TPU_VARIABLES = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID", "TPU_PROCESS_ADDRESSES",
-                 "TPU_CHIPS_PER_HOST_BOUNDS", "TPU_HOST_BOUNDS", "TPU_SKIP_MDS_QUERY", "CLOUD_TPU_TASK_ID",
-                 "MEGASCALE_COORDINATOR_ADDRESS")
+                 "TPU_CHIPS_PER_HOST_BOUNDS", "TPU_HOST_BOUNDS", "CLOUD_TPU_TASK_ID", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
 def accelerator_files() -> list[str]:
@@ -46,7 +46,7 @@ def accelerator_files() -> list[str]:
     return [found for pattern in ACCELERATOR_FILES for found in sorted(glob.glob(pattern))]
 
 
-def accelerator_host(env: Mapping[str, str] | None = None, files=accelerator_files) -> str | None:
+def accelerator_host(env: Mapping[str, str] | None = None, files=None) -> str | None:
     """Why JAX would run on a GPU or TPU here (a short reason), or None for a CPU host; starts no JAX backend.
 
     JAX_PLATFORMS decides when set: "cpu" alone is a CPU run whatever the host has, any other platform named is an
@@ -54,6 +54,7 @@ def accelerator_host(env: Mapping[str, str] | None = None, files=accelerator_fil
     VFIO groups) makes it an accelerator host; NVIDIA files do not count with CUDA_VISIBLE_DEVICES hiding every GPU
     ("" or -1)."""
     env = os.environ if env is None else env
+    files = accelerator_files if files is None else files
     platforms = [p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
     if platforms:
         others = [p for p in platforms if p != "cpu"]
