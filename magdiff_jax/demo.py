@@ -112,7 +112,7 @@ def motion_grid(images, videos, colours, motions, nearest, detected, num_seeds: 
     """`utils.images.contact_grid`'s rows for generations asked for each of the four motions (`held_out_set`'s
     order: per subject, per motion, per seed): one row per subject, its image (the subject image or the reference,
     `images[k]`) then the first seed's generation for each motion, each labelled with the colour and motion
-    detected; the row label counts the subject's right colours and motions over all its seeds.
+    detected; the row label counts the subject's correct colours and motions over all its seeds.
     -> (cells, row_labels, col_labels, cell_labels)."""
     from magdiff_jax.data.synthetic import MOTIONS
 
@@ -125,8 +125,8 @@ def motion_grid(images, videos, colours, motions, nearest, detected, num_seeds: 
         colour_hits = sum(nearest[n] == colours[n] for n in gens)
         motion_hits = sum(detected[n] == motions[n] for n in gens)
         cells.append([image, *(videos[n] for n in shown)])
-        row_labels.append(f"{name} {k}: {colours[first]}\ncolour right {colour_hits}/{per_subject}\n"
-                          f"moves right {motion_hits}/{per_subject}")
+        row_labels.append(f"{name} {k}: {colours[first]}\ncolour \u2713 {colour_hits}/{per_subject}\n"
+                          f"motion \u2713 {motion_hits}/{per_subject}")
         cell_labels.append([None, *(_verdict(nearest[n], colours[n], detected[n], motions[n]) for n in shown)])
     return cells, row_labels, [f"{name} image" if name == "subject" else name, *MOTIONS], cell_labels
 
@@ -262,7 +262,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     row_labels.append("edit of a held-out clip")
     cell_labels.append([f"source: {source.caption}", "edited: the subject kept in every frame, the rest regenerated",
                         *[None] * (len(col_labels) - 2)])
-    title = (f"MagDiff on held-out subjects, one generation per caption motion (first seed): colour right "
+    title = (f"MagDiff on held-out subjects, one generation per caption motion (first seed): colour correct "
              f"{accuracy:.0%} (chance 17%), moves as captioned {motion_accuracy:.0%} (chance 25%)")
     save_png(workdir / "contact_sheet.png", contact_grid(cells, row_labels, col_labels, title=title,
                                                          cell_labels=cell_labels))
@@ -348,7 +348,7 @@ def run_i2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     cells, row_labels, col_labels, cell_labels = motion_grid(
         [held["references"][k * per_subject] for k in range(num_subjects)], videos, held["colours"], held["motions"],
         nearest, detected, num_seeds, "reference")
-    title = (f"I2V keyframes from held-out references, one per caption motion (first seed): colour right "
+    title = (f"I2V keyframes from held-out references, one per caption motion (first seed): colour correct "
              f"{accuracy:.0%} (chance 17%), moves as captioned {motion_accuracy:.0%} (chance 25%)")
     save_png(workdir / "contact_sheet.png", contact_grid(cells, row_labels, col_labels, title=title,
                                                          cell_labels=cell_labels))
