@@ -48,8 +48,9 @@ def line_plot(series: Mapping[str, Mapping[str, list]], path: str | os.PathLike,
 
     `series`: {panel title: {curve label: [(x, y), ...]}}; each panel has a legend and its axes labelled `xlabel`,
     `ylabel` (say the units there, e.g. "PSNR (dB)"). `logy`: a logarithmic y axis (every y must be > 0). `smooth`
-    > 1: each curve drawn faintly with its moving average over `smooth` points on top (noisy per-batch losses), the
-    legend naming both. The picture is PANEL_IN (700 x 280 px at DPI) per panel. Returns the path written.
+    > 1: each curve of at least 4 * `smooth` points drawn faintly with its trailing moving average over `smooth`
+    points on top (noisy per-batch losses), the legend naming both. The picture is PANEL_IN (700 x 280 px at DPI)
+    per panel, 30 px more with a title. Returns the path written.
 
     Raises ValueError naming the culprit for no panels, a panel without curves, a curve without points or points
     that are not (x, y) pairs, and y <= 0 with `logy`."""
@@ -76,7 +77,7 @@ def line_plot(series: Mapping[str, Mapping[str, list]], path: str | os.PathLike,
         for k, label in enumerate(curves):
             x, y = data[panel, label].T
             colour = f"C{k % 10}"
-            if smooth > 1 and len(y) > 2:
+            if smooth > 1 and len(y) >= 4 * smooth:  # fewer points: the mean would only lag
                 mean = moving_average(y, smooth)
                 ax.plot(x, y, color=colour, alpha=0.3, linewidth=1, label=str(label))
                 ax.plot(x, mean, color=colour, linewidth=2,
