@@ -8,8 +8,9 @@
 3. generates videos from held-out subjects (clips the training never saw): each subject starts in the middle of
    the frame and is generated once per caption motion (left, right, up, down) with the same seeds, so only the
    caption says where it goes; and edits a held-out clip (every frame's subject kept, the rest regenerated);
-4. writes `generated_<k>.mp4` (subject k's four motions side by side), `edited.mp4`, `contact_sheet.png`
-   (subject, generations, edit source and result), `loss.png` (both stages' training losses) and `summary.json`,
+4. writes `generated_<k>.mp4` (subject k's four motions side by side), `edited.mp4`, `contact_sheet.png` (a grid:
+   a row per subject, its image then its four motions with the colour and motion detected; a row for the edit's
+   source and result), `loss.png` (both stages' training losses) and `summary.json`,
    whose `colour_accuracy` is the fraction of generations whose subject region (the entity's mask on the first
    frame) is closest in mean colour to the entity's own palette colour among the six (chance: 1/6), and
    `motion_accuracy` the fraction whose subject (pixels of its colour) moves from the first to the last frame in
@@ -90,30 +91,44 @@ def subject_motion_accuracy(videos, colours, motions) -> tuple[float, list[str |
     return float(np.mean([d == m for d, m in zip(detected, motions, strict=True)])), detected
 
 
-def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, size=(640, 360)) -> Path:
-    """A line plot of (step, loss) curves, one panel per curve, drawn with PIL (no plotting dependency)."""
-    from PIL import Image, ImageDraw
+def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, smooth: int = 5) -> Path:
+    """The stages' training losses, one panel per stage (`utils.plots.line_plot`): the logged per-batch loss
+    against the training step, faint, and its moving mean over `smooth` logged points, the legend giving its first
+    and last value."""
+    from magdiff_jax.utils.plots import line_plot
 
-    from magdiff_jax.utils.images import save_png
+    return line_plot({name: {"loss": points} for name, points in curves.items()}, path, xlabel="training step",
+                     ylabel="training loss (per batch)", title="training losses", smooth=smooth)
 
-    w, h = size
-    img = Image.new("RGB", (w, h * len(curves)), "white")
-    draw = ImageDraw.Draw(img)
-    for row, (name, points) in enumerate(curves.items()):
-        top, left, pad = row * h, 50, 24
-        steps, losses = np.asarray([p[0] for p in points], float), np.asarray([p[1] for p in points], float)
-        x0, x1, y0, y1 = left, w - pad, top + h - pad, top + pad
-        draw.rectangle((x0, y1, x1, y0), outline="black")
-        lo, hi = float(losses.min()), float(losses.max())
-        hi = hi if hi > lo else lo + 1.0
-        xs = x0 + (steps - steps.min()) / max(steps.max() - steps.min(), 1) * (x1 - x0)
-        ys = y0 - (losses - lo) / (hi - lo) * (y0 - y1)
-        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(40, 80, 220), width=2)
-        draw.text((x0 + 6, y1 + 4), f"{name}: loss {losses[0]:.3f} -> {losses[-1]:.3f}", fill="black")
-        draw.text((4, y1), f"{hi:.2f}", fill="black")
-        draw.text((4, y0 - 10), f"{lo:.2f}", fill="black")
-        draw.text((x1 - 60, y0 + 4), f"step {int(steps.max())}", fill="black")
-    return save_png(path, np.asarray(img))
+
+def _verdict(found_colour: str, colour: str, found_motion: str | None, motion: str) -> str:
+    """What was detected in a generation, marked right or wrong: 'red \u2713 \u00b7 left \u2717'."""
+    mark = lambda ok: "\u2713" if ok else "\u2717"
+    return (f"{found_colour} {mark(found_colour == colour)} \u00b7 {found_motion or 'no motion'} "
+            f"{mark(found_motion == motion)}")
+
+
+def motion_grid(images, videos, colours, motions, nearest, detected, num_seeds: int, name: str):
+    """`utils.images.contact_grid`'s rows for generations asked for each of the four motions (`held_out_set`'s
+    order: per subject, per motion, per seed): one row per subject, its image (the subject image or the reference,
+    `images[k]`) then the first seed's generation for each motion, each labelled with the colour and motion
+    detected; the row label counts the subject's correct colours and motions over all its seeds.
+    -> (cells, row_labels, col_labels, cell_labels)."""
+    from magdiff_jax.data.synthetic import MOTIONS
+
+    per_subject = len(MOTIONS) * num_seeds
+    cells, row_labels, cell_labels = [], [], []
+    for k, image in enumerate(images):
+        first = k * per_subject
+        gens = range(first, first + per_subject)
+        shown = [first + j * num_seeds for j in range(len(MOTIONS))]
+        colour_hits = sum(nearest[n] == colours[n] for n in gens)
+        motion_hits = sum(detected[n] == motions[n] for n in gens)
+        cells.append([image, *(videos[n] for n in shown)])
+        row_labels.append(f"{name} {k}: {colours[first]}\ncolour \u2713 {colour_hits}/{per_subject}\n"
+                          f"motion \u2713 {motion_hits}/{per_subject}")
+        cell_labels.append([None, *(_verdict(nearest[n], colours[n], detected[n], motions[n]) for n in shown)])
+    return cells, row_labels, [f"{name} image" if name == "subject" else name, *MOTIONS], cell_labels
 
 
 def calibrate_scaling(vae, params, clip_config, num: int = 32):
@@ -205,7 +220,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.pipelines.magdiff import MagDiffPipeline
     from magdiff_jax.train.trainer import train
-    from magdiff_jax.utils.images import contact_sheet, save_png
+    from magdiff_jax.utils.images import contact_grid, save_png
 
     workdir = Path(workdir).absolute()
     config = load_config("magdiff", "demo") if config is None else config
@@ -223,8 +238,7 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
                  num_subjects, num_seeds)
     pipe = MagDiffPipeline.load(workdir / "magdiff" / "export")
     held = held_out_set(pipe, synth, num_subjects, num_seeds)
-    examples, seeds, colours, motions, captions = (held[k] for k in ("examples", "seeds", "colours", "motions",
-                                                                      "captions"))
+    examples, seeds, colours, motions = (held[k] for k in ("examples", "seeds", "colours", "motions"))
     # an edit of another held-out clip, in the same batch
     source = make_clip(synth.num + num_subjects, synthetic_config(synth))
     edit_ex = pipe.example(source.frames, source.masks, source.caption, mode="all")
@@ -240,18 +254,18 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
         outputs.append(write_video(workdir / f"generated_{k}.mp4", np.concatenate(list(tiles), axis=2), fps=4))
     write_video(workdir / "edited.mp4", edited, fps=4)
 
-    rows, labels = [], []
-    for k in range(num_subjects):
-        first = k * per_subject
-        rows.append(np.asarray(examples[first][f"subject_{config.data.subject.sizes[-1]}"][:1]))
-        labels.append(f"subject {k} ({colours[first]})")
-        for n in range(first, first + per_subject):
-            rows.append(videos[n])
-            labels.append(f"{captions[n // num_seeds]} / seed {seeds[n]} (colour: {nearest[n]}, moves: "
-                          f"{detected[n]})")
-    rows += [np.asarray(edit_ex["video"]), edited]
-    labels += [f"edit source: {source.caption}", "edited (subject kept in every frame)"]
-    save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=64))
+    subject_key = f"subject_{config.data.subject.sizes[-1]}"
+    cells, row_labels, col_labels, cell_labels = motion_grid(
+        [np.asarray(examples[k * per_subject][subject_key][0]) for k in range(num_subjects)], videos, colours, motions,
+        nearest, detected, num_seeds, "subject")
+    cells.append([np.asarray(edit_ex["video"]), edited, *[None] * (len(col_labels) - 2)])
+    row_labels.append("edit of a held-out clip")
+    cell_labels.append([f"source: {source.caption}", "edited: the subject kept in every frame, the rest regenerated",
+                        *[None] * (len(col_labels) - 2)])
+    title = (f"MagDiff on held-out subjects, one generation per caption motion (first seed): colour correct "
+             f"{accuracy:.0%} (chance 17%), moves as captioned {motion_accuracy:.0%} (chance 25%)")
+    save_png(workdir / "contact_sheet.png", contact_grid(cells, row_labels, col_labels, title=title,
+                                                         cell_labels=cell_labels))
     loss_plot({"vae": _losses(workdir / "vae"), "magdiff": _losses(workdir / "magdiff")}, workdir / "loss.png")
     summary = {"colour_accuracy": accuracy, "chance": 1 / 6, "nearest_colours": nearest, "colours": colours,
                "motion_accuracy": motion_accuracy, "motion_chance": 1 / 4, "detected_motions": detected,
@@ -302,7 +316,7 @@ def run_i2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.pipelines.i2v import I2VPipeline
     from magdiff_jax.train.trainer import train
-    from magdiff_jax.utils.images import contact_sheet, save_png
+    from magdiff_jax.utils.images import contact_grid, save_png
 
     workdir = Path(workdir).absolute()
     config = load_config("i2v", "demo") if config is None else config
@@ -327,18 +341,17 @@ def run_i2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     motion_accuracy, detected = subject_motion_accuracy(videos, held["colours"], held["motions"])
     logging.info("colour accuracy %.2f (chance 1/6), motion accuracy %.2f (chance 1/4)", accuracy, motion_accuracy)
     per_subject = len(MOTIONS) * num_seeds
-    outputs, rows, labels = [], [], []
+    outputs = []
     for k in range(num_subjects):
-        first = k * per_subject
-        tiles = videos[first:first + per_subject:num_seeds]
+        tiles = videos[k * per_subject:(k + 1) * per_subject:num_seeds]
         outputs.append(write_video(workdir / f"keyframes_{k}.mp4", np.concatenate(list(tiles), axis=2), fps=4))
-        rows.append(held["references"][first][None])
-        labels.append(f"reference {k} ({held['colours'][first]})")
-        for n in range(first, first + per_subject):
-            rows.append(videos[n])
-            labels.append(f"{held['prompts'][n]} / seed {held['seeds'][n]} (colour: {nearest[n]}, moves: "
-                          f"{detected[n]})")
-    save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=64))
+    cells, row_labels, col_labels, cell_labels = motion_grid(
+        [held["references"][k * per_subject] for k in range(num_subjects)], videos, held["colours"], held["motions"],
+        nearest, detected, num_seeds, "reference")
+    title = (f"I2V keyframes from held-out references, one per caption motion (first seed): colour correct "
+             f"{accuracy:.0%} (chance 17%), moves as captioned {motion_accuracy:.0%} (chance 25%)")
+    save_png(workdir / "contact_sheet.png", contact_grid(cells, row_labels, col_labels, title=title,
+                                                         cell_labels=cell_labels))
     loss_plot({**({"vae": vae_losses} if vae_losses else {}), "i2v": _losses(workdir / "i2v")}, workdir / "loss.png")
     summary = {"colour_accuracy": accuracy, "chance": 1 / 6, "nearest_colours": nearest, "colours": held["colours"],
                "motion_accuracy": motion_accuracy, "motion_chance": 1 / 4, "detected_motions": detected,
@@ -392,7 +405,7 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.pipelines.v2v import V2VPipeline
     from magdiff_jax.train.trainer import train
-    from magdiff_jax.utils.images import contact_sheet, save_png, upscale_video
+    from magdiff_jax.utils.images import contact_grid, save_png, upscale_video
 
     workdir = Path(workdir).absolute()
     config = load_config("v2v", "demo") if config is None else config
@@ -429,14 +442,22 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
                  scores["psnr_bicubic"], scores["psnr_gain"])
     scale = int(config.data.vsr.scale)
     nearest = held["low_res"].repeat(scale, axis=2).repeat(scale, axis=3)  # the input's pixels, enlarged
-    videos, rows, labels = [], [], []
+    videos, cells, row_labels, cell_labels = [], [], [], []
     for k in range(num_clips):
         side = np.concatenate([nearest[k], bicubic[k], out[k], truth[k]], axis=2)
         videos.append(write_video(workdir / f"hires_{k}.mp4", side, fps=4))
         if k < 4:
-            rows += [nearest[k], bicubic[k], out[k], truth[k]]
-            labels += [f"{held['prompts'][k]}: low-res input", "bicubic", "V2V", "truth"]
-    save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=96))
+            cells.append([nearest[k], bicubic[k], out[k], truth[k]])
+            row_labels.append(held["prompts"][k])
+            cell_labels.append([None, *(f"PSNR {frame_scores(v[k], truth[k])[0]:.2f} dB" for v in (bicubic, out)),
+                                None])
+    low = held["low_res"].shape[2:4]
+    col_labels = [f"low-res input ({low[0]}\u00d7{low[1]}, pixels enlarged)", "bicubic", "V2V",
+                  f"truth ({size[0]}\u00d7{size[1]})"]
+    title = (f"V2V super-resolution (\u00d7{scale}) of held-out clips: PSNR to the truth {scores['psnr_v2v']:.2f} dB, "
+             f"bicubic {scores['psnr_bicubic']:.2f} dB (mean over {num_clips} clips)")
+    save_png(workdir / "contact_sheet.png", contact_grid(cells, row_labels, col_labels, title=title,
+                                                         cell_labels=cell_labels))
     loss_plot({**({"vae": vae_losses} if vae_losses else {}), "v2v": _losses(workdir / "v2v")}, workdir / "loss.png")
     summary = {**scores, "train_seconds": train_s, "sample_seconds": sample_s, "steps": int(config.steps),
                "strength": float(config.task_options.get("strength", 0.5)), "num_clips": num_clips,
@@ -484,7 +505,7 @@ def run_vfi_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.pipelines.vfi import VFIPipeline
     from magdiff_jax.train.trainer import train
-    from magdiff_jax.utils.images import contact_sheet, save_png
+    from magdiff_jax.utils.images import contact_grid, save_png
 
     workdir = Path(workdir).absolute()
     config = load_config("vfi", "demo") if config is None else config
@@ -513,14 +534,20 @@ def run_vfi_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
                  psnr_vfi, psnr_blend, psnr_vfi - psnr_blend, ssim_vfi, ssim_blend)
     blended = out.copy()
     blended[:, 1:-1] = blend
-    files, rows, labels = [], [], []
+    files, cells, row_labels, cell_labels = [], [], [], []
     for k in range(num_clips):
         side = np.concatenate([blended[k], out[k], videos[k]], axis=2)
         files.append(write_video(workdir / f"interpolated_{k}.mp4", side, fps=4))
         if k < 4:
-            rows += [blended[k], out[k], videos[k]]
-            labels += [f"{held['captions'][k]}: blending", "VFI", "truth"]
-    save_png(workdir / "contact_sheet.png", contact_sheet(rows, labels, cell=96))
+            cells.append([blended[k], out[k], videos[k]])
+            row_labels.append(held["captions"][k])
+            cell_labels.append([f"PSNR {frame_scores(v[k, 1:-1], truth[k])[0]:.2f} dB" for v in (blended, out)]
+                               + [None])
+    col_labels = ["blending (1 - t) x0 + t x1", "VFI", "truth"]
+    title = (f"VFI of held-out clips: frames t = 1/3, 2/3 between the first and last (given) frames; PSNR of those "
+             f"{psnr_vfi:.2f} dB, blending {psnr_blend:.2f} dB (mean over {num_clips} clips)")
+    save_png(workdir / "contact_sheet.png", contact_grid(cells, row_labels, col_labels, title=title,
+                                                         cell_labels=cell_labels))
     loss_plot({"vfi": _losses(workdir / "vfi")}, workdir / "loss.png")
     summary = {"psnr_vfi": psnr_vfi, "psnr_blend": psnr_blend, "psnr_gain": psnr_vfi - psnr_blend,
                "ssim_vfi": ssim_vfi, "ssim_blend": ssim_blend, "train_seconds": train_s, "sample_seconds": sample_s,

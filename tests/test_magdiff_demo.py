@@ -60,7 +60,7 @@ def test_the_demo_writes_what_a_person_looks_at(demo):
         assert video.shape == (2, 32, 4 * 32, 3) and video.std() > 3  # the four motions side by side
     assert read_video(workdir / "edited.mp4").shape == (2, 32, 32, 3)
     sheet = np.asarray(Image.open(workdir / "contact_sheet.png"))
-    assert sheet.shape[0] > 64 * (SUBJECTS * (4 * SEEDS + 1) + 2)
+    assert sheet.shape[0] > 96 * (SUBJECTS + 1) and sheet.shape[1] > 96 * 5  # a row per subject + the edit's row
     assert np.asarray(Image.open(workdir / "loss.png")).std() > 5
     losses = [json.loads(x)["loss"] for x in (workdir / "magdiff" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 20 and np.mean(losses[-5:]) < 0.9 * np.mean(losses[:2]), losses  # noisy: v-loss, batch 4
