@@ -405,7 +405,7 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.pipelines.v2v import V2VPipeline
     from magdiff_jax.train.trainer import train
-    from magdiff_jax.utils.images import contact_grid, save_png, upscale_video
+    from magdiff_jax.utils.images import contact_grid, save_png
 
     workdir = Path(workdir).absolute()
     config = load_config("v2v", "demo") if config is None else config
@@ -421,23 +421,12 @@ def run_v2v_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     train_s = time.perf_counter() - t0
 
     logging.info("v2v demo [3/3]: super-resolving %d held-out clips", num_clips)
-    pipe = V2VPipeline.load(workdir / "v2v" / "export")
-    held = v2v_held_out(config, num_clips)
     t0 = time.perf_counter()
-    out = pipe(held["low_res"], held["references"], held["prompts"], list(range(num_clips)), num_steps=num_steps,
-               guidance=guidance)
+    scores, held = v2v_scores(V2VPipeline.load(workdir / "v2v" / "export"), config, num_clips, num_steps=num_steps,
+                              guidance=guidance)
     sample_s = time.perf_counter() - t0
-    size = held["hires"].shape[2:4]
-    bicubic = np.round((np.asarray(upscale_video(held["low_res"].astype(np.float32) / 127.5 - 1, size)) + 1)
-                       * 127.5).clip(0, 255).astype(np.uint8)
-
-    truth = held["hires"]
-    scores = {}
-    for name, video in (("v2v", out), ("bicubic", bicubic)):
-        scores[f"psnr_{name}"], scores[f"ssim_{name}"] = frame_scores(video, truth)
-        scores[f"psnr_{name}_later_frames"], _ = frame_scores(video[:, 1:], truth[:, 1:])
-    scores["psnr_gain"] = scores["psnr_v2v"] - scores["psnr_bicubic"]
-    scores["psnr_gain_later_frames"] = scores["psnr_v2v_later_frames"] - scores["psnr_bicubic_later_frames"]
+    out, bicubic, truth = held["v2v"], held["bicubic"], held["truth"]
+    size = truth.shape[2:4]
     logging.info("PSNR to the truth: v2v %.2f dB, bicubic %.2f dB (gain %+.2f dB)", scores["psnr_v2v"],
                  scores["psnr_bicubic"], scores["psnr_gain"])
     scale = int(config.data.vsr.scale)
@@ -518,22 +507,14 @@ def run_vfi_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     train_s = time.perf_counter() - t0
 
     logging.info("vfi demo [2/2]: interpolating %d held-out clips", num_clips)
-    pipe = VFIPipeline.load(workdir / "vfi" / "export")
-    held = vfi_held_out(config, num_clips)
-    videos = held["videos"]
     t0 = time.perf_counter()
-    out = pipe(videos[:, [0, -1]], factor=3)  # (N, 4, H, W, 3): the ends and the two frames between
+    scores, held = vfi_scores(VFIPipeline.load(workdir / "vfi" / "export"), config, num_clips)
     sample_s = time.perf_counter() - t0
-    t = np.asarray([1 / 3, 2 / 3], np.float32)[None, :, None, None, None]
-    ends = videos[:, [0, -1]].astype(np.float32)
-    blend = np.round((1 - t) * ends[:, :1] + t * ends[:, 1:]).clip(0, 255).astype(np.uint8)
+    videos, out, blended = held["videos"], held["vfi"], held["blend"]
     truth = videos[:, 1:-1]
-    psnr_vfi, ssim_vfi = frame_scores(out[:, 1:-1], truth)
-    psnr_blend, ssim_blend = frame_scores(blend, truth)
+    psnr_vfi, psnr_blend = scores["psnr_vfi"], scores["psnr_blend"]
     logging.info("PSNR of the in-between frames: vfi %.2f dB, blending %.2f dB (gain %+.2f dB); SSIM %.3f vs %.3f",
-                 psnr_vfi, psnr_blend, psnr_vfi - psnr_blend, ssim_vfi, ssim_blend)
-    blended = out.copy()
-    blended[:, 1:-1] = blend
+                 psnr_vfi, psnr_blend, scores["psnr_gain"], scores["ssim_vfi"], scores["ssim_blend"])
     files, cells, row_labels, cell_labels = [], [], [], []
     for k in range(num_clips):
         side = np.concatenate([blended[k], out[k], videos[k]], axis=2)
@@ -549,8 +530,7 @@ def run_vfi_demo(workdir: str | Path, config: ml_collections.ConfigDict | None =
     save_png(workdir / "contact_sheet.png", contact_grid(cells, row_labels, col_labels, title=title,
                                                          cell_labels=cell_labels))
     loss_plot({"vfi": _losses(workdir / "vfi")}, workdir / "loss.png")
-    summary = {"psnr_vfi": psnr_vfi, "psnr_blend": psnr_blend, "psnr_gain": psnr_vfi - psnr_blend,
-               "ssim_vfi": ssim_vfi, "ssim_blend": ssim_blend, "train_seconds": train_s, "sample_seconds": sample_s,
+    summary = {**scores, "train_seconds": train_s, "sample_seconds": sample_s,
                "steps": int(config.steps), "num_clips": num_clips, "resolution": list(videos.shape[2:4]),
                "videos": [str(p) for p in files], "contact_sheet": str(workdir / "contact_sheet.png"),
                "loss_plot": str(workdir / "loss.png"), "vfi_final_loss": _losses(workdir / "vfi")[-1][1]}
