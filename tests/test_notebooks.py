@@ -8,9 +8,14 @@ on tiny inputs. A cell that raises fails the test (papermill's PapermillExecutio
   a 4-frame synthetic source mp4 and its PNG masks; 2 DDIM steps, two seeds, an edit at strength 0.5 (one step of
   DDIM inversion): every mp4 it promises is written (2 frames of 32x32 each), each video cell displays <video>s,
   the kernel imported this checkout's magdiff_jax, and off Colab the set-up cell does nothing;
+- magicvideo.ipynb on the tiny random MagicVideo-V2 stages of `helpers.tiny_magicvideo_stages` (16 px references
+  and keyframes, x2 to 32 px by V2V), two prompts, 2 steps per stage, 3 keyframes, then a second run with the VFI
+  factor changed (the cheapest change that exercises the resume cell): every stage's files written at the promised
+  sizes, summary.json complete, each stage's section showing its frames for both prompts, the timing table printed;
+  the second run skipped T2I, I2V and V2V and wrote final videos of the new length in its own folder;
 - the readers the notebook shares with `magdiff-jax sample` / `edit` (`pipelines.magdiff.read_subject`,
   `read_edit_source`) name a bad input;
-- the set-up cell's Colab branch, run in-process with a stand-in `google.colab` module and `subprocess.run`
+- each notebook's set-up cell's Colab branch, run in-process with a stand-in `google.colab` module and `subprocess.run`
   recorded: Drive is mounted for a Drive path, and pip installs the repository with the JAX extra of the runtime;
 - every committed notebook is registered here (so it is executed), carries no outputs, has one `parameters`-tagged
   cell before its set-up cell, and defaults its paths into Google Drive.
@@ -27,13 +32,15 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from helpers import random_model
+from helpers import random_model, tiny_magicvideo_stages
 
 REPO = Path(__file__).parents[1]
 NOTEBOOKS = REPO / "notebooks"
 KERNEL = "magdiff-jax-notebooks"
 STAGE_MODELS = {"unet": "magdiff", "vae": "vae", "text_encoder": "clip_text", "image_encoder": "clip_vision"}
 SEEDS = [3, 5]
+MV_PROMPTS = ["a red circle moves left", "a blue square moves up"]
+PATH_PARAMETERS = ("STAGES", "EXPORT", "IMAGE", "MASK", "VIDEO", "MASKS", "_DIR")  # a parameter that names a path
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +90,12 @@ def magdiff_inputs(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def magicvideo_stages(tmp_path_factory):
+    """The four tiny random MagicVideo-V2 stage exports (t2i/ i2v/ v2v/ vfi/ in one folder)."""
+    return tiny_magicvideo_stages(tmp_path_factory.mktemp("magicvideo_nb"))
+
+
 def _run(notebook: str, kernel: str, parameters: dict, workdir: Path):
     import papermill
 
@@ -127,6 +140,62 @@ def test_magdiff_sample_generates_and_edits(kernel, magdiff_inputs, tmp_path):
     assert _cell(nb, "setup").outputs == []  # off Colab: nothing mounted, nothing installed
 
 
+def _table(text: str) -> list[list[str]]:
+    """The stage table a cell printed (its header and the next four rows), each row's first and last word."""
+    lines = text.splitlines()
+    start = next(k for k, line in enumerate(lines) if line.split()[:3] == ["stage", "output", "seconds"])
+    return [[line.split()[0], line.split()[-1]] for line in lines[start:start + 5]]
+
+
+def test_magicvideo_shows_each_stage_and_resumes(kernel, magicvideo_stages, tmp_path):
+    from PIL import Image
+
+    from magdiff_jax.data.video_io import read_video
+
+    out, rerun = tmp_path / "clips", tmp_path / "clips_rerun"
+    # test_magicvideo.py's prompts and settings: in the suite the persistent compilation cache serves both
+    params = dict(REPO_URL="", STAGES=str(magicvideo_stages), PROMPTS=MV_PROMPTS, SEEDS=[7, 8], OUTPUT_DIR=str(out),
+                  T2I_STEPS=2, I2V_STEPS=2, V2V_STEPS=2, T2I_GUIDANCE=7.5, I2V_GUIDANCE=3.0, V2V_GUIDANCE=1.0,
+                  FRAMES=3, FACTOR=3, PROGRESS=False, RERUN={"factor": 2}, RERUN_DIR=str(rerun), DISPLAY_HEIGHT=64)
+    nb = _run("magicvideo.ipynb", kernel, params, tmp_path)
+
+    for k in range(2):
+        assert np.asarray(Image.open(out / f"reference_{k}.png")).shape == (16, 16, 3)
+        assert read_video(out / f"keyframes_{k}.mp4").shape == (3, 16, 16, 3)
+        assert read_video(out / f"hires_{k}.mp4").shape == (3, 32, 32, 3)
+        assert read_video(out / f"final_{k}.mp4").shape == (7, 32, 32, 3)  # 3 keyframes + 2 x 2 interpolated
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is True and summary["prompts"] == MV_PROMPTS and summary["seeds"] == [7, 8]
+    assert list(summary["stages"]) == ["t2i", "i2v", "v2v", "vfi"]
+    assert not any(stage["skipped"] for stage in summary["stages"].values())
+    assert summary["stages"]["v2v"]["settings"]["v2v_steps"] == 2 and summary["settings"]["i2v_guidance"] == 3.0
+
+    # one section per stage, each showing that stage's frames for both prompts
+    assert sum(o.get("data", {}).get("text/html", "").count("<img") for o in _cell(nb, "t2i").outputs) == 2
+    for name in ("i2v", "v2v", "vfi"):
+        assert _videos(_cell(nb, name)) == 2, name
+    assert f"magdiff_jax from {REPO / 'magdiff_jax'}" in _text(_cell(nb, "imports"))
+    assert "magicvideo [4/4] vfi" in _text(_cell(nb, "run"))  # the pipeline's progress lines are shown
+    timings = _text(_cell(nb, "timings"))
+    assert _table(timings) == [["stage", "run"], ["t2i", "ran"], ["i2v", "ran"], ["v2v", "ran"], ["vfi", "ran"]]
+    assert "  2x3x16x16x3  " in timings.splitlines()[2]
+    written = timings.split("written:\n")[1].split()
+    assert written == [str(out / f"{name}_{k}.{ext}") for name, ext in (
+        ("reference", "png"), ("keyframes", "mp4"), ("hires", "mp4"), ("final", "mp4")) for k in range(2)] + [
+        str(out / "summary.json")]
+    assert _cell(nb, "setup").outputs == []
+
+    # the second run: a VFI setting changed, so every stage before VFI is skipped; the first run's folder is kept
+    again = json.loads((rerun / "summary.json").read_text())
+    assert [again["stages"][s]["skipped"] for s in ("t2i", "i2v", "v2v", "vfi")] == [True, True, True, False]
+    assert _table(_text(_cell(nb, "rerun")))[1:] == [["t2i", "skipped"], ["i2v", "skipped"], ["v2v", "skipped"],
+                                                    ["vfi", "ran"]]
+    for k in range(2):
+        assert read_video(rerun / f"final_{k}.mp4").shape == (5, 32, 32, 3)
+        assert read_video(out / f"final_{k}.mp4").shape == (7, 32, 32, 3)
+    assert _videos(_cell(nb, "rerun")) == 4  # both prompts' final videos, before and after the change
+
+
 def test_the_readers_name_a_bad_input(magdiff_inputs, tmp_path):
     """`read_subject` / `read_edit_source` (the notebook's and the CLI's readers): masks resized to the frames, and
     a mask of another size or a source too short is an error naming the file."""
@@ -165,16 +234,25 @@ class _Drive(types.ModuleType):
         self.mounted.append(path)
 
 
+def _path_parameters(nb) -> dict:
+    """The parameters cell's defaults that name a path."""
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    defaults = {t.id: ast.literal_eval(s.value) for s in ast.parse(code.source).body if isinstance(s, ast.Assign)
+                for t in s.targets if isinstance(t, ast.Name)}
+    return {k: v for k, v in defaults.items() if k.endswith(PATH_PARAMETERS)}
+
+
+@pytest.mark.parametrize("notebook", ["magdiff_sample.ipynb", "magicvideo.ipynb"])
 @pytest.mark.parametrize(("runtime", "extra", "drive"), [("gpu", "[cuda]", True), ("tpu", "[tpu]", False),
                                                        ("cpu", "", False)])
-def test_the_colab_setup_mounts_drive_and_installs(monkeypatch, runtime, extra, drive):
+def test_the_colab_setup_mounts_drive_and_installs(monkeypatch, notebook, runtime, extra, drive):
     """The set-up cell as Colab runs it (a `google.colab` module imported): Drive mounted when a path is on it, pip
     given the repository URL with the extra of the runtime's accelerator, and no restart when nothing imported
     changed version."""
     import shutil
     import subprocess
 
-    nb = nbformat.read(NOTEBOOKS / "magdiff_sample.ipynb", as_version=4)
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
     fake = _Drive()
     colab = types.ModuleType("google.colab")
     colab.drive = fake
@@ -192,7 +270,7 @@ def test_the_colab_setup_mounts_drive_and_installs(monkeypatch, runtime, extra, 
     namespace = {}
     exec(_cell(nb, "parameters").source, namespace)
     if not drive:
-        for name in ("EXPORT", "SUBJECT_IMAGE", "SUBJECT_MASK", "EDIT_VIDEO", "EDIT_MASKS", "OUTPUT_DIR"):
+        for name in _path_parameters(nb):
             namespace[name] = f"/tmp/{name.lower()}"
     namespace["REPO_URL"] = "git+https://example.com/magdiff_jax.git"
     exec(_cell(nb, "setup").source, namespace)
@@ -202,7 +280,8 @@ def test_the_colab_setup_mounts_drive_and_installs(monkeypatch, runtime, extra, 
 
 
 # every notebook of notebooks/ and the test that executes it
-EXECUTED = {"magdiff_sample.ipynb": test_magdiff_sample_generates_and_edits}
+EXECUTED = {"magdiff_sample.ipynb": test_magdiff_sample_generates_and_edits,
+            "magicvideo.ipynb": test_magicvideo_shows_each_stage_and_resumes}
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
@@ -216,8 +295,6 @@ def test_committed_notebooks_are_clean(path):
     tagged = [k for k, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
     assert tagged == [0], f"{path.name}: the first code cell, and only it, must be tagged 'parameters'"
     assert '"google.colab" in sys.modules' in code[1].source, f"{path.name}: the set-up must follow the parameters"
-    defaults = {t.id: ast.literal_eval(s.value) for s in ast.parse(code[0].source).body if isinstance(s, ast.Assign)
-                for t in s.targets}
-    paths = {k: v for k, v in defaults.items() if k.endswith(("EXPORT", "IMAGE", "MASK", "VIDEO", "MASKS", "_DIR"))}
+    paths = _path_parameters(nb)
     assert paths and all(v.startswith("/content/drive/MyDrive/") for v in paths.values()), paths
     assert json.loads(path.read_text())["metadata"]["kernelspec"]["name"] == "python3"
