@@ -325,7 +325,9 @@ def _add_generation(sub):
                          "then configs/i2v.py:demo, scored on held-out subjects and captions); v2v: its "
                          "super-resolution stage alone (the tiny VAE, then configs/v2v.py:demo, scored against "
                          "bicubic upsampling on held-out clips); vfi: its frame interpolation stage alone "
-                         "(configs/vfi.py:demo, scored against blending the neighbours)")
+                         "(configs/vfi.py:demo, scored against blending the neighbours); magicvideo: MagicVideo-V2 end "
+                         "to end (the tiny VAE and the four tiny stages, then `magdiff-jax magicvideo` on held-out "
+                         "captions, each stage scored)")
 
 
 def build_parser() -> argparse.ArgumentParser:

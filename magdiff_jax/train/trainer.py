@@ -503,18 +503,23 @@ def _truncate_metrics(path: epath.Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def use_compilation_cache(cache_dir: str) -> None:
+    """Keep compiled programs in `cache_dir` (JAX's persistent compilation cache; "" leaves the setting alone): a
+    program compiled again, in this process or a later one, is read back instead."""
+    if cache_dir and cache_dir != jax.config.values.get("jax_compilation_cache_dir"):  # before the first compile
+        from jax.experimental.compilation_cache import compilation_cache
+
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        compilation_cache.reset_cache()  # a cache an earlier compile in this process opened elsewhere is dropped
+
+
 def train(config, workdir: str | os.PathLike) -> dict:
     """Run (or resume) training in `workdir`, with the CPU tuning (`magdiff_jax.cpu`) on where JAX's backend is the
     CPU. Returns the last logged metrics."""
 
     distributed.initialize(config.distributed.coordinator, config.distributed.num_processes,
                            config.distributed.process_id)  # before anything starts a JAX backend
-    cache_dir = str(config.compilation_cache_dir)
-    if cache_dir and cache_dir != jax.config.values.get("jax_compilation_cache_dir"):  # before the first compile
-        from jax.experimental.compilation_cache import compilation_cache
-
-        jax.config.update("jax_compilation_cache_dir", cache_dir)
-        compilation_cache.reset_cache()  # a cache an earlier compile in this process opened elsewhere is dropped
+    use_compilation_cache(str(config.compilation_cache_dir))
     with cpu.tuning(jax.default_backend() == "cpu"):
         return _train(config, workdir)
 
