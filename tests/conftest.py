@@ -52,9 +52,10 @@ def _torch_threads():
 
 # The slowest files, slowest first (seconds on 2 busy cores). Collected first, so that `-n 2 --dist loadfile
 # --no-loadscope-reorder` hands them out first and the short files fill in around them (longest-first scheduling).
-SLOW_FILES = ("test_train.py", "test_multihost.py", "test_magdiff_demo.py", "test_train_scale.py", "test_remat.py",
-              "test_cpu_tuning.py", "test_cloud_storage.py", "test_sharding.py", "test_inflate.py",
-              "test_compilation_cache.py", "test_magdiff_model.py", "test_data_scale.py", "test_unet3d.py")
+SLOW_FILES = ("test_magicvideo_demo.py", "test_train.py", "test_multihost.py", "test_magdiff_demo.py",
+              "test_train_scale.py", "test_remat.py", "test_cpu_tuning.py", "test_cloud_storage.py", "test_sharding.py",
+              "test_inflate.py", "test_compilation_cache.py", "test_notebooks.py", "test_magicvideo.py",
+              "test_magdiff_model.py", "test_data_scale.py", "test_unet3d.py")
 
 
 def pytest_collection_modifyitems(config, items):
