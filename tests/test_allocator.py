@@ -152,6 +152,7 @@ def test_accelerator_host(env, files, expected):
 def test_no_restart_on_an_accelerator_host(monkeypatch):
     """`reexec_with_tunables` (called by cpu.setup_process) replaces the process on a CPU host only."""
     calls = []
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # a notebook test in this process imported it
     monkeypatch.setattr(allocator, "missing_tunables", lambda: list(allocator.KEEP_FREED))
     monkeypatch.setattr(allocator.os, "execve", lambda *args: calls.append(args))
     monkeypatch.setattr(allocator, "accelerator_files", lambda: ["/dev/nvidiactl"])
