@@ -636,7 +636,8 @@ def magicvideo_prompts(synth: ml_collections.ConfigDict, num_subjects: int) -> d
     return out
 
 
-def run_magicvideo_demo(workdir: str | Path, *, steps: dict | None = None, num_subjects: int = 2,
+def run_magicvideo_demo(workdir: str | Path, *, steps: dict | None = None,
+                        configs: dict[str, ml_collections.ConfigDict] | None = None, num_subjects: int = 2,
                         num_steps: int = 25, guidance: tuple[float, float, float] = (5.0, 3.0, 1.0),
                         num_clips: int = 8) -> dict:
     """MagicVideo-V2 end to end on the synthetic dataset: trains the tiny VAE and the four tiny stages
@@ -650,7 +651,8 @@ def run_magicvideo_demo(workdir: str | Path, *, steps: dict | None = None, num_s
     Writes WORKDIR/stages.json (the four exports), WORKDIR/videos/ (the pipeline's outputs: reference_<k>.png,
     keyframes_<k>.mp4, hires_<k>.mp4, final_<k>.mp4, its summary.json), `contact_sheet.png` (one row per prompt:
     reference, keyframes, high-resolution and final frames), `loss.png`, `metrics.png` and `summary.json`; returns
-    the summary. Compiled programs are kept in WORKDIR/jax_cache (a rerun reads them back)."""
+    the summary. Compiled programs are kept in WORKDIR/jax_cache (a rerun reads them back). `configs`: the four
+    stages' configs (default `magicvideo_configs(steps)`; `steps["vae"]` still sets the VAE's)."""
     import time
 
     from magdiff_jax.pipelines.magicvideo import STAGES, MagicVideoPipeline, MagicVideoSettings
@@ -665,7 +667,7 @@ def run_magicvideo_demo(workdir: str | Path, *, steps: dict | None = None, num_s
     # programs compiled twice (V2V's in the pipeline and in its scoring) or by a rerun are read back
     use_compilation_cache(str(workdir / "jax_cache"))
     steps_all = {**MAGICVIDEO_STEPS, **(steps or {})}
-    configs = magicvideo_configs(steps)
+    configs = magicvideo_configs(steps) if configs is None else configs
     train_s = {}
     logging.info("magicvideo demo [1/6]: training the tiny VAE in %s", workdir / "vae")
     t0 = time.perf_counter()

@@ -1,5 +1,7 @@
 """`magdiff-jax demo --system magicvideo` shortened (magdiff_jax/demo.py `run_magicvideo_demo`): the tiny VAE and the
-four tiny stages trained on the synthetic dataset with fewer steps, the four-stage pipeline on two held-out subjects
+four stages (the demo's configs with one-level U-Nets and a two-level EDSC, compiled at XLA's lowest optimisation
+level as the rest of the suite is) trained on the synthetic dataset with fewer steps, the four-stage pipeline on two
+held-out subjects
 each asked for the four motions, and each stage's measurement. Checked against chance: the T2I references have their
 caption's colour and the I2V keyframes keep it (chance 1/6 each: 5 of 8 hits by chance has probability 0.5%).
 The keyframes' motion needs the full demo's 500 I2V steps and V2V's and VFI's gains over their baselines more
@@ -11,15 +13,32 @@ import json
 import numpy as np
 import pytest
 
-from magdiff_jax.demo import MAGICVIDEO_STEPS, dominant_colour, run_magicvideo_demo
+from magdiff_jax.demo import MAGICVIDEO_STEPS, dominant_colour, magicvideo_configs, run_magicvideo_demo
 
-STEPS = {"vae": 100, "t2i": 200, "i2v": 150, "v2v": 3, "vfi": 3}
+STEPS = {"vae": 60, "t2i": 150, "i2v": 60, "v2v": 2, "vfi": 2}
+
+
+def short_configs():
+    """`magicvideo_configs(STEPS)` with one-level U-Nets (T2I, I2V, V2V) and a two-level EDSC, each compiled with the
+    suite's XLA flags (conftest.py: the lowest optimisation level) instead of the configs' level 1."""
+    c = magicvideo_configs(STEPS)
+    c["t2i"].model.unet.update(block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                               up_block_types=("CrossAttnUpBlock2D",))
+    for name in ("i2v", "v2v"):
+        c[name].model.unet.unet.update(block_out_channels=(32,), down_block_types=("CrossAttnDownBlockMotion",),
+                                       up_block_types=("CrossAttnUpBlockMotion",))
+    c["vfi"].model.interpolator.update(block_out_channels=(8, 8), head_channels=(8, 8))
+    c["vfi"].model.perceptual = {"vgg": {"widths": (4, 4, 8, 8, 8)}}
+    for config in c.values():
+        config.compiler_options = ""
+    return c
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("magicvideo_demo")
-    return workdir, run_magicvideo_demo(workdir, steps=STEPS, num_subjects=2, num_steps=10, num_clips=2)
+    return workdir, run_magicvideo_demo(workdir, steps=STEPS, configs=short_configs(), num_subjects=2, num_steps=10,
+                                        num_clips=2)
 
 
 def test_every_output_is_written(demo):
