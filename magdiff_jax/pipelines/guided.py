@@ -1,5 +1,5 @@
-"""What the stage pipelines share: classifier-free guidance over an image condition, and running a compiled
-per-example generator over a batch with a progress bar.
+"""What the stage pipelines share: classifier-free guidance over an image condition, running a compiled
+per-example generator over a batch with a progress bar, and loading a stage of the right task (`StagePipeline`).
 
 Guidance (MagDiff's subject, MagicVideo's reference): `image_guidance=None` guides on the text alone, the image
 condition kept in both passes: e(c_I, 0) + s_T [e(c_I, c_T) - e(c_I, 0)]; with `image_guidance=s_I`
@@ -74,3 +74,49 @@ class BatchRunner:
                 self._bar.close()
                 self._bar = None
         return np.round((out + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
+def per_example_jit(one):
+    """`one(params, batch, key_data)` of a single example ((1, ...) arrays) -> a jitted `run(params, batch, keys)`
+    over a batch, each row with its own key (the form `BatchRunner.run` calls)."""
+    from magdiff_jax import cpu
+
+    def run(params, batch, keys):
+        per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
+        return per(batch, keys)
+
+    return jax.jit(run, compiler_options=cpu.compiler_options())
+
+
+class StagePipeline:
+    """A pipeline over one trained stage: `TASK` its task, `REQUIRED` the models it needs (checked, naming the
+    missing ones), `NAME` how messages call it. `load` reads a stage export or a training workdir (its checkpoint at
+    `step`, default the latest; local or in an object store) and refuses a stage of another task."""
+
+    TASK: str = ""
+    NAME: str = ""
+    REQUIRED: tuple[str, ...] = ()
+
+    def __init__(self, stage):
+        missing = sorted(set(self.REQUIRED) - set(stage.modules))
+        if missing:
+            raise ValueError(f"{stage.path}: the stage has no {missing} ({self.NAME} stage needs "
+                             f"{list(self.REQUIRED)})")
+        self.stage = stage
+        self.config = stage.config
+        self._fns = {}
+        self._runner = BatchRunner()
+
+    @classmethod
+    def load(cls, path, step: int | None = None):
+        from magdiff_jax.export.stage import load_stage
+
+        stage = load_stage(path, step)
+        if stage.task != cls.TASK:
+            raise ValueError(f"{path} holds a {stage.task!r} stage, not {cls.TASK}")
+        return cls(stage)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        """The (H, W) the stage trained at."""
+        return tuple(int(v) for v in self.config.data.resolution)

@@ -19,13 +19,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax import cpu
 from magdiff_jax.diffusion import DDIMSampler, DPMSolverSampler, EulerSampler, ScheduleConfig, sample_loop
 from magdiff_jax.diffusion.noise_prior import NoisePriorConfig, initial_latents
 from magdiff_jax.diffusion.schedules import NoiseSchedule
 from magdiff_jax.models.i2v import reference_condition
 from magdiff_jax.models.vae import decode_video, encode_images
-from magdiff_jax.pipelines.guided import BatchRunner, guided_denoiser
+from magdiff_jax.pipelines.guided import StagePipeline, guided_denoiser, per_example_jit
 
 SAMPLERS = {"ddim": DDIMSampler, "dpm": DPMSolverSampler, "euler": EulerSampler}
 
@@ -66,7 +65,7 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
     return decode_video(vae, params["vae"], x)
 
 
-class I2VPipeline:
+class I2VPipeline(StagePipeline):
     """Keyframes from an I2V stage (`magdiff-jax i2v`): its export, or a training workdir exported on the fly.
 
         pipe = I2VPipeline.load("runs/i2v/export")
@@ -76,29 +75,7 @@ class I2VPipeline:
     is split over the devices when it divides evenly.
     """
 
-    REQUIRED = ("unet", "vae", "text_encoder", "image_encoder")
-
-    def __init__(self, stage):
-        missing = sorted(set(self.REQUIRED) - set(stage.modules))
-        if missing:
-            raise ValueError(f"{stage.path}: the stage has no {missing} (an I2V stage needs {list(self.REQUIRED)})")
-        self.stage = stage
-        self.config = stage.config
-        self._fns = {}
-        self._runner = BatchRunner()
-
-    @classmethod
-    def load(cls, path, step: int | None = None) -> I2VPipeline:
-        from magdiff_jax.export.stage import load_stage
-
-        stage = load_stage(path, step)
-        if stage.task != "i2v":
-            raise ValueError(f"{path} holds a {stage.task!r} stage, not i2v")
-        return cls(stage)
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        return tuple(int(v) for v in self.config.data.resolution)
+    TASK, NAME, REQUIRED = "i2v", "an I2V", ("unet", "vae", "text_encoder", "image_encoder")
 
     def prepare(self, image):
         """An image (H, W, 3) uint8 -> the reference at the stage's resolution (cover, centre crop), uint8."""
@@ -163,8 +140,4 @@ class I2VPipeline:
                             image_guidance=image_guidance, null_cond=null_cond, sampler=sampler, prior=prior,
                             progress=self._runner.tick if progress else None)
 
-        def run(params, batch, keys):  # each example with its own seed, in one batch
-            per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
-            return per(batch, keys)
-
-        return jax.jit(run, compiler_options=cpu.compiler_options())
+        return per_example_jit(one)

@@ -27,11 +27,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax import cpu
 from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig, sample_loop
 from magdiff_jax.models.magdiff import black_subject, subject_condition, subject_keys
 from magdiff_jax.models.vae import decode_video, encode_video
-from magdiff_jax.pipelines.guided import BatchRunner, guided_denoiser
+from magdiff_jax.pipelines.guided import StagePipeline, guided_denoiser, per_example_jit
 
 
 def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames: int, latent_size,
@@ -102,7 +101,7 @@ def read_edit_source(video, masks, num_frames: int):
     return frames, read_frames(masks, indices=range(num_frames), resize=frames.shape[1:3], gray=True)
 
 
-class MagDiffPipeline:
+class MagDiffPipeline(StagePipeline):
     """Generation and editing from a MagDiff stage (`magdiff-jax sample` / `magdiff-jax edit`): its export, or a
     training workdir exported on the fly (`export.load_stage`).
 
@@ -118,26 +117,7 @@ class MagDiffPipeline:
     frame's (editing). A batch is split over the devices when it divides evenly.
     """
 
-    def __init__(self, stage):
-        missing = sorted({"unet", "vae", "text_encoder", "image_encoder"} - set(stage.modules))
-        if missing:
-            raise ValueError(f"{stage.path}: the stage has no {missing} (a MagDiff stage needs unet, vae, "
-                             "text_encoder and image_encoder)")
-        self.stage = stage
-        self.config = stage.config
-        self._fns = {}
-        self._runner = BatchRunner()
-
-    @classmethod
-    def load(cls, path, step: int | None = None) -> MagDiffPipeline:
-        """From a stage export or a training workdir, local or in an object store (gs://...; its checkpoint at
-        `step`, default the latest)."""
-        from magdiff_jax.export.stage import load_stage
-
-        stage = load_stage(path, step)
-        if stage.task != "magdiff":
-            raise ValueError(f"{path} holds a {stage.task!r} stage, not magdiff")
-        return cls(stage)
+    TASK, NAME, REQUIRED = "magdiff", "a MagDiff", ("unet", "vae", "text_encoder", "image_encoder")
 
     @property
     def num_frames(self) -> int:
@@ -211,8 +191,4 @@ class MagDiffPipeline:
                             init_video=video if strength < 1.0 else None, strength=strength,
                             progress=self._runner.tick if progress else None)
 
-        def run(params, batch, keys):  # each example with its own seed, in one batch
-            per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
-            return per(batch, keys)
-
-        return jax.jit(run, compiler_options=cpu.compiler_options())
+        return per_example_jit(one)

@@ -14,10 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax import cpu
 from magdiff_jax.diffusion import ScheduleConfig, sample_loop
 from magdiff_jax.models.vae import decode_video
-from magdiff_jax.pipelines.guided import BatchRunner, guided_denoiser
+from magdiff_jax.pipelines.guided import StagePipeline, guided_denoiser, per_example_jit
 from magdiff_jax.pipelines.i2v import make_sampler
 
 
@@ -37,7 +36,7 @@ def generate_images(models, params, *, tokens, null_tokens, key, latent_size, sc
     return decode_video(vae, params["vae"], latents[:, None])[:, 0]
 
 
-class T2IPipeline:
+class T2IPipeline(StagePipeline):
     """Images from a T2I stage: its export, or a training workdir exported on the fly.
 
         pipe = T2IPipeline.load("runs/t2i/export")
@@ -46,29 +45,7 @@ class T2IPipeline:
     Each prompt has its own seed; a batch is split over the devices when it divides evenly.
     """
 
-    REQUIRED = ("unet", "vae", "text_encoder")
-
-    def __init__(self, stage):
-        missing = sorted(set(self.REQUIRED) - set(stage.modules))
-        if missing:
-            raise ValueError(f"{stage.path}: the stage has no {missing} (a T2I stage needs {list(self.REQUIRED)})")
-        self.stage = stage
-        self.config = stage.config
-        self._fns = {}
-        self._runner = BatchRunner()
-
-    @classmethod
-    def load(cls, path, step: int | None = None) -> T2IPipeline:
-        from magdiff_jax.export.stage import load_stage
-
-        stage = load_stage(path, step)
-        if stage.task != "t2i":
-            raise ValueError(f"{path} holds a {stage.task!r} stage, not t2i")
-        return cls(stage)
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        return tuple(int(v) for v in self.config.data.resolution)
+    TASK, NAME, REQUIRED = "t2i", "a T2I", ("unet", "vae", "text_encoder")
 
     def __call__(self, prompts: list[str], seeds, *, size: tuple[int, int] | None = None, num_steps: int = 25,
                  guidance: float = 7.5, sampler: str = "ddim", progress: bool = False):
@@ -105,8 +82,4 @@ class T2IPipeline:
                                    schedule=schedule, num_steps=num_steps, guidance=guidance, sampler=sampler,
                                    progress=self._runner.tick if progress else None)
 
-        def run(params, batch, keys):  # each example with its own seed, in one batch
-            per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
-            return per(batch, keys)
-
-        return jax.jit(run, compiler_options=cpu.compiler_options())
+        return per_example_jit(one)

@@ -20,13 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from magdiff_jax import cpu
 from magdiff_jax.diffusion import sample_loop
 from magdiff_jax.diffusion.noise_prior import diffuse_to_step, strength_start_index
 from magdiff_jax.diffusion.schedules import NoiseSchedule, ScheduleConfig
 from magdiff_jax.models.i2v import reference_condition
 from magdiff_jax.models.vae import decode_video, encode_video
-from magdiff_jax.pipelines.guided import BatchRunner, guided_denoiser
+from magdiff_jax.pipelines.guided import StagePipeline, guided_denoiser, per_example_jit
 from magdiff_jax.pipelines.i2v import make_sampler
 from magdiff_jax.pipelines.tiling import tiled
 from magdiff_jax.utils.images import upscale_video
@@ -107,7 +106,7 @@ def super_resolve(models, params, *, low_res, reference, tokens, null_tokens, ke
     return out
 
 
-class V2VPipeline:
+class V2VPipeline(StagePipeline):
     """High-resolution videos from a V2V stage (`magdiff-jax v2v`): its export, or a training workdir.
 
         pipe = V2VPipeline.load("runs/v2v/export")
@@ -117,30 +116,7 @@ class V2VPipeline:
     are resized to cover it and centre-cropped. Outputs larger than the trained size are tiled (`super_resolve`).
     """
 
-    REQUIRED = ("unet", "vae", "text_encoder", "image_encoder")
-
-    def __init__(self, stage):
-        missing = sorted(set(self.REQUIRED) - set(stage.modules))
-        if missing:
-            raise ValueError(f"{stage.path}: the stage has no {missing} (a V2V stage needs {list(self.REQUIRED)})")
-        self.stage = stage
-        self.config = stage.config
-        self._fns = {}
-        self._runner = BatchRunner()
-
-    @classmethod
-    def load(cls, path, step: int | None = None) -> V2VPipeline:
-        from magdiff_jax.export.stage import load_stage
-
-        stage = load_stage(path, step)
-        if stage.task != "v2v":
-            raise ValueError(f"{path} holds a {stage.task!r} stage, not v2v")
-        return cls(stage)
-
-    @property
-    def resolution(self) -> tuple[int, int]:
-        """The high-resolution size the stage trained at."""
-        return tuple(int(v) for v in self.config.data.resolution)
+    TASK, NAME, REQUIRED = "v2v", "a V2V", ("unet", "vae", "text_encoder", "image_encoder")
 
     def __call__(self, videos, images, prompts: list[str], seeds, *, scale: int | None = None,
                  strength: float | None = None, num_steps: int = 25, guidance: float = 7.5, sampler: str = "ddim",
@@ -199,8 +175,4 @@ class V2VPipeline:
                                  num_steps=num_steps, strength=strength, guidance=guidance, sampler=sampler,
                                  frames_per_call=frames_per_call, progress=self._runner.tick if progress else None)
 
-        def run(params, batch, keys):
-            per = jax.vmap(lambda b, k: one(params, jax.tree.map(lambda x: x[None], b), k)[0])
-            return per(batch, keys)
-
-        return jax.jit(run, compiler_options=cpu.compiler_options())
+        return per_example_jit(one)
