@@ -15,9 +15,18 @@ attention) calls `dot_product_attention`, whose `implementation` comes from the 
              suits one device; where batch or heads are sharded, name xla.
   cudnn      cuDNN flash attention on a CUDA GPU (fp16/bf16, head_dim a multiple of 8 and at most 128). Asking for
              it elsewhere is an error that says why; tests gate it on `cudnn_available()`.
+  pallas_tpu Pallas TPU flash attention (JAX's splash attention kernel, as maxdiffusion runs it:
+             `layers.pallas_attention`): lengths and head_dim padded to the kernel's 128-multiple blocks, a
+             key-padding mask (broadcastable to (B, 1, 1, Lk)) as segment ids, causal masks, its own backward, and
+             under a multi-device mesh a `shard_map` over batch and heads. Masks that vary over heads or queries
+             are refused. On a TPU; elsewhere only inside `pallas_attention.interpret_mode()` (the tests run it so
+             on CPU), an error that says why otherwise.
   auto       (the model configs' default) cudnn where it is available and applicable and the sequence is long
-             enough to gain from it; else blockwise where the override point `auto_blockwise` says so (never by
-             default; `magdiff_jax.cpu` takes it for large score matrices on CPU); else xla.
+             enough to gain from it; on a TPU pallas_tpu where both lengths are at least
+             `pallas_attention.AUTO_MIN_LENGTH`, head_dim pads to 128 at most twice over and the mask is one it
+             takes; else blockwise where the override point `auto_blockwise` says so (never by default;
+             `magdiff_jax.cpu` takes it for large score matrices on CPU); else xla. Pallas is not imported, nor
+             its kernels traced, on other backends.
 
 xla's and blockwise's computations are the override points `attention` and `blockwise_attention`
 (`layers.kernels`): plain JAX by default, differentiated by autodiff in either mode; `magdiff_jax.cpu` replaces
@@ -33,11 +42,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from magdiff_jax.layers import kernels
+from magdiff_jax.layers import kernels, pallas_attention
 from magdiff_jax.layers.common import dense
 from magdiff_jax.layers.remat import tag
 
-IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "auto")
+IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "pallas_tpu", "auto")
 # Below this many keys the fused kernel does not pay for itself (77-token prompts, 16-frame temporal attention).
 AUTO_CUDNN_MIN_LENGTH = 256
 # A blockwise block holds at most this many scores (4 MB in fp32: it stays in cache).
@@ -75,7 +84,7 @@ def dot_product_attention(
       mask: optional boolean mask broadcastable to (B, H, Lq, Lk); True keeps a key.
       is_causal: apply a causal (lower-triangular) mask.
       scale: logit scale, default 1/sqrt(D).
-      implementation: "xla", "blockwise", "cudnn" or "auto" (module docstring).
+      implementation: "xla", "blockwise", "cudnn", "pallas_tpu" or "auto" (module docstring).
     Returns:
       (B, Lq, H, D), in q's dtype.
     """
@@ -91,17 +100,21 @@ def dot_product_attention(
                 f"got dtype {q.dtype} and head_dim {q.shape[-1]}"
             )
         impl = "cudnn"
-    elif implementation == "blockwise":
-        impl = "blockwise"
+    elif implementation in ("blockwise", "pallas_tpu"):
+        impl = implementation
     elif implementation == "auto":
         if cudnn_available() and _cudnn_applicable(q, k):
             impl = "cudnn" if k.shape[1] >= AUTO_CUDNN_MIN_LENGTH else "xla"
+        elif pallas_attention.tpu_available() and pallas_attention.auto_applicable(q, k, v, mask):
+            impl = "pallas_tpu"
         elif kernels.get("auto_blockwise")(q, k):
             impl = "blockwise"
     if impl == "cudnn":
         return jax.nn.dot_product_attention(
             q, k, v, mask=mask, is_causal=is_causal, scale=scale, implementation="cudnn"
         ).astype(q.dtype)
+    if impl == "pallas_tpu":
+        return pallas_attention.splash_attention(q, k, v, mask=mask, is_causal=is_causal, scale=scale)
     if is_causal:
         causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
         mask = causal if mask is None else jnp.logical_and(mask, causal)
