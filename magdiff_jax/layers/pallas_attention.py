@@ -119,8 +119,10 @@ def unsupported(q, k, v, mask) -> str | None:
     shape = _mask_shape(mask)
     batch, length = q.shape[0], k.shape[1]
     if shape is None or shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch) or shape[3] not in (1, length):
-        return (f"pallas_tpu takes key-padding masks only, broadcastable to (B, 1, 1, Lk) = ({batch}, 1, 1, "
-                f"{length}); got a mask of shape {tuple(jnp.shape(mask))}")
+        return (
+            f"pallas_tpu takes key-padding masks only, broadcastable to (B, 1, 1, Lk) = ({batch}, 1, 1, "
+            f"{length}); got a mask of shape {tuple(jnp.shape(mask))}"
+        )
     return None
 
 
@@ -128,9 +130,11 @@ def auto_applicable(q, k, v, mask) -> bool:
     """Whether "auto" takes the kernel on a TPU: both lengths at least AUTO_MIN_LENGTH, head_dim padding at most
     AUTO_MAX_HEAD_PADDING times, and a mask the kernel takes."""
     head_dim = q.shape[-1]
-    return (min(q.shape[1], k.shape[1]) >= AUTO_MIN_LENGTH
-            and padded_head_dim(head_dim) <= AUTO_MAX_HEAD_PADDING * head_dim
-            and unsupported(q, k, v, mask) is None)
+    return (
+        min(q.shape[1], k.shape[1]) >= AUTO_MIN_LENGTH
+        and padded_head_dim(head_dim) <= AUTO_MAX_HEAD_PADDING * head_dim
+        and unsupported(q, k, v, mask) is None
+    )
 
 
 def _key_keep(mask, batch: int, length: int):
@@ -147,12 +151,18 @@ def _splash_kernel(heads: int, q_len: int, kv_len: int, block_q: int, block_kv: 
 
     one = masks.CausalMask((q_len, kv_len)) if is_causal else masks.FullMask((q_len, kv_len))
     sizes = splash.BlockSizes(
-        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
-        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
-        block_q_dq=block_q, block_kv_dq=block_kv,
+        block_q=block_q,
+        block_kv=block_kv,
+        block_kv_compute=block_kv,
+        block_q_dkv=block_q,
+        block_kv_dkv=block_kv,
+        block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q,
+        block_kv_dq=block_kv,
     )
-    return splash.make_splash_mha(masks.MultiHeadMask((one,) * heads), block_sizes=sizes, head_shards=1,
-                                  q_seq_shards=1, interpret=interpreting())
+    return splash.make_splash_mha(
+        masks.MultiHeadMask((one,) * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpreting()
+    )
 
 
 def _mesh_axes(spec, size: int, mesh) -> tuple[str, ...] | None:
@@ -187,8 +197,10 @@ def splash_attention(q, k, v, *, mask=None, is_causal: bool = False, scale: floa
     (query i sees keys j <= i), logit scale (default 1/sqrt(D)). Returns (B, Lq, H, D) in q's dtype. Differentiable
     (reverse mode) through the kernel's own backward."""
     if not (tpu_available() or interpreting()):
-        raise RuntimeError("attention implementation 'pallas_tpu' needs a TPU (none is visible to JAX), or Pallas "
-                           "interpret mode (magdiff_jax.layers.pallas_attention.interpret_mode())")
+        raise RuntimeError(
+            "attention implementation 'pallas_tpu' needs a TPU (none is visible to JAX), or Pallas "
+            "interpret mode (magdiff_jax.layers.pallas_attention.interpret_mode())"
+        )
     reason = unsupported(q, k, v, mask)
     if reason is not None:
         raise ValueError(reason)
