@@ -4,6 +4,7 @@
     save_torch("unet2d", module, params, "out/unet")             # loads with UNet2DConditionModel.from_pretrained
     pipe = load_pipeline_torch("path/to/stable-diffusion")      # a whole diffusers pipeline folder
     vgg.vgg16_from_torch("vgg16-397923af.pth"), vgg.lpips_from_torch(...)   # single files (torchvision, lpips)
+    c3d.c3d_from_tgan2(weights_npz, mean_npz), dino.dino_from_torch("dino_deitsmall16_pretrain.pth")  # IS, DINO
 """
 
 from magdiff_jax.convert.core import Rule, TorchFormat, load_torch, save_torch, torch_format, torch_formats
