@@ -35,6 +35,12 @@ if not user_chose():
 import pytest
 from absl import flags
 
+from magdiff_jax.cpu.allocator import run_cpu_programs_on_calling_thread
+
+# JAX's CPU programs on the calling thread, as `magdiff-jax` runs them (magdiff_jax/cpu/allocator.py): with the
+# tunables above, XLA's buffers stay mapped from one call to the next instead of being faulted in afresh
+run_cpu_programs_on_calling_thread()
+
 flags.FLAGS.mark_as_parsed()
 
 

@@ -97,38 +97,49 @@ def _leaves(*trees):
     return [np.asarray(leaf, np.float64) for leaf in jax.tree.leaves(trees)]
 
 
-def test_forward_and_reverse_mode_agree_with_the_tuning_off(case):
-    kind, params, x, loss = case
+@pytest.fixture(scope="module")
+def tuning_off(case):
+    """With the tuning off, in one compiled program: the loss, its tangent along a random direction of the
+    parameters and input, and its gradient (the reference of both tests below)."""
+    _, params, x, loss = case
     rng = np.random.RandomState(3)
     d_params = jax.tree.map(lambda a: rng.standard_normal(np.shape(a)).astype(np.float32), params)
     d_x = rng.standard_normal(x.shape).astype(np.float32)
     with cpu.tuning(False):
         fn = loss()
+        blockwise = "scan" in str(jax.make_jaxpr(fn)(params, x))
         both = jax.jit(lambda p, x, dp, dx: (jax.jvp(fn, (p, x), (dp, dx)), jax.grad(fn, (0, 1))(p, x)))
         (value, tangent), grads = both(params, x, d_params, d_x)
-    products = [g * d for g, d in zip(_leaves(grads), _leaves(d_params, d_x), strict=True)]
+    return dict(value=value, tangent=tangent, grads=grads, direction=(d_params, d_x), blockwise=blockwise)
+
+
+def test_forward_and_reverse_mode_agree_with_the_tuning_off(case, tuning_off):
+    kind = case[0]
+    products = [g * d for g, d in zip(_leaves(tuning_off["grads"]), _leaves(*tuning_off["direction"]), strict=True)]
     want = sum(float(p.sum()) for p in products)
     scale = sum(float(np.abs(p).sum()) for p in products)
-    assert np.isfinite(float(value))
-    assert abs(float(tangent) - want) <= 1e-5 * scale, (kind, float(tangent), want, scale)
+    assert np.isfinite(float(tuning_off["value"]))
+    tangent = float(tuning_off["tangent"])
+    assert abs(tangent - want) <= 1e-5 * scale, (kind, tangent, want, scale)
 
 
-def test_the_tuning_changes_results_only_in_summation_order(case, monkeypatch):
+def test_the_tuning_changes_results_only_in_summation_order(case, tuning_off, monkeypatch):
     kind, params, x, loss = case
     # auto's CPU rule takes blockwise for each model's largest attentions (the 8x8 spatial self-attentions: at least
-    # 2 x 2 x 64 x 64 scores), and blockwise splits each pair's 64 queries into 2 blocks
+    # 2 x 2 x 64 x 64 scores), and blockwise splits each pair's 64 queries into 2 blocks; with the tuning off auto
+    # never takes it (the rule and the block size are the tuning's alone: the reference was traced without them)
     monkeypatch.setattr(cpu_kernels, "AUTO_BLOCKWISE_MIN_SCORES", B * 2 * 64 * 64)
     monkeypatch.setattr(attn_lib, "BLOCK_SCORES", 32 * 64)
-    results = {}
-    for on in (False, True):
-        with cpu.tuning(on):
-            fn = loss()
-            blockwise = "scan" in str(jax.make_jaxpr(fn)(params, x))
-            assert blockwise == (on and jax.default_backend() == "cpu"), (kind, on)
-            results[on] = jax.jit(jax.value_and_grad(fn, (0, 1)))(params, x)
-    (off_loss, off_grads), (on_loss, on_grads) = results[False], results[True]
-    assert abs(float(on_loss) - float(off_loss)) <= 1e-5 * abs(float(off_loss)), kind
-    off, on = _leaves(off_grads), _leaves(on_grads)
+    with cpu.tuning(False):
+        assert "scan" not in str(jax.make_jaxpr(loss())(params, x)), kind
+    assert not tuning_off["blockwise"], kind
+    with cpu.tuning(True):
+        fn = loss()
+        assert ("scan" in str(jax.make_jaxpr(fn)(params, x))) == (jax.default_backend() == "cpu"), kind
+        on_loss, on_grads = jax.jit(jax.value_and_grad(fn, (0, 1)))(params, x)
+    off_loss = float(tuning_off["value"])
+    assert abs(float(on_loss) - off_loss) <= 1e-5 * abs(off_loss), kind
+    off, on = _leaves(tuning_off["grads"]), _leaves(on_grads)
     largest = max(np.abs(g).max() for g in off)
     worst = max(np.abs(a - b).max() for a, b in zip(on, off, strict=True))
     assert worst <= 1e-5 * largest, (kind, worst, largest)
