@@ -183,7 +183,7 @@ class TorchFormat:
 
 _FORMATS: dict[str, TorchFormat] = {}
 # the modules that attach formats (imported on the first lookup)
-FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet", "edsc", "vgg")
+FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet", "edsc", "vgg", "i3d")
 WEIGHT_FILES = (".safetensors", *safetensors_io.PICKLE_SUFFIXES)
 
 
