@@ -52,10 +52,10 @@ def _trace_sqrt_product_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float
     """tr(sqrtm(S1 S2)) through scipy, with the eps I retry and the imaginary-part check (module docstring)."""
     from scipy import linalg
 
-    root, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
+    root = linalg.sqrtm(sigma1 @ sigma2)
     if not np.all(np.isfinite(root)):
         offset = np.eye(sigma1.shape[0]) * eps
-        root, _ = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset), disp=False)
+        root = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(root):
         imag = np.max(np.abs(root.imag))
         scale = max(np.max(np.abs(root.real)), np.finfo(np.float64).tiny)

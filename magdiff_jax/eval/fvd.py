@@ -35,9 +35,10 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,6 +123,7 @@ class I3DFeatures:
     per input shape: `compute_fvd` pads a short last batch to `batch_size` so that one shape serves a stream."""
 
     def __init__(self, module, params, name: str = "i3d"):
+        params = nn.meta.unbox(params)
         self.module, self.params, self.name = module, params, name
         h = hashlib.sha256(json.dumps(dataclasses.asdict(module.config), sort_keys=True).encode())
         for path, leaf in sorted(traverse_util.flatten_dict(jax.device_get(params)).items()):
@@ -153,7 +155,11 @@ class I3DFeatures:
         float32 numpy, of each video's protocol clip."""
         protocol = get_protocol(protocol)
         videos = _check_videos(np.asarray(videos), protocol, 0, "videos")
-        logits, pooled = self._run(self.params, protocol.clip(videos), resolution=tuple(protocol.resolution))
+        return self.extract_clips(protocol.clip(videos), protocol)
+
+    def extract_clips(self, clips, protocol: FVDProtocol) -> tuple[np.ndarray, np.ndarray]:
+        """`extract` of clips already cut: uint8 (B, num_frames, H, W, 3)."""
+        logits, pooled = self._run(self.params, clips, resolution=tuple(protocol.resolution))
         return np.asarray(logits), np.asarray(pooled)
 
     def __call__(self, videos, protocol: str | FVDProtocol = "fvd2048_16f") -> np.ndarray:
@@ -177,19 +183,18 @@ def _check_videos(videos: np.ndarray, protocol: FVDProtocol, first: int, what: s
     return videos
 
 
-def _batches(videos, batch_size: int) -> Iterator[np.ndarray]:
-    """An array (N, T, H, W, 3) or an iterable of batches / single videos -> arrays of up to `batch_size` videos."""
+def _clips(videos, protocol: FVDProtocol, batch_size: int, what: str) -> Iterator[np.ndarray]:
+    """An array (N, T, H, W, 3) or an iterable of such batches / single (T, H, W, 3) videos -> the protocol's clips
+    in arrays of up to `batch_size` videos; each incoming array is checked (`_check_videos`, naming the video's
+    index in the stream) and cut to its clips before it is batched, so videos of different lengths mix."""
     if isinstance(videos, np.ndarray | jax.Array):
-        videos = np.asarray(videos)
-        if videos.ndim == 4:
-            videos = videos[None]
-        for i in range(0, videos.shape[0], batch_size):
-            yield videos[i:i + batch_size]
-        return
+        videos = [np.asarray(videos)]
     pending: list[np.ndarray] = []
+    seen = 0
     for item in videos:
-        item = np.asarray(item)
-        pending.extend(item[None] if item.ndim == 4 else item)
+        item = _check_videos(np.asarray(item), protocol, seen, what)
+        seen += item.shape[0]
+        pending.extend(protocol.clip(item))
         while len(pending) >= batch_size:
             yield np.stack(pending[:batch_size])
             pending = pending[batch_size:]
@@ -199,11 +204,13 @@ def _batches(videos, batch_size: int) -> Iterator[np.ndarray]:
 
 def video_stats(videos: np.ndarray | Iterable, features: I3DFeatures, protocol: str | FVDProtocol = "fvd2048_16f",
                 batch_size: int = 8, cache: str | os.PathLike | None = None, allow_fewer: bool = False,
-                what: str = "videos") -> FeatureStats:
+                what: str = "videos", observe: Callable[[np.ndarray, np.ndarray], Any] | None = None) -> FeatureStats:
     """Feature statistics of the first `protocol.num_videos` videos of a stream. With `cache` (.npz), the statistics
     are saved after every batch and an existing file is resumed: its network and protocol must match (else
     `StatsMismatchError`), and the videos it already counts are skipped (the stream must repeat the same order).
-    Fewer videos than the protocol needs: `NotEnoughVideosError`, or with `allow_fewer` a warning."""
+    Fewer videos than the protocol needs: `NotEnoughVideosError`, or with `allow_fewer` a warning. `observe`, when
+    given, is called with each batch's (logits (n, num_classes), pooled (n, feature_dim)) as they are computed (to
+    keep per-video features beside the statistics)."""
     protocol = get_protocol(protocol)
     stats = None
     if cache is not None and user_path(cache).exists():
@@ -215,18 +222,21 @@ def video_stats(videos: np.ndarray | Iterable, features: I3DFeatures, protocol: 
         stats = FeatureStats(network=features.name, network_fingerprint=features.fingerprint, protocol=protocol.name,
                              protocol_fingerprint=protocol.fingerprint, max_items=protocol.num_videos)
     skip, seen = stats.count, 0
-    for batch in _batches(videos, batch_size):
+    for batch in _clips(videos, protocol, batch_size, what):
         if stats.full:
             break
         start, seen = seen, seen + batch.shape[0]
         if seen <= skip:
             continue
-        batch = _check_videos(batch[max(skip - start, 0):], protocol, max(start, skip), what)
-        batch = batch[: protocol.num_videos - stats.count]
+        batch = batch[max(skip - start, 0):][: protocol.num_videos - stats.count]
         n = batch.shape[0]
         if n < batch_size:  # one compiled shape for the whole stream
             batch = np.concatenate([batch, np.zeros((batch_size - n, *batch.shape[1:]), batch.dtype)])
-        stats.update(features(batch, protocol)[:n])
+        logits, pooled = features.extract_clips(batch, protocol)
+        logits, pooled = logits[:n], pooled[:n]
+        stats.update(logits if protocol.features == "logits" else pooled)
+        if observe is not None:
+            observe(logits, pooled)
         if cache is not None:
             stats.save(cache)
     if stats.count < protocol.num_videos:
@@ -272,13 +282,21 @@ class FVDReport:
 
 def compute_fvd(real_videos, fake_videos, features: I3DFeatures, protocol: str | FVDProtocol = "fvd2048_16f",
                 batch_size: int = 8, allow_fewer: bool = False, real_cache: str | os.PathLike | None = None,
-                fake_cache: str | os.PathLike | None = None, method: str = "eigh") -> FVDReport:
+                fake_cache: str | os.PathLike | None = None, method: str = "eigh",
+                observe: Callable[[str, np.ndarray, np.ndarray], Any] | None = None) -> FVDReport:
     """FVD between real and generated videos (arrays or iterables of uint8 (N, T, H, W, 3) batches) under a protocol
     (module docstring); caches resume as `video_stats` says, and a cache of real statistics alone (a stream that
-    is already complete) skips the real videos (pass `real_videos=()`)."""
+    is already complete) skips the real videos (pass `real_videos=()`). `observe(side, logits, pooled)`, side
+    "real" or "fake", sees each batch's features."""
     protocol = get_protocol(protocol)
-    real = video_stats(real_videos, features, protocol, batch_size, real_cache, allow_fewer, "real videos")
-    fake = video_stats(fake_videos, features, protocol, batch_size, fake_cache, allow_fewer, "generated videos")
+
+    def observer(side):
+        return None if observe is None else lambda logits, pooled: observe(side, logits, pooled)
+
+    real = video_stats(real_videos, features, protocol, batch_size, real_cache, allow_fewer, "real videos",
+                       observer("real"))
+    fake = video_stats(fake_videos, features, protocol, batch_size, fake_cache, allow_fewer, "generated videos",
+                       observer("fake"))
     return FVDReport(fvd=fvd_from_stats(real, fake, method), protocol=protocol, num_real=real.count,
                      num_fake=fake.count, network=features.name, network_fingerprint=features.fingerprint,
                      complete=real.count >= protocol.num_videos and fake.count >= protocol.num_videos,
