@@ -218,6 +218,22 @@ def test_i3d_equals_cdfvd_inception_i3d(our_result, cdfvd_result):
     assert rel_err(pooled, cdfvd_result.pooled) < 1e-4
 
 
+def test_i3d_time_average_equals_cdfvd_on_small_frames(torch_i3d, features):
+    """The body on 2 x 16 x 64 x 64 inputs and the logits' mean over several time positions (as for 128-frame
+    clips): cd-fvd's InceptionI3d with its final pool set to (1, 2, 2), against the same weights with
+    `pool_size=(1, 2, 2)` (16 frames -> 2 positions), fp32, 1e-4 relative."""
+    x = np.random.default_rng(4).uniform(-1, 1, (2, 16, 64, 64, 3)).astype(np.float32)
+    pool = torch_i3d.avg_pool
+    torch_i3d.avg_pool = torch.nn.AvgPool3d((1, 2, 2), stride=(1, 1, 1))
+    try:
+        with torch.no_grad():
+            ref = torch_i3d(torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous())
+    finally:
+        torch_i3d.avg_pool = pool
+    logits, _ = jax.jit(I3D(I3DConfig(pool_size=(1, 2, 2))).apply)({"params": features.params}, x)
+    assert rel_err(logits, ref) < 1e-4
+
+
 def test_fvd_equals_cdfvd(our_result, cdfvd_result):
     """The whole FVD (preprocessing, I3D logits, statistics, Frechet distance) against `cdfvd.compute_fvd` on the
     same random-weight network and videos, within 1e-3 relative (2 videos a side: a custom protocol)."""
