@@ -75,8 +75,8 @@ class I3DConfig:
     """`num_classes`: logits (400 for Kinetics-400). `width_divisor`: every channel count c becomes max(c // d, 1)
     (1: the released network; 8 or 16: a CPU-sized one of the same layout for tests). `pool_size`: the final
     average pool (T, H, W), (2, 7, 7) in pytorch-i3d (for 16 x 224 x 224 inputs). `bn_eps`: BatchNorm's epsilon,
-    1e-5 in the pytorch-i3d port that VideoGPT, TATS and cd-fvd run with `i3d_pretrained_400.pt` (piergiaj's
-    original module, and TensorFlow's, use 1e-3)."""
+    1e-5 in the port cd-fvd ships and runs with TATS's `i3d_pretrained_400.pt` (piergiaj's original pytorch-i3d
+    module uses 1e-3: pass `bn_eps=1e-3` for weights meant for it)."""
 
     num_classes: int = 400
     in_channels: int = 3
