@@ -49,7 +49,13 @@ TEST = [
     "nbconvert==7.17.2",
     "papermill==2.7.0",
     "scikit-image==0.26.0",  # the reference PSNR/SSIM (tests/test_image_metrics.py)
+    "einops==0.8.2",  # imported by cd-fvd (NO_DEPS_TEST); its requests, tqdm and scipy come with the packages above
 ]
+
+# Parity peers installed apart, with `pip install --no-deps`: cd-fvd 0.1.1 (tests/test_fvd.py: its I3D port,
+# preprocessing and Frechet distance) lists torchvision, which pip resolves to a CUDA build with its own torch that
+# does not import beside the pinned CPU torch; the cd-fvd modules the tests use import torch alone.
+NO_DEPS_TEST = ["cd-fvd==0.1.1"]
 
 # etils.epath reaches gs:// through fsspec's gcsfs (no TensorFlow here); gcsfs 2026.10.1 needs fsspec>=2026.9.0
 GCS = [

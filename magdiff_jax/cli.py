@@ -59,7 +59,7 @@ def _add_convert(sub):
                                      "into DST/<component>.")
     tf.add_argument("--kind", required=True, choices=kinds)
     tf.add_argument("src", help="PyTorch model folder (or pipeline folder with --kind pipeline; one weights file "
-                                "with --kind edsc, vgg16, c3d or dino_vit)")
+                                "with --kind edsc, vgg16, i3d, c3d or dino_vit)")
     tf.add_argument("dst", help="output folder (must not exist or be empty, unless --overwrite)")
     tf.add_argument("--overwrite", action="store_true")
     tf.add_argument("--motion-adapter", default=None, metavar="ADAPTER",

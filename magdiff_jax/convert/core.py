@@ -183,7 +183,8 @@ class TorchFormat:
 
 _FORMATS: dict[str, TorchFormat] = {}
 # the modules that attach formats (imported on the first lookup)
-FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet", "edsc", "vgg", "c3d", "dino")
+FORMAT_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet", "edsc", "vgg", "i3d", "c3d",
+                  "dino")
 WEIGHT_FILES = (".safetensors", *safetensors_io.PICKLE_SUFFIXES)
 
 

@@ -33,7 +33,7 @@ from magdiff_jax.utils.errors import json_excerpt
 
 # the modules that register models (imported on the first lookup, so importing the package registers nothing)
 MODEL_MODULES = ("clip", "vae", "unet2d", "unet3d", "unet_motion", "controlnet", "magdiff", "i2v", "discriminator",
-                 "vgg", "edsc", "c3d", "dino")
+                 "vgg", "edsc", "i3d", "c3d", "dino")
 
 
 def _no_kwargs(config) -> dict:
