@@ -330,6 +330,47 @@ def _add_generation(sub):
                          "captions, each stage scored)")
 
 
+def _add_eval(sub):
+    p = sub.add_parser("eval", help="scores of generated videos: FVD, IS (folders of videos)",
+                       description="Evaluate folders of generated videos. Videos are read one at a time and their "
+                                   "features cached in --cache as they are extracted, so an interrupted evaluation "
+                                   "resumes and the real videos' statistics are computed once. Writes OUT "
+                                   "(report.json, report.md, scores.png with several stepped sets), or OUT.json "
+                                   "and OUT.md beside it when OUT ends in .json.")
+    esub = p.add_subparsers(dest="action", required=True, metavar="{fvd,is}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--fake", required=True, action="append", metavar="[LABEL=]DIR",
+                        help="a folder of generated videos (.mp4/.gif/.npy, any depth); repeat for several sets, "
+                             "e.g. --fake step_1000=out1000 --fake step_2000=out2000 (a label ending in a number "
+                             "is a training step: the report plots each score against it)")
+    common.add_argument("--out", required=True, help="report folder, or a .json path")
+    common.add_argument("--cache", default=None, help="feature cache folder (default OUT/cache)")
+    common.add_argument("--num-videos", type=int, default=None,
+                        help="videos a side instead of the protocol's 2048 (the protocol is then renamed "
+                             "<name>_n<N> in the report, never passed off as the standard one)")
+    common.add_argument("--batch-size", type=int, default=8)
+    common.add_argument("--allow-fewer", action="store_true",
+                        help="score folders with fewer videos than the protocol needs (a warning; the report "
+                             "records the real counts) instead of stopping")
+    common.add_argument("--skip-bad", action="store_true",
+                        help="skip (and list in the report) videos that cannot be decoded or are too short, "
+                             "instead of stopping at the first")
+    fv = esub.add_parser("fvd", parents=[common], help="Frechet Video Distance with the Kinetics-400 I3D",
+                         description="FVD of each --fake folder against --real (StyleGAN-V's protocols: clips from "
+                                     "each video's first frame, 224 px, [-1, 1], the I3D's 400 logits).")
+    fv.add_argument("--i3d", required=True, help="the I3D: pytorch-i3d's i3d_pretrained_400.pt (or .safetensors), "
+                                                 "or a folder `convert to-flax --kind i3d` wrote")
+    fv.add_argument("--real", required=True, help="a folder of real videos")
+    fv.add_argument("--protocol", default="fvd2048_16f",
+                    choices=("fvd2048_16f", "fvd2048_128f", "fvd2048_128f_subsample8f"))
+    iv = esub.add_parser("is", parents=[common], help="Inception Score with the UCF-101 C3D",
+                         description="Video Inception Score of each --fake folder (StyleGAN-V's isv2048_ucf: the "
+                                     "first 16 frames of 2048 videos, the C3D's class probabilities, 10 splits).")
+    iv.add_argument("--c3d", required=True, help="the C3D: a .safetensors / .pth in the PyTorch layout "
+                                                 "(convert/c3d.py), or a folder `convert to-flax --kind c3d` wrote")
+    iv.add_argument("--splits", type=int, default=10)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="magdiff-jax", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -337,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_train(sub)
     _add_generation(sub)
+    _add_eval(sub)
     return parser
 
 
@@ -760,10 +802,53 @@ def _demo(args) -> None:
           f"(chance {summary['motion_chance']:.0%}); see contact_sheet.png, generated_*.mp4, edited.mp4, loss.png")
 
 
+def _eval(args) -> None:
+    import dataclasses
+
+    from magdiff_jax.eval import report as report_lib
+    from magdiff_jax.eval import runner
+    from magdiff_jax.utils.files import as_path
+
+    fakes = {}
+    for item in args.fake:
+        label, sep, folder = item.partition("=")
+        if not sep:
+            label, folder = as_path(item).name, item
+        if label in fakes:
+            raise ValueError(f"--fake: the label {label!r} is given twice (name them: --fake LABEL=DIR)")
+        fakes[label] = folder
+    out = str(args.out)
+    cache = args.cache or (f"{out[:-5]}_cache" if out.endswith(".json") else f"{out.rstrip('/')}/cache")
+    options = dict(cache=cache, batch_size=args.batch_size, allow_fewer=args.allow_fewer, skip_bad=args.skip_bad)
+    if args.action == "fvd":
+        from magdiff_jax.eval.fvd import I3DFeatures, get_protocol
+
+        protocol = get_protocol(args.protocol)
+        if args.num_videos:
+            protocol = dataclasses.replace(protocol, name=f"{protocol.name}_n{args.num_videos}",
+                                           num_videos=args.num_videos)
+        rows = runner.evaluate_fvd(I3DFeatures.from_torch(args.i3d), args.real, fakes, protocol, **options)
+        scores, title = ("fvd",), f"FVD ({protocol.name})"
+    else:
+        protocol = runner.ISProtocol(num_splits=args.splits)
+        if args.num_videos:
+            protocol = dataclasses.replace(protocol, name=f"{protocol.name}_n{args.num_videos}",
+                                           num_videos=args.num_videos)
+        c3d = runner.C3DProbabilities(*runner.load_feature_network(args.c3d, "c3d"))
+        rows = runner.evaluate_is(c3d, fakes, protocol, **options)
+        scores, title = ("is",), f"IS ({protocol.name})"
+    report_lib.write_report(out, rows, scores, meta={"title": title, "command": f"eval {args.action}"})
+    for row in rows:
+        value = row[scores[0]]
+        print(f"{row['label']}: {scores[0]} {value:.4g} on {row['num_videos']} videos"
+              + ("" if row["complete"] else " (fewer than the protocol needs)"))
+    print(f"wrote {out}")
+
+
 COMMANDS = {"convert": _convert, "data": _data, "train": _train, "export": _export, "sample": _generate,
             "edit": _generate, "i2v": _i2v, "v2v": _v2v,
             "interpolate": _interpolate, "magicvideo": _magicvideo,
-            "demo": _demo}
+            "demo": _demo, "eval": _eval}
 
 
 def setup_logging() -> None:
