@@ -331,13 +331,13 @@ def _add_generation(sub):
 
 
 def _add_eval(sub):
-    p = sub.add_parser("eval", help="scores of generated videos: FVD, IS (folders of videos)",
+    p = sub.add_parser("eval", help="scores of generated videos: FVD, IS, CLIP and DINO scores (folders of videos)",
                        description="Evaluate folders of generated videos. Videos are read one at a time and their "
                                    "features cached in --cache as they are extracted, so an interrupted evaluation "
                                    "resumes and the real videos' statistics are computed once. Writes OUT "
                                    "(report.json, report.md, scores.png with several stepped sets), or OUT.json "
                                    "and OUT.md beside it when OUT ends in .json.")
-    esub = p.add_subparsers(dest="action", required=True, metavar="{fvd,is}")
+    esub = p.add_subparsers(dest="action", required=True, metavar="{fvd,is,clip}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--fake", required=True, action="append", metavar="[LABEL=]DIR",
                         help="a folder of generated videos (.mp4/.gif/.npy, any depth); repeat for several sets, "
@@ -369,6 +369,21 @@ def _add_eval(sub):
     iv.add_argument("--c3d", required=True, help="the C3D: a .safetensors / .pth in the PyTorch layout "
                                                  "(convert/c3d.py), or a folder `convert to-flax --kind c3d` wrote")
     iv.add_argument("--splits", type=int, default=10)
+    cl = esub.add_parser("clip", parents=[common], help="CLIPSIM, text alignment, frame consistency, CLIP-I, DINO",
+                         description="CLIP scores of each --fake folder: CLIPSIM and MagDiff's text alignment (x100) "
+                                     "against each video's prompt, frame consistency (x100, consecutive frames), "
+                                     "and with --subjects CLIP-I (and DINO with --dino) against each video's "
+                                     "subject image; the mean and spread over videos.")
+    cl.add_argument("--clip", required=True, help="a transformers CLIPModel folder (config.json, model.safetensors "
+                                                  "and its tokenizer files), e.g. openai/clip-vit-base-patch32")
+    cl.add_argument("--prompts", default=None,
+                    help="JSON {video name relative to its folder: prompt} (default: FAKE/prompts.json where it "
+                         "exists; without prompts only the image scores are computed)")
+    cl.add_argument("--subjects", default=None,
+                    help="a folder of subject images named as the videos (class_a/v0.mp4 -> class_a/v0.png)")
+    cl.add_argument("--dino", default=None, help="DINO ViT weights (timm / official .pth or .safetensors, or a "
+                                                 "folder `convert to-flax --kind dino_vit` wrote); needs --subjects")
+    cl.add_argument("--num-frames", type=int, default=None, help="score the first frames only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -829,6 +844,8 @@ def _eval(args) -> None:
                                            num_videos=args.num_videos)
         rows = runner.evaluate_fvd(I3DFeatures.from_torch(args.i3d), args.real, fakes, protocol, **options)
         scores, title = ("fvd",), f"FVD ({protocol.name})"
+    elif args.action == "clip":
+        rows, scores, title = _eval_clip(args, fakes, cache), runner.CLIP_SCORES, "CLIP and DINO scores"
     else:
         protocol = runner.ISProtocol(num_splits=args.splits)
         if args.num_videos:
@@ -839,10 +856,34 @@ def _eval(args) -> None:
         scores, title = ("is",), f"IS ({protocol.name})"
     report_lib.write_report(out, rows, scores, meta={"title": title, "command": f"eval {args.action}"})
     for row in rows:
-        value = row[scores[0]]
-        print(f"{row['label']}: {scores[0]} {value:.4g} on {row['num_videos']} videos"
-              + ("" if row["complete"] else " (fewer than the protocol needs)"))
+        values = ", ".join(f"{s} {row[s]:.4g}" for s in scores if s in row)
+        print(f"{row['label']}: {values} on {row['num_videos']} videos"
+              + ("" if row.get("complete", True) else " (fewer than the protocol needs)"))
     print(f"wrote {out}")
+
+
+def _eval_clip(args, fakes: dict, cache: str) -> list:
+    from magdiff_jax.convert.clip import clip_model_from_torch
+    from magdiff_jax.eval import runner
+    from magdiff_jax.eval.clip_scores import CLIPEmbedder, DINOEmbedder
+    from magdiff_jax.models.tokenizer import CLIPTokenizer
+    from magdiff_jax.utils.files import user_path
+
+    if args.dino and not args.subjects:
+        raise ValueError("--dino scores generated videos against subject images: give --subjects too")
+    text, text_params, vision, vision_params = clip_model_from_torch(args.clip)
+    clip = CLIPEmbedder(text, text_params, vision, vision_params, batch_size=args.batch_size)
+    tokenizer = CLIPTokenizer.from_folder(args.clip, max_length=text.config.max_position_embeddings)
+    dino = DINOEmbedder(*runner.load_feature_network(args.dino, "dino_vit"), batch_size=args.batch_size) \
+        if args.dino else None
+    prompts = {}
+    for label, folder in fakes.items():
+        path = args.prompts or (user_path(folder) / "prompts.json")
+        if args.prompts or user_path(path).exists():
+            prompts[label] = runner.read_prompts(path)
+    subjects = {label: args.subjects for label in fakes} if args.subjects else None
+    return runner.evaluate_clip(clip, tokenizer, fakes, prompts, subjects, dino, cache=cache,
+                                skip_bad=args.skip_bad, num_frames=args.num_frames, max_videos=args.num_videos)
 
 
 COMMANDS = {"convert": _convert, "data": _data, "train": _train, "export": _export, "sample": _generate,

@@ -1,9 +1,12 @@
-"""`magdiff-jax eval fvd|is` on folders of videos (magdiff_jax/eval/runner.py, videos.py, report.py): the scores
-equal `compute_fvd` / `inception_score` on the same decoded videos, the report (JSON, markdown table, the scores
-against the training step) is written, the feature caches make a rerun extract nothing and an interrupted run
-resume where it stopped, and bad inputs (an undecodable or too short video, too few videos) are errors naming the
-culprit, or with --skip-bad / --allow-fewer recorded in the report. The networks are a width/16 I3D (at the
-protocol's 16 x 224 x 224) and a narrow C3D, with random weights saved in the PyTorch layout."""
+"""`magdiff-jax eval fvd|is|clip` on folders of videos (magdiff_jax/eval/runner.py, videos.py, report.py): the
+scores equal `video_stats` + `fvd_from_stats`, `inception_score` and the CLIP / DINO scores computed directly on the
+same decoded videos; the report (JSON, markdown table, the scores against the training step) is written; the
+feature caches make a rerun extract nothing and an interrupted run resume where it stopped; bad inputs (an
+undecodable or too short video, too few videos, a video without a prompt) are errors naming the culprit, or with
+--skip-bad / --allow-fewer recorded in the report. A whole transformers CLIPModel folder converts (both towers equal
+transformers' `get_image_features` / `get_text_features`, 1e-5). The networks are a width/16 I3D (at the protocol's
+16 x 224 x 224), a narrow C3D, a one-block DINO ViT and a two-layer CLIP, with random weights saved in their
+PyTorch layouts."""
 
 import json
 
@@ -191,3 +194,94 @@ def test_is_command_equals_the_score_of_the_c3d_probabilities(setup, tmp_path):
     assert mean > 1.0 and abs(row["is"] - mean) <= 1e-6 * mean and abs(row["is_std"] - std) <= 1e-6 + 1e-6 * std
     assert row["num_videos"] == 4 and row["protocol"]["num_splits"] == 2
     assert "IS" in (tmp_path / "is.md").read_text() and (tmp_path / "is_cache").is_dir()
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    """A tiny random transformers CLIPModel saved whole (config.json + model.safetensors, both towers) with a
+    CLIP-style tokenizer beside it, as openai/clip-vit-base-patch32's folder is laid out."""
+    import torch
+    import transformers
+    from helpers import perturb_, write_tokenizer
+
+    root = tmp_path_factory.mktemp("clip_model")
+    vocab = write_tokenizer(root, pad_token="!")
+    text = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                       bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                                       pad_token_id=vocab["!"])
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)
+    torch.manual_seed(3)
+    model = perturb_(transformers.CLIPModel(config), scale=0.1, seed=4).eval()
+    model.save_pretrained(root)
+    return root, model
+
+
+def test_clip_model_folder_converts_both_towers(clip_folder):
+    """`convert.clip.clip_model_from_torch` on a whole CLIPModel folder: image and text embeddings equal
+    transformers' CLIPModel `get_image_features` / `get_text_features` (fp32, random weights, 1e-5)."""
+    import torch
+
+    from magdiff_jax.convert.clip import clip_model_from_torch
+
+    root, model = clip_folder
+    text, text_params, vision, vision_params = clip_model_from_torch(root)
+    pixels = np.random.default_rng(5).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    ids = np.array([[text.config.bos_token_id, 5, 9, text.config.eos_token_id] + [text.config.pad_token_id] * 12],
+                   np.int32)
+    ours_img = vision.apply({"params": vision_params}, pixels).image_embeds
+    ours_txt = text.apply({"params": text_params}, ids).text_embeds
+    with torch.no_grad():
+        img = model.get_image_features(pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()))
+        txt = model.get_text_features(input_ids=torch.from_numpy(ids).long())
+    img, txt = getattr(img, "pooler_output", img).numpy(), getattr(txt, "pooler_output", txt).numpy()
+    np.testing.assert_allclose(np.asarray(ours_img), img, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ours_txt), txt, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_command_scores_each_video_against_its_prompt_and_subject(setup, clip_folder, tmp_path):
+    from PIL import Image
+
+    from magdiff_jax.convert.clip import clip_model_from_torch
+    from magdiff_jax.eval import clip_scores as cs
+    from magdiff_jax.models.dino import DINOViT, DINOViTConfig
+    from magdiff_jax.models.tokenizer import CLIPTokenizer
+
+    s, (root, _) = setup, clip_folder
+    folder = s["folders"]["step_10"]
+    names = ["class_a/v0.mp4", "class_a/v1.mp4", "rest.npy[0]", "rest.npy[1]"]
+    prompts = dict(zip(names, ["a cat", "the dog", "a dog of the cat", "the cat"]))
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    subjects = tmp_path / "subjects"
+    (subjects / "class_a").mkdir(parents=True)
+    for name, video in zip(names, s["decoded"]["step_10"]):
+        stem = name.replace(".mp4", "").replace(".npy[", "_").rstrip("]")
+        Image.fromarray(video[0]).save(subjects / f"{stem}.png")
+    dino = DINOViT(DINOViTConfig(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=1))
+    dino_params = _random("dino_vit", dino, 6)
+    save_torch("dino_vit", dino, dino_params, tmp_path / "dino.safetensors")
+    _eval("clip", "--clip", root, "--fake", f"step_10={folder}", "--prompts", tmp_path / "prompts.json",
+          "--subjects", subjects, "--dino", tmp_path / "dino.safetensors", "--num-videos", 3, "--out", tmp_path / "out")
+    (row,) = json.loads((tmp_path / "out" / "report.json").read_text())["rows"]
+    # the same scores computed here from the decoded videos, one video at a time
+    clip = cs.CLIPEmbedder(*clip_model_from_torch(root))
+    dino_embedder = cs.DINOEmbedder(dino, dino_params)
+    tokenizer = CLIPTokenizer.from_folder(root, max_length=16)
+    x = s["decoded"]["step_10"][:3].astype(np.float32) / 127.5 - 1.0
+    want = {"clipsim": [float(cs.clipsim(clip, x[i : i + 1], tokenizer([prompts[n]]))[0]) for i, n in
+                        enumerate(names[:3])],
+            "frame_consistency": [float(cs.frame_consistency(clip, x[i : i + 1])[0]) for i in range(3)],
+            "clip_i": [float(cs.clip_i(clip, x[i : i + 1], x[i : i + 1, 0])[0]) for i in range(3)],
+            "dino": [float(cs.dino_score(dino_embedder, x[i : i + 1], x[i : i + 1, 0])[0]) for i in range(3)]}
+    assert row["num_videos"] == 3
+    for score, values in want.items():
+        assert abs(row[score] - np.mean(values)) <= 1e-4 * (1 + abs(np.mean(values))), (score, row[score], values)
+        assert abs(row[f"{score}_std"] - np.std(values)) <= 1e-4 * (1 + np.std(values)), score
+    assert abs(row["text_alignment"] - 100 * row["clipsim"]) <= 1e-6 * abs(100 * row["clipsim"]) + 1e-9
+    assert 0 < row["frame_consistency"] <= 100 + 1e-3
+    table = (tmp_path / "out" / "report.md").read_text()
+    assert "frame consistency" in table and "DINO" in table
+    with pytest.raises(ValueError, match=r"no prompt for class_a/v1\.mp4"):
+        runner.evaluate_clip(clip, tokenizer, {"f": folder}, {"f": {names[0]: "a cat"}})

@@ -230,3 +230,53 @@ CLIP_VISION = attach("clip_vision", TorchFormat(
     rules=vision_rules,
     normalise_keys=vision_normalise_keys,
 ))
+
+
+# --- a whole CLIPModel (both towers and their projections, one folder) ----------------------------------------
+def clip_model_configs(d: dict) -> tuple[CLIPTextConfig, CLIPVisionConfig]:
+    """The two towers' configs (with projection) of a transformers CLIPModel config.json (`model_type` "clip",
+    `text_config`, `vision_config`, `projection_dim`)."""
+    if d.get("model_type", "clip") != "clip":
+        raise ValueError(f"[clip] model_type {d.get('model_type')!r}, expected 'clip' (a CLIPModel folder)")
+    for key in ("text_config", "vision_config"):
+        if not isinstance(d.get(key), dict):
+            raise ConfigError("missing: a CLIPModel config.json holds both towers' configs", key)
+    projection = d.get("projection_dim", CLIPTextConfig().projection_dim)
+    text = text_config_from_torch({**d["text_config"], "model_type": "clip_text_model",
+                                   "architectures": ["CLIPTextModelWithProjection"], "projection_dim": projection})
+    vision = vision_config_from_torch({**d["vision_config"], "model_type": "clip_vision_model",
+                                       "architectures": ["CLIPVisionModelWithProjection"],
+                                       "projection_dim": projection})
+    return text, vision
+
+
+def clip_model_from_torch(folder, dtype=None):
+    """(text module, text params, vision module, vision params) of a transformers CLIPModel folder (config.json +
+    model.safetensors, e.g. openai/clip-vit-base-patch32): one file holds both towers under the same key names the
+    tower classes use (`text_model.*`, `text_projection.weight`; `vision_model.*`, `visual_projection.weight`), so
+    each tower's table reads its half; `logit_scale` is not needed for cosine scores and is ignored."""
+    import jax
+    import jax.numpy as jnp
+
+    from magdiff_jax.convert import safetensors_io
+    from magdiff_jax.convert.core import read_config, torch_to_flax
+    from magdiff_jax.models.registry import get_model
+
+    text, vision = clip_model_configs(read_config(folder))
+    state = safetensors_io.read_state_dict(folder, "model")
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids") and k != "logit_scale"}
+    towers = {"clip_text": (text, text_rules, (TEXT_PREFIX, *_TEXT_HEADS)),
+              "clip_vision": (vision, vision_rules, (VISION_PREFIX, *_VISION_HEADS))}
+    other = sorted(k for k in state if not any(k.startswith(t[2]) for t in towers.values()))
+    if other:
+        from magdiff_jax.convert.core import ConversionError
+
+        raise ConversionError(f"[clip] {folder}: keys of neither tower: {', '.join(other[:8])}")
+    out = []
+    for kind, (config, rules, prefixes) in towers.items():
+        spec = get_model(kind)
+        module = spec.build(config)
+        half = {k: v for k, v in state.items() if k.startswith(prefixes)}
+        params = torch_to_flax(half, rules(config), spec.abstract_params(module), kind, source=str(folder))
+        out += [module, jax.tree.map(lambda x: jnp.asarray(x, dtype or jnp.float32), params)]
+    return tuple(out)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from magdiff_jax.eval.fingerprint import network_fingerprint
 from magdiff_jax.models.dino import IMAGENET_MEAN, IMAGENET_STD
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -154,6 +155,8 @@ class CLIPEmbedder(_Embedder):
                              f"vision tower to {vision_module.config.projection_dim}: not one CLIP model")
         self.text_module, self.text_params, self.vision_module = text_module, text_params, vision_module
         self._image_params = vision_params
+        towers = (vision_module, vision_params) + ((text_module, text_params) if text_module is not None else ())
+        self.fingerprint = network_fingerprint(*towers)  # caches of scores are keyed on it
         size = vision_module.config.image_size
 
         def image_fn(params, images):
@@ -178,7 +181,8 @@ class DINOEmbedder(_Embedder):
 
     def __init__(self, module, params, size: int = DINO_SIZE, batch_size: int = 32):
         super().__init__(batch_size)
-        self._image_params = params
+        self.module, self._image_params = module, params
+        self.fingerprint = f"{network_fingerprint(module, params)}-{size}"
         self._jitted_images = jax.jit(lambda p, x: unit(module.apply({"params": p}, dino_preprocess(x, size))))
 
 

@@ -42,8 +42,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
+from magdiff_jax.eval.fingerprint import network_fingerprint
 from magdiff_jax.eval.frechet import FeatureStats, StatsMismatchError, frechet_distance
 from magdiff_jax.utils.files import user_path
 
@@ -125,11 +125,7 @@ class I3DFeatures:
     def __init__(self, module, params, name: str = "i3d"):
         params = nn.meta.unbox(params)
         self.module, self.params, self.name = module, params, name
-        h = hashlib.sha256(json.dumps(dataclasses.asdict(module.config), sort_keys=True).encode())
-        for path, leaf in sorted(traverse_util.flatten_dict(jax.device_get(params)).items()):
-            h.update("/".join(path).encode())
-            h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-        self.fingerprint = h.hexdigest()[:16]
+        self.fingerprint = network_fingerprint(module, params)
         self._run = jax.jit(self._forward, static_argnames=("resolution",))
 
     def _forward(self, params, videos, resolution):

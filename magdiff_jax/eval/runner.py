@@ -32,6 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from magdiff_jax.eval.fingerprint import network_fingerprint
 from magdiff_jax.eval.fvd import (
     FVDProtocol,
     I3DFeatures,
@@ -122,14 +123,9 @@ class C3DProbabilities:
 
     def __init__(self, module, params, name: str = "c3d"):
         from flax import linen as nn
-        from flax import traverse_util
 
         self.module, self.params, self.name = module, nn.meta.unbox(params), name
-        h = hashlib.sha256(json.dumps(dataclasses.asdict(module.config), sort_keys=True, default=str).encode())
-        for path, leaf in sorted(traverse_util.flatten_dict(jax.device_get(self.params)).items()):
-            h.update("/".join(path).encode())
-            h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-        self.fingerprint = h.hexdigest()[:16]
+        self.fingerprint = network_fingerprint(module, self.params)
 
         def probs(params, clips):
             x = clips.astype(jax.numpy.float32) / 127.5 - 1.0
@@ -226,6 +222,105 @@ def evaluate_is(c3d: C3DProbabilities, fakes: Mapping[str, Any], protocol: ISPro
     return rows
 
 
+CLIP_SCORES = ("clipsim", "text_alignment", "frame_consistency", "clip_i", "dino")
+
+
+def read_prompts(path) -> dict[str, str]:
+    """{video name relative to its folder (`class_a/v0.mp4`, `batch.npy[3]`): prompt} from a JSON object."""
+    try:
+        prompts = json.loads(user_path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the prompts ({e})") from e
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise ValueError(f"{path}: expected a JSON object {{video name relative to its folder: prompt}}")
+    return {str(k): v for k, v in prompts.items()}
+
+
+def _subject_image(folder, name: str) -> np.ndarray | None:
+    """The subject image of video `name` in `folder`: the same relative path with an image suffix, else None."""
+    from magdiff_jax.data.video_io import IMAGE_SUFFIXES, read_image
+
+    stem = name.rsplit(".", 1)[0] if "[" not in name else name.replace(".npy[", "_").rstrip("]")
+    for suffix in IMAGE_SUFFIXES:
+        path = user_path(folder) / f"{stem}{suffix}"
+        if path.exists():
+            return read_image(path)
+    return None
+
+
+def evaluate_clip(clip, tokenizer, fakes: Mapping[str, Any], prompts: Mapping[str, Mapping[str, str]] | None = None,
+                  subjects: Mapping[str, Any] | None = None, dino=None, cache=None, skip_bad: bool = False,
+                  num_frames: int | None = None, max_videos: int | None = None) -> list[dict[str, Any]]:
+    """CLIP and DINO scores of each generated folder ({label: folder}), one row each with the mean and standard
+    deviation over videos of: `clipsim` (mean frame-prompt cosine of CLIP embeddings) and `text_alignment` (the same
+    x100, MagDiff's DAVIS score) where `prompts[label]` gives the video's prompt; `frame_consistency` (x100, the
+    mean cosine of consecutive frames); `clip_i` and `dino` (frame-subject cosine, CLIP or DINO features) where
+    `subjects[label]` holds an image named as the video (`clip/v0.mp4` -> `clip/v0.png`; `batch.npy[3]` ->
+    `batch_3.png`). `clip`: a `CLIPEmbedder`; `tokenizer`: its `CLIPTokenizer`; `dino`: a `DINOEmbedder` or None.
+    `num_frames`: score the first frames only; `max_videos`: the first videos only. Per-video values are cached
+    (keyed by the networks' fingerprint and the folder's listing) as each video is done, so a rerun resumes. A video
+    without a prompt is an error naming it (a score over a different set of videos would not say so)."""
+    from magdiff_jax.eval import clip_scores as cs
+
+    fingerprint = clip.fingerprint + ("" if dino is None else f"-{dino.fingerprint}")
+    rows = []
+    for label, folder in fakes.items():
+        files = video_files(folder)
+        listing = listing_fingerprint(files, folder)
+        want_prompts = (prompts or {}).get(label)
+        subject_folder = (subjects or {}).get(label)
+        inputs = [want_prompts, None if subject_folder is None else os.fspath(subject_folder)]
+        tag = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:8]
+        cache_file = None
+        if cache is not None:
+            root = as_path(cache)
+            root.mkdir(parents=True, exist_ok=True)
+            cache_file = root / f"clip-{fingerprint}-{listing}-{tag}-{num_frames}.json"
+        done = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
+        skipped: list[dict] = []
+        start, computed = time.perf_counter(), 0
+        seen = set()
+        for name, video in read_videos(files, min_frames=2, skip_bad=skip_bad, skipped=skipped, root=folder):
+            if max_videos is not None and len(seen) >= max_videos:
+                break
+            seen.add(name)
+            if name in done:
+                continue
+            if want_prompts is not None and name not in want_prompts:
+                raise ValueError(f"{folder}: no prompt for {name} (the prompts name videos relative to the folder, "
+                                 f"e.g. {next(iter(want_prompts), 'none given')!r})")
+            x = video[:num_frames] if num_frames else video
+            x = (x.astype(np.float32) / 127.5 - 1.0)[None]
+            values = {"frame_consistency": float(cs.frame_consistency(clip, x)[0])}
+            if want_prompts is not None:
+                ids = tokenizer([want_prompts[name]])
+                values["clipsim"] = float(cs.clipsim(clip, x, ids)[0])
+                values["text_alignment"] = 100.0 * values["clipsim"]
+            if subject_folder is not None:
+                image = _subject_image(subject_folder, name)
+                if image is None:
+                    raise ValueError(f"{subject_folder}: no subject image for {name}")
+                s = (image.astype(np.float32) / 127.5 - 1.0)[None]
+                values["clip_i"] = float(cs.clip_i(clip, x, s)[0])
+                if dino is not None:
+                    values["dino"] = float(cs.dino_score(dino, x, s)[0])
+            done[name] = values
+            computed += 1
+            if cache_file is not None:
+                write_bytes_whole(cache_file, json.dumps(done).encode())
+        seconds = time.perf_counter() - start
+        row = _label_row(label, folder)
+        done = {name: v for name, v in done.items() if name in seen}
+        for score in CLIP_SCORES:
+            values = [v[score] for v in done.values() if score in v]
+            if values:
+                row[score], row[f"{score}_std"] = float(np.mean(values)), float(np.std(values))
+        row.update(num_videos=len(done), skipped=skipped, network="clip" + ("+dino" if dino is not None else ""),
+                   network_fingerprint=fingerprint, clip_videos_per_second=_rate(computed, seconds))
+        rows.append(row)
+    return rows
+
+
 def merge_rows(*row_lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the same label from several scores merged into one row per label (first-seen order); each score's
     own details (protocol, network, counts) kept under the score's name."""
@@ -234,9 +329,9 @@ def merge_rows(*row_lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows:
             into = merged.setdefault(row["label"], {"label": row["label"], "step": row["step"],
                                                     "folder": row["folder"]})
-            score = "fvd" if "fvd" in row else "is" if "is" in row else None
+            score = "fvd" if "fvd" in row else "is" if "is" in row else "clip" if "frame_consistency" in row else None
             details = {k: v for k, v in row.items() if k not in ("label", "step", "folder")}
-            for key in ("fvd", "is", "is_std"):
+            for key in ("fvd", "is", "is_std", *CLIP_SCORES, *(f"{s}_std" for s in CLIP_SCORES)):
                 if key in details:
                     into[key] = details.pop(key)
             into["num_videos"] = max(into.get("num_videos", 0), details.get("num_videos", 0))

@@ -68,6 +68,8 @@ def _check(name: str, video: np.ndarray, min_frames: int) -> np.ndarray:
 
 
 def _decode(path) -> list[tuple[str, np.ndarray]]:
+    """[(suffix of the name, video)]: one ("", video) for a video file or a (T, H, W, 3) array, ("[i]", video_i)
+    for each video of a batch (N, T, H, W, 3) array."""
     name = os.fspath(path)
     if path.suffix.lower() == ".npy":
         try:
@@ -76,31 +78,35 @@ def _decode(path) -> list[tuple[str, np.ndarray]]:
         except (OSError, ValueError) as e:
             raise EvalVideoError(f"{name}: cannot read the array ({e})") from e
         if array.ndim == 5:
-            return [(f"{name}[{i}]", video) for i, video in enumerate(array)]
-        return [(name, array)]
+            return [(f"[{i}]", video) for i, video in enumerate(array)]
+        return [("", array)]
     try:
         frames = read_frames(read_bytes(path) if is_remote(path) else path)
     except VideoError as e:
         raise EvalVideoError(str(e) if name in str(e) else f"{name}: {e}") from e
-    return [(name, np.asarray(frames))]
+    return [("", np.asarray(frames))]
 
 
-def read_videos(files: Sequence, min_frames: int = 1, skip_bad: bool = False,
-                skipped: list | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, (T, H, W, 3) uint8) for each video of `files` in order (a batch .npy gives several). A bad or too
-    short video raises `EvalVideoError` naming it; with `skip_bad` it is logged, warned about once per file and
-    appended to `skipped` as {"video": name, "reason": ...}."""
+def read_videos(files: Sequence, min_frames: int = 1, skip_bad: bool = False, skipped: list | None = None,
+                root: str | os.PathLike | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, (T, H, W, 3) uint8) for each video of `files` in order (a batch .npy gives several, named
+    `file.npy[i]`); names are the files' paths, or relative to `root` when given. A bad or too short video raises
+    `EvalVideoError` naming it; with `skip_bad` it is logged, warned about and appended to `skipped` as
+    {"video": path, "reason": ...}."""
+    root = None if root is None else user_path(root)
     for path in files:
+        path = as_path(path) if is_remote(path) else path
+        full = os.fspath(path)
+        name = full if root is None else os.fspath(path.relative_to(root))
         try:
-            decoded = _decode(as_path(path) if is_remote(path) else path)
-            items = [(name, _check(name, video, min_frames)) for name, video in decoded]
+            items = [(name + index, _check(full + index, video, min_frames)) for index, video in _decode(path)]
         except EvalVideoError as e:
             if not skip_bad:
                 raise
             warnings.warn(f"skipped: {e}", stacklevel=2)
             logging.warning("skipped %s", e)
             if skipped is not None:
-                skipped.append({"video": os.fspath(path), "reason": str(e)})
+                skipped.append({"video": full, "reason": str(e)})
             continue
         yield from items
 
