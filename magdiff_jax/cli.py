@@ -845,6 +845,8 @@ def _demo(args) -> None:
 
 
 def _eval(args) -> None:
+    if args.action == "suite":
+        return _eval_suite(args)
     import dataclasses
 
     from magdiff_jax.eval import report as report_lib
@@ -859,8 +861,6 @@ def _eval(args) -> None:
         if label in fakes:
             raise ValueError(f"--fake: the label {label!r} is given twice (name them: --fake LABEL=DIR)")
         fakes[label] = folder
-    if args.action == "suite":
-        return _eval_suite(args)
     out = str(args.out)
     cache = args.cache or (f"{out[:-5]}_cache" if out.endswith(".json") else f"{out.rstrip('/')}/cache")
     options = dict(cache=cache, batch_size=args.batch_size, allow_fewer=args.allow_fewer, skip_bad=args.skip_bad)
