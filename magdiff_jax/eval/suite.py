@@ -517,14 +517,15 @@ def load_clip(folder, batch_size: int = 32):
 
 def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, num_videos: int, i3d=None, c3d=None,
               clip=None, vgg=None, seed: int = 0, num_steps: int = 50, guidance: float = 7.5, strength: float = 1.0,
-              batch_size: int = 4, fvd_protocol="fvd2048_16f", is_splits: int = 10, prompt_template: str | None = None,
-              edit_prompts=None, allow_fewer: bool = False, cache=None, feature_batch_size: int = 8,
-              fps: int = 8) -> dict | None:
+              batch_size: int = 4, fvd_protocol="fvd2048_16f", is_splits: int = 10, is_protocol=None,
+              prompt_template: str | None = None, edit_prompts=None, allow_fewer: bool = False, cache=None,
+              feature_batch_size: int = 8, fps: int = 8) -> dict | None:
     """Generate `num_videos` samples per export ({label: export folder}; a label ending in a number is a training
     step) under OUT/samples/<label>/, score them and write OUT/report.json, report.md (and scores.png with
     several stepped exports). Networks: `i3d` an `I3DFeatures` (FVD), `c3d` a `runner.C3DProbabilities` (IS),
     `clip` (a `CLIPEmbedder`, its tokenizer) (davis), `vgg` (LPIPS module, params) (vimeo, optional). Returns the
-    report on process 0, None elsewhere."""
+    report on process 0, None elsewhere. `fvd_protocol` (a name or an `FVDProtocol`) and `is_protocol` (an
+    `ISProtocol`, default isv2048_ucf with `is_splits`) are renamed `<name>_n<N>` unless they take N videos."""
     from magdiff_jax.eval import runner
     from magdiff_jax.eval.report import write_report
 
@@ -555,7 +556,7 @@ def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, num_videos: 
     if i3d is not None and "fvd" in spec.scores:
         protocols["fvd"] = _renamed(get_protocol(fvd_protocol), n)
     if c3d is not None and "is" in spec.scores:
-        protocols["is"] = _renamed(runner.ISProtocol(num_splits=is_splits), n)
+        protocols["is"] = _renamed(is_protocol or runner.ISProtocol(num_splits=is_splits), n)
 
     settings = {"suite": suite, "data": os.fspath(data), "seed": seed, "prompt_template": info.get("prompt_template"),
                 "edit_prompts": info.get("edit_prompts")}
