@@ -889,6 +889,17 @@ def _eval(args) -> None:
     print(f"wrote {out}")
 
 
+def _load_pipeline(task: str, export):
+    """The pipeline an evaluation suite generates with (`eval.suite.run_suite`'s `load_pipeline`)."""
+    if task == "vfi":
+        from magdiff_jax.pipelines.vfi import VFIPipeline
+
+        return VFIPipeline.load(export)
+    from magdiff_jax.pipelines.magdiff import MagDiffPipeline
+
+    return MagDiffPipeline.load(export)
+
+
 def _eval_suite(args) -> None:
     from magdiff_jax.eval import runner
     from magdiff_jax.eval.suite import export_labels, load_clip, run_suite
@@ -904,7 +915,8 @@ def _eval_suite(args) -> None:
         nets["clip"] = load_clip(args.clip)
     if args.vgg:
         nets["vgg"] = runner.load_feature_network(args.vgg, "lpips")
-    report = run_suite(args.suite, export_labels(args.export), args.data, args.out, num_videos=args.num_videos,
+    report = run_suite(args.suite, export_labels(args.export), args.data, args.out, load_pipeline=_load_pipeline,
+                       num_videos=args.num_videos,
                        seed=args.seed, num_steps=args.steps, guidance=args.guidance, strength=args.strength,
                        batch_size=args.batch_size, feature_batch_size=args.feature_batch_size,
                        fvd_protocol=args.fvd_protocol, is_splits=args.splits, prompt_template=args.prompt_template,

@@ -285,12 +285,12 @@ def _septuplet(item: SuiteItem) -> np.ndarray:
         raise SuiteDataError(f"{item.key}: {e} (suite vimeo needs {VIMEO_FRAMES} frames)") from e
 
 
-def generate_samples(suite: str, export, folder, items: list[SuiteItem], *, settings: dict, seed: int = 0,
+def generate_samples(suite: str, pipeline, folder, items: list[SuiteItem], *, settings: dict, seed: int = 0,
                      batch_size: int = 4, num_steps: int = 50, guidance: float = 7.5, strength: float = 1.0,
-                     fps: int = 8, pipeline=None) -> dict:
-    """Make the samples of `items` from the export into `folder` (module docstring: one file each, written as
-    made, existing ones skipped, the manifest's settings checked). `pipeline`: the export already loaded. Returns
-    {"generated": count made here, "existing": count skipped}."""
+                     fps: int = 8) -> dict:
+    """Make the samples of `items` with `pipeline` (the export loaded: a `pipelines.magdiff.MagDiffPipeline`, or for
+    vimeo a `pipelines.vfi.VFIPipeline`) into `folder` (module docstring: one file each, written as made, existing
+    ones skipped, the manifest's settings checked). Returns {"generated": count made, "existing": count skipped}."""
     from magdiff_jax.data.video_io import write_video
 
     folder = as_path(folder)
@@ -310,10 +310,8 @@ def generate_samples(suite: str, export, folder, items: list[SuiteItem], *, sett
     existing = len(items) - len(pending)
     if not pending:
         return {"generated": 0, "existing": existing}
+    pipe = pipeline
     if suite == "vimeo":
-        from magdiff_jax.pipelines.vfi import VFIPipeline
-
-        pipe = pipeline or VFIPipeline.load(export)
         made = 0
         for i in pending:
             if i % count != index:
@@ -329,9 +327,6 @@ def generate_samples(suite: str, export, folder, items: list[SuiteItem], *, sett
         distributed.sync("eval_suite_samples")
         return {"generated": len(pending), "existing": existing, "generated_here": made}
 
-    from magdiff_jax.pipelines.magdiff import MagDiffPipeline
-
-    pipe = pipeline or MagDiffPipeline.load(export)
     if suite != "davis" and batch_size % jax.device_count() and jax.device_count() > 1:
         log.warning("batch size %d does not divide over %d devices: every process generates each batch whole",
                     batch_size, jax.device_count())
@@ -515,7 +510,7 @@ def load_clip(folder, batch_size: int = 32):
     return CLIPEmbedder(*towers, batch_size=batch_size), CLIPTokenizer.from_folder(tok_folder, max_length=max_length)
 
 
-def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, num_videos: int, i3d=None, c3d=None,
+def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, load_pipeline, num_videos: int, i3d=None, c3d=None,
               clip=None, vgg=None, seed: int = 0, num_steps: int = 50, guidance: float = 7.5, strength: float = 1.0,
               batch_size: int = 4, fvd_protocol="fvd2048_16f", is_splits: int = 10, is_protocol=None,
               prompt_template: str | None = None, edit_prompts=None, allow_fewer: bool = False, cache=None,
@@ -524,7 +519,9 @@ def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, num_videos: 
     step) under OUT/samples/<label>/, score them and write OUT/report.json, report.md (and scores.png with
     several stepped exports). Networks: `i3d` an `I3DFeatures` (FVD), `c3d` a `runner.C3DProbabilities` (IS),
     `clip` (a `CLIPEmbedder`, its tokenizer) (davis), `vgg` (LPIPS module, params) (vimeo, optional). Returns the
-    report on process 0, None elsewhere. `fvd_protocol` (a name or an `FVDProtocol`) and `is_protocol` (an
+    report on process 0, None elsewhere. `load_pipeline(task, export)` loads an export's pipeline (the suite's
+    task: "magdiff" -> `MagDiffPipeline.load`, "vfi" -> `VFIPipeline.load`; eval/ sits beside pipelines/ in the
+    layering, so the caller, e.g. the CLI, passes it). `fvd_protocol` (a name or an `FVDProtocol`) and `is_protocol` (an
     `ISProtocol`, default isv2048_ucf with `is_splits`) are renamed `<name>_n<N>` unless they take N videos."""
     from magdiff_jax.eval import runner
     from magdiff_jax.eval.report import write_report
@@ -566,27 +563,17 @@ def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, num_videos: 
     for label, export in exports.items():
         folder = out / "samples" / label
         folders[label] = folder
-        pipe = None
-        if spec.task == "magdiff":
-            from magdiff_jax.pipelines.magdiff import MagDiffPipeline
-
-            pipe = MagDiffPipeline.load(export)
-            if "fvd" in protocols:
-                _check_frames(pipe, label, protocols["fvd"].span, f"FVD protocol {protocols['fvd'].name}")
-            if "is" in protocols:
-                _check_frames(pipe, label, protocols["is"].num_frames, f"IS protocol {protocols['is'].name}")
-            step = pipe.stage.step
-        else:
-            from magdiff_jax.pipelines.vfi import VFIPipeline
-
-            pipe = VFIPipeline.load(export)
-            step = pipe.stage.step
+        pipe = load_pipeline(spec.task, export)
+        if "fvd" in protocols:
+            _check_frames(pipe, label, protocols["fvd"].span, f"FVD protocol {protocols['fvd'].name}")
+        if "is" in protocols:
+            _check_frames(pipe, label, protocols["is"].num_frames, f"IS protocol {protocols['is'].name}")
+        step = pipe.stage.step
+        export_settings = {**settings, "export": os.fspath(export), "export_step": step}
         generation[label] = {"export": os.fspath(export), "export_step": step,
-                             **generate_samples(suite, export, folder, items, settings={**settings,
-                                                                                        "export": os.fspath(export),
-                                                                                        "export_step": step},
-                                                seed=seed, batch_size=batch_size, num_steps=num_steps,
-                                                guidance=guidance, strength=strength, fps=fps, pipeline=pipe)}
+                             **generate_samples(suite, pipe, folder, items, settings=export_settings, seed=seed,
+                                                batch_size=batch_size, num_steps=num_steps, guidance=guidance,
+                                                strength=strength, fps=fps)}
         del pipe
 
     if jax.process_index() != 0:
