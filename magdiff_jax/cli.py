@@ -337,7 +337,7 @@ def _add_eval(sub):
                                    "resumes and the real videos' statistics are computed once. Writes OUT "
                                    "(report.json, report.md, scores.png with several stepped sets), or OUT.json "
                                    "and OUT.md beside it when OUT ends in .json.")
-    esub = p.add_subparsers(dest="action", required=True, metavar="{fvd,is,clip}")
+    esub = p.add_subparsers(dest="action", required=True, metavar="{fvd,is,clip,suite}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--fake", required=True, action="append", metavar="[LABEL=]DIR",
                         help="a folder of generated videos (.mp4/.gif/.npy, any depth); repeat for several sets, "
@@ -384,6 +384,48 @@ def _add_eval(sub):
     cl.add_argument("--dino", default=None, help="DINO ViT weights (timm / official .pth or .safetensors, or a "
                                                  "folder `convert to-flax --kind dino_vit` wrote); needs --subjects")
     cl.add_argument("--num-frames", type=int, default=None, help="score the first frames only")
+    _add_eval_suite(esub)
+
+
+def _add_eval_suite(esub):
+    su = esub.add_parser("suite", help="generate samples from exports and score them under a named suite",
+                         description="Generate --num-videos samples from each --export on a benchmark's real data "
+                                     "and score them (magdiff_jax/eval/suite.py states each suite's protocol): "
+                                     "ucf101 FVD (--i3d) + IS (--c3d), msrvtt FVD, davis text alignment + frame "
+                                     "consistency (--clip, --edit-prompts), vimeo PSNR / SSIM (+ LPIPS with --vgg). "
+                                     "Samples go to OUT/samples/<label>/ as they are made; a rerun skips those that "
+                                     "exist. Writes OUT/report.json, report.md and scores.png (several exports).")
+    su.add_argument("--export", required=True, action="append", metavar="[LABEL=]DIR",
+                    help="a stage export or training workdir; repeat for several checkpoints (default label "
+                         "step_<its step>: the report plots each score against it)")
+    su.add_argument("--suite", required=True, choices=("davis", "msrvtt", "ucf101", "vimeo"))
+    su.add_argument("--data", required=True, help="the dataset unpacked in its official layout (what `data build "
+                                                  "--manual-dir` reads), or a video-caption folder (`data synth`)")
+    su.add_argument("--num-videos", type=int, required=True, help="samples per export (and real clips for FVD)")
+    su.add_argument("--out", required=True, help="output folder (samples/, real/, cache/, the report)")
+    su.add_argument("--i3d", default=None, help="the I3D for FVD (as `eval fvd --i3d`)")
+    su.add_argument("--c3d", default=None, help="the C3D for IS (as `eval is --c3d`)")
+    su.add_argument("--clip", default=None, help="davis: a folder with the CLIP towers with projection "
+                                                 "(text_encoder/, image_encoder/: converted or transformers "
+                                                 "folders) and its tokenizer/")
+    su.add_argument("--vgg", default=None, help="vimeo: LPIPS weights (a folder `convert to-flax --kind lpips` "
+                                                "wrote)")
+    su.add_argument("--edit-prompts", default=None, help="davis: JSON {clip key or sequence name: edit prompt}")
+    su.add_argument("--prompt-template", default=None,
+                    help="ucf101: the prompt of a class name, e.g. 'a video of {}' (the default on UCF-101; '{}' on "
+                         "a video-caption folder)")
+    su.add_argument("--seed", type=int, default=0, help="sample i is drawn with seed + i")
+    su.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    su.add_argument("--guidance", type=float, default=7.5)
+    su.add_argument("--strength", type=float, default=1.0, help="davis: 1 edits from noise, < 1 from the inversion")
+    su.add_argument("--batch-size", type=int, default=4, help="samples generated per batch (split over devices)")
+    su.add_argument("--feature-batch-size", type=int, default=8)
+    su.add_argument("--fvd-protocol", default="fvd2048_16f",
+                    choices=("fvd2048_16f", "fvd2048_128f", "fvd2048_128f_subsample8f"))
+    su.add_argument("--splits", type=int, default=10, help="IS splits")
+    su.add_argument("--cache", default=None, help="feature cache folder (default OUT/cache)")
+    su.add_argument("--allow-fewer", action="store_true",
+                    help="evaluate on fewer real clips than --num-videos (a warning; the report records the count)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -818,6 +860,8 @@ def _demo(args) -> None:
 
 
 def _eval(args) -> None:
+    if args.action == "suite":
+        return _eval_suite(args)
     import dataclasses
 
     from magdiff_jax.eval import report as report_lib
@@ -884,6 +928,44 @@ def _eval_clip(args, fakes: dict, cache: str) -> list:
     subjects = {label: args.subjects for label in fakes} if args.subjects else None
     return runner.evaluate_clip(clip, tokenizer, fakes, prompts, subjects, dino, cache=cache,
                                 skip_bad=args.skip_bad, num_frames=args.num_frames, max_videos=args.num_videos)
+def _load_pipeline(task: str, export):
+    """The pipeline an evaluation suite generates with (`eval.suite.run_suite`'s `load_pipeline`)."""
+    if task == "vfi":
+        from magdiff_jax.pipelines.vfi import VFIPipeline
+
+        return VFIPipeline.load(export)
+    from magdiff_jax.pipelines.magdiff import MagDiffPipeline
+
+    return MagDiffPipeline.load(export)
+
+
+def _eval_suite(args) -> None:
+    from magdiff_jax.eval import runner
+    from magdiff_jax.eval.suite import export_labels, load_clip, run_suite
+
+    nets = {}
+    if args.i3d:
+        from magdiff_jax.eval.fvd import I3DFeatures
+
+        nets["i3d"] = I3DFeatures.from_torch(args.i3d)
+    if args.c3d:
+        nets["c3d"] = runner.C3DProbabilities(*runner.load_feature_network(args.c3d, "c3d"))
+    if args.clip:
+        nets["clip"] = load_clip(args.clip)
+    if args.vgg:
+        nets["vgg"] = runner.load_feature_network(args.vgg, "lpips")
+    report = run_suite(args.suite, export_labels(args.export), args.data, args.out, load_pipeline=_load_pipeline,
+                       num_videos=args.num_videos,
+                       seed=args.seed, num_steps=args.steps, guidance=args.guidance, strength=args.strength,
+                       batch_size=args.batch_size, feature_batch_size=args.feature_batch_size,
+                       fvd_protocol=args.fvd_protocol, is_splits=args.splits, prompt_template=args.prompt_template,
+                       edit_prompts=args.edit_prompts, allow_fewer=args.allow_fewer, cache=args.cache, **nets)
+    if report is None:
+        return
+    for row in report["rows"]:
+        scores = ", ".join(f"{s} {row[s]:.4g}" for s in report["scores"] if s in row)
+        print(f"{row['label']}: {scores} on {row['num_videos']} videos")
+    print(f"wrote {args.out}")
 
 
 COMMANDS = {"convert": _convert, "data": _data, "train": _train, "export": _export, "sample": _generate,
