@@ -375,7 +375,8 @@ def _add_eval(sub):
                                      "and with --subjects CLIP-I (and DINO with --dino) against each video's "
                                      "subject image; the mean and spread over videos.")
     cl.add_argument("--clip", required=True, help="a transformers CLIPModel folder (config.json, model.safetensors "
-                                                  "and its tokenizer files), e.g. openai/clip-vit-base-patch32")
+                                                  "and its tokenizer files, e.g. openai/clip-vit-base-patch32), "
+                                                  "or one with text_encoder/, image_encoder/ and tokenizer/")
     cl.add_argument("--prompts", default=None,
                     help="JSON {video name relative to its folder: prompt} (default: FAKE/prompts.json where it "
                          "exists; without prompts only the image scores are computed)")
@@ -405,9 +406,7 @@ def _add_eval_suite(esub):
     su.add_argument("--out", required=True, help="output folder (samples/, real/, cache/, the report)")
     su.add_argument("--i3d", default=None, help="the I3D for FVD (as `eval fvd --i3d`)")
     su.add_argument("--c3d", default=None, help="the C3D for IS (as `eval is --c3d`)")
-    su.add_argument("--clip", default=None, help="davis: a folder with the CLIP towers with projection "
-                                                 "(text_encoder/, image_encoder/: converted or transformers "
-                                                 "folders) and its tokenizer/")
+    su.add_argument("--clip", default=None, help="davis: a CLIP model folder (as `eval clip --clip`)")
     su.add_argument("--vgg", default=None, help="vimeo: LPIPS weights (a folder `convert to-flax --kind lpips` "
                                                 "wrote)")
     su.add_argument("--edit-prompts", default=None, help="davis: JSON {clip key or sequence name: edit prompt}")
@@ -907,17 +906,13 @@ def _eval(args) -> None:
 
 
 def _eval_clip(args, fakes: dict, cache: str) -> list:
-    from magdiff_jax.convert.clip import clip_model_from_torch
     from magdiff_jax.eval import runner
-    from magdiff_jax.eval.clip_scores import CLIPEmbedder, DINOEmbedder
-    from magdiff_jax.models.tokenizer import CLIPTokenizer
+    from magdiff_jax.eval.clip_scores import DINOEmbedder
     from magdiff_jax.utils.files import user_path
 
     if args.dino and not args.subjects:
         raise ValueError("--dino scores generated videos against subject images: give --subjects too")
-    text, text_params, vision, vision_params = clip_model_from_torch(args.clip)
-    clip = CLIPEmbedder(text, text_params, vision, vision_params, batch_size=args.batch_size)
-    tokenizer = CLIPTokenizer.from_folder(args.clip, max_length=text.config.max_position_embeddings)
+    clip, tokenizer = runner.load_clip(args.clip, batch_size=args.batch_size)
     dino = DINOEmbedder(*runner.load_feature_network(args.dino, "dino_vit"), batch_size=args.batch_size) \
         if args.dino else None
     prompts = {}
@@ -941,7 +936,7 @@ def _load_pipeline(task: str, export):
 
 def _eval_suite(args) -> None:
     from magdiff_jax.eval import runner
-    from magdiff_jax.eval.suite import export_labels, load_clip, run_suite
+    from magdiff_jax.eval.suite import export_labels, run_suite
 
     nets = {}
     if args.i3d:
@@ -951,7 +946,7 @@ def _eval_suite(args) -> None:
     if args.c3d:
         nets["c3d"] = runner.C3DProbabilities(*runner.load_feature_network(args.c3d, "c3d"))
     if args.clip:
-        nets["clip"] = load_clip(args.clip)
+        nets["clip"] = runner.load_clip(args.clip)
     if args.vgg:
         nets["vgg"] = runner.load_feature_network(args.vgg, "lpips")
     report = run_suite(args.suite, export_labels(args.export), args.data, args.out, load_pipeline=_load_pipeline,

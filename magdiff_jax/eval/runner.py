@@ -321,6 +321,40 @@ def evaluate_clip(clip, tokenizer, fakes: Mapping[str, Any], prompts: Mapping[st
     return rows
 
 
+def load_clip(folder, batch_size: int = 32):
+    """(CLIPEmbedder, CLIPTokenizer) of a CLIP model folder: a transformers CLIPModel folder (config.json of
+    `model_type` "clip", both towers in one model.safetensors, the tokenizer files beside them: what the hub's
+    openai/clip-vit-* hold), or a folder with `text_encoder/` and `image_encoder/` (CLIPTextModelWithProjection /
+    CLIPVisionModelWithProjection folders, or ones `convert to-flax` wrote) and `tokenizer/`."""
+    from magdiff_jax.eval.clip_scores import CLIPEmbedder
+    from magdiff_jax.models.tokenizer import CLIPTokenizer
+
+    root = as_path(folder)
+    config = root / "config.json"
+    if config.exists() and json.loads(config.read_text()).get("model_type") == "clip":
+        from magdiff_jax.convert.clip import clip_model_from_torch
+
+        towers, tok_folder = list(clip_model_from_torch(root)), root
+    else:
+        towers = []
+        for name, kind in (("text_encoder", "clip_text"), ("image_encoder", "clip_vision")):
+            path = root / name
+            if not path.is_dir():
+                raise FileNotFoundError(f"{folder}: neither a CLIPModel folder (config.json of model_type 'clip') "
+                                        f"nor one with {name}/ (the CLIP {kind} tower with projection)")
+            if (path / "params").exists():
+                from magdiff_jax.export import load_model
+
+                towers += load_model(path, kind=kind)[1:]
+            else:
+                from magdiff_jax.convert.core import load_torch
+
+                towers += load_torch(kind, path)
+        tok_folder = root / "tokenizer" if (root / "tokenizer").is_dir() else root
+    max_length = int(towers[0].config.max_position_embeddings)
+    return CLIPEmbedder(*towers, batch_size=batch_size), CLIPTokenizer.from_folder(tok_folder, max_length=max_length)
+
+
 def merge_rows(*row_lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the same label from several scores merged into one row per label (first-seen order); each score's
     own details (protocol, network, counts) kept under the score's name."""
@@ -356,4 +390,5 @@ def load_feature_network(path, kind: str):
     return load_torch(kind, p)
 
 
-__all__ = ["C3DProbabilities", "ISProtocol", "evaluate_fvd", "evaluate_is", "load_feature_network", "merge_rows"]
+__all__ = ["CLIP_SCORES", "C3DProbabilities", "ISProtocol", "evaluate_clip", "evaluate_fvd", "evaluate_is",
+           "load_clip", "load_feature_network", "merge_rows", "read_prompts"]

@@ -422,25 +422,6 @@ def _image_scores(folder, items: list[SuiteItem], vgg=None) -> dict:
     return row
 
 
-def _clip_scores(folder, items: list[SuiteItem], clip) -> dict:
-    """davis: text alignment and frame consistency (x100) of each sample, one video at a time."""
-    from magdiff_jax.data.video_io import read_frames
-    from magdiff_jax.eval.clip_scores import frame_consistency, text_alignment
-
-    embedder, tokenizer = clip
-    per: dict[str, list[float]] = {"text_alignment": [], "frame_consistency": []}
-    folder = as_path(folder)
-    for i, item in enumerate(items):
-        video = read_frames(folder / _name(i, "davis"))
-        x = (video.astype(np.float32) / 127.5 - 1.0)[None]
-        per["text_alignment"].append(float(text_alignment(embedder, x, tokenizer([item.prompt]))[0]))
-        per["frame_consistency"].append(float(frame_consistency(embedder, x)[0]))
-    row = {}
-    for k, v in per.items():
-        row[k], row[f"{k}_std"] = float(np.mean(v)), float(np.std(v))
-    return row
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the suite
 
@@ -482,32 +463,6 @@ def export_labels(specs) -> dict[str, str]:
             raise ValueError(f"--export: the label {label!r} is given twice (name them: --export LABEL=DIR)")
         exports[label] = folder
     return exports
-
-
-def load_clip(folder, batch_size: int = 32):
-    """(CLIPEmbedder, CLIPTokenizer) from a folder holding `text_encoder/` and `image_encoder/` (transformers
-    CLIPTextModelWithProjection / CLIPVisionModelWithProjection folders, or ones `convert to-flax` wrote) and its
-    `tokenizer/` (or the tokenizer files in the folder itself)."""
-    from magdiff_jax.eval.clip_scores import CLIPEmbedder
-    from magdiff_jax.models.tokenizer import CLIPTokenizer
-
-    root = as_path(folder)
-    towers = []
-    for name, kind in (("text_encoder", "clip_text"), ("image_encoder", "clip_vision")):
-        path = root / name
-        if not path.is_dir():
-            raise FileNotFoundError(f"--clip {folder}: no {name}/ folder (the CLIP {kind} tower with projection)")
-        if (path / "params").exists():
-            from magdiff_jax.export import load_model
-
-            towers += load_model(path, kind=kind)[1:]
-        else:
-            from magdiff_jax.convert.core import load_torch
-
-            towers += load_torch(kind, path)
-    tok_folder = root / "tokenizer" if (root / "tokenizer").is_dir() else root
-    max_length = int(towers[0].config.max_position_embeddings)
-    return CLIPEmbedder(*towers, batch_size=batch_size), CLIPTokenizer.from_folder(tok_folder, max_length=max_length)
 
 
 def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, load_pipeline, num_videos: int, i3d=None, c3d=None,
@@ -588,13 +543,16 @@ def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, load_pipelin
     if "is" in protocols:
         row_lists.append(runner.evaluate_is(c3d, folders, protocols["is"], **options))
     rows = runner.merge_rows(*row_lists) if row_lists else []
-    if suite in ("davis", "vimeo"):
+    if suite == "davis":  # each sample against its edit prompt (prompts.json), cached as scored
+        embedder, tokenizer = clip
+        prompts = {label: runner.read_prompts(as_path(folder) / PROMPTS) for label, folder in folders.items()}
+        rows += runner.evaluate_clip(embedder, tokenizer, folders, prompts, cache=cache, max_videos=n)
+    if suite == "vimeo":
         from magdiff_jax.eval.report import step_of
 
         for label, folder in folders.items():
-            scores = _clip_scores(folder, items, clip) if suite == "davis" else _image_scores(folder, items, vgg)
             rows.append({"label": label, "step": step_of(label), "folder": os.fspath(folder), "num_videos": n,
-                         **scores})
+                         **_image_scores(folder, items, vgg)})
     for row in rows:
         row["generation"] = generation[row["label"]]
     scores = [s for s in spec.scores if any(s in r for r in rows)]
@@ -612,4 +570,4 @@ def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, load_pipelin
 
 
 __all__ = ["PROMPT_TEMPLATE", "SUITES", "SuiteDataError", "SuiteItem", "SuiteSpec", "export_labels",
-           "generate_samples", "load_clip", "run_suite", "suite_items", "write_real_folder"]
+           "generate_samples", "run_suite", "suite_items", "write_real_folder"]
