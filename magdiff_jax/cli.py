@@ -923,20 +923,10 @@ def _eval_clip(args, fakes: dict, cache: str) -> list:
     subjects = {label: args.subjects for label in fakes} if args.subjects else None
     return runner.evaluate_clip(clip, tokenizer, fakes, prompts, subjects, dino, cache=cache,
                                 skip_bad=args.skip_bad, num_frames=args.num_frames, max_videos=args.num_videos)
-def _load_pipeline(task: str, export):
-    """The pipeline an evaluation suite generates with (`eval.suite.run_suite`'s `load_pipeline`)."""
-    if task == "vfi":
-        from magdiff_jax.pipelines.vfi import VFIPipeline
-
-        return VFIPipeline.load(export)
-    from magdiff_jax.pipelines.magdiff import MagDiffPipeline
-
-    return MagDiffPipeline.load(export)
-
-
 def _eval_suite(args) -> None:
     from magdiff_jax.eval import runner
     from magdiff_jax.eval.suite import export_labels, run_suite
+    from magdiff_jax.pipelines import load_pipeline
 
     nets = {}
     if args.i3d:
@@ -949,7 +939,7 @@ def _eval_suite(args) -> None:
         nets["clip"] = runner.load_clip(args.clip)
     if args.vgg:
         nets["vgg"] = runner.load_feature_network(args.vgg, "lpips")
-    report = run_suite(args.suite, export_labels(args.export), args.data, args.out, load_pipeline=_load_pipeline,
+    report = run_suite(args.suite, export_labels(args.export), args.data, args.out, load_pipeline=load_pipeline,
                        num_videos=args.num_videos,
                        seed=args.seed, num_steps=args.steps, guidance=args.guidance, strength=args.strength,
                        batch_size=args.batch_size, feature_batch_size=args.feature_batch_size,

@@ -32,11 +32,12 @@ from magdiff_jax.eval.videos import read_videos, video_files
 from magdiff_jax.export.stage import Stage, save_stage
 from magdiff_jax.models.c3d import C3D, C3DConfig
 from magdiff_jax.models.i3d import I3D, I3DConfig
+from magdiff_jax.pipelines import load_pipeline
 from magdiff_jax.pipelines.magdiff import MagDiffPipeline
 
 N = 4
 FVD = FVDProtocol("small", num_videos=N, num_frames=8, resolution=(64, 64))
-UCF = dict(load_pipeline=cli._load_pipeline, num_videos=N, num_steps=2, guidance=3.0, batch_size=2,
+UCF = dict(load_pipeline=load_pipeline, num_videos=N, num_steps=2, guidance=3.0, batch_size=2,
            feature_batch_size=2, fvd_protocol=FVD, is_protocol=runner.ISProtocol(num_videos=N, num_splits=2))
 STAGE_MODELS = {"unet": "magdiff", "vae": "vae", "text_encoder": "clip_text", "image_encoder": "clip_vision"}
 SYNTH = SyntheticConfig(num_frames=16, size=32)
@@ -162,10 +163,10 @@ def test_bad_exports_data_and_counts_are_named(setup, tmp_path):
               "--i3d", s["root"] / "i3d.safetensors")
     with pytest.raises(ValueError, match="give its network"):
         suite.run_suite("msrvtt", {"a": s["export"]}, s["data"], tmp_path / "d", num_videos=2,
-                        load_pipeline=cli._load_pipeline)
+                        load_pipeline=load_pipeline)
     with pytest.raises(ValueError, match="--clip"):
         suite.run_suite("davis", {"a": s["export"]}, s["data"], tmp_path / "d", num_videos=2,
-                        load_pipeline=cli._load_pipeline)
+                        load_pipeline=load_pipeline)
     with pytest.raises(suite.SuiteDataError, match="gives no edit prompts"):
         suite.suite_items("davis", s["data"])
     with pytest.raises(suite.SuiteDataError, match=r"no clip \['videos/00042.mp4'\]"):
