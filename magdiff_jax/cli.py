@@ -928,17 +928,7 @@ def _eval_suite(args) -> None:
     from magdiff_jax.eval.suite import export_labels, run_suite
     from magdiff_jax.pipelines import load_pipeline
 
-    nets = {}
-    if args.i3d:
-        from magdiff_jax.eval.fvd import I3DFeatures
-
-        nets["i3d"] = I3DFeatures.from_torch(args.i3d)
-    if args.c3d:
-        nets["c3d"] = runner.C3DProbabilities(*runner.load_feature_network(args.c3d, "c3d"))
-    if args.clip:
-        nets["clip"] = runner.load_clip(args.clip)
-    if args.vgg:
-        nets["vgg"] = runner.load_feature_network(args.vgg, "lpips")
+    nets = runner.load_networks(i3d=args.i3d, c3d=args.c3d, clip=args.clip, vgg=args.vgg)
     report = run_suite(args.suite, export_labels(args.export), args.data, args.out, load_pipeline=load_pipeline,
                        num_videos=args.num_videos,
                        seed=args.seed, num_steps=args.steps, guidance=args.guidance, strength=args.strength,

@@ -315,3 +315,59 @@ def tiny_magicvideo_stages(root):
     for name, stage in (("t2i", tiny_t2i_stage(root)), ("i2v", i2v), ("v2v", v2v), ("vfi", tiny_vfi_stage(root))):
         save_stage(stage, root / "stages" / name)
     return root / "stages"
+
+
+NOTEBOOK_KERNEL = "magdiff-jax-notebooks"
+
+
+def notebook_kernel(prefix):
+    """A context in which papermill finds NOTEBOOK_KERNEL: a kernelspec under `prefix` running this Python with this
+    checkout first on its path (through JUPYTER_PATH). Yields the kernel's name."""
+    import contextlib
+    import os
+    from pathlib import Path
+
+    import pytest
+    from ipykernel.kernelspec import install
+
+    repo = Path(__file__).parents[1]
+
+    @contextlib.contextmanager
+    def kernel():
+        path = os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+        install(kernel_name=NOTEBOOK_KERNEL, prefix=str(prefix), env={"PYTHONPATH": path})
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("JUPYTER_PATH", str(Path(prefix) / "share" / "jupyter"))
+            yield NOTEBOOK_KERNEL
+
+    return kernel()
+
+
+def run_notebook(notebook: str, kernel: str, parameters: dict, workdir):
+    """notebooks/`notebook` executed by papermill with `parameters` in `workdir` -> the executed notebook (a cell that
+    raises fails with papermill's error naming it)."""
+    from pathlib import Path
+
+    import nbformat
+    import papermill
+
+    out = Path(workdir) / f"executed_{notebook}"
+    papermill.execute_notebook(str(Path(__file__).parents[1] / "notebooks" / notebook), str(out),
+                               parameters=parameters, kernel_name=kernel, cwd=str(workdir), progress_bar=False,
+                               log_output=False, execution_timeout=600)
+    return nbformat.read(out, as_version=4)
+
+
+def notebook_cell(nb, cell_id: str):
+    return next(c for c in nb.cells if c.get("id") == cell_id)
+
+
+def cell_text(cell) -> str:
+    """What a cell printed."""
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def cell_videos(cell) -> int:
+    """How many <video>s a cell displayed."""
+    return sum(o.get("data", {}).get("text/html", "").count("<video") for o in cell.outputs
+               if o.output_type == "display_data")

@@ -18,7 +18,7 @@ import json
 import numpy as np
 import pytest
 from etils import epath
-from helpers import random_model, tiny_vfi_stage
+from helpers import notebook_kernel, random_model, tiny_vfi_stage
 from test_eval_cli import _random
 
 from magdiff_jax import cli
@@ -174,3 +174,42 @@ def test_bad_exports_data_and_counts_are_named(setup, tmp_path):
     items, _ = suite.suite_items("davis", s["data"], edit_prompts={"00001.mp4": "a blue circle moves up"})
     assert [(i.key, i.prompt) for i in items] == [("videos/00001.mp4", "a blue circle moves up")]
     assert items[0].mask.endswith("masks/00001")
+
+
+@pytest.fixture(scope="module")
+def kernel(tmp_path_factory):
+    with notebook_kernel(tmp_path_factory.mktemp("jupyter")) as name:
+        yield name
+
+
+def test_the_evaluate_notebook_scores_and_shows_the_report(setup, kernel, tmp_path):
+    """notebooks/evaluate.ipynb (papermill, tests/test_notebooks.py's kernel) on the ucf101 suite of the synthetic
+    data, its output folder holding the samples `setup` generated with the same settings: it generates nothing, loads
+    the I3D and C3D from their files, scores FVD under fvd2048_16f (16 frames at 224, renamed for 4 videos) and IS
+    with 2 splits, displays the report's table, and shows SHOW samples; off Colab its set-up cell does nothing."""
+    import shutil
+
+    from helpers import cell_text, cell_videos, notebook_cell, run_notebook
+
+    s = setup
+    out = tmp_path / "out"
+    shutil.copytree(s["out"] / "samples", out / "samples")
+    params = dict(REPO_URL="", SUITE="ucf101", EXPORT=str(s["export"]), DATA_DIR=str(s["data"]), NUM_VIDEOS=N,
+                  OUTPUT_DIR=str(out), I3D_FILE=str(s["root"] / "i3d.safetensors"),
+                  C3D_FILE=str(s["root"] / "c3d.safetensors"), NUM_STEPS=2, GUIDANCE=3.0, BATCH_SIZE=2, IS_SPLITS=2,
+                  SHOW=2, DISPLAY_HEIGHT=64)
+    nb = run_notebook("evaluate.ipynb", kernel, params, tmp_path)
+    report = json.loads((out / "report.json").read_text())
+    (row,) = report["rows"]
+    assert row["generation"]["generated"] == 0 and row["generation"]["existing"] == N
+    assert report["protocols"]["fvd"]["name"] == "fvd2048_16f_n4" and report["protocols"]["fvd"]["num_frames"] == 16
+    assert report["protocols"]["is"]["name"] == "isv2048_ucf_n4" and report["protocols"]["is"]["num_splits"] == 2
+    assert row["fvd"] > 0 and row["is"] >= 1 and row["num_videos"] == N
+    assert "step_3: 0 samples generated, 4 already there" in cell_text(notebook_cell(nb, "run"))
+    tables = [o["data"].get("text/markdown", "") for o in notebook_cell(nb, "report").outputs
+              if o.output_type == "display_data"]
+    assert any("| step_3 | 3 | 4 |" in t for t in tables), tables
+    assert "fvd: " in cell_text(notebook_cell(nb, "report"))
+    assert cell_videos(notebook_cell(nb, "samples")) == 2
+    assert "i3d: " in cell_text(notebook_cell(nb, "networks")) and "c3d: " in cell_text(notebook_cell(nb, "networks"))
+    assert notebook_cell(nb, "setup").outputs == []

@@ -32,28 +32,29 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
-from helpers import random_model, tiny_magicvideo_stages
+from helpers import (
+    cell_text,
+    cell_videos,
+    notebook_cell,
+    notebook_kernel,
+    random_model,
+    run_notebook,
+    tiny_magicvideo_stages,
+)
 
 REPO = Path(__file__).parents[1]
 NOTEBOOKS = REPO / "notebooks"
-KERNEL = "magdiff-jax-notebooks"
 STAGE_MODELS = {"unet": "magdiff", "vae": "vae", "text_encoder": "clip_text", "image_encoder": "clip_vision"}
 SEEDS = [3, 5]
 MV_PROMPTS = ["a red circle moves left", "a blue square moves up"]
-PATH_PARAMETERS = ("STAGES", "EXPORT", "IMAGE", "MASK", "VIDEO", "MASKS", "_DIR")  # a parameter that names a path
+# a parameter that names a path
+PATH_PARAMETERS = ("STAGES", "EXPORT", "IMAGE", "MASK", "VIDEO", "MASKS", "_DIR", "_FILE")
 
 
 @pytest.fixture(scope="module")
 def kernel(tmp_path_factory):
-    """A kernelspec running this Python with this checkout first on its path, found through JUPYTER_PATH."""
-    from ipykernel.kernelspec import install
-
-    prefix = tmp_path_factory.mktemp("jupyter")
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    install(kernel_name=KERNEL, prefix=str(prefix), env={"PYTHONPATH": path})
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
-        yield KERNEL
+    with notebook_kernel(tmp_path_factory.mktemp("jupyter")) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")
@@ -96,28 +97,6 @@ def magicvideo_stages(tmp_path_factory):
     return tiny_magicvideo_stages(tmp_path_factory.mktemp("magicvideo_nb"))
 
 
-def _run(notebook: str, kernel: str, parameters: dict, workdir: Path):
-    import papermill
-
-    out = workdir / f"executed_{notebook}"
-    papermill.execute_notebook(str(NOTEBOOKS / notebook), str(out), parameters=parameters, kernel_name=kernel,
-                               cwd=str(workdir), progress_bar=False, log_output=False, execution_timeout=600)
-    return nbformat.read(out, as_version=4)
-
-
-def _cell(nb, cell_id: str):
-    return next(c for c in nb.cells if c.get("id") == cell_id)
-
-
-def _text(cell) -> str:
-    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-
-
-def _videos(cell) -> int:
-    return sum(o.get("data", {}).get("text/html", "").count("<video") for o in cell.outputs
-               if o.output_type == "display_data")
-
-
 def test_magdiff_sample_generates_and_edits(kernel, magdiff_inputs, tmp_path):
     from magdiff_jax.data.video_io import read_video
 
@@ -127,17 +106,17 @@ def test_magdiff_sample_generates_and_edits(kernel, magdiff_inputs, tmp_path):
                   EDIT_VIDEO=str(root / "source.mp4"), EDIT_MASKS=str(root / "masks"),
                   EDIT_PROMPT="a blue square moves up", EDIT_STRENGTH=0.5, NUM_STEPS=2, GUIDANCE=3.0,
                   OUTPUT_DIR=str(tmp_path / "outputs"), DISPLAY_HEIGHT=64)
-    nb = _run("magdiff_sample.ipynb", kernel, params, tmp_path)
+    nb = run_notebook("magdiff_sample.ipynb", kernel, params, tmp_path)
 
     expected = [tmp_path / "outputs" / f"generated_seed{s}.mp4" for s in SEEDS] + [tmp_path / "outputs" / "edited.mp4"]
     for path in expected:
         assert read_video(path).shape == (2, 32, 32, 3), path
-    assert _text(_cell(nb, "outputs")).split() == [str(p) for p in expected]
-    assert _videos(_cell(nb, "generate")) == len(SEEDS)
-    assert _videos(_cell(nb, "edit")) == 3  # source, kept region, edited
-    assert sum(o.get("data", {}).get("text/html", "").count("<img") for o in _cell(nb, "inputs").outputs) == 2
-    assert f"magdiff_jax from {REPO / 'magdiff_jax'}" in _text(_cell(nb, "imports"))
-    assert _cell(nb, "setup").outputs == []  # off Colab: nothing mounted, nothing installed
+    assert cell_text(notebook_cell(nb, "outputs")).split() == [str(p) for p in expected]
+    assert cell_videos(notebook_cell(nb, "generate")) == len(SEEDS)
+    assert cell_videos(notebook_cell(nb, "edit")) == 3  # source, kept region, edited
+    assert sum(o.get("data", {}).get("text/html", "").count("<img") for o in notebook_cell(nb, "inputs").outputs) == 2
+    assert f"magdiff_jax from {REPO / 'magdiff_jax'}" in cell_text(notebook_cell(nb, "imports"))
+    assert notebook_cell(nb, "setup").outputs == []  # off Colab: nothing mounted, nothing installed
 
 
 def _table(text: str) -> list[list[str]]:
@@ -157,7 +136,7 @@ def test_magicvideo_shows_each_stage_and_resumes(kernel, magicvideo_stages, tmp_
     params = dict(REPO_URL="", STAGES=str(magicvideo_stages), PROMPTS=MV_PROMPTS, SEEDS=[7, 8], OUTPUT_DIR=str(out),
                   T2I_STEPS=2, I2V_STEPS=2, V2V_STEPS=2, T2I_GUIDANCE=7.5, I2V_GUIDANCE=3.0, V2V_GUIDANCE=1.0,
                   FRAMES=3, FACTOR=3, PROGRESS=False, RERUN={"factor": 2}, RERUN_DIR=str(rerun), DISPLAY_HEIGHT=64)
-    nb = _run("magicvideo.ipynb", kernel, params, tmp_path)
+    nb = run_notebook("magicvideo.ipynb", kernel, params, tmp_path)
 
     for k in range(2):
         assert np.asarray(Image.open(out / f"reference_{k}.png")).shape == (16, 16, 3)
@@ -171,29 +150,29 @@ def test_magicvideo_shows_each_stage_and_resumes(kernel, magicvideo_stages, tmp_
     assert summary["stages"]["v2v"]["settings"]["v2v_steps"] == 2 and summary["settings"]["i2v_guidance"] == 3.0
 
     # one section per stage, each showing that stage's frames for both prompts
-    assert sum(o.get("data", {}).get("text/html", "").count("<img") for o in _cell(nb, "t2i").outputs) == 2
+    assert sum(o.get("data", {}).get("text/html", "").count("<img") for o in notebook_cell(nb, "t2i").outputs) == 2
     for name in ("i2v", "v2v", "vfi"):
-        assert _videos(_cell(nb, name)) == 2, name
-    assert f"magdiff_jax from {REPO / 'magdiff_jax'}" in _text(_cell(nb, "imports"))
-    assert "magicvideo [4/4] vfi" in _text(_cell(nb, "run"))  # the pipeline's progress lines are shown
-    timings = _text(_cell(nb, "timings"))
+        assert cell_videos(notebook_cell(nb, name)) == 2, name
+    assert f"magdiff_jax from {REPO / 'magdiff_jax'}" in cell_text(notebook_cell(nb, "imports"))
+    assert "magicvideo [4/4] vfi" in cell_text(notebook_cell(nb, "run"))  # the pipeline's progress lines are shown
+    timings = cell_text(notebook_cell(nb, "timings"))
     assert _table(timings) == [["stage", "run"], ["t2i", "ran"], ["i2v", "ran"], ["v2v", "ran"], ["vfi", "ran"]]
     assert "  2x3x16x16x3  " in timings.splitlines()[2]
     written = timings.split("written:\n")[1].split()
     assert written == [str(out / f"{name}_{k}.{ext}") for name, ext in (
         ("reference", "png"), ("keyframes", "mp4"), ("hires", "mp4"), ("final", "mp4")) for k in range(2)] + [
         str(out / "summary.json")]
-    assert _cell(nb, "setup").outputs == []
+    assert notebook_cell(nb, "setup").outputs == []
 
     # the second run: a VFI setting changed, so every stage before VFI is skipped; the first run's folder is kept
     again = json.loads((rerun / "summary.json").read_text())
     assert [again["stages"][s]["skipped"] for s in ("t2i", "i2v", "v2v", "vfi")] == [True, True, True, False]
-    assert _table(_text(_cell(nb, "rerun")))[1:] == [["t2i", "skipped"], ["i2v", "skipped"], ["v2v", "skipped"],
-                                                    ["vfi", "ran"]]
+    assert _table(cell_text(notebook_cell(nb, "rerun")))[1:] == [["t2i", "skipped"], ["i2v", "skipped"],
+                                                                  ["v2v", "skipped"], ["vfi", "ran"]]
     for k in range(2):
         assert read_video(rerun / f"final_{k}.mp4").shape == (5, 32, 32, 3)
         assert read_video(out / f"final_{k}.mp4").shape == (7, 32, 32, 3)
-    assert _videos(_cell(nb, "rerun")) == 4  # both prompts' final videos, before and after the change
+    assert cell_videos(notebook_cell(nb, "rerun")) == 4  # both prompts' final videos, before and after the change
 
 
 def test_the_readers_name_a_bad_input(magdiff_inputs, tmp_path):
@@ -242,7 +221,7 @@ def _path_parameters(nb) -> dict:
     return {k: v for k, v in defaults.items() if k.endswith(PATH_PARAMETERS)}
 
 
-@pytest.mark.parametrize("notebook", ["magdiff_sample.ipynb", "magicvideo.ipynb"])
+@pytest.mark.parametrize("notebook", ["magdiff_sample.ipynb", "magicvideo.ipynb", "evaluate.ipynb"])
 @pytest.mark.parametrize(("runtime", "extra", "drive"), [("gpu", "[cuda]", True), ("tpu", "[tpu]", False),
                                                        ("cpu", "", False)])
 def test_the_colab_setup_mounts_drive_and_installs(monkeypatch, notebook, runtime, extra, drive):
@@ -268,20 +247,21 @@ def test_the_colab_setup_mounts_drive_and_installs(monkeypatch, notebook, runtim
     monkeypatch.delenv("COLAB_TPU_ADDR", raising=False)
     monkeypatch.setattr(os, "kill", lambda *a: pytest.fail("the runtime was restarted"))
     namespace = {}
-    exec(_cell(nb, "parameters").source, namespace)
+    exec(notebook_cell(nb, "parameters").source, namespace)
     if not drive:
         for name in _path_parameters(nb):
             namespace[name] = f"/tmp/{name.lower()}"
     namespace["REPO_URL"] = "git+https://example.com/magdiff_jax.git"
-    exec(_cell(nb, "setup").source, namespace)
+    exec(notebook_cell(nb, "setup").source, namespace)
     assert fake.mounted == (["/content/drive"] if drive else [])
     assert calls == [[sys.executable, "-m", "pip", "install", "-q",
                       f"magdiff_jax{extra} @ git+https://example.com/magdiff_jax.git"]]
 
 
 # every notebook of notebooks/ and the test that executes it
-EXECUTED = {"magdiff_sample.ipynb": test_magdiff_sample_generates_and_edits,
-            "magicvideo.ipynb": test_magicvideo_shows_each_stage_and_resumes}
+EXECUTED = {"magdiff_sample.ipynb": "test_notebooks.py::test_magdiff_sample_generates_and_edits",
+            "magicvideo.ipynb": "test_notebooks.py::test_magicvideo_shows_each_stage_and_resumes",
+            "evaluate.ipynb": "test_eval_suite.py::test_the_evaluate_notebook_scores_and_shows_the_report"}
 
 
 @pytest.mark.parametrize("path", sorted(NOTEBOOKS.glob("*.ipynb")), ids=lambda p: p.name)
@@ -289,6 +269,9 @@ def test_committed_notebooks_are_clean(path):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     assert path.name in EXECUTED, f"{path.name} is executed by no test: add it to EXECUTED"
+    file, test = EXECUTED[path.name].split("::")
+    defined = {f.name for f in ast.parse((REPO / "tests" / file).read_text()).body if isinstance(f, ast.FunctionDef)}
+    assert test in defined, f"{EXECUTED[path.name]}: no such test"
     code = [c for c in nb.cells if c.cell_type == "code"]
     for cell in code:
         assert cell.outputs == [] and cell.execution_count is None, f"{path.name}: cell {cell.id} has outputs"

@@ -355,6 +355,22 @@ def load_clip(folder, batch_size: int = 32):
     return CLIPEmbedder(*towers, batch_size=batch_size), CLIPTokenizer.from_folder(tok_folder, max_length=max_length)
 
 
+def load_networks(i3d=None, c3d=None, clip=None, vgg=None, batch_size: int = 32) -> dict[str, Any]:
+    """The feature networks an evaluation suite takes (`eval.suite.run_suite`'s keywords) from their paths; None
+    skips one. `i3d`: `I3DFeatures` (pytorch-i3d's file or a converted folder); `c3d`: `C3DProbabilities`; `clip`:
+    (CLIPEmbedder, CLIPTokenizer) (`load_clip`); `vgg`: the LPIPS (module, params) of a converted folder."""
+    nets: dict[str, Any] = {}
+    if i3d:
+        nets["i3d"] = I3DFeatures.from_torch(i3d)
+    if c3d:
+        nets["c3d"] = C3DProbabilities(*load_feature_network(c3d, "c3d"))
+    if clip:
+        nets["clip"] = load_clip(clip, batch_size=batch_size)
+    if vgg:
+        nets["vgg"] = load_feature_network(vgg, "lpips")
+    return nets
+
+
 def merge_rows(*row_lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows of the same label from several scores merged into one row per label (first-seen order); each score's
     own details (protocol, network, counts) kept under the score's name."""
@@ -391,4 +407,4 @@ def load_feature_network(path, kind: str):
 
 
 __all__ = ["CLIP_SCORES", "C3DProbabilities", "ISProtocol", "evaluate_clip", "evaluate_fvd", "evaluate_is",
-           "load_clip", "load_feature_network", "merge_rows", "read_prompts"]
+           "load_clip", "load_feature_network", "load_networks", "merge_rows", "read_prompts"]
