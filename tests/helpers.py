@@ -371,3 +371,23 @@ def cell_videos(cell) -> int:
     """How many <video>s a cell displayed."""
     return sum(o.get("data", {}).get("text/html", "").count("<video") for o in cell.outputs
                if o.output_type == "display_data")
+
+
+def tiny_clip_model_folder(root):
+    """A tiny random transformers CLIPModel saved whole in `root` (config.json + model.safetensors, both towers) with
+    a CLIP-style tokenizer beside it, as openai/clip-vit-base-patch32's folder is laid out; returns the torch model
+    (2 layers of width 32 per tower, 32 px images in 8 px patches, 24-d projections)."""
+    import torch
+    import transformers
+
+    vocab = write_tokenizer(root, pad_token="!")
+    text = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48,
+                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
+                                       bos_token_id=vocab[BOS], eos_token_id=vocab[EOS], pad_token_id=vocab["!"])
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=32, patch_size=8)
+    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)
+    torch.manual_seed(3)
+    model = perturb_(transformers.CLIPModel(config), scale=0.1, seed=4).eval()
+    model.save_pretrained(root)
+    return model

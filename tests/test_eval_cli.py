@@ -198,25 +198,10 @@ def test_is_command_equals_the_score_of_the_c3d_probabilities(setup, tmp_path):
 
 @pytest.fixture(scope="module")
 def clip_folder(tmp_path_factory):
-    """A tiny random transformers CLIPModel saved whole (config.json + model.safetensors, both towers) with a
-    CLIP-style tokenizer beside it, as openai/clip-vit-base-patch32's folder is laid out."""
-    import torch
-    import transformers
-    from helpers import perturb_, write_tokenizer
+    from helpers import tiny_clip_model_folder
 
     root = tmp_path_factory.mktemp("clip_model")
-    vocab = write_tokenizer(root, pad_token="!")
-    text = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48,
-                                       num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=16,
-                                       bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                                       pad_token_id=vocab["!"])
-    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=32, patch_size=8)
-    config = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)
-    torch.manual_seed(3)
-    model = perturb_(transformers.CLIPModel(config), scale=0.1, seed=4).eval()
-    model.save_pretrained(root)
-    return root, model
+    return root, tiny_clip_model_folder(root)
 
 
 def test_clip_model_folder_converts_both_towers(clip_folder):

@@ -213,3 +213,27 @@ def test_the_evaluate_notebook_scores_and_shows_the_report(setup, kernel, tmp_pa
     assert cell_videos(notebook_cell(nb, "samples")) == 2
     assert "i3d: " in cell_text(notebook_cell(nb, "networks")) and "c3d: " in cell_text(notebook_cell(nb, "networks"))
     assert notebook_cell(nb, "setup").outputs == []
+
+
+def test_davis_suite_edits_each_clip_and_scores_it_against_its_prompt(setup, tmp_path):
+    """davis on the synthetic data: the clips the edit prompts name, edited from noise with their masks kept (2
+    DDIM steps), written with their prompts; text alignment and frame consistency equal `evaluate_clip` on the
+    sample folder (a fresh cache), with the tiny CLIPModel folder of tests/helpers.py."""
+    from helpers import tiny_clip_model_folder
+
+    s = setup
+    tiny_clip_model_folder(tmp_path / "clip")
+    clip = runner.load_clip(tmp_path / "clip")
+    prompts = {"00001.mp4": "a blue circle moves up", "00003.mp4": "a red square moves left"}
+    out = tmp_path / "davis"
+    report = suite.run_suite("davis", {"step_3": s["export"]}, s["data"], out, load_pipeline=load_pipeline,
+                             num_videos=2, num_steps=2, guidance=3.0, batch_size=2, clip=clip, edit_prompts=prompts)
+    samples = out / "samples" / "step_3"
+    written = json.loads((samples / "prompts.json").read_text())
+    assert sorted(written.values()) == sorted(prompts.values())
+    assert all(v.shape == (16, 32, 32, 3) for _, v in read_videos(video_files(samples)))
+    (row,) = report["rows"]
+    (want,) = runner.evaluate_clip(*clip, {"x": samples}, {"x": written}, cache=tmp_path / "c")
+    for score in ("text_alignment", "frame_consistency"):
+        assert abs(row[score] - want[score]) <= 1e-6 * abs(want[score]), (score, row[score], want[score])
+    assert 0 < row["frame_consistency"] <= 100 + 1e-3 and row["num_videos"] == 2
