@@ -292,3 +292,30 @@ def test_image_guidance_is_refused_without_subject_dropout(tmp_path):
     with pytest.raises(ValueError, match=r"subject dropout.*probs.none = 0.*never\s+trained"):
         cli._generate(args)
     assert not (tmp_path / "o.mp4").exists()
+
+
+def test_initial_noise_is_iid_by_default_and_pyoco_on_request():
+    """Sampling's first latent: i.i.d. N(0, I) by default (the same draw as before the option, so seeds give the
+    same videos), PYoCo mixed / progressive frame correlation on request (alpha 2: corr 4/5 between any frames,
+    (2/sqrt(5))^|i-j| progressive), unit variance either way; a bad option is refused before compiling."""
+    from magdiff_jax.pipelines.magdiff import MagDiffPipeline, initial_noise
+
+    key, shape = jax.random.key(0), (512, 3, 4, 4, 4)
+    np.testing.assert_array_equal(initial_noise(key, shape), jax.random.normal(key, shape))
+
+    def corr(x, i, j):
+        return float(np.corrcoef(np.asarray(x[:, i]).ravel(), np.asarray(x[:, j]).ravel())[0, 1])
+
+    iid, mixed, prog = (initial_noise(key, shape, n) for n in (("iid", 0.0), ("mixed", 2.0), ("progressive", 2.0)))
+    assert abs(corr(iid, 0, 2)) < 0.05
+    assert abs(corr(mixed, 0, 2) - 0.8) < 0.03 and abs(corr(mixed, 0, 1) - 0.8) < 0.03
+    assert abs(corr(prog, 0, 1) - 0.8 ** 0.5) < 0.03 and abs(corr(prog, 0, 2) - 0.8) < 0.03
+    for x in (mixed, prog):
+        assert abs(float(np.std(np.asarray(x))) - 1) < 0.03
+    pipe = MagDiffPipeline.__new__(MagDiffPipeline)  # the checks run before any model is touched
+    pipe.config = ml_collections.ConfigDict({"data": {"subject": {"probs": {"none": 0.05}}}})
+    pipe.stage = None
+    with pytest.raises(ValueError, match="noise correlation must be one of"):
+        pipe([], [], noise=("pink", 1.0))
+    with pytest.raises(ValueError, match=r"alpha .* must be a finite number >= 0"):
+        pipe([], [], noise=("mixed", -1.0))

@@ -70,9 +70,17 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
         x = _invert(models, params, encode_video(vae, params["vae"], init_video), cond, null_ctx, schedule,
                     num_steps, num_steps - start)
     else:
-        x = frame_noise(key, shape, noise[0], noise[1], jnp.float32) * state.init_noise_sigma
+        x = initial_noise(key, shape, noise) * state.init_noise_sigma
     x = sample_loop(sampler, state, eps, x, start=start, callback=progress)
     return decode_video(vae, params["vae"], x)
+
+
+def initial_noise(key, shape, noise: tuple[str, float] = ("iid", 0.0)) -> jax.Array:
+    """The initial noise (B, F, h, w, c), unit variance per element: i.i.d. (the paper's default, A.9; the same draw
+    as `jax.random.normal(key, shape)`) or PYoCo's "mixed" / "progressive" frame correlation with alpha
+    (`noise_prior.frame_noise`)."""
+    kind, alpha = noise
+    return frame_noise(key, shape, kind, alpha, jnp.float32)
 
 
 def _invert(models, params, latents, cond, null_ctx, schedule, num_steps: int, steps: int):
@@ -185,7 +193,7 @@ class MagDiffPipeline(StagePipeline):
 
     def check_image_guidance(self, image_guidance: float | None) -> None:
         """Refuses two-scale guidance on a stage trained without subject dropout (`check_image_guidance`)."""
-        check_image_guidance(self.config, image_guidance, self.stage.path)
+        check_image_guidance(self.config, image_guidance, getattr(self.stage, "path", "the stage"))
 
     def __call__(self, examples: list[dict], seeds, *, num_steps: int = 50, guidance: float = 7.5,
                  image_guidance: float | None = None, strength: float = 1.0, negative_prompt: str = "",
