@@ -64,6 +64,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.task = "magdiff"
     # CLIP vision hidden state for the image tokens: the last layer's, before post_layernorm (PAPERS.md A.2)
     c.task_options.image_layer = -1
+    c.task_options.dropout = True  # the U-Net's dropout live in training, as the paper's code and diffusers
     c.data.masks = True
     c.data.subject.enabled = True
     c.data.caption_dropout = 0.15

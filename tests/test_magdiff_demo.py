@@ -82,9 +82,14 @@ def test_the_demo_writes_what_a_person_looks_at(demo):
     from PIL import Image
 
     from magdiff_jax.data.video_io import read_video
+    from magdiff_jax.export.stage import read_stage_config
 
     workdir, summary = demo
     assert json.loads((workdir / "summary.json").read_text()) == summary
+    # the export's config records what sampling needs to know of training: the CLIP layer of the image tokens
+    # and the subject-dropout probability (image guidance is refused without it)
+    stage_config = read_stage_config(workdir / "magdiff" / "export")
+    assert stage_config.task_options.image_layer == -1 and stage_config.data.subject.probs.none > 0
     assert len(summary["detected_motions"]) == SUBJECTS * 4 * SEEDS and 0 <= summary["motion_accuracy"] <= 1
     for k in range(SUBJECTS):
         video = read_video(workdir / f"generated_{k}.mp4")

@@ -236,8 +236,8 @@ def test_trainable_subset_is_the_paper_codes():
 
 def test_training_runs_the_unet_with_dropout_and_sampling_without():
     """`MagDiffTask.update` (traced, never compiled) applies the U-Net with deterministic=False and a "dropout" key
-    from the step's key (the temporal convs' dropout 0.1 is live, as in diffusers' training); its preview (the
-    pipeline's `generate`) applies it deterministically."""
+    from the step's key (the temporal convs' dropout 0.1 is live, as in diffusers' training; the base config's
+    default, `task_options.dropout`); its preview (the pipeline's `generate`) applies it deterministically."""
     import types
 
     task, config, modules, params = _tiny_abstract()
@@ -259,8 +259,14 @@ def test_training_runs_the_unet_with_dropout_and_sampling_without():
              "subject_clip": jnp.zeros((1, f, 32, 32, 3))}
     ctx = types.SimpleNamespace(config=config, modules=modules,
                                 minimize=lambda fn: (jax.eval_shape(lambda p: fn(p)[0], params),))
+    assert load_config("magdiff", "base").task_options.dropout is True
+    config.task_options.dropout = True
     task.update(ctx, batch, jax.random.key(0))
     assert calls and all(c["deterministic"] is False and "dropout" in (c["rngs"] or {}) for c in calls), calls
+    calls.clear()
+    config.task_options.dropout = False  # the option off: deterministic training
+    task.update(ctx, batch, jax.random.key(0))
+    assert calls and all(c["deterministic"] is True for c in calls), calls
     calls.clear()
     config.preview.num_steps = 2
     jax.eval_shape(lambda p: task.preview(modules, p, batch, jax.random.key(1), config=config), params)

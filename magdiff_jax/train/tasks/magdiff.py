@@ -25,10 +25,11 @@ class MagDiffTask:
     resampler) and its VAE latents at the pyramid sizes (through the entity pyramid); group `unet` (`TRAINABLE`).
     Caption dropout (and subject dropout: the data pipeline's `subject.probs.none`, black subjects) happen in the
     data pipeline. The U-Net runs with dropout (`deterministic=False`, a "dropout" key from the step's key), as the
-    paper's code and diffusers train; sampling is deterministic. Batches: `video` (B, F, H, W, 3), `tokens`,
-    `subject_<size>` per pyramid size and `subject_clip` (data.subject.enabled). `task_options.image_layer`: the CLIP
-    vision hidden state used as image features (`models.magdiff.image_layer_of`: -1, the last layer's output before
-    `post_layernorm`, is what PAPERS.md A.2 reads in the released code; a config without the key reads -2)."""
+    paper's code and diffusers train, unless `task_options.dropout` is false; sampling is deterministic. Batches:
+    `video` (B, F, H, W, 3), `tokens`, `subject_<size>` per pyramid size and `subject_clip` (data.subject.enabled).
+    `task_options.image_layer`: the CLIP vision hidden state used as image features (`models.magdiff.image_layer_of`:
+    -1, the last layer's output before `post_layernorm`, is what PAPERS.md A.2 reads in the released code; a config
+    without the key reads -2)."""
 
     name: str = "magdiff"
 
@@ -51,6 +52,7 @@ class MagDiffTask:
         vae, unet, text = ctx.modules["vae"], ctx.modules["unet"], ctx.modules["text_encoder"]
         k_lat, k_sub, k_noise, k_t, k_drop = jax.random.split(key, 5)
         layer = image_layer_of(config.task_options)
+        train_dropout = bool(config.task_options.get("dropout", True))
 
         def loss_fn(params):
             latents = jax.lax.stop_gradient(encode_video(vae, params["vae"], batch["video"], k_lat))
@@ -60,8 +62,8 @@ class MagDiffTask:
             context = text.apply({"params": params["text_encoder"]}, batch["tokens"]).last_hidden_state
 
             def model_fn(x, t):
-                return unet.apply({"params": params["unet"]}, x, t, context, **cond, deterministic=False,
-                                  rngs={"dropout": k_drop})
+                return unet.apply({"params": params["unet"]}, x, t, context, **cond,
+                                  deterministic=not train_dropout, rngs={"dropout": k_drop})
 
             loss = diffusion_loss(model_fn, latents, k_noise, k_t, schedule_from(config),
                                   prediction_type=config.schedule.prediction_type, timestep_bias=timestep_bias(config))
