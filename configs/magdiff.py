@@ -10,9 +10,11 @@
         caption's direction is needed (at lower noise the noisy last frame shows where the subject went). Expected:
         after the default 600 steps (about 4-5 minutes on 2 CPU cores) the demo's held-out generations have the
         subject's colour and move the way their captions say (3 subjects x 4 motions x 3 seeds: 100% for training
-        seeds 0, 1 and 2; benchmarks/README.md, "The tiny MagDiff config", has the measurements behind these
-        settings). samples/ shows generations from the first batch's subjects and captions. `:demo` is this config
-        without previews (`magdiff-jax demo`'s own).
+        seeds 0, 1 and 2 before the paper's image layer and CLIP and pyramid inputs became the defaults; with them,
+        `magdiff-jax demo` measured colour 12/12 and motion 11/12 on one seed; benchmarks/README.md, "The tiny
+        MagDiff config", has the measurements behind these settings). Dropout is off here (below). samples/ shows
+        generations from the first batch's subjects and captions. `:demo` is this config without previews
+        (`magdiff-jax demo`'s own).
     magdiff-jax train --config configs/magdiff.py:base --workdir gs://bucket/magdiff \\
         --config.init_from=out/magdiff_init \\
         --config.data.source=folder --config.data.path=data/pexels --config.data.masks=true
@@ -80,6 +82,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         # most timesteps where the subject's direction is not in the noisy frames (docstring)
         c.schedule.timestep_bias = 16.0
         c.trainable = r"^(unet|text_encoder)/"  # from scratch: the whole MagDiff U-Net and the text encoder
+        # no dropout in this short run: with the temporal convs' dropout (0.1) live, the demo's 600 steps moved 7 of
+        # 12 held-out subjects the caption's way, against 11 of 12 without (colour 12/12 both; one training seed)
+        c.task_options.dropout = False
         c.data.source = "synthetic"
         # the clip's first and last frames show its whole path (6.4 px, 3.2 latent px); every subject starts where
         # it could go any way, so only the caption tells the direction (the demo asks each held-out subject for all
