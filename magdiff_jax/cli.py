@@ -766,8 +766,9 @@ def _demo(args) -> None:
     args.workdir = args.workdir or "magdiff_demo"
     summary = run_demo(args.workdir, FLAGS.config)
     print(f"demo done in {args.workdir}: subject colour right in {summary['colour_accuracy']:.0%} of generations "
-          f"(chance {summary['chance']:.0%}), motion right in {summary['motion_accuracy']:.0%} "
-          f"(chance {summary['motion_chance']:.0%}); see contact_sheet.png, generated_*.mp4, edited.mp4, loss.png")
+          f"(chance {summary['chance']:.0%}; p {summary['colour_p_value']:.2g}), motion right in "
+          f"{summary['motion_accuracy']:.0%} (chance {summary['motion_chance']:.0%}; p "
+          f"{summary['motion_p_value']:.2g}); see contact_sheet.png, generated_*.mp4, edited.mp4, loss.png")
 
 
 COMMANDS = {"convert": _convert, "data": _data, "train": _train, "export": _export, "sample": _generate,
