@@ -209,7 +209,13 @@ def _add_generation(sub):
     common.add_argument("--guidance", type=float, default=7.5, help="text guidance scale")
     common.add_argument("--image-guidance", type=float, default=None,
                         help="two-scale guidance: the image scale (default: text-only guidance, the subject kept in "
-                             "both passes)")
+                             "both passes); refused for a model trained without subject dropout")
+    common.add_argument("--negative-prompt", default="",
+                        help="the unconditional text of guidance (default \"\": the caption dropout's; the paper's "
+                             "evaluator may use \"watermark\")")
+    common.add_argument("--correlation", choices=("iid", "mixed", "progressive"), default="iid",
+                        help="initial frame noise: independent (the paper's default), or PYoCo mixed / progressive")
+    common.add_argument("--alpha", type=float, default=0.0, help="PYoCo correlation strength (>= 0)")
     common.add_argument("--fps", type=int, default=8)
     sa = sub.add_parser("sample", parents=[common], help="MagDiff generation: subject image + prompt -> video")
     sa.add_argument("--subject", required=True, help="subject image (PNG/JPEG/WebP/BMP)")
@@ -657,14 +663,17 @@ def _generate_local_inputs(args) -> None:
 
     from magdiff_jax.data.video_io import write_video
     from magdiff_jax.export.stage import read_stage_config
-    from magdiff_jax.pipelines.magdiff import MagDiffPipeline, read_edit_source, read_subject
+    from magdiff_jax.pipelines.magdiff import MagDiffPipeline, check_image_guidance, read_edit_source, read_subject
     from magdiff_jax.utils.files import user_path
 
-    # the inputs first: an unreadable image or video is one error naming it, before a model is loaded
+    # the inputs and settings first: an unreadable image or video, or a setting the stage cannot take, is one error
+    # naming it, before a model is loaded
     if args.command == "sample":
         image, mask = read_subject(args.subject, args.mask)
     else:  # as many frames as the model makes (the stage's config says how many, no model loaded yet)
         frames, masks = read_edit_source(args.video, args.masks, int(read_stage_config(args.workdir).data.num_frames))
+    if args.image_guidance is not None:
+        check_image_guidance(read_stage_config(args.workdir), args.image_guidance, args.workdir)
     pipe = MagDiffPipeline.load(args.workdir)
     f = pipe.num_frames
     if args.command == "sample":
@@ -678,7 +687,8 @@ def _generate_local_inputs(args) -> None:
                  args.num_steps)
     t0 = time.perf_counter()
     videos = pipe(examples, seeds, num_steps=args.num_steps, guidance=args.guidance,
-                  image_guidance=args.image_guidance, progress=True, **extra)
+                  image_guidance=args.image_guidance, negative_prompt=args.negative_prompt,
+                  noise=(args.correlation, args.alpha), progress=True, **extra)
     out = user_path(args.out)
     paths = [out] if len(videos) == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(len(videos))]
     for path, video in zip(paths, videos):
@@ -854,8 +864,9 @@ def _demo(args) -> None:
     args.workdir = args.workdir or "magdiff_demo"
     summary = run_demo(args.workdir, FLAGS.config)
     print(f"demo done in {args.workdir}: subject colour right in {summary['colour_accuracy']:.0%} of generations "
-          f"(chance {summary['chance']:.0%}), motion right in {summary['motion_accuracy']:.0%} "
-          f"(chance {summary['motion_chance']:.0%}); see contact_sheet.png, generated_*.mp4, edited.mp4, loss.png")
+          f"(chance {summary['chance']:.0%}; p {summary['colour_p_value']:.2g}), motion right in "
+          f"{summary['motion_accuracy']:.0%} (chance {summary['motion_chance']:.0%}; p "
+          f"{summary['motion_p_value']:.2g}); see contact_sheet.png, generated_*.mp4, edited.mp4, loss.png")
 
 
 def _eval(args) -> None:

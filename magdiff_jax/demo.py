@@ -14,7 +14,8 @@
    whose `colour_accuracy` is the fraction of generations whose subject region (the entity's mask on the first
    frame) is closest in mean colour to the entity's own palette colour among the six (chance: 1/6), and
    `motion_accuracy` the fraction whose subject (pixels of its colour) moves from the first to the last frame in
-   the caption's direction (chance: 1/4).
+   the caption's direction (chance: 1/4); `colour_p_value` and `motion_p_value` are the chances of doing as well by
+   luck (`above_chance`).
 """
 
 from __future__ import annotations
@@ -89,6 +90,17 @@ def subject_motion_accuracy(videos, colours, motions) -> tuple[float, list[str |
     """(fraction of videos whose subject moves as its caption says, the detected directions); chance 1/4."""
     detected = [subject_motion(v, c) for v, c in zip(videos, colours, strict=True)]
     return float(np.mean([d == m for d, m in zip(detected, motions, strict=True)])), detected
+
+
+def above_chance(hits: int, n: int, chance: float) -> float:
+    """The one-sided binomial p-value of `hits` right out of `n` where each is right with probability `chance`:
+    P(X >= hits), X ~ Binomial(n, chance). Small: the accuracy is above chance (12 generations, chance 1/4: 6 right
+    gives 0.054, 7 gives 0.014, 12 gives 6e-8)."""
+    from math import comb
+
+    if not 0 <= hits <= n:
+        raise ValueError(f"hits={hits} must be between 0 and n={n}")
+    return float(sum(comb(n, k) * chance**k * (1 - chance) ** (n - k) for k in range(hits, n + 1)))
 
 
 def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, smooth: int = 5) -> Path:
@@ -270,9 +282,11 @@ def run_demo(workdir: str | Path, config: ml_collections.ConfigDict | None = Non
     save_png(workdir / "contact_sheet.png", contact_grid(cells, row_labels, col_labels, title=title,
                                                          cell_labels=cell_labels))
     loss_plot({"vae": _losses(workdir / "vae"), "magdiff": _losses(workdir / "magdiff")}, workdir / "loss.png")
+    n = len(colours)
     summary = {"colour_accuracy": accuracy, "chance": 1 / 6, "nearest_colours": nearest, "colours": colours,
+               "colour_p_value": above_chance(round(accuracy * n), n, 1 / 6),
                "motion_accuracy": motion_accuracy, "motion_chance": 1 / 4, "detected_motions": detected,
-               "motions": motions,
+               "motion_p_value": above_chance(round(motion_accuracy * n), n, 1 / 4), "motions": motions,
                "generated": [str(p) for p in outputs], "edited": str(workdir / "edited.mp4"),
                "contact_sheet": str(workdir / "contact_sheet.png"), "loss_plot": str(workdir / "loss.png"),
                "magdiff_final_loss": _losses(workdir / "magdiff")[-1][1]}

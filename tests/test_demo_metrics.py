@@ -6,7 +6,14 @@ import numpy as np
 
 from magdiff_jax.data.pipeline import synthetic_config
 from magdiff_jax.data.synthetic import COLORS, MOTIONS, make_clip
-from magdiff_jax.demo import load_config, loss_plot, subject_colour_accuracy, subject_motion, subject_motion_accuracy
+from magdiff_jax.demo import (
+    above_chance,
+    load_config,
+    loss_plot,
+    subject_colour_accuracy,
+    subject_motion,
+    subject_motion_accuracy,
+)
 
 CLIPS = [make_clip(i, synthetic_config(load_config("magdiff").data.synthetic)) for i in range(24)]  # 32x32, 4 frames
 
@@ -45,3 +52,13 @@ def test_colour_accuracy_of_real_clips_and_of_wrong_labels(tmp_path):
 
     plot = np.asarray(Image.open(path))  # utils.plots.line_plot: 700 x 280 px a panel, 30 px of title
     assert plot.shape == (2 * 280 + 30, 700, 3) and np.mean(np.any(plot < 200, axis=-1)) > 0.01
+
+
+def test_above_chance_is_the_binomial_tail():
+    """P(X >= hits), X ~ Binomial(n, chance): the demo's p-values of its accuracies against chance."""
+    assert above_chance(0, 12, 0.25) == 1.0
+    assert above_chance(12, 12, 0.25) == 0.25**12
+    assert abs(above_chance(6, 12, 0.25) - 0.0544) < 1e-3 and abs(above_chance(7, 12, 0.25) - 0.0143) < 1e-3
+    rng = np.random.default_rng(0)
+    draws = rng.binomial(12, 1 / 6, size=200_000)
+    assert abs(above_chance(4, 12, 1 / 6) - np.mean(draws >= 4)) < 0.005

@@ -54,7 +54,9 @@ def data_config() -> ml_collections.ConfigDict:
     c.caption_dropout = 0.0
     c.masks = False
     c.subject = ml_collections.ConfigDict({
-        "enabled": False, "sizes": (384, 320, 256), "clip_size": 224,
+        # the CLIP branch: resized and centre-cropped at clip_load_size, bicubic with antialias to clip_size (PAPERS.md
+        # A.2); the pyramid sizes are cut from the source frame (A.5)
+        "enabled": False, "sizes": (384, 320, 256), "clip_size": 224, "clip_load_size": 448,
         "probs": ml_collections.ConfigDict({"none": 0.0, "first": 0.8, "all": 0.2}), "eval_mode": "first",
     })
     c.interp = ml_collections.ConfigDict({"window": 7, "targets": ()})
@@ -93,6 +95,8 @@ def loader_spec(config, train: bool) -> LoaderSpec:
         height=height, width=width, crop=config.crop if train else "center", train=train,
         caption_dropout=config.caption_dropout, masks=config.masks, subject=config.subject.enabled,
         subject_sizes=tuple(config.subject.sizes), clip_size=config.subject.clip_size,
+        # a config written before the key loaded the CLIP branch at clip_size itself
+        clip_load_size=config.subject.get("clip_load_size", config.subject.clip_size),
         sda_probs=(probs.none, probs.first, probs.all), sda_eval_mode=config.subject.eval_mode,
         interp_window=config.interp.window, interp_targets=tuple(config.interp.targets),
         vsr_scale=config.vsr.scale, normalize=config.normalize, tokenizer=config.tokenizer,

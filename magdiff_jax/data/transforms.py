@@ -43,6 +43,7 @@ class LoaderSpec:
     subject: bool = False  # MagDiff subject: entity pyramid + CLIP image inputs
     subject_sizes: tuple[int, ...] = (384, 320, 256)
     clip_size: int = 224
+    clip_load_size: int = 448  # the CLIP branch's subject: resized and centre-cropped here, then bicubic to clip_size
     sda_probs: tuple[float, float, float] = (0.0, 0.8, 0.2)  # none, first, all (training)
     sda_eval_mode: str = "first"
     interp_window: int = 7  # septuplets (3: triplets)
@@ -63,6 +64,9 @@ class LoaderSpec:
         if p.shape != (3,) or (p < 0).any() or abs(p.sum() - 1) > 1e-6:
             raise ValueError(f"sda_probs (none, first, all) must be 3 non-negative numbers summing to 1, got "
                              f"{self.sda_probs}")
+        if self.clip_load_size < self.clip_size:
+            raise ValueError(f"clip_load_size={self.clip_load_size} must be at least clip_size={self.clip_size} (the "
+                             "CLIP branch's subject is loaded at clip_load_size and resized down to clip_size)")
         if self.task == "vsr" and (self.height % self.vsr_scale or self.width % self.vsr_scale):
             raise ValueError(f"vsr: {self.height}x{self.width} does not divide by the scale {self.vsr_scale}")
         if self.task == "interp" and self.interp_window < 3:
@@ -110,12 +114,38 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(im).resize((size[1], size[0]), method)) for im in images])
 
 
-def clip_preprocess(images: np.ndarray, size: int = 224) -> np.ndarray:
-    """CLIP image preprocessing without the normalisation: shorter side to `size` (bicubic), centre crop."""
-    h, w = images.shape[1:3]
-    sh, sw = scaled_size(h, w, size, size)
-    y, x = crop_offset((sh, sw), (size, size), None)
-    return resize_images(images, (sh, sw))[:, y:y + size, x:x + size]
+def resize_region(images: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """The region `box` = (y0, x0, y1, x1) (pixel coordinates, fractional allowed) of uint8 images (N, H, W[, C]),
+    resized straight from those pixels to (N, size[0], size[1][, C]): box filter when shrinking, bicubic when growing
+    (`resize_images`' filters)."""
+    from PIL import Image
+
+    y0, x0, y1, x1 = (float(v) for v in box)
+    if (y0, x0, y1, x1) == (0.0, 0.0, *map(float, images.shape[1:3])):
+        return resize_images(images, size)
+    shrink = size[0] * size[1] < (y1 - y0) * (x1 - x0)
+    method = Image.Resampling.BOX if shrink else Image.Resampling.BICUBIC
+    return np.stack([np.asarray(Image.fromarray(im).resize((size[1], size[0]), method, box=(x0, y0, x1, y1)))
+                     for im in images])
+
+
+def clip_preprocess(images: np.ndarray, size: int = 224, load_size: int = 448,
+                    box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    """The CLIP branch's subject without the normalisation (PAPERS.md A.2, the paper's loader and model): the
+    region `box` of the images (default: all of them) resized so its shorter side is `load_size` and centre-cropped
+    to load_size x load_size, then resized to size x size bicubic with antialiasing (PIL's bicubic filter widens
+    with the scale when shrinking). uint8 (N, H, W, 3) -> (N, size, size, 3)."""
+    y0, x0, y1, x1 = box if box is not None else (0, 0, *images.shape[1:3])
+    sh, sw = scaled_size(round(y1 - y0), round(x1 - x0), load_size, load_size)
+    fy, fx = (y1 - y0) / sh, (x1 - x0) / sw  # source pixels per loaded pixel
+    y, x = crop_offset((sh, sw), (load_size, load_size), None)
+    crop = (y0 + y * fy, x0 + x * fx, y0 + (y + load_size) * fy, x0 + (x + load_size) * fx)
+    loaded = resize_region(images, crop, (load_size, load_size))
+    if load_size == size:
+        return loaded
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(im).resize((size, size), Image.Resampling.BICUBIC)) for im in loaded])
 
 
 def entity_images(frames: np.ndarray, masks: np.ndarray) -> np.ndarray:
@@ -234,7 +264,8 @@ def load_example(record: dict, spec: LoaderSpec, rng: np.random.Generator) -> di
     out_hw = (spec.height, spec.width)
     size = scaled_size(info.height, info.width, *out_hw)
     y, x = crop_offset(size, out_hw, random if spec.crop == "random" else None)
-    frames = read_frames(record["video"], indices, resize=size)[:, y:y + spec.height, x:x + spec.width]
+    full = read_frames(record["video"], indices, resize=size)
+    frames = full[:, y:y + spec.height, x:x + spec.width]
     if frames.shape[1:] != (*out_hw, 3):
         raise ValueError(f"decoded frames have shape {frames.shape[1:]}, expected {(*out_hw, 3)}")
 
@@ -256,17 +287,59 @@ def load_example(record: dict, spec: LoaderSpec, rng: np.random.Generator) -> di
         if spec.masks:
             example["mask"] = masks.astype(np.uint8)
         if spec.subject:
-            example.update(subject_inputs(frames, masks, spec, rng))
+            # the region the video shows, as fractions of the frame
+            region = (y / size[0], x / size[1], (y + spec.height) / size[0], (x + spec.width) / size[1])
+
+            def detail(keep):
+                return _subject_detail(record, info, [i for i, k in zip(indices, keep) if k], spec, size,
+                                       full[keep], region)
+
+            example.update(subject_inputs(frames, masks, spec, rng, detail=detail))
     if spec.tokenizer:
         example["tokens"] = tokenizer(spec.tokenizer, spec.max_length)([example["caption"]])[0]
     return normalize_example(example) if spec.normalize else example
 
 
-def subject_inputs(frames: np.ndarray, masks: np.ndarray, spec: LoaderSpec, rng) -> dict:
+def subject_detail_size(src_hw: tuple[int, int], size: tuple[int, int], spec: LoaderSpec) -> tuple[int, int]:
+    """The resolution the subject's frames are decoded at: the source's own (`src_hw`), or smaller where the
+    source has more pixels than the largest subject image needs (its pyramid sizes and the CLIP branch's
+    `clip_load_size`, on the shorter side of the region the video shows; `size` is the frame size the video is
+    cropped from). So the entity pyramid sees the source's detail up to what it uses, and a 4K source costs at most
+    about (448 / 256)^2 times the video's pixels per subject frame."""
+    need = max(*spec.subject_sizes, spec.clip_load_size) / min(spec.height, spec.width)
+    h, w = round(size[0] * need), round(size[1] * need)
+    return (h, w) if h * w < src_hw[0] * src_hw[1] else tuple(src_hw)
+
+
+def _subject_detail(record, info, kept_indices, spec, size, frames_at_size, region):
+    """The kept frames and masks at `subject_detail_size` and the video's region in their pixels: (frames (K, Hd, Wd,
+    3), masks (K, Hd, Wd) bool, box (y0, x0, y1, x1))."""
+    hw = subject_detail_size((info.height, info.width), size, spec)
+    if tuple(hw) == tuple(size):
+        frames = frames_at_size
+    else:
+        frames = read_frames(record["video"], kept_indices, resize=hw)
+    masks = read_frames(record["mask"], kept_indices, resize=hw, gray=True)
+    if masks.ndim == 4:
+        masks = masks[..., 0]
+    box = (region[0] * hw[0], region[1] * hw[1], region[2] * hw[0], region[3] * hw[1])
+    return frames, masks > 127, box
+
+
+def subject_inputs(frames: np.ndarray, masks: np.ndarray, spec: LoaderSpec, rng, *, detail=None) -> dict:
     """The MagDiff subject of a clip (PAPERS.md A.3): the entity (frame x mask on black) of the first frame
-    (generation), of every frame (editing) or of none, chosen with `spec.sda_probs` in training; resized for the
-    entity pyramid (`subject_<size>`, (F, size, size, 3)) and CLIP-preprocessed (`subject_clip`, (F, 224, 224, 3));
-    frames without an entity are black. `subject_frames` (F,) says which frames carry one."""
+    (generation), of every frame (editing) or of none, chosen with `spec.sda_probs` in training; frames without an
+    entity are black. `subject_frames` (F,) says which frames carry one.
+
+    frames (F, H, W, 3) and masks (F, H, W) are the clip as the video shows it. `detail(keep)`, when given, returns
+    the kept frames at a higher resolution (the source's, `subject_detail_size`) with their masks and the video's
+    region in them, (frames (K, Hd, Wd, 3), masks (K, Hd, Wd), box (y0, x0, y1, x1)); without it the clip itself
+    is the source. From the entity at that resolution:
+    - `subject_<size>` (F, size, size, 3) per pyramid size: the region resized straight from the source's pixels
+      (PAPERS.md A.5: the 384, 320 and 256 px inputs are each cut from the source frame, not enlarged from the
+      video's crop);
+    - `subject_clip` (F, clip_size, clip_size, 3): the region resized and centre-cropped at `clip_load_size`, then
+      bicubic with antialias to `clip_size` (`clip_preprocess`, PAPERS.md A.2)."""
     f = frames.shape[0]
     if spec.train:
         mode = int(rng.choice(3, p=np.asarray(spec.sda_probs, float)))
@@ -274,8 +347,12 @@ def subject_inputs(frames: np.ndarray, masks: np.ndarray, spec: LoaderSpec, rng)
         mode = SUBJECT_MODES.index(spec.sda_eval_mode)
     keep = np.zeros(f, bool)
     keep[: {0: 0, 1: 1, 2: f}[mode]] = True
-    entity = entity_images(frames[keep], masks[keep])
     out = {"subject_mode": np.int32(mode), "subject_frames": keep}
+    if keep.any() and detail is not None:
+        src, src_masks, box = detail(keep)
+    else:
+        src, src_masks, box = frames[keep], masks[keep], (0, 0, *frames.shape[1:3])
+    entity = entity_images(src, src_masks)
 
     def per_frame(images, size):
         full = np.zeros((f, *size, 3), np.uint8)
@@ -284,9 +361,9 @@ def subject_inputs(frames: np.ndarray, masks: np.ndarray, spec: LoaderSpec, rng)
         return full
 
     for s in spec.subject_sizes:
-        out[f"subject_{s}"] = per_frame(resize_images(entity, (s, s)) if len(entity) else entity, (s, s))
-    out["subject_clip"] = per_frame(clip_preprocess(entity, spec.clip_size) if len(entity) else entity,
-                                    (spec.clip_size, spec.clip_size))
+        out[f"subject_{s}"] = per_frame(resize_region(entity, box, (s, s)) if len(entity) else entity, (s, s))
+    clip = clip_preprocess(entity, spec.clip_size, spec.clip_load_size, box) if len(entity) else entity
+    out["subject_clip"] = per_frame(clip, (spec.clip_size, spec.clip_size))
     return out
 
 

@@ -4,7 +4,8 @@ cross-attention (APA) around the ModelScope-style `unet3d`.
     sample          (B, F, h, w, 4)       noisy video latents
     entity_latents  3 x (B, F, h_i, w_i, 4)  VAE latents of each frame's subject at 384, 320 and 256 px (largest first;
                                            48, 40 and 32 px grids for 256 px video), black frames where there is none
-    image_embeds    (B, F, 257, 1280)     CLIP vision penultimate hidden states of each frame's subject
+    image_embeds    (B, F, 257, 1280)     CLIP vision hidden states of each frame's subject (by default the last
+                                           layer's, before `post_layernorm`: PAPERS.md A.2)
     encoder_hidden_states (B, 77, 1024)   text tokens
 
       entity_pyramid(entity_latents)            -> (B, F, h, w, entity_channels)
@@ -50,6 +51,12 @@ from magdiff_jax.utils.images import CLIP_MEAN, CLIP_STD
 from magdiff_jax.utils.prng import init_key
 
 PYRAMID_MODES = ("multi", "single")
+# The CLIP vision hidden state the image tokens read. PAPERS.md A.2: the paper's code takes the visual transformer's
+# output before `ln_post` (all 257 tokens), i.e. `hidden_states[-1]` = `last_hidden_state`. A run's config records
+# its layer (`task_options.image_layer`); a config without the key is read with the layer such configs were trained
+# with before the paper's became the default (-2, the penultimate, as IP-Adapter-Plus).
+IMAGE_LAYER = -1
+UNRECORDED_IMAGE_LAYER = -2
 # subject image sizes of the pyramid relative to the video's (384, 320, 256 px for a 256 px video)
 PYRAMID_SCALES = (1.5, 1.25, 1.0)
 
@@ -195,12 +202,25 @@ def subject_keys(sizes) -> tuple[str, ...]:
     return (*(f"subject_{s}" for s in sizes), "subject_clip")
 
 
-def subject_condition(models: dict, params: dict, subject: dict, *, sizes, image_layer: int = -2, key=None) -> dict:
+def image_layer_of(task_options) -> int:
+    """The CLIP vision hidden state a MagDiff run's image tokens read: its config's `task_options.image_layer`, or
+    `UNRECORDED_IMAGE_LAYER` for a config that does not record one (exports written before the key had the paper's
+    default keep their behaviour)."""
+    options = task_options or {}
+    layer = options.get("image_layer", UNRECORDED_IMAGE_LAYER)
+    if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+        raise ValueError(f"task_options.image_layer must be an integer index into the CLIP vision hidden states, got "
+                         f"{layer!r}")
+    return int(layer)
+
+
+def subject_condition(models: dict, params: dict, subject: dict, *, sizes, image_layer: int = IMAGE_LAYER,
+                      key=None) -> dict:
     """The MagDiff U-Net's subject inputs from the data's `subject_<size>` (B, F, s, s, 3) pixels in [-1, 1] and
     `subject_clip` (B, F, 224, 224, 3) in CLIP's mean/std: {"entity_latents": tuple of (B, F, h_i, w_i, c) VAE
     latents (largest first; posterior draws with `key`, else means), "image_embeds": (B, F, T, E) CLIP vision hidden
-    states of layer `image_layer` (-2: the penultimate)}. `models`/`params` hold "vae" and "image_encoder"; no
-    gradient flows back into either."""
+    states of layer `image_layer` (-1: the last layer's output before `post_layernorm`, PAPERS.md A.2; -2 the
+    penultimate)}. `models`/`params` hold "vae" and "image_encoder"; no gradient flows back into either."""
     vae = models["vae"]
     keys = jax.random.split(key, len(sizes)) if key is not None else [None] * len(sizes)
     entity = tuple(encode_video(vae, params["vae"], subject[f"subject_{s}"], k) for s, k in zip(sizes, keys))
@@ -214,7 +234,9 @@ def subject_condition(models: dict, params: dict, subject: dict, *, sizes, image
 
 def black_subject(subject: dict) -> dict:
     """The dropped subject of two-scale guidance and of subject dropout: every frame black, in the model's ranges
-    (pixels -1, CLIP inputs (0 - mean) / std)."""
+    (pixels -1, CLIP inputs (0 - mean) / std): what the data pipeline gives for a clip whose subject was dropped
+    (`data.transforms`, mode "none"). Its image tokens and entity latents are those of a black image, not zeros
+    (PAPERS.md A.5: the VAE latent of a black image is not zero)."""
     out = {}
     for k, v in subject.items():
         if k == "subject_clip":

@@ -2,7 +2,7 @@
 
     models = {"unet": MagDiffUNet, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
               "image_encoder": CLIPVisionModel}       (and params with the same keys)
-    cond = subject_condition(models, params, subject, image_layer=-2)       # entity latents + CLIP tokens
+    cond = subject_condition(models, params, subject, sizes=..., image_layer=-1)   # entity latents + CLIP tokens
     video = generate(models, params, tokens=..., null_tokens=..., cond=cond, key=..., num_frames=16,
                      latent_size=(32, 32))                                 # (B, F, H, W, 3) in [-1, 1]
 
@@ -14,8 +14,16 @@ frames black), editing every frame's (the region to keep), exactly as in trainin
 Sampling (PAPERS.md A.9): DDIM (eta 0) with classifier-free guidance. `image_guidance=None` (the paper's code) guides
 on the text only: the unconditional pass keeps the same image tokens and entity latents and drops the text. With
 `image_guidance=s_I` the two-scale guidance of InstructPix2Pix is used, the subject dropped as in training (black
-subject images): e(0, 0) + s_I [e(c_I, 0) - e(0, 0)] + s_T [e(c_I, c_T) - e(c_I, 0)]. The denoising loop is one
-`lax.scan`; every pass of a step runs as one batch.
+subject images): e(0, 0) + s_I [e(c_I, 0) - e(0, 0)] + s_T [e(c_I, c_T) - e(c_I, 0)]; a stage trained without
+subject dropout (`data.subject.probs.none` 0 in its config) has never seen that input, and `MagDiffPipeline` refuses
+it. The denoising loop is one `lax.scan`; every pass of a step runs as one batch.
+
+The unconditional text is `negative_prompt`, "" by default: the caption dropout of training (A.8) replaces captions
+with "", so the empty prompt is the unconditional input the model learnt; the paper's evaluator may add "watermark"
+(A.9), which `negative_prompt="watermark"` (`--negative-prompt watermark`) reproduces. The initial noise is i.i.d.
+by default (A.9); `noise=("mixed" | "progressive", alpha)` draws PYoCo's correlated frame noise instead
+(`diffusion.noise_prior.frame_noise`, the I2V prior's, with the standard deviations PYoCo defines where the
+paper's code passes variances).
 
 Editing with `init_video` and `strength` < 1 starts from the source video's latents inverted with DDIM (the text
 unconditioned, the subject kept) up to the step `strength` of the way, and denoises from there; strength 1 starts
@@ -28,17 +36,21 @@ import jax
 import jax.numpy as jnp
 
 from magdiff_jax.diffusion import DDIMInverseSampler, DDIMSampler, ScheduleConfig, sample_loop
-from magdiff_jax.models.magdiff import black_subject, subject_condition, subject_keys
+from magdiff_jax.diffusion.noise_prior import CORRELATIONS, frame_noise
+from magdiff_jax.models.magdiff import black_subject, image_layer_of, subject_condition, subject_keys
 from magdiff_jax.models.vae import decode_video, encode_video
 from magdiff_jax.pipelines.guided import StagePipeline, guided_denoiser, per_example_jit
 
 
 def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames: int, latent_size,
              schedule: ScheduleConfig, num_steps: int = 50, guidance: float = 7.5, image_guidance: float | None = None,
-             null_cond: dict | None = None, init_video=None, strength: float = 1.0, progress=None):
+             null_cond: dict | None = None, init_video=None, strength: float = 1.0,
+             noise: tuple[str, float] = ("iid", 0.0), progress=None):
     """A batch of videos (B, F, H, W, 3) in [-1, 1] (module docstring). tokens / null_tokens (B, L): the prompts
-    and the empty prompt; cond: `subject_condition` of the subjects; null_cond: that of `black_subject` (needed
-    with image_guidance); init_video (B, F, H, W, 3) with strength < 1: start from its DDIM inversion.
+    and the unconditional (negative) prompt; cond: `subject_condition` of the subjects; null_cond: that of
+    `black_subject` (needed with image_guidance); init_video (B, F, H, W, 3) with strength < 1: start from its DDIM
+    inversion; noise: (correlation, alpha) of the initial noise over the frames (`frame_noise`: "iid", or PYoCo's
+    "mixed" / "progressive" with alpha >= 0), scaled by the sampler's `init_noise_sigma`.
     progress: a host function called with each denoising step's index as it finishes (`jax.debug.callback`; under
     `vmap` once per example)."""
     unet, vae, text = models["unet"], models["vae"], models["text_encoder"]
@@ -58,9 +70,17 @@ def generate(models, params, *, tokens, null_tokens, cond: dict, key, num_frames
         x = _invert(models, params, encode_video(vae, params["vae"], init_video), cond, null_ctx, schedule,
                     num_steps, num_steps - start)
     else:
-        x = jax.random.normal(key, shape, jnp.float32) * state.init_noise_sigma
+        x = initial_noise(key, shape, noise) * state.init_noise_sigma
     x = sample_loop(sampler, state, eps, x, start=start, callback=progress)
     return decode_video(vae, params["vae"], x)
+
+
+def initial_noise(key, shape, noise: tuple[str, float] = ("iid", 0.0)) -> jax.Array:
+    """The initial noise (B, F, h, w, c), unit variance per element: i.i.d. (the paper's default, A.9; the same draw
+    as `jax.random.normal(key, shape)`) or PYoCo's "mixed" / "progressive" frame correlation with alpha
+    (`noise_prior.frame_noise`)."""
+    kind, alpha = noise
+    return frame_noise(key, shape, kind, alpha, jnp.float32)
 
 
 def _invert(models, params, latents, cond, null_ctx, schedule, num_steps: int, steps: int):
@@ -74,6 +94,26 @@ def _invert(models, params, latents, cond, null_ctx, schedule, num_steps: int, s
         return unet.apply({"params": params["unet"]}, x, jnp.full((x.shape[0],), t), null_ctx, **cond)
 
     return sample_loop(inverse, state, eps, latents, stop=steps)
+
+
+def subject_dropout(config) -> float:
+    """The probability a MagDiff stage trained without a subject: its training config's `data.subject.probs.none`
+    (0 where the config has none)."""
+    probs = (config.get("data") or {}).get("subject", {}).get("probs") or {}
+    return float(probs.get("none", 0.0))
+
+
+def check_image_guidance(config, image_guidance: float | None, where) -> None:
+    """Two-scale guidance drops the subject (black subject images) in one pass: refused, saying why, for a stage
+    whose training `config` had no subject dropout (its "no subject" input never trained). `where` names the
+    stage in the message."""
+    if image_guidance is not None and subject_dropout(config) <= 0:
+        raise ValueError(
+            f"{where}: --image-guidance {image_guidance} needs a model trained with subject dropout, and this "
+            "stage's config has data.subject.probs.none = 0: its \"no subject\" input (black subject images) never "
+            "trained, so guidance away from it pushes in an arbitrary direction. Sample without image guidance "
+            "(text-only guidance, as the paper's code), or train with data.subject.probs.none > 0 "
+            "(configs/magdiff.py:base uses 0.05)")
 
 
 def read_subject(image, mask=None):
@@ -151,29 +191,44 @@ class MagDiffPipeline(StagePipeline):
                   "frames": None, "fps": None}
         return load_example(record, spec, np.random.default_rng(0))
 
+    def check_image_guidance(self, image_guidance: float | None) -> None:
+        """Refuses two-scale guidance on a stage trained without subject dropout (`check_image_guidance`)."""
+        check_image_guidance(self.config, image_guidance, getattr(self.stage, "path", "the stage"))
+
     def __call__(self, examples: list[dict], seeds, *, num_steps: int = 50, guidance: float = 7.5,
-                 image_guidance: float | None = None, strength: float = 1.0, progress: bool = False):
+                 image_guidance: float | None = None, strength: float = 1.0, negative_prompt: str = "",
+                 noise: tuple[str, float] = ("iid", 0.0), progress: bool = False):
         """Videos (N, F, H, W, 3) uint8 for the examples (their prompts and subjects), one seed each. strength < 1
-        starts from the DDIM inversion of each example's own video (editing). progress: a bar of the denoising
-        steps on stderr while the batch runs."""
+        starts from the DDIM inversion of each example's own video (editing). negative_prompt: the unconditional
+        text of guidance ("": the caption dropout's; the paper's evaluator may use "watermark"); noise:
+        (correlation, alpha) of the initial frame noise ("iid", "mixed" or "progressive"; module docstring).
+        image_guidance is refused on a stage trained without subject dropout (`check_image_guidance`). progress: a
+        bar of the denoising steps on stderr while the batch runs."""
         import numpy as np
 
         from magdiff_jax.data.transforms import normalize_example, tokenizer
 
+        self.check_image_guidance(image_guidance)
+        kind, alpha = noise
+        if kind not in CORRELATIONS:
+            raise ValueError(f"noise correlation must be one of {CORRELATIONS}, got {kind!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha < float("inf"):
+            raise ValueError(f"noise alpha (PYoCo's correlation strength) must be a finite number >= 0, got {alpha!r}")
         cfg = self.config
         sizes = tuple(cfg.data.subject.sizes)
         keys = ("video", "tokens", *subject_keys(sizes))
         batch = {k: np.stack([np.asarray(e[k]) for e in examples]) for k in keys}
         tok = tokenizer(self.stage.tokenizer_folder(), cfg.data.max_length)
-        batch["null_tokens"] = np.asarray(tok([""] * len(examples)))
-        settings = (num_steps, float(guidance), image_guidance, float(strength), bool(progress))
+        batch["null_tokens"] = np.asarray(tok([str(negative_prompt)] * len(examples)))
+        settings = (num_steps, float(guidance), image_guidance, float(strength), (str(kind), float(alpha)),
+                    bool(progress))
         if settings not in self._fns:
             self._fns[settings] = self._compile(sizes, self.stage.schedule, *settings)
         return self._runner.run(self._fns[settings], self.stage.params, normalize_example(batch), seeds,
                                 num_steps=num_steps, progress=progress)
 
-    def _compile(self, sizes, schedule, num_steps, guidance, image_guidance, strength, progress):
-        models, image_layer = self.stage.modules, self.config.task_options.get("image_layer", -2)
+    def _compile(self, sizes, schedule, num_steps, guidance, image_guidance, strength, noise, progress):
+        models, image_layer = self.stage.modules, image_layer_of(self.config.task_options)
         f = models["vae"].config.downsample_factor
 
         def one(params, batch, key_data):  # one example: (1, ...) arrays
@@ -188,7 +243,7 @@ class MagDiffPipeline(StagePipeline):
                             key=jax.random.wrap_key_data(key_data), num_frames=video.shape[1],
                             latent_size=(video.shape[2] // f, video.shape[3] // f), schedule=schedule,
                             num_steps=num_steps, guidance=guidance, image_guidance=image_guidance, null_cond=null_cond,
-                            init_video=video if strength < 1.0 else None, strength=strength,
+                            init_video=video if strength < 1.0 else None, strength=strength, noise=noise,
                             progress=self._runner.tick if progress else None)
 
         return per_example_jit(one)
