@@ -26,24 +26,21 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from magdiff_jax.convert import safetensors_io
 from magdiff_jax.convert.core import (
     Rule,
-    TorchFormat,
-    attach,
     conv,
     flax_to_torch,
     linear,
     param,
-    torch_to_flax,
+    params_from_state,
+    weights_file_format,
     write_weights_file,
 )
 from magdiff_jax.models.c3d import CONV_NAMES, FC_NAMES, C3DConfig
-from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
 from magdiff_jax.utils.errors import ConversionError
 from magdiff_jax.utils.files import user_path
 
@@ -131,11 +128,7 @@ def c3d_from_tgan2(weights_npz: str | os.PathLike, mean_npz: str | os.PathLike, 
 
 def c3d_from_state(state: dict, source: str = "", dtype=jnp.float32):
     """A PyTorch-layout C3D state dict -> `(module, params)`; the config is read from its shapes."""
-    config = c3d_config_from_state(state)
-    spec = get_model("c3d")
-    module = spec.build(config)
-    params = torch_to_flax(state, c3d_rules(config), spec.abstract_params(module), "c3d", source=source)
-    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    return params_from_state("c3d", c3d_config_from_state(state), state, source=source, dtype=dtype)
 
 
 def c3d_state_dict(config: C3DConfig, params) -> dict[str, np.ndarray]:
@@ -143,16 +136,6 @@ def c3d_state_dict(config: C3DConfig, params) -> dict[str, np.ndarray]:
     return flax_to_torch(params, c3d_rules(config), "c3d")
 
 
-def _config_from_torch(d: dict) -> C3DConfig:
-    return config_from_dict(C3DConfig, {k: v for k, v in d.items() if k != "_class_name"})
 
-
-FORMAT = attach("c3d", TorchFormat(
-    library="tgan2",
-    torch_class=lambda cfg: "C3DVersion1UCF101",
-    config_from_torch=_config_from_torch,
-    config_to_torch=lambda cfg: {"_class_name": "C3DVersion1UCF101", **config_to_dict(cfg)},
-    rules=c3d_rules,
-    read_file=read_c3d_file,
-    write_file=write_c3d_file,
-))
+FORMAT = weights_file_format("c3d", library="tgan2", class_name="C3DVersion1UCF101", config_cls=C3DConfig,
+                             rules=c3d_rules, read_file=read_c3d_file, write_file=write_c3d_file)

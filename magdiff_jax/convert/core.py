@@ -195,6 +195,32 @@ def attach(name: str, fmt: TorchFormat) -> TorchFormat:
     return fmt
 
 
+def weights_file_format(name: str, *, library: str, class_name: str, config_cls, rules: Callable[[Any], list[Rule]],
+                        read_file: Callable[[Any], tuple[Any, dict]], write_file: Callable[[Any, dict, Any], None],
+                        normalise_keys: Callable[[dict], dict] | None = None) -> TorchFormat:
+    """Attach the format of a model whose PyTorch side is one weights file of a class outside diffusers /
+    transformers (VGG16, EDSC-style networks, the evaluation networks): a folder export's config.json is the config's
+    fields plus `_class_name`."""
+    from magdiff_jax.models.registry import config_from_dict, config_to_dict
+
+    extra = {} if normalise_keys is None else {"normalise_keys": normalise_keys}
+    return attach(name, TorchFormat(
+        library=library,
+        torch_class=lambda cfg: class_name,
+        config_from_torch=lambda d: config_from_dict(config_cls, {k: v for k, v in d.items() if k != "_class_name"}),
+        config_to_torch=lambda cfg: {"_class_name": class_name, **config_to_dict(cfg)},
+        rules=rules, read_file=read_file, write_file=write_file, **extra))
+
+
+def params_from_state(kind: str, config, state: Mapping[str, np.ndarray], source: str = "", dtype=jnp.float32):
+    """A PyTorch state dict -> `(module, params)` of model `kind` built from `config` with its format's table, cast
+    to `dtype`; every missing, unexpected or mis-shaped key is reported (`torch_to_flax`)."""
+    spec = get_model(kind)
+    module = spec.build(config)
+    params = torch_to_flax(state, torch_format(kind).rules(config), spec.abstract_params(module), kind, source=source)
+    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+
+
 def torch_format(name: str) -> TorchFormat:
     """The PyTorch form of registered model `name`; an error saying so for a model that has none."""
     formats = torch_formats()

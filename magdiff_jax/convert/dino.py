@@ -26,25 +26,23 @@ import math
 import os
 import re
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from magdiff_jax.convert import safetensors_io
 from magdiff_jax.convert.core import (
     Rule,
-    TorchFormat,
-    attach,
     conv,
     flax_to_torch,
     linear,
     norm,
     param,
-    torch_to_flax,
+    params_from_state,
+    weights_file_format,
     write_weights_file,
 )
 from magdiff_jax.models.dino import DINOViTConfig
-from magdiff_jax.models.registry import ConfigError, config_from_dict, config_to_dict, get_model
+from magdiff_jax.models.registry import ConfigError
 from magdiff_jax.utils.files import user_path
 
 HEAD_DIM = 64  # every DINO / timm ViT (Ti 192/3, S 384/6, B 768/12)
@@ -119,10 +117,7 @@ def dino_from_torch(path: str | os.PathLike, num_heads: int | None = None, dtype
     path)`, with `num_heads` when the heads are not 64 wide); every missing, unexpected or mis-shaped key is
     reported."""
     config, state = read_dino_file(path, num_heads)
-    spec = get_model("dino_vit")
-    module = spec.build(config)
-    params = torch_to_flax(state, dino_rules(config), spec.abstract_params(module), "dino_vit", source=str(path))
-    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    return params_from_state("dino_vit", config, state, source=str(path), dtype=dtype)
 
 
 def dino_state_dict(config: DINOViTConfig, params) -> dict[str, np.ndarray]:
@@ -130,17 +125,7 @@ def dino_state_dict(config: DINOViTConfig, params) -> dict[str, np.ndarray]:
     return flax_to_torch(params, dino_rules(config), "dino_vit")
 
 
-def _config_from_torch(d: dict) -> DINOViTConfig:
-    return config_from_dict(DINOViTConfig, {k: v for k, v in d.items() if k != "_class_name"})
 
-
-FORMAT = attach("dino_vit", TorchFormat(
-    library="timm",
-    torch_class=lambda cfg: "VisionTransformer",
-    config_from_torch=_config_from_torch,
-    config_to_torch=lambda cfg: {"_class_name": "VisionTransformer", **config_to_dict(cfg)},
-    rules=dino_rules,
-    normalise_keys=normalise_keys,
-    read_file=read_dino_file,
-    write_file=write_dino_file,
-))
+FORMAT = weights_file_format("dino_vit", library="timm", class_name="VisionTransformer", config_cls=DINOViTConfig,
+                             rules=dino_rules, read_file=read_dino_file, write_file=write_dino_file,
+                             normalise_keys=normalise_keys)

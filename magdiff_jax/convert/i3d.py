@@ -23,24 +23,21 @@ from __future__ import annotations
 
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from magdiff_jax.convert import safetensors_io
 from magdiff_jax.convert.core import (
     Rule,
-    TorchFormat,
-    attach,
     conv,
     flax_to_torch,
     load_torch,
+    params_from_state,
     save_torch,
-    torch_to_flax,
+    weights_file_format,
     write_weights_file,
 )
 from magdiff_jax.models.i3d import BRANCHES, LAYOUT, I3DConfig
-from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
 from magdiff_jax.utils.files import user_path
 
 TRACKED = ".num_batches_tracked"
@@ -99,16 +96,18 @@ def read_i3d_file(path: str | os.PathLike) -> tuple[I3DConfig, dict]:
 
 def i3d_state_dict(config: I3DConfig, params) -> dict[str, np.ndarray]:
     """`i3d` params -> pytorch-i3d's state dict (numpy, PyTorch layouts), `num_batches_tracked` included (0)."""
-    state = flax_to_torch(params, i3d_rules(config), "i3d")
+    return _with_tracked(flax_to_torch(params, i3d_rules(config), "i3d"))
+
+
+def _with_tracked(state: dict) -> dict:
+    """`state` with each BatchNorm's `num_batches_tracked` (0), which `load_state_dict(strict=True)` expects."""
     tracked = {k.removesuffix(".running_mean") + TRACKED: np.zeros((), np.int64)
                for k in state if k.endswith(".running_mean")}
     return {**state, **tracked}
 
 
 def write_i3d_file(config: I3DConfig, state: dict, path) -> None:
-    tracked = {k.removesuffix(".running_mean") + TRACKED: np.zeros((), np.int64)
-               for k in state if k.endswith(".running_mean")}
-    write_weights_file({**state, **tracked}, path, "pytorch-i3d's state dict",
+    write_weights_file(_with_tracked(state), path, "pytorch-i3d's state dict",
                        "torch.save(InceptionI3d(...).state_dict(), 'i3d.pt') after loading the .safetensors")
 
 
@@ -119,10 +118,7 @@ def i3d_from_torch(path: str | os.PathLike, config: I3DConfig | None = None, dty
     if config is None:
         return load_torch("i3d", path, dtype=dtype)
     _, state = read_i3d_file(path)
-    spec = get_model("i3d")
-    module = spec.build(config)
-    params = torch_to_flax(state, i3d_rules(config), spec.abstract_params(module), "i3d", source=str(path))
-    return module, jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
+    return params_from_state("i3d", config, state, source=str(path), dtype=dtype)
 
 
 def i3d_to_torch(module, params, dst: str | os.PathLike, overwrite: bool = False):
@@ -131,17 +127,7 @@ def i3d_to_torch(module, params, dst: str | os.PathLike, overwrite: bool = False
     return save_torch("i3d", module, params, dst, overwrite=overwrite)
 
 
-def _config_from_torch(d: dict) -> I3DConfig:
-    return config_from_dict(I3DConfig, {k: v for k, v in d.items() if k != "_class_name"})
 
-
-FORMAT = attach("i3d", TorchFormat(
-    library="pytorch-i3d",
-    torch_class=lambda cfg: "InceptionI3d",
-    config_from_torch=_config_from_torch,
-    config_to_torch=lambda cfg: {"_class_name": "InceptionI3d", **config_to_dict(cfg)},
-    rules=i3d_rules,
-    normalise_keys=_drop_tracked,
-    read_file=read_i3d_file,
-    write_file=write_i3d_file,
-))
+FORMAT = weights_file_format("i3d", library="pytorch-i3d", class_name="InceptionI3d", config_cls=I3DConfig,
+                             rules=i3d_rules, read_file=read_i3d_file, write_file=write_i3d_file,
+                             normalise_keys=_drop_tracked)

@@ -25,17 +25,17 @@ import numpy as np
 from magdiff_jax.convert import safetensors_io
 from magdiff_jax.convert.core import (
     Rule,
-    TorchFormat,
-    attach,
     conv,
     flax_to_torch,
     linear,
     load_torch,
+    params_from_state,
     save_torch,
     torch_to_flax,
+    weights_file_format,
     write_weights_file,
 )
-from magdiff_jax.models.registry import config_from_dict, config_to_dict, get_model
+from magdiff_jax.models.registry import get_model
 from magdiff_jax.models.vgg import LPIPSConfig, VGG16Config, conv_indices
 from magdiff_jax.utils.errors import ConversionError
 from magdiff_jax.utils.files import user_path
@@ -104,10 +104,7 @@ def vgg16_from_torch(path: str | os.PathLike, config: VGG16Config | None = None,
     if config is None:
         return load_torch("vgg16", path, dtype=dtype)
     _, state = read_vgg16_file(path)
-    spec = get_model("vgg16")
-    module = spec.build(config)
-    params = torch_to_flax(state, vgg16_rules(config), spec.abstract_params(module), "vgg16", source=str(path))
-    return module, _as_jax(params, dtype)
+    return params_from_state("vgg16", config, state, source=str(path), dtype=dtype)
 
 
 def vgg16_state_dict(config: VGG16Config, params) -> dict[str, np.ndarray]:
@@ -121,9 +118,6 @@ def vgg16_to_torch(module, params, dst: str | os.PathLike, overwrite: bool = Fal
     unless `overwrite`."""
     return save_torch("vgg16", module, params, dst, overwrite=overwrite)
 
-
-def _config_from_torch(d: dict) -> VGG16Config:
-    return config_from_dict(VGG16Config, {k: v for k, v in d.items() if k != "_class_name"})
 
 
 def lpips_from_torch(vgg_path: str | os.PathLike, lin_path: str | os.PathLike | None = None,
@@ -162,13 +156,6 @@ def _as_jax(params, dtype):
     return jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), params)
 
 
-FORMAT = attach("vgg16", TorchFormat(
-    library="torchvision",
-    torch_class=lambda cfg: "VGG16",
-    config_from_torch=_config_from_torch,
-    config_to_torch=lambda cfg: {"_class_name": "VGG16", **config_to_dict(cfg)},
-    rules=vgg16_rules,
-    normalise_keys=_drop_ignored,
-    read_file=read_vgg16_file,
-    write_file=write_vgg16_file,
-))
+FORMAT = weights_file_format("vgg16", library="torchvision", class_name="VGG16", config_cls=VGG16Config,
+                             rules=vgg16_rules, read_file=read_vgg16_file, write_file=write_vgg16_file,
+                             normalise_keys=_drop_ignored)
