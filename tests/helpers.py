@@ -391,3 +391,42 @@ def tiny_clip_model_folder(root):
     model = perturb_(transformers.CLIPModel(config), scale=0.1, seed=4).eval()
     model.save_pretrained(root)
     return model
+
+
+def random_eval_params(kind: str, module, seed: int):
+    """Random parameters of an evaluation network drawn from its abstract tree (nothing compiled): He-scaled
+    kernels, norm scales and BatchNorm variances near 1, the C3D's pixel mean in the pixel range, small others."""
+    from flax import traverse_util
+
+    from magdiff_jax.models.registry import get_model
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        if path[-1] == "kernel":
+            return rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
+        if path[-1] in ("scale", "var"):
+            return rng.uniform(0.7, 1.3, shape)
+        if path[-1] == "mean" and kind == "c3d":
+            return rng.uniform(90, 160, shape)
+        return rng.normal(0, 0.05, shape)
+
+    flat = {path: draw(path, a.shape).astype(np.float32) for path, a in get_model(kind).abstract_params(module).items()}
+    return traverse_util.unflatten_dict(flat)
+
+
+def eval_networks(root) -> dict:
+    """A width/16 I3D (the protocols' 16 x 224 x 224 clips) and a narrow 11-class C3D with random weights, saved in
+    their PyTorch layouts as root/i3d.safetensors and root/c3d.safetensors: {"i3d": (module, params), "c3d": ...}."""
+    from magdiff_jax.convert import save_torch
+    from magdiff_jax.models.c3d import C3D, C3DConfig
+    from magdiff_jax.models.i3d import I3D, I3DConfig
+
+    nets = {"i3d": I3D(I3DConfig(width_divisor=16)),
+            "c3d": C3D(C3DConfig(widths=(4, 4, 8, 8, 8, 8, 8, 8), fc_widths=(16, 16), num_classes=11))}
+    out = {}
+    for seed, (kind, module) in enumerate(nets.items()):
+        params = random_eval_params(kind, module, seed)
+        save_torch(kind, module, params, root / f"{kind}.safetensors")
+        out[kind] = (module, params)
+    return out

@@ -13,7 +13,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from flax import traverse_util
+from helpers import eval_networks, random_eval_params
 
 from magdiff_jax import cli
 from magdiff_jax.convert import save_torch
@@ -22,29 +22,10 @@ from magdiff_jax.eval import runner
 from magdiff_jax.eval.fvd import FVDProtocol, I3DFeatures, NotEnoughVideosError, fvd_from_stats, video_stats
 from magdiff_jax.eval.inception_score import inception_score
 from magdiff_jax.eval.videos import EvalVideoError, read_videos, video_files
-from magdiff_jax.models.c3d import C3D, C3DConfig
 from magdiff_jax.models.i3d import I3D, I3DConfig
-from magdiff_jax.models.registry import get_model
 
 PROTOCOL = FVDProtocol("fvd2048_16f_n2", num_videos=2)  # what --num-videos 2 makes of fvd2048_16f
 SMALL = FVDProtocol("small", num_videos=4, num_frames=8, resolution=(64, 64))  # the runner's own tests
-
-
-def _random(kind, module, seed):
-    """Random parameters from the abstract tree: He-scaled kernels, norm scales and variances near 1."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, shape):
-        if path[-1] == "kernel":
-            return rng.normal(0, np.sqrt(2 / np.prod(shape[:-1])), shape)
-        if path[-1] in ("scale", "var"):
-            return rng.uniform(0.7, 1.3, shape)
-        if path[-1] == "mean" and kind == "c3d":
-            return rng.uniform(90, 160, shape)
-        return rng.normal(0, 0.05, shape)
-
-    flat = {path: draw(path, a.shape).astype(np.float32) for path, a in get_model(kind).abstract_params(module).items()}
-    return traverse_util.unflatten_dict(flat)
 
 
 def _videos(n, seed, frames=16):
@@ -72,12 +53,7 @@ def _folder(path, videos, mp4=2):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    i3d = I3D(I3DConfig(width_divisor=16))
-    i3d_params = _random("i3d", i3d, 0)
-    save_torch("i3d", i3d, i3d_params, root / "i3d.safetensors")
-    c3d = C3D(C3DConfig(widths=(4, 4, 8, 8, 8, 8, 8, 8), fc_widths=(16, 16), num_classes=11))
-    c3d_params = _random("c3d", c3d, 1)
-    save_torch("c3d", c3d, c3d_params, root / "c3d.safetensors")
+    (i3d, i3d_params), (c3d, c3d_params) = eval_networks(root).values()
     folders = {"real": _folder(root / "real", _videos(5, 0)), "step_10": _folder(root / "f10", _videos(4, 1)),
                "step_20": _folder(root / "f20", _videos(4, 2), mp4=0)}
     decoded = {k: np.stack([v for _, v in read_videos(video_files(f))]) for k, f in folders.items()}
@@ -245,7 +221,7 @@ def test_clip_command_scores_each_video_against_its_prompt_and_subject(setup, cl
         stem = name.replace(".mp4", "").replace(".npy[", "_").rstrip("]")
         Image.fromarray(video[0]).save(subjects / f"{stem}.png")
     dino = DINOViT(DINOViTConfig(img_size=32, patch_size=16, embed_dim=64, depth=1, num_heads=1))
-    dino_params = _random("dino_vit", dino, 6)
+    dino_params = random_eval_params("dino_vit", dino, 6)
     save_torch("dino_vit", dino, dino_params, tmp_path / "dino.safetensors")
     _eval("clip", "--clip", root, "--fake", f"step_10={folder}", "--prompts", tmp_path / "prompts.json",
           "--subjects", subjects, "--dino", tmp_path / "dino.safetensors", "--num-videos", 3, "--out", tmp_path / "out")

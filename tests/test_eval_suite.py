@@ -18,11 +18,9 @@ import json
 import numpy as np
 import pytest
 from etils import epath
-from helpers import notebook_kernel, random_model, tiny_vfi_stage
-from test_eval_cli import _random
+from helpers import eval_networks, notebook_kernel, random_model, tiny_vfi_stage
 
 from magdiff_jax import cli
-from magdiff_jax.convert import save_torch
 from magdiff_jax.data.synthetic import SyntheticConfig, make_clip, write_synthetic
 from magdiff_jax.data.synthetic import write_tokenizer as write_synthetic_tokenizer
 from magdiff_jax.eval import runner, suite
@@ -30,7 +28,6 @@ from magdiff_jax.eval.fvd import FVDProtocol, I3DFeatures, NotEnoughVideosError
 from magdiff_jax.eval.image import psnr, ssim
 from magdiff_jax.eval.videos import read_videos, video_files
 from magdiff_jax.export.stage import Stage, save_stage
-from magdiff_jax.models.c3d import C3D, C3DConfig
 from magdiff_jax.models.i3d import I3D, I3DConfig
 from magdiff_jax.pipelines import load_pipeline
 from magdiff_jax.pipelines.magdiff import MagDiffPipeline
@@ -64,12 +61,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("suite")
     data = write_synthetic(root / "data", 6, SYNTH)
     export = _magdiff_export(root)
-    i3d = I3D(I3DConfig(width_divisor=16))
-    i3d_params = _random("i3d", i3d, 0)
-    save_torch("i3d", i3d, i3d_params, root / "i3d.safetensors")
-    c3d = C3D(C3DConfig(widths=(4, 4, 8, 8, 8, 8, 8, 8), fc_widths=(16, 16), num_classes=11))
-    c3d_params = _random("c3d", c3d, 1)
-    save_torch("c3d", c3d, c3d_params, root / "c3d.safetensors")
+    (_, i3d_params), (c3d, c3d_params) = eval_networks(root).values()
     save_stage(tiny_vfi_stage(root), root / "vfi")
     # FVD on 8 frames of 64 x 64 (the I3D's final pool shrunk to match), IS on the C3D's 16 frames
     nets = dict(i3d=I3DFeatures(I3D(I3DConfig(width_divisor=16, pool_size=(1, 2, 2))), i3d_params, name="small"),
