@@ -876,16 +876,8 @@ def _eval(args) -> None:
 
     from magdiff_jax.eval import report as report_lib
     from magdiff_jax.eval import runner
-    from magdiff_jax.utils.files import as_path
 
-    fakes = {}
-    for item in args.fake:
-        label, sep, folder = item.partition("=")
-        if not sep:
-            label, folder = as_path(item).name, item
-        if label in fakes:
-            raise ValueError(f"--fake: the label {label!r} is given twice (name them: --fake LABEL=DIR)")
-        fakes[label] = folder
+    fakes = report_lib.labelled_folders(args.fake, "--fake")
     out = str(args.out)
     cache = args.cache or (f"{out[:-5]}_cache" if out.endswith(".json") else f"{out.rstrip('/')}/cache")
     options = dict(cache=cache, batch_size=args.batch_size, allow_fewer=args.allow_fewer, skip_bad=args.skip_bad)

@@ -98,7 +98,8 @@ def test_detail_size_bounds_the_decoded_pixels():
 def test_clip_branch_is_loaded_at_its_load_size_then_bicubic_antialiased():
     """subject_clip = the region at clip_load_size (centre crop of a shorter-side resize), then bicubic with
     antialias to clip_size: torch.nn.functional.interpolate(mode="bicubic", antialias=True) within 1 of 255."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     rec = SyntheticSource(SYN64, 4)[3]
     spec = _spec()
     ex = transforms.load_example(rec, spec, np.random.default_rng(0))

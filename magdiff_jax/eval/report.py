@@ -34,6 +34,21 @@ def step_of(label: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def labelled_folders(values, flag: str, default_label=None) -> dict[str, str]:
+    """`[LABEL=]DIR` command-line values -> {label: folder}, in order; an unlabelled folder is named by
+    `default_label(folder)` (its last path component by default). A label given twice is an error naming `flag`."""
+    out: dict[str, str] = {}
+    for value in values:
+        label, sep, folder = value.partition("=")
+        if not sep:
+            folder = value
+            label = default_label(folder) if default_label is not None else as_path(folder).name
+        if label in out:
+            raise ValueError(f"{flag}: the label {label!r} is given twice (name them: {flag} LABEL=DIR)")
+        out[label] = folder
+    return out
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
@@ -88,4 +103,4 @@ def write_report(out: str | os.PathLike, rows: Sequence[Mapping], scores: Sequen
     return report
 
 
-__all__ = ["REPORT_JSON", "REPORT_MD", "SCORES_PNG", "markdown_table", "step_of", "write_report"]
+__all__ = ["REPORT_JSON", "REPORT_MD", "SCORES_PNG", "labelled_folders", "markdown_table", "step_of", "write_report"]

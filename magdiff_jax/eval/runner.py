@@ -68,12 +68,12 @@ def _label_row(label: str, folder) -> dict[str, Any]:
     return {"label": str(label), "step": step_of(label), "folder": os.fspath(folder)}
 
 
-def _cache_file(cache, *parts: str):
+def _cache_file(cache, *parts: str, suffix: str = ".npz"):
     if cache is None:
         return None
     root = as_path(cache)
     root.mkdir(parents=True, exist_ok=True)
-    return root / ("-".join(parts) + ".npz")
+    return root / ("-".join(map(str, parts)) + suffix)
 
 
 def _fvd_side(features: I3DFeatures, folder, protocol: FVDProtocol, side: str, cache, batch_size: int,
@@ -271,11 +271,7 @@ def evaluate_clip(clip, tokenizer, fakes: Mapping[str, Any], prompts: Mapping[st
         subject_folder = (subjects or {}).get(label)
         inputs = [want_prompts, None if subject_folder is None else os.fspath(subject_folder)]
         tag = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:8]
-        cache_file = None
-        if cache is not None:
-            root = as_path(cache)
-            root.mkdir(parents=True, exist_ok=True)
-            cache_file = root / f"clip-{fingerprint}-{listing}-{tag}-{num_frames}.json"
+        cache_file = _cache_file(cache, "clip", fingerprint, listing, tag, num_frames, suffix=".json")
         done = json.loads(cache_file.read_text()) if cache_file is not None and cache_file.exists() else {}
         skipped: list[dict] = []
         start, computed = time.perf_counter(), 0

@@ -446,23 +446,18 @@ def _check_frames(pipe, label: str, need: int, what: str) -> None:
 def export_labels(specs) -> dict[str, str]:
     """`--export [LABEL=]DIR` values -> {label: folder}; an unlabelled export is `step_<its step>` (stage.json's, or
     a workdir's latest checkpoint), so the report plots the scores against the training step."""
+    from magdiff_jax.eval.report import labelled_folders
     from magdiff_jax.export.stage import CHECKPOINTS, STAGE_FILE, checkpoint_steps
 
-    exports: dict[str, str] = {}
-    for spec in specs:
-        label, sep, folder = spec.partition("=")
-        if not sep:
-            folder, path = spec, as_path(spec)
-            if (path / STAGE_FILE).exists():
-                label = f"step_{int(json.loads((path / STAGE_FILE).read_text())['step'])}"
-            elif (path / CHECKPOINTS).is_dir() and (steps := checkpoint_steps(path)):
-                label = f"step_{max(steps)}"
-            else:
-                label = path.name
-        if label in exports:
-            raise ValueError(f"--export: the label {label!r} is given twice (name them: --export LABEL=DIR)")
-        exports[label] = folder
-    return exports
+    def step_label(folder):
+        path = as_path(folder)
+        if (path / STAGE_FILE).exists():
+            return f"step_{int(json.loads((path / STAGE_FILE).read_text())['step'])}"
+        if (path / CHECKPOINTS).is_dir() and (steps := checkpoint_steps(path)):
+            return f"step_{max(steps)}"
+        return path.name
+
+    return labelled_folders(specs, "--export", step_label)
 
 
 def run_suite(suite: str, exports: Mapping[str, Any], data, out, *, load_pipeline, num_videos: int, i3d=None, c3d=None,
