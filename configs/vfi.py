@@ -48,7 +48,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         c.preview.update(every=500, num=3)
         c.model = ml_collections.ConfigDict({
             "interpolator": {"block_out_channels": (16, 32, 32), "head_channels": (16, 16), "het_groups": 4,
-                             "blend_init": True},
+                             "blend_init": True, "motion_prior": "bilateral"},
             "perceptual": {"vgg": {"widths": (8, 16, 32, 32, 32)}},
             "discriminator": {"channels": 16, "num_layers": 2, "norm_num_groups": 8},
         })

@@ -13,10 +13,11 @@ from magdiff_jax.demo import load_config
 
 
 def micro_vfi_config():
-    """configs/vfi.py:tiny with a 2-level EDSC, a 2-level VGG and a 1-layer discriminator on 16 px frames, 3 steps
-    (the discriminator from step 2)."""
+    """configs/vfi.py:tiny with a 2-level EDSC (with its motion prior), a 2-level VGG and a 1-layer discriminator
+    on 16 px frames, 3 steps (the discriminator from step 2)."""
     c = load_config("vfi", "tiny")
-    c.model.interpolator = {"block_out_channels": (8, 8), "head_channels": (8, 8), "het_groups": 4}
+    c.model.interpolator = {"block_out_channels": (8, 8), "head_channels": (8, 8), "het_groups": 4,
+                            "motion_prior": "bilateral"}
     c.model.perceptual = {"vgg": {"widths": (4, 4, 8, 8, 8)}}
     c.model.discriminator = {"channels": 8, "num_layers": 1, "norm_num_groups": 4}
     c.steps, c.ckpt_every, c.log_every, c.progress = 3, 3, 1, False

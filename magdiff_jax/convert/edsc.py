@@ -120,7 +120,12 @@ def read_edsc_file(path: str | os.PathLike) -> tuple[EDSCConfig, dict]:
 def write_edsc_file(cfg: EDSCConfig, state: dict, path) -> None:
     """A `.safetensors` file of the bare state dict: `Network().load_state_dict(safetensors.torch.load_file(path))`
     loads it. The release's `run.py` reads `torch.load(path)["model_state"]`, which
-    `torch.save({"model_state": load_file(path)}, "EDSC.pth")` makes."""
+    `torch.save({"model_state": load_file(path)}, "EDSC.pth")` makes. A network with a motion prior is refused: the
+    file holds no config, and the released network would read it without its prior (write a folder instead)."""
+    if cfg.motion_prior != "none":
+        raise ConversionError(f"{path}: this EDSC network uses the {cfg.motion_prior!r} motion prior, which the "
+                              "released Network and a bare weights file cannot carry; write a folder (its config.json "
+                              "keeps the prior)")
     write_weights_file(state, path, "an EDSC network", "in PyTorch, torch.save({'model_state': "
                        "safetensors.torch.load_file(p)}, out) gives the release's layout")
 

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from magdiff_jax.layers.common import compute_dtype, conv, default_kernel_init
+from magdiff_jax.models.motion_prior import PRIORS, backward_warp, intermediate_flows
 from magdiff_jax.models.registry import ModelSpec, check_names, check_positive, register
 
 
@@ -217,6 +218,11 @@ class EDSCConfig:
     # ((frame0 + frame1) / 2: centre taps, masks 1/2, no offsets, no residual), so training from scratch starts at
     # that baseline instead of at noise; False: Flax's default initialisers (converted weights replace either)
     blend_init: bool = False
+    # "bilateral": the parameter-free motion prior of `models.motion_prior` (B.5's lightweight interpolation model
+    # without weights): the backbone reads both frames warped to time t by the estimated flows, and every tap of each
+    # frame's synthesis samples at that frame's flow + the predicted offset, so the heads learn residual motion and
+    # occlusion; "none": the released network (its weights were trained without a prior)
+    motion_prior: str = "none"
     dtype: str = "float32"  # compute dtype of the convolutions; the synthesis runs in float32
 
     def __post_init__(self):
@@ -233,6 +239,8 @@ class EDSCConfig:
             raise ValueError(f"EDSCConfig: kernel_size must be odd, got {self.kernel_size}")
         if self.channel_order not in ("rgb", "bgr"):
             raise ValueError(f"EDSCConfig: channel_order must be 'rgb' or 'bgr', got {self.channel_order!r}")
+        if self.motion_prior not in PRIORS:
+            raise ValueError(f"EDSCConfig: motion_prior must be one of {PRIORS}, got {self.motion_prior!r}")
 
     @classmethod
     def tiny(cls, **overrides) -> EDSCConfig:
@@ -341,8 +349,12 @@ class EDSC(nn.Module):
         pad = lambda f: jnp.pad(jnp.asarray(f, jnp.float32), ((0, 0), (0, ph), (0, pw), (0, 0)), mode="edge")
         frame0, frame1 = pad(frame0), pad(frame1)
 
+        flows = None  # (F_t0, F_t1) of the motion prior, each (B, Hp, Wp, 2) as (dy, dx)
+        if c.motion_prior != "none":
+            flows = intermediate_flows(frame0, frame1, t if c.multiple else jnp.full((b,), 0.5), c.motion_prior)
+        seen = (frame0, frame1) if flows is None else (backward_warp(frame0, flows[0]), backward_warp(frame1, flows[1]))
         widths, n = c.block_out_channels, len(c.block_out_channels)
-        x = jnp.concatenate([frame0, frame1], axis=-1).astype(dt)
+        x = jnp.concatenate(seen, axis=-1).astype(dt)
         x = nn.relu(conv(widths[0], dtype=dt, name="moduleConv1_0")(x))
         for i in (2, 4):
             x = nn.relu(HetConv(widths[0], c.het_groups, dt, name=f"moduleConv1_{i}")(x))
@@ -369,12 +381,17 @@ class EDSC(nn.Module):
         centre = np.eye(ks, dtype=np.float32)[ks - 2]  # the tap at offset 0: fy = 2c - 1 (`_sampling`)
         out = 0.0
         for k, (frame, feats) in enumerate(((frame0, in0), (frame1, in1)), start=1):
+            offset_y = self._head(feats, f"moduleOffset{k}x", ks * ks, dt)  # rows (the release's naming: see the op)
+            offset_x = self._head(feats, f"moduleOffset{k}y", ks * ks, dt)  # columns
+            if flows is not None:
+                flow = flows[k - 1]
+                offset_y, offset_x = offset_y + flow[..., :1], offset_x + flow[..., 1:]
             out = out + deformable_separable_conv(
                 frame,
                 self._head(feats, f"moduleVertical{k}", ks, dt, start=centre),
                 self._head(feats, f"moduleHorizontal{k}", ks, dt, start=centre),
-                self._head(feats, f"moduleOffset{k}x", ks * ks, dt),  # rows (the release's naming: see the op)
-                self._head(feats, f"moduleOffset{k}y", ks * ks, dt),  # columns
+                offset_y,
+                offset_x,
                 self._head(feats, f"moduleMask{k}", ks * ks, dt, sigmoid=True),
             )
         if c.use_bias:
