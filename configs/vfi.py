@@ -2,18 +2,22 @@
 
     magdiff-jax train --config configs/vfi.py:tiny --workdir /tmp/vfi_tiny
         CPU, the synthetic dataset at 32x32: 4-frame windows, frames 0 and 3 given, frames 1 and 2 (t = 1/3 and
-        2/3) the targets, as 32 -> 94 frames needs. A small EDSC (3 levels of 16/32/32 channels) from scratch:
-        Charbonnier loss + 0.05 x LPIPS on a small random VGG16 (no pretrained weights on a fresh machine: frozen
-        random features still measure structure) + from step 250 0.05 x the hinge GAN loss against a patch
-        discriminator with its own AdamW (lr 2e-4, betas 0.5 / 0.9). `magdiff-jax demo --system vfi` trains it and
-        scores held-out clips against blending the two neighbours (PSNR and SSIM, summary.json).
+        2/3) the targets, as 32 -> 94 frames needs. A small EDSC (3 levels of 16/32/32 channels) from scratch with
+        the parameter-free bilateral motion prior (`models/motion_prior.py`, B.5's lightweight model): its heads
+        learn residual motion and occlusion (without it the net learnt no motion in a CPU budget and stayed below
+        blending: benchmarks/README.md, "The tiny VFI config"). Charbonnier loss + 0.05 x LPIPS on a small random
+        VGG16 (no pretrained weights on a fresh machine: frozen random features still measure structure) + from
+        step 250 0.05 x the hinge GAN loss against a patch discriminator with its own AdamW (lr 2e-4, betas
+        0.5 / 0.9). `magdiff-jax demo --system vfi` trains it and scores held-out clips against blending the two
+        neighbours (PSNR and SSIM, summary.json).
     magdiff-jax train --config configs/vfi.py:base --workdir gs://bucket/vfi --config.init_from=out/vfi_init \\
         --config.data.path=gs://bucket/tfds
         B.5 / B.7: the released EDSC_m network (init_from/interpolator: `magdiff-jax convert to-flax --kind edsc
         EDSC_m.ckpt out/vfi_init/interpolator`, or from scratch without it) on Vimeo-90K septuplets, 256 px crops,
         frames 1 and 7 given and frames 3 and 5 (t = 1/3, 2/3) the targets; L1-like Charbonnier + LPIPS(VGG16)
         (init_from/perceptual: `convert.vgg.lpips_from_torch` of torchvision's vgg16 and the lpips package's
-        vgg.pth heads) + a 0.05-weighted hinge PatchGAN from step 10000.
+        vgg.pth heads) + a 0.05-weighted hinge PatchGAN from step 10000. No motion prior: the released weights
+        were trained without one (from scratch, --config.model.interpolator.motion_prior=bilateral adds it).
 """
 
 import ml_collections

@@ -17,14 +17,13 @@ the flows at the output's own pixels directly, so no flow projection or hole fil
 The search runs on a pyramid of the frames (halved by area averaging until the next level would be smaller than
 `min_size`): at the coarsest level every displacement within `coarse_radius` pixels, at each finer level the
 upsampled estimate corrected within `radius` pixels. Each candidate is scored by the squared difference of the two
-bilinear samples summed over the channels and averaged over a `window` x `window` neighbourhood; at the finer
-levels `penalty` x the correction's squared length (in pixels; scores in the units of frames in [0, 1]) is added,
-which keeps the coarser estimate where matching is ambiguous (flat regions). The winner is refined to sub-pixel by
-a parabola through its neighbours' scores on each axis; then "no motion" is scored too and kept wherever it matches
-at least as well (without that, block matching spreads a moving object's motion over the static background around
-it). The largest motion found is coarse_radius x 2**L + radius x (2**L - 1) pixels for L halvings (18 at 32 px,
-over 100 at 256 px, with the defaults). The result carries no gradient: it has no parameters and is a fixed
-function of the frames.
+bilinear samples summed over the channels and averaged over a `window` x `window` neighbourhood, plus `penalty` x
+the correction's squared length (in pixels; scores in the units of frames in [0, 1]), which keeps the coarser
+estimate where matching is ambiguous (flat regions). The winner is refined to sub-pixel by a parabola through its
+neighbours' scores on each axis; then "no motion" is scored too and kept wherever it matches at least as well
+(without that, block matching spreads a moving object's motion over the static background around it). The largest
+motion found is coarse_radius x 2**L + radius x (2**L - 1) pixels for L halvings (18 at 32 px, over 100 at 256 px,
+with the defaults). The result carries no gradient: it has no parameters and is a fixed function of the frames.
 """
 
 from __future__ import annotations
@@ -138,19 +137,28 @@ def bilateral_flow(frame0: jax.Array, frame1: jax.Array, t, *, radius: int = 2, 
         if v.shape[1:3] != size:
             scale = jnp.asarray([size[0] / v.shape[1], size[1] / v.shape[2]], jnp.float32)
             v = _resize(v, size) * scale
-        coarsest = level == len(sizes) - 1
-        v = _search(_resize(frame0, size), _resize(frame1, size), t, v, coarse_radius if coarsest else radius, window,
-                    1e-9 if coarsest else penalty)
+        r = coarse_radius if level == len(sizes) - 1 else radius
+        v = _search(_resize(frame0, size), _resize(frame1, size), t, v, r, window, penalty)
     return jax.lax.stop_gradient(v)
 
 
 def intermediate_flows(frame0: jax.Array, frame1: jax.Array, t, prior: str = "bilateral") -> tuple | None:
     """(F_t0, F_t1), each (B, H, W, 2): the backward flows from the frame at time t to frame0 and frame1 under the
-    named prior, or None for "none"."""
+    named prior (-t v and (1 - t) v, each clipped to end inside the frame), or None for "none"."""
     if prior not in PRIORS:
         raise ValueError(f"motion prior must be one of {PRIORS}, got {prior!r}")
     if prior == "none":
         return None
     v = bilateral_flow(frame0, frame1, t)
-    tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (frame0.shape[0],))[:, None, None, None]
-    return -tb * v, (1 - tb) * v
+    b = frame0.shape[0]
+    tb = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))[:, None, None, None]
+    return _inside(-tb * v), _inside((1 - tb) * v)
+
+
+def _inside(flow: jax.Array) -> jax.Array:
+    """The flow (B, H, W, 2) clipped so that every pixel's target lies inside the frame: `backward_warp` clamps
+    there anyway, and EDSC's synthesis op (whose release treats positions beyond its padding differently) then
+    samples the same points."""
+    h, w = flow.shape[1:3]
+    gy, gx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    return jnp.stack([jnp.clip(flow[..., 0], -gy, h - 1 - gy), jnp.clip(flow[..., 1], -gx, w - 1 - gx)], axis=-1)
