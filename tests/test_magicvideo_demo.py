@@ -36,9 +36,22 @@ def short_configs():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The demo's run. It keeps its compiled programs in WORKDIR/jax_cache, which JAX then uses for the rest of
+    the process: the session's cache (conftest.py, shared by every xdist worker and subprocess) is put back after
+    it, so that the test files this worker runs next share their programs with the other worker's."""
+    import jax
+
+    from magdiff_jax.train.trainer import use_compilation_cache
+
+    session_cache = jax.config.values.get("jax_compilation_cache_dir") or ""
     workdir = tmp_path_factory.mktemp("magicvideo_demo")
-    return workdir, run_magicvideo_demo(workdir, steps=STEPS, configs=short_configs(), num_subjects=2, num_steps=10,
-                                        num_clips=2)
+    try:
+        summary = run_magicvideo_demo(workdir, steps=STEPS, configs=short_configs(), num_subjects=2, num_steps=10,
+                                      num_clips=2)
+    finally:
+        use_compilation_cache(session_cache)
+    assert jax.config.values.get("jax_compilation_cache_dir") == session_cache
+    return workdir, summary
 
 
 def test_every_output_is_written(demo):

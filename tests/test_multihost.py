@@ -18,7 +18,7 @@ D2F2T2 = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-    return th.reference_run(tmp_path_factory.mktemp("one"))
+    return th.shared_reference_run(tmp_path_factory)  # one per session, shared with test_train_scale.py
 
 
 def _launch(n, d, args, timeout=900):

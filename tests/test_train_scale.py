@@ -22,7 +22,7 @@ from magdiff_jax.train.trainer import train
 
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory):
-    return th.reference_run(tmp_path_factory.mktemp("one"))
+    return th.shared_reference_run(tmp_path_factory)  # one per session, shared with test_multihost.py
 
 
 def _seed_init(config):

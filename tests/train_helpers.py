@@ -3,8 +3,10 @@
 configs/vae.py), in-process and as `magdiff-jax train` arguments, so every run of a variant compiles the same step
 (the session's compilation cache serves the repeats), and readers of a workdir's metrics and checkpoints."""
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -100,6 +102,40 @@ def reference_run(workdir) -> tuple[Path, dict[int, float]]:
 
     train(config("micro", steps=5, ckpt_every=3), workdir)
     return Path(workdir), losses(workdir)
+
+
+def session_folder(tmp_path_factory) -> Path:
+    """A folder every xdist worker of this test session shares (the session's base temporary folder; without
+    xdist, this process's own)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive lock on the file `path` (created if missing) for the block: one process of the session at
+    a time."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def shared_reference_run(tmp_path_factory) -> tuple[Path, dict[int, float]]:
+    """`reference_run` once per test session: the first test file to ask trains it in `session_folder`, under a
+    file lock, and every later one (on any xdist worker) reads that workdir (read-only: copy it to resume it)."""
+    shared = session_folder(tmp_path_factory)
+    workdir, done = shared / "micro_reference", shared / "micro_reference.done"
+    with _locked(shared / "micro_reference.lock"):
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # a run that failed part-way
+            reference_run(workdir)
+            done.touch()
+    return workdir, losses(workdir)
 
 
 def close(got: dict, ref: dict, steps) -> None:
