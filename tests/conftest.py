@@ -62,10 +62,10 @@ def _torch_threads():
 # (longest-first scheduling). test_multihost.py goes before test_train_scale.py: the first of the two trains the
 # micro reference run both read (train_helpers.shared_reference_run).
 SLOW_FILES = ("test_magicvideo_demo.py", "test_multihost.py", "test_magdiff_demo.py", "test_train.py",
-              "test_cpu_tuning.py", "test_train_scale.py", "test_i2v.py", "test_train_groups.py", "test_eval_suite.py",
-              "test_cloud_storage.py", "test_notebooks.py", "test_remat.py", "test_sharding.py", "test_inflate.py",
-              "test_compilation_cache.py", "test_magicvideo.py", "test_magdiff_model.py", "test_data_scale.py",
-              "test_unet3d.py")
+              "test_cpu_tuning.py", "test_train_scale.py", "test_i2v.py", "test_train_groups.py",
+              "test_eval_suite.py", "test_cloud_storage.py", "test_notebooks.py", "test_motion_prior.py",
+              "test_remat.py", "test_sharding.py", "test_inflate.py", "test_compilation_cache.py",
+              "test_magicvideo.py", "test_magdiff_model.py", "test_data_scale.py", "test_unet3d.py")
 
 
 def pytest_collection_modifyitems(config, items):
