@@ -35,13 +35,18 @@ import numpy as np
 PRIORS = ("none", "bilateral")
 
 
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's row and column, each (H, W) float32."""
+    return np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+
+
 def backward_warp(frame: jax.Array, flow: jax.Array) -> jax.Array:
     """frame (B, H, W, C), flow (B, H, W, 2) as (dy, dx) in pixels -> the frame sampled bilinearly at (y + dy,
     x + dx), positions clamped into the frame (replicate border). float32."""
     b, h, w, c = frame.shape
     if flow.shape != (b, h, w, 2):
         raise ValueError(f"backward_warp: flow must be (B, H, W, 2) = {(b, h, w, 2)}, got {flow.shape}")
-    gy, gx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    gy, gx = _pixel_grid(h, w)
     py = jnp.clip(gy + flow[..., 0], 0, h - 1)
     px = jnp.clip(gx + flow[..., 1], 0, w - 1)
     y0, x0 = jnp.floor(py), jnp.floor(px)
@@ -61,8 +66,8 @@ def backward_warp(frame: jax.Array, flow: jax.Array) -> jax.Array:
 def _pyramid_sizes(h: int, w: int, min_size: int) -> list[tuple[int, int]]:
     """Finest first: (h, w), then halved (rounded up) while the smaller side stays >= min_size."""
     sizes = [(h, w)]
-    while min(-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)) >= min_size:
-        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+    while min(half := (-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2))) >= min_size:
+        sizes.append(half)
     return sizes
 
 
@@ -93,28 +98,26 @@ def _search(f0, f1, t, v, radius: int, window: int, penalty: float):
     candidates = np.stack(np.meshgrid(steps, steps, indexing="ij"), -1).reshape(-1, 2)  # (n*n, 2) (dy, dx)
     tb = t[:, None, None, None]
 
-    def score(d):
-        vv = v + d
-        e = backward_warp(f0, -tb * vv) - backward_warp(f1, (1 - tb) * vv)
+    def score(motion):
+        e = backward_warp(f0, -tb * motion) - backward_warp(f1, (1 - tb) * motion)
         return _box_mean(jnp.sum(e * e, axis=-1), window)
 
-    costs = jax.lax.map(score, jnp.asarray(candidates))  # (n*n, B, H, W)
+    costs = jax.lax.map(lambda d: score(v + d), jnp.asarray(candidates))  # (n*n, B, H, W)
     costs = costs + penalty * jnp.asarray(np.sum(candidates ** 2, -1))[:, None, None, None]
     grid = jnp.moveaxis(costs.reshape(n, n, *costs.shape[1:]), (0, 1), (-2, -1))  # (B, H, W, n, n)
     best = jnp.argmin(grid.reshape(*grid.shape[:3], n * n), axis=-1)
     iy, ix = best // n, best % n
     padded = jnp.pad(grid, ((0, 0),) * 3 + ((1, 1), (1, 1)), constant_values=jnp.inf)
+    flat = padded.reshape(*padded.shape[:3], (n + 2) ** 2)
 
-    def at(dy, dx):
-        flat = padded.reshape(*padded.shape[:3], (n + 2) ** 2)
+    def at(dy, dx):  # the score of the winner's neighbour (dy, dx) (inf beyond the searched square)
         return jnp.take_along_axis(flat, ((iy + 1 + dy) * (n + 2) + ix + 1 + dx)[..., None], axis=-1)[..., 0]
 
     c0 = at(0, 0)
     sub = jnp.stack([_parabola(at(-1, 0), c0, at(1, 0)), _parabola(at(0, -1), c0, at(0, 1))], axis=-1)
     whole = jnp.stack([iy, ix], axis=-1).astype(jnp.float32) - radius
-    v = v + whole + sub
-    still = score(-v)  # v + d = 0: no motion, a candidate everywhere (static backgrounds next to moving objects)
-    return jnp.where((still <= jnp.min(grid, axis=(-2, -1)))[..., None], 0.0, v)
+    still = score(jnp.zeros_like(v))  # no motion, a candidate everywhere (static backgrounds next to moving objects)
+    return jnp.where((still <= jnp.min(grid, axis=(-2, -1)))[..., None], 0.0, v + whole + sub)
 
 
 def bilateral_flow(frame0: jax.Array, frame1: jax.Array, t, *, radius: int = 2, coarse_radius: int = 3,
@@ -139,7 +142,7 @@ def bilateral_flow(frame0: jax.Array, frame1: jax.Array, t, *, radius: int = 2, 
             v = _resize(v, size) * scale
         r = coarse_radius if level == len(sizes) - 1 else radius
         v = _search(_resize(frame0, size), _resize(frame1, size), t, v, r, window, penalty)
-    return jax.lax.stop_gradient(v)
+    return v
 
 
 def intermediate_flows(frame0: jax.Array, frame1: jax.Array, t, prior: str = "bilateral") -> tuple | None:
@@ -160,5 +163,5 @@ def _inside(flow: jax.Array) -> jax.Array:
     there anyway, and EDSC's synthesis op (whose release treats positions beyond its padding differently) then
     samples the same points."""
     h, w = flow.shape[1:3]
-    gy, gx = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
+    gy, gx = _pixel_grid(h, w)
     return jnp.stack([jnp.clip(flow[..., 0], -gy, h - 1 - gy), jnp.clip(flow[..., 1], -gx, w - 1 - gx)], axis=-1)
